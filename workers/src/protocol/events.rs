@@ -1,0 +1,212 @@
+//! The events of a promotion's stream. Each stream entry has one field,
+//! [`EVENT_FIELD`], holding a JSON object with `type` and `version`. The Lua
+//! scripts write them; these types are the schema every reader decodes with.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The stream entry field that holds the event JSON.
+pub const EVENT_FIELD: &str = "event";
+
+/// The schema version the scripts write and readers understand.
+pub const EVENT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionStarted {
+    pub promotion: String,
+    pub discount: f64,
+    pub number_of_coupons: u64,
+    pub publish_time: DateTime<Utc>,
+    pub finish_time: DateTime<Utc>,
+    /// When the start was recorded (Redis clock); at or after publishTime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CouponGrabbed {
+    pub coupon_id: String,
+    pub promotion: String,
+    pub customer_id: String,
+    pub discount: f64,
+    pub granted_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FinishReason {
+    SoldOut,
+    Expired,
+    Deleted,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SoldOut => "SoldOut",
+            Self::Expired => "Expired",
+            Self::Deleted => "Deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "SoldOut" => Some(Self::SoldOut),
+            "Expired" => Some(Self::Expired),
+            "Deleted" => Some(Self::Deleted),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionFinished {
+    pub promotion: String,
+    pub reason: FinishReason,
+    pub granted: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// One event of a promotion stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    PromotionStarted(PromotionStarted),
+    CouponGrabbed(CouponGrabbed),
+    PromotionFinished(PromotionFinished),
+}
+
+/// Why a stream entry could not be decoded. Readers skip such entries with a
+/// metric and a log line; they never crash on them.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("entry has no '{EVENT_FIELD}' field")]
+    MissingField,
+    #[error("event is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("unknown event type {0:?}")]
+    UnknownType(String),
+    #[error("unsupported version {version} of event type {kind}")]
+    UnsupportedVersion { kind: String, version: u64 },
+    #[error("malformed {kind} event: {source}")]
+    Malformed {
+        kind: String,
+        source: serde_json::Error,
+    },
+}
+
+impl DecodeError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::MissingField => "missing_field",
+            Self::NotJson(_) => "not_json",
+            Self::UnknownType(_) => "unknown_type",
+            Self::UnsupportedVersion { .. } => "unsupported_version",
+            Self::Malformed { .. } => "malformed",
+        }
+    }
+}
+
+impl Event {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::PromotionStarted(_) => "PromotionStarted",
+            Self::CouponGrabbed(_) => "CouponGrabbed",
+            Self::PromotionFinished(_) => "PromotionFinished",
+        }
+    }
+
+    /// Decodes the JSON of one stream entry, checking type and version first so
+    /// that an event from a newer writer is reported as such, not as garbage.
+    pub fn decode(json: &[u8]) -> Result<Self, DecodeError> {
+        let value: serde_json::Value = serde_json::from_slice(json).map_err(DecodeError::NotJson)?;
+        let kind = value
+            .get("type")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        if !matches!(
+            kind.as_str(),
+            "PromotionStarted" | "CouponGrabbed" | "PromotionFinished"
+        ) {
+            return Err(DecodeError::UnknownType(kind));
+        }
+        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if version != u64::from(EVENT_VERSION) {
+            return Err(DecodeError::UnsupportedVersion { kind, version });
+        }
+        serde_json::from_value(value).map_err(|source| DecodeError::Malformed { kind, source })
+    }
+
+    /// Encodes as the scripts do (with `version`); used by tests and tools.
+    pub fn encode(&self) -> String {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("version".into(), EVENT_VERSION.into());
+        }
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn decodes_the_json_the_scripts_write() {
+        let e = Event::decode(br#"{"type":"CouponGrabbed","version":1,"couponId":"a/b#1","promotion":"a/b","customerId":"c","discount":0.8,"grantedAt":"2026-11-26T10:00:00.123Z"}"#).unwrap();
+        match e {
+            Event::CouponGrabbed(g) => {
+                assert_eq!(g.coupon_id, "a/b#1");
+                assert_eq!(g.granted_at.timestamp_millis() % 1000, 123);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_type_and_version_are_reported_not_guessed() {
+        assert!(matches!(
+            Event::decode(br#"{"type":"CouponRefunded","version":1}"#),
+            Err(DecodeError::UnknownType(t)) if t == "CouponRefunded"
+        ));
+        assert!(matches!(
+            Event::decode(br#"{"type":"PromotionFinished","version":2,"promotion":"a/b","reason":"SoldOut","granted":1}"#),
+            Err(DecodeError::UnsupportedVersion { version: 2, .. })
+        ));
+        assert!(matches!(Event::decode(b"\xff"), Err(DecodeError::NotJson(_))));
+        assert!(matches!(
+            Event::decode(br#"{"type":"PromotionFinished","version":1,"reason":"Bored"}"#),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn encode_then_decode_is_identity() {
+        let e = Event::PromotionFinished(PromotionFinished {
+            promotion: "a/b".into(),
+            reason: FinishReason::SoldOut,
+            granted: 3,
+            finished_at: None,
+        });
+        assert_eq!(Event::decode(e.encode().as_bytes()).unwrap(), e);
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Event::decode(&bytes);
+        }
+
+        #[test]
+        fn decoding_arbitrary_objects_never_panics(kind in "(PromotionStarted|CouponGrabbed|PromotionFinished|x)", version in 0u64..3, body in "\\PC{0,40}") {
+            let json = format!(r#"{{"type":"{kind}","version":{version},"promotion":{body:?}}}"#);
+            let _ = Event::decode(json.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,93 @@
+-- Shared prelude of every seckill script. Each script is sent as prelude .. body,
+-- so these helpers are defined once here and nowhere else.
+--
+-- Time always comes from Redis' own clock (TIME), never from the caller's host:
+-- a worker or operator whose clock is skewed can open or close nothing early.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- RFC 3339 UTC timestamp with milliseconds from epoch milliseconds
+-- (days-from-civil inverse, proleptic Gregorian calendar).
+local function rfc3339(ms)
+  local secs = math.floor(ms / 1000)
+  local millis = ms - secs * 1000
+  local days = math.floor(secs / 86400)
+  local rem = secs - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local d = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m
+  if mp < 10 then m = mp + 3 else m = mp - 9 end
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', y, m, d,
+    math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60, millis)
+end
+
+-- Appends one event to the promotion's stream. The event is a JSON object with
+-- `type` and `version`, stored in the single field `event`.
+local function append(stream, event)
+  event['version'] = 1
+  return redis.call('XADD', stream, '*', 'event', cjson.encode(event))
+end
+
+local function state_of(key)
+  local v = redis.call('HMGET', key, 'phase', 'started', 'discount', 'coupons', 'granted',
+    'publish_ms', 'finish_ms', 'publish_time', 'finish_time', 'started_at', 'finished_at',
+    'finish_reason', 'promotion')
+  if not v[1] then return nil end
+  return {
+    phase = v[1], started = v[2] == '1', discount = tonumber(v[3]), coupons = tonumber(v[4]),
+    granted = tonumber(v[5]) or 0, publish_ms = tonumber(v[6]), finish_ms = tonumber(v[7]),
+    publish_time = v[8], finish_time = v[9], started_at = v[10], finished_at = v[11],
+    finish_reason = v[12], promotion = v[13],
+  }
+end
+
+-- Appends PromotionStarted exactly once: the `started` flag is set in the same
+-- atomic script, so however often or concurrently this runs, one event results.
+local function ensure_started(key, stream, s, now)
+  if s.started then return false end
+  local at = rfc3339(now)
+  append(stream, {
+    type = 'PromotionStarted', promotion = s.promotion, discount = s.discount,
+    numberOfCoupons = s.coupons, publishTime = s.publish_time, finishTime = s.finish_time,
+    startedAt = at,
+  })
+  redis.call('HSET', key, 'started', '1', 'phase', 'Active', 'started_at', at)
+  s.started = true
+  s.phase = 'Active'
+  s.started_at = at
+  return true
+end
+
+-- Appends PromotionFinished exactly once (guarded by phase = Finished).
+local function finish_now(key, stream, s, reason, now)
+  local at = rfc3339(now)
+  append(stream, {
+    type = 'PromotionFinished', promotion = s.promotion, reason = reason,
+    granted = s.granted, finishedAt = at,
+  })
+  redis.call('HSET', key, 'phase', 'Finished', 'finish_reason', reason, 'finished_at', at)
+  s.phase = 'Finished'
+  s.finish_reason = reason
+  s.finished_at = at
+end
+
+local function snapshot(result, s, now)
+  if not s then
+    return cjson.encode({ result = result, exists = false, now = now })
+  end
+  return cjson.encode({
+    result = result, exists = true, now = now, phase = s.phase, started = s.started,
+    discount = s.discount, numberOfCoupons = s.coupons, granted = s.granted,
+    publishMs = s.publish_ms, finishMs = s.finish_ms, startedAt = s.started_at or false,
+    finishedAt = s.finished_at or false, finishReason = s.finish_reason or false,
+  })
+end

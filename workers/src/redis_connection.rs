@@ -1,0 +1,238 @@
+//! How every component reaches Redis: one standalone server (`--redis-url`,
+//! `redis://` or `rediss://` for TLS) or a Redis Cluster
+//! (`--redis-cluster-nodes`), with the same password, ACL user, CA and timeout
+//! settings. Connections are lazy and reconnect by themselves, so a component
+//! starts (and reports not-ready) while Redis is down, and recovers when it is
+//! back, without a restart.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, TlsCertificates, Value};
+
+/// Redis flags shared by every binary.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RedisArgs {
+    /// Standalone Redis: redis://[user:password@]host:port/[db], or rediss:// for TLS.
+    #[arg(long, env = "SECKILL_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Redis Cluster seed nodes, host:port,host:port,... (instead of --redis-url).
+    #[arg(
+        long,
+        env = "SECKILL_REDIS_CLUSTER_NODES",
+        value_delimiter = ',',
+        conflicts_with = "redis_url"
+    )]
+    pub redis_cluster_nodes: Vec<String>,
+
+    /// ACL user name (overrides one in the URL).
+    #[arg(long, env = "SECKILL_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// Password (overrides one in the URL); prefer the environment variable.
+    #[arg(long, env = "SECKILL_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// Connect with TLS to the cluster nodes (for --redis-url use rediss://).
+    #[arg(long, env = "SECKILL_REDIS_TLS")]
+    pub redis_tls: bool,
+
+    /// PEM file of the CA that signed the Redis server certificate (TLS).
+    #[arg(long, env = "SECKILL_REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<PathBuf>,
+
+    /// Bound on every Redis command, in milliseconds; past it a request fails
+    /// with 503 instead of hanging.
+    #[arg(long, env = "SECKILL_REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_timeout_ms: u64,
+}
+
+/// Redis could not be set up from the flags given.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    #[error("invalid Redis address {address:?}: {source}")]
+    Address {
+        address: String,
+        source: redis::RedisError,
+    },
+    #[error("cannot read Redis CA certificate {path:?}: {source}")]
+    CaCert {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+impl RedisArgs {
+    /// Args for one standalone server URL with the defaults otherwise.
+    pub fn for_url(url: impl Into<String>) -> Self {
+        Self {
+            redis_url: Some(url.into()),
+            redis_timeout_ms: 1000,
+            ..Self::default()
+        }
+    }
+
+    /// Args for a cluster given its seed nodes.
+    pub fn for_cluster(nodes: Vec<String>) -> Self {
+        Self {
+            redis_cluster_nodes: nodes,
+            redis_timeout_ms: 1000,
+            ..Self::default()
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms.max(1))
+    }
+
+    /// Where this connects, without secrets, for logs.
+    pub fn describe(&self) -> String {
+        if self.redis_cluster_nodes.is_empty() {
+            let url = self.redis_url.as_deref().unwrap_or("redis://127.0.0.1:6379/");
+            match url.split_once('@') {
+                Some((scheme_auth, rest)) => {
+                    let scheme = scheme_auth.split("://").next().unwrap_or("redis");
+                    format!("{scheme}://***@{rest}")
+                }
+                None => url.to_owned(),
+            }
+        } else {
+            format!("cluster {}", self.redis_cluster_nodes.join(","))
+        }
+    }
+
+    fn certificates(&self) -> Result<Option<TlsCertificates>, RedisSetupError> {
+        match &self.redis_ca_cert {
+            None => Ok(None),
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| RedisSetupError::CaCert {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(Some(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                }))
+            }
+        }
+    }
+
+    /// Builds the connection; does not wait for Redis to be reachable.
+    pub fn connect(&self) -> Result<RedisConnection, RedisSetupError> {
+        let timeout = self.timeout();
+        if !self.redis_cluster_nodes.is_empty() {
+            let mut nodes = Vec::new();
+            for node in &self.redis_cluster_nodes {
+                let address = if node.contains("://") {
+                    node.clone()
+                } else if self.redis_tls {
+                    format!("rediss://{node}")
+                } else {
+                    format!("redis://{node}")
+                };
+                let info = address.as_str().into_connection_info().map_err(|source| {
+                    RedisSetupError::Address {
+                        address: address.clone(),
+                        source,
+                    }
+                })?;
+                nodes.push(info);
+            }
+            let mut builder = ClusterClient::builder(nodes)
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(3);
+            if let Some(u) = &self.redis_username {
+                builder = builder.username(u);
+            }
+            if let Some(p) = &self.redis_password {
+                builder = builder.password(p);
+            }
+            if let Some(certs) = self.certificates()? {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build()?;
+            let conn = client
+                .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new());
+            return Ok(RedisConnection::Cluster(conn));
+        }
+        let url = self
+            .redis_url
+            .clone()
+            .unwrap_or_else(|| "redis://127.0.0.1:6379/".to_owned());
+        let mut info =
+            url.as_str()
+                .into_connection_info()
+                .map_err(|source| RedisSetupError::Address {
+                    address: self.describe(),
+                    source,
+                })?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(u) = &self.redis_username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &self.redis_password {
+            settings = settings.set_password(p);
+        }
+        info = info.set_redis_settings(settings);
+        let client = match self.certificates()? {
+            Some(certs) => redis::Client::build_with_tls(info, certs)?,
+            None => redis::Client::open(info)?,
+        };
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let manager = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(RedisConnection::Single(manager))
+    }
+}
+
+/// A cheap-to-clone handle to Redis, standalone or cluster; commands on
+/// clones are multiplexed over the same connections.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl RedisConnection {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
