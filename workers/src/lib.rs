@@ -1,6 +1,10 @@
 //! seckill workers: the Redis protocol and the command, query and projector
 //! roles of `seckill-worker`.
 
+pub mod command;
+pub mod projector;
 pub mod protocol;
+pub mod query;
 pub mod redis_connection;
 pub mod redis_server;
+pub mod telemetry;

