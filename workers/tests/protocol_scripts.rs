@@ -1,0 +1,499 @@
+//! Every branch of every protocol script, against a real redis-server.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use redis::AsyncCommands;
+use seckill_workers::protocol::{
+    self, CustomerId, Event, FinishReason, GrabOutcome, PromotionId, PromotionKeys,
+    PromotionSpec, ScheduleResult, EVENT_FIELD,
+};
+use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
+
+fn server() -> RedisServer {
+    RedisServer::start(RedisServerOptions::default()).expect("redis-server starts")
+}
+
+fn connect(server: &RedisServer) -> RedisConnection {
+    RedisArgs::for_url(server.url()).connect().expect("connection")
+}
+
+fn id(name: &str) -> PromotionId {
+    PromotionId::new("shop", name).unwrap()
+}
+
+fn customer(n: impl std::fmt::Display) -> CustomerId {
+    CustomerId::parse(&format!("c-{n}")).unwrap()
+}
+
+/// A spec whose window is [now + open_in, now + open_in + length).
+fn spec(coupons: u64, open_in_ms: i64, length_ms: i64) -> PromotionSpec {
+    let now = Utc::now().timestamp_millis();
+    PromotionSpec {
+        discount: 0.8,
+        number_of_coupons: coupons,
+        publish_time: Utc.timestamp_millis_opt(now + open_in_ms).unwrap(),
+        finish_time: Utc.timestamp_millis_opt(now + open_in_ms + length_ms).unwrap(),
+    }
+}
+
+async fn events(con: &mut RedisConnection, id: &PromotionId) -> Vec<Event> {
+    let keys = PromotionKeys::new(id);
+    let reply: redis::streams::StreamRangeReply = con.xrange_all(&keys.events).await.unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            let raw: String = e.get(EVENT_FIELD).expect("event field");
+            Event::decode(raw.as_bytes()).expect("decodable event")
+        })
+        .collect()
+}
+
+fn types(events: &[Event]) -> Vec<&'static str> {
+    events.iter().map(Event::type_name).collect()
+}
+
+#[tokio::test]
+async fn schedule_registers_then_is_unchanged_then_updates_before_start() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("later");
+    let first = spec(10, 60_000, 60_000);
+    let snap = protocol::schedule(&mut con, &p, &first).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::Scheduled);
+    assert_eq!(snap.phase.as_deref(), Some("Pending"));
+    assert!(!snap.started);
+    assert_eq!(snap.remaining(), 10);
+
+    let again = protocol::schedule(&mut con, &p, &first).await.unwrap();
+    assert_eq!(again.result, ScheduleResult::Unchanged);
+
+    let changed = PromotionSpec {
+        number_of_coupons: 20,
+        ..first
+    };
+    let updated = protocol::schedule(&mut con, &p, &changed).await.unwrap();
+    assert_eq!(updated.result, ScheduleResult::Updated);
+    assert_eq!(updated.number_of_coupons, Some(20));
+    assert!(events(&mut con, &p).await.is_empty(), "no event before the start");
+}
+
+#[tokio::test]
+async fn schedule_starts_when_due_and_locks_a_changed_spec_after_start() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("now");
+    let running = spec(5, -1_000, 60_000);
+    let snap = protocol::schedule(&mut con, &p, &running).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::Started);
+    assert_eq!(snap.phase.as_deref(), Some("Active"));
+    assert!(snap.started_at.is_some());
+
+    let changed = PromotionSpec {
+        number_of_coupons: 500,
+        ..running.clone()
+    };
+    let locked = protocol::schedule(&mut con, &p, &changed).await.unwrap();
+    assert_eq!(locked.result, ScheduleResult::Locked);
+    assert_eq!(locked.number_of_coupons, Some(5), "running spec untouched");
+
+    let same = protocol::schedule(&mut con, &p, &running).await.unwrap();
+    assert_eq!(same.result, ScheduleResult::Unchanged);
+    let evs = events(&mut con, &p).await;
+    assert_eq!(types(&evs), ["PromotionStarted"]);
+    match &evs[0] {
+        Event::PromotionStarted(e) => {
+            assert_eq!(e.promotion, "shop/now");
+            assert_eq!(e.number_of_coupons, 5);
+            assert!((e.discount - 0.8).abs() < 1e-12);
+            assert_eq!(e.publish_time.timestamp_millis(), running.publish_time.timestamp_millis());
+            assert_eq!(e.finish_time.timestamp_millis(), running.finish_time.timestamp_millis());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn promotion_started_is_appended_once_under_concurrent_schedules() {
+    let s = server();
+    let con = connect(&s);
+    let p = id("concurrent-start");
+    let sp = spec(5, -10, 60_000);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (mut con, p, sp) = (con.clone(), p.clone(), sp.clone());
+        tasks.push(tokio::spawn(async move {
+            protocol::schedule(&mut con, &p, &sp).await.unwrap().result
+        }));
+    }
+    let mut started = 0;
+    for t in tasks {
+        if t.await.unwrap() == ScheduleResult::Started {
+            started += 1;
+        }
+    }
+    assert_eq!(started, 1, "exactly one call reports the start");
+    let mut con = con;
+    assert_eq!(types(&events(&mut con, &p).await), ["PromotionStarted"]);
+}
+
+#[tokio::test]
+async fn grab_answers_unknown_and_not_started_without_writing() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("soon");
+    assert_eq!(
+        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        GrabOutcome::UnknownPromotion
+    );
+    protocol::schedule(&mut con, &p, &spec(3, 30_000, 60_000)).await.unwrap();
+    match protocol::grab(&mut con, &p, &customer(1)).await.unwrap() {
+        GrabOutcome::NotStarted { opens_in_ms, publish_time } => {
+            assert!(opens_in_ms > 25_000 && opens_in_ms <= 30_500, "{opens_in_ms}");
+            assert!(publish_time.ends_with('Z'));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(events(&mut con, &p).await.is_empty());
+}
+
+#[tokio::test]
+async fn grab_opens_exactly_at_publish_time_even_without_the_operator_start() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("lazy-start");
+    // Registered before its publish time; nobody calls schedule again.
+    protocol::schedule(&mut con, &p, &spec(3, 300, 60_000)).await.unwrap();
+    assert!(matches!(
+        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        GrabOutcome::NotStarted { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let granted = protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
+    assert!(matches!(granted, GrabOutcome::Granted { sold_out: false, .. }), "{granted:?}");
+    assert_eq!(
+        types(&events(&mut con, &p).await),
+        ["PromotionStarted", "CouponGrabbed"],
+        "Started precedes the first grab"
+    );
+    // The late operator start appends nothing more.
+    let snap = protocol::schedule(&mut con, &p, &spec(3, 300, 60_000)).await;
+    assert!(snap.is_ok());
+    assert_eq!(types(&events(&mut con, &p).await), ["PromotionStarted", "CouponGrabbed"]);
+}
+
+#[tokio::test]
+async fn grab_grants_once_per_customer_and_retries_get_the_same_coupon() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("dedupe");
+    protocol::schedule(&mut con, &p, &spec(3, -1, 60_000)).await.unwrap();
+    let first = match protocol::grab(&mut con, &p, &customer("a")).await.unwrap() {
+        GrabOutcome::Granted { coupon, sold_out } => {
+            assert!(!sold_out);
+            coupon
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(first.coupon_id, "shop/dedupe#1");
+    assert_eq!(first.customer_id, "c-a");
+    assert_eq!(first.promotion, "shop/dedupe");
+    let granted_at: DateTime<Utc> = first.granted_at.parse().expect("RFC 3339 grantedAt");
+    assert!((Utc::now() - granted_at).num_seconds().abs() < 5);
+    for _ in 0..3 {
+        assert_eq!(
+            protocol::grab(&mut con, &p, &customer("a")).await.unwrap(),
+            GrabOutcome::AlreadyGranted { coupon: first.clone() }
+        );
+    }
+    let evs = events(&mut con, &p).await;
+    assert_eq!(types(&evs), ["PromotionStarted", "CouponGrabbed"]);
+    match &evs[1] {
+        Event::CouponGrabbed(g) => {
+            assert_eq!(g.coupon_id, first.coupon_id);
+            assert_eq!(g.customer_id, "c-a");
+            assert_eq!(g.granted_at, granted_at);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_last_coupon_sells_out_once_and_later_grabs_are_refused() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("two");
+    protocol::schedule(&mut con, &p, &spec(2, -1, 60_000)).await.unwrap();
+    assert!(matches!(
+        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        GrabOutcome::Granted { sold_out: false, .. }
+    ));
+    assert!(matches!(
+        protocol::grab(&mut con, &p, &customer(2)).await.unwrap(),
+        GrabOutcome::Granted { sold_out: true, .. }
+    ));
+    for n in 3..6 {
+        assert_eq!(
+            protocol::grab(&mut con, &p, &customer(n)).await.unwrap(),
+            GrabOutcome::SoldOut
+        );
+    }
+    // A winner retrying after the sell-out still gets their coupon.
+    assert!(matches!(
+        protocol::grab(&mut con, &p, &customer(2)).await.unwrap(),
+        GrabOutcome::AlreadyGranted { .. }
+    ));
+    // Finishing afterwards changes nothing.
+    let snap = protocol::finish(&mut con, &p, FinishReason::Expired).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::AlreadyFinished);
+    assert_eq!(snap.finish_reason, Some(FinishReason::SoldOut));
+    let evs = events(&mut con, &p).await;
+    assert_eq!(
+        types(&evs),
+        ["PromotionStarted", "CouponGrabbed", "CouponGrabbed", "PromotionFinished"]
+    );
+    match evs.last() {
+        Some(Event::PromotionFinished(f)) => {
+            assert_eq!(f.reason, FinishReason::SoldOut);
+            assert_eq!(f.granted, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn grab_after_the_finish_time_expires_the_promotion_once() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("short");
+    protocol::schedule(&mut con, &p, &spec(5, -1, 200)).await.unwrap();
+    assert!(matches!(
+        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        GrabOutcome::Granted { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    for n in 2..5 {
+        assert_eq!(
+            protocol::grab(&mut con, &p, &customer(n)).await.unwrap(),
+            GrabOutcome::Finished { reason: FinishReason::Expired }
+        );
+    }
+    let snap = protocol::finish(&mut con, &p, FinishReason::Expired).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::AlreadyFinished);
+    let evs = events(&mut con, &p).await;
+    assert_eq!(
+        types(&evs),
+        ["PromotionStarted", "CouponGrabbed", "PromotionFinished"]
+    );
+}
+
+#[tokio::test]
+async fn finish_expired_is_refused_before_the_finish_time_by_redis_clock() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("not-due");
+    protocol::schedule(&mut con, &p, &spec(5, -1, 60_000)).await.unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Expired).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::NotDue);
+    assert_eq!(snap.phase.as_deref(), Some("Active"));
+    assert_eq!(types(&events(&mut con, &p).await), ["PromotionStarted"]);
+}
+
+#[tokio::test]
+async fn finish_appends_finished_once_under_concurrent_calls() {
+    let s = server();
+    let con = connect(&s);
+    let p = id("concurrent-finish");
+    let mut c = con.clone();
+    protocol::schedule(&mut c, &p, &spec(5, -1, 60_000)).await.unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (mut con, p) = (con.clone(), p.clone());
+        tasks.push(tokio::spawn(async move {
+            protocol::finish(&mut con, &p, FinishReason::Deleted).await.unwrap().result
+        }));
+    }
+    let mut finished = 0;
+    for t in tasks {
+        if t.await.unwrap() == ScheduleResult::Finished {
+            finished += 1;
+        }
+    }
+    assert_eq!(finished, 1);
+    let evs = events(&mut c, &p).await;
+    assert_eq!(types(&evs), ["PromotionStarted", "PromotionFinished"]);
+    assert_eq!(
+        protocol::grab(&mut c, &p, &customer(1)).await.unwrap(),
+        GrabOutcome::Finished { reason: FinishReason::Deleted }
+    );
+}
+
+#[tokio::test]
+async fn finish_of_a_window_that_passed_unstarted_starts_then_finishes() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("missed");
+    // Registered with a window already in the past (operator was down throughout).
+    let past = spec(5, -10_000, 5_000);
+    let keys = PromotionKeys::new(&p);
+    // Register without starting: schedule would start it, so write the spec
+    // with a future window first, then move the window into the past.
+    protocol::schedule(&mut con, &p, &spec(5, 60_000, 1_000)).await.unwrap();
+    let _: () = con
+        .hset_multiple(
+            &keys.state,
+            &[
+                ("publish_ms", past.publish_time.timestamp_millis().to_string()),
+                ("finish_ms", past.finish_time.timestamp_millis().to_string()),
+            ],
+        )
+        .await
+        .unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Expired).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::Finished);
+    assert_eq!(snap.finish_reason, Some(FinishReason::Expired));
+    assert_eq!(
+        types(&events(&mut con, &p).await),
+        ["PromotionStarted", "PromotionFinished"]
+    );
+}
+
+#[tokio::test]
+async fn deleting_before_the_publish_time_finishes_without_a_start() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("cancelled");
+    protocol::schedule(&mut con, &p, &spec(5, 60_000, 60_000)).await.unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Deleted).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::Finished);
+    assert!(!snap.started);
+    assert_eq!(types(&events(&mut con, &p).await), ["PromotionFinished"]);
+    // A later schedule of the same spec neither restarts nor reopens it.
+    let again = protocol::schedule(&mut con, &p, &spec(5, -1, 60_000)).await.unwrap();
+    assert_eq!(again.phase.as_deref(), Some("Finished"));
+    assert_eq!(types(&events(&mut con, &p).await), ["PromotionFinished"]);
+}
+
+#[tokio::test]
+async fn finish_and_snapshot_of_an_unknown_promotion_write_nothing() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("ghost");
+    let snap = protocol::finish(&mut con, &p, FinishReason::Deleted).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::Unknown);
+    assert!(!snap.exists);
+    let snap = protocol::snapshot(&mut con, &p).await.unwrap();
+    assert!(!snap.exists);
+    let n: u64 = con.exists(PromotionKeys::new(&p).events).await.unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn snapshot_reports_state_and_redis_clock() {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id("snap");
+    protocol::schedule(&mut con, &p, &spec(4, -1, 60_000)).await.unwrap();
+    protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
+    let snap = protocol::snapshot(&mut con, &p).await.unwrap();
+    assert_eq!(snap.result, ScheduleResult::Snapshot);
+    assert_eq!(snap.granted, 1);
+    assert_eq!(snap.remaining(), 3);
+    assert!((snap.now - Utc::now().timestamp_millis()).abs() < 5_000);
+}
+
+#[tokio::test]
+async fn lua_timestamps_match_chrono_rfc3339_across_centuries() {
+    let s = server();
+    let mut con = connect(&s);
+    let probe = redis::Script::new(&format!(
+        "{}\nreturn rfc3339(tonumber(ARGV[1]))",
+        include_str!("../src/protocol/lua/prelude.lua")
+    ));
+    let mut ms: i64 = 0;
+    let mut samples = vec![0, 951_782_400_000, 1_709_164_800_999, 4_107_542_399_999];
+    for _ in 0..300 {
+        ms = (ms.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407)).abs()
+            % 4_102_444_800_000;
+        samples.push(ms);
+    }
+    for ms in samples {
+        let lua: String = probe.arg(ms).invoke_async(&mut con).await.unwrap();
+        let expected = Utc
+            .timestamp_millis_opt(ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        assert_eq!(lua, expected, "{ms}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn race_of_5000_customers_for_1000_coupons_grants_exactly_1000() {
+    let s = server();
+    let p = id("race");
+    let mut admin = connect(&s);
+    protocol::schedule(&mut admin, &p, &spec(1_000, -1, 600_000)).await.unwrap();
+    // Many tasks over several independent connections; each customer asks
+    // once and a third of them retry.
+    let connections: Vec<RedisConnection> = (0..8).map(|_| connect(&s)).collect();
+    let mut tasks = Vec::new();
+    for t in 0..64usize {
+        let mut con = connections[t % connections.len()].clone();
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for n in (t..5_000).step_by(64) {
+                let attempts = if n % 3 == 0 { 2 } else { 1 };
+                for _ in 0..attempts {
+                    let c = customer(n);
+                    seen.push((c.clone(), protocol::grab(&mut con, &p, &c).await.unwrap()));
+                }
+            }
+            seen
+        }));
+    }
+    let mut granted: HashMap<String, String> = HashMap::new();
+    let mut refused = 0;
+    for t in tasks {
+        for (c, outcome) in t.await.unwrap() {
+            match outcome {
+                GrabOutcome::Granted { coupon, .. } => {
+                    assert!(granted.insert(c.to_string(), coupon.coupon_id).is_none(), "{c} twice");
+                }
+                GrabOutcome::AlreadyGranted { coupon } => {
+                    assert_eq!(granted.get(c.as_str()), Some(&coupon.coupon_id));
+                }
+                GrabOutcome::SoldOut => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(granted.len(), 1_000);
+    assert!(refused >= 4_000);
+    let evs = events(&mut admin, &p).await;
+    assert_eq!(evs.len(), 1_002);
+    assert_eq!(types(&evs[..1]), ["PromotionStarted"]);
+    assert_eq!(types(&evs[1_001..]), ["PromotionFinished"]);
+    let mut customers = HashSet::new();
+    let mut coupons = HashSet::new();
+    for e in &evs[1..1_001] {
+        match e {
+            Event::CouponGrabbed(g) => {
+                assert!(customers.insert(g.customer_id.clone()), "{} twice in stream", g.customer_id);
+                assert!(coupons.insert(g.coupon_id.clone()));
+                assert_eq!(granted.get(&g.customer_id), Some(&g.coupon_id));
+            }
+            other => panic!("expected CouponGrabbed, got {other:?}"),
+        }
+    }
+    match &evs[1_001] {
+        Event::PromotionFinished(f) => {
+            assert_eq!(f.reason, FinishReason::SoldOut);
+            assert_eq!(f.granted, 1_000);
+        }
+        other => panic!("{other:?}"),
+    }
+}
