@@ -27,6 +27,7 @@ for w in "${want[@]}"; do
   case "$w" in
     redis)
       command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_install redis-server redis-tools
+      command -v curl >/dev/null || apt_install curl
       # The Debian package starts a system redis on 6379; tests use their own.
       ;;
     bench)

@@ -94,7 +94,10 @@ impl RedisArgs {
     /// Where this connects, without secrets, for logs.
     pub fn describe(&self) -> String {
         if self.redis_cluster_nodes.is_empty() {
-            let url = self.redis_url.as_deref().unwrap_or("redis://127.0.0.1:6379/");
+            let url = self
+                .redis_url
+                .as_deref()
+                .unwrap_or("redis://127.0.0.1:6379/");
             match url.split_once('@') {
                 Some((scheme_auth, rest)) => {
                     let scheme = scheme_auth.split("://").next().unwrap_or("redis");
@@ -125,6 +128,9 @@ impl RedisArgs {
 
     /// Builds the connection; does not wait for Redis to be reachable.
     pub fn connect(&self) -> Result<RedisConnection, RedisSetupError> {
+        // rustls needs one process-wide crypto provider; the first caller wins
+        // and later ones (kube's client in the operator) find it installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let timeout = self.timeout();
         if !self.redis_cluster_nodes.is_empty() {
             let mut nodes = Vec::new();

@@ -52,6 +52,16 @@ pub struct RedisServerOptions {
     pub dir: Option<PathBuf>,
     /// Further `--name value` arguments, e.g. `("requirepass", "secret")`.
     pub extra: Vec<(String, String)>,
+    /// Serve TLS only (no plain port) with these PEM files.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of a TLS-only server.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl Default for RedisServerOptions {
@@ -60,6 +70,7 @@ impl Default for RedisServerOptions {
             appendfsync: Some(Fsync::EverySec),
             dir: None,
             extra: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -87,7 +98,9 @@ impl RedisServer {
                 (d.clone(), None)
             }
             None => {
-                let t = tempfile::Builder::new().prefix("seckill-redis-").tempdir()?;
+                let t = tempfile::Builder::new()
+                    .prefix("seckill-redis-")
+                    .tempdir()?;
                 (t.path().to_path_buf(), Some(t))
             }
         };
@@ -118,9 +131,20 @@ impl RedisServer {
             std::fs::rename(&log, self.dir.join("redis.log.1"))?;
         }
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
+        match &self.options.tls {
+            None => cmd.arg("--port").arg(self.port.to_string()),
+            Some(tls) => cmd
+                .args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -177,11 +201,17 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT/`, with the password when `requirepass` is set.
+    /// `redis://127.0.0.1:PORT/` (`rediss://` for TLS), with the password
+    /// when `requirepass` is set.
     pub fn url(&self) -> String {
+        let scheme = if self.options.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match self.options.extra.iter().find(|(k, _)| k == "requirepass") {
-            Some((_, pass)) => format!("redis://:{pass}@127.0.0.1:{}/", self.port),
-            None => format!("redis://127.0.0.1:{}/", self.port),
+            Some((_, pass)) => format!("{scheme}://:{pass}@127.0.0.1:{}/", self.port),
+            None => format!("{scheme}://127.0.0.1:{}/", self.port),
         }
     }
 

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# `make demo`: a flash sale on this machine. Builds in release mode, starts
+# `seckill up` on the example promotions plus one that opens a few seconds
+# later, sends a flash crowd at it with `seckill load`, prints the summary and
+# stops everything (the private redis-server included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+CUSTOMERS=${CUSTOMERS:-20000}
+COUPONS=${COUPONS:-1000}
+OPENS_IN=${OPENS_IN:-5}
+
+echo "==> building (release)"
+cargo build --release --quiet -p seckill-operator --bin seckill
+
+work=$(mktemp -d -t seckill-demo-XXXXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+publish=$(date -u -d "+${OPENS_IN} seconds" +%Y-%m-%dT%H:%M:%SZ)
+finish=$(date -u -d "+10 minutes" +%Y-%m-%dT%H:%M:%SZ)
+cat > "$work/flash-sale.yaml" <<YAML
+apiVersion: seckill.io/v1
+kind: Promotion
+metadata:
+  name: flash-sale
+  namespace: demo
+spec:
+  description: "make demo: opens ${OPENS_IN} s after start"
+  publishTime: "$publish"
+  finishTime: "$finish"
+  numberOfCoupons: $COUPONS
+  discount: 0.7
+YAML
+
+up_pid=""
+cleanup() {
+  if [ -n "$up_pid" ] && kill -0 "$up_pid" 2>/dev/null; then
+    kill -TERM "$up_pid" 2>/dev/null || true
+    wait "$up_pid" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+
+echo "==> seckill up -f examples/ -f $work/flash-sale.yaml --listen 127.0.0.1:$port (log: $work/up.log)"
+./target/release/seckill up -f examples/ -f "$work/flash-sale.yaml" --listen "127.0.0.1:$port" >"$work/up.log" 2>&1 &
+up_pid=$!
+for _ in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+  kill -0 "$up_pid" 2>/dev/null || { cat "$work/up.log"; echo "seckill up exited early" >&2; exit 1; }
+  sleep 0.1
+done
+curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$work/up.log"; exit 1; }
+echo "==> active promotions: $(curl -fsS "http://127.0.0.1:$port/api/v1/promotions")"
+
+echo "==> seckill load: $CUSTOMERS customers (10% retry) for $COUPONS coupons of demo/flash-sale, opening at $publish"
+status=0
+./target/release/seckill load --target "http://127.0.0.1:$port" --promotion demo/flash-sale \
+  --customers "$CUSTOMERS" --concurrency 64 --repeat-ratio 0.1 --duration 60s || status=$?
+
+echo "==> demo/flash-sale as the query API reports it:"
+curl -fsS "http://127.0.0.1:$port/api/v1/promotions/demo/flash-sale"; echo
+echo "==> last lines of seckill up:"
+tail -n 8 "$work/up.log"
+cleanup
+up_pid=""
+echo "==> stopped; data directory and logs in $work"
+exit $status
