@@ -1,0 +1,86 @@
+//! The seckill operator: reconciles `Promotion` custom resources against the
+//! Redis protocol of `seckill_workers`.
+//!
+//! One module per concern, in the style of kube-rs' controller-rs:
+//! [`promotion`] (the CRD types and [`promotion::validate`]), [`crdgen`]
+//! (the CRD YAML), [`admission`] (checking a raw manifest as the API server
+//! would), [`lifecycle`] (the pure decisions and the kube-free executor that
+//! `seckill up` shares), [`controller`] (the Kubernetes controller),
+//! [`metrics`], and [`leader`] (leader election on a Lease).
+
+pub mod admission;
+pub mod controller;
+pub mod crdgen;
+#[cfg(test)]
+mod fixtures;
+pub mod leader;
+pub mod lifecycle;
+pub mod metrics;
+pub mod promotion;
+
+use promotion::FieldError;
+use seckill_workers::http::HttpError;
+use seckill_workers::protocol::{IdError, ScriptError};
+use seckill_workers::redis_connection::RedisSetupError;
+
+/// Everything that can go wrong in the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot render the CRD as YAML: {0}")]
+    Yaml(#[source] serde_yaml::Error),
+
+    /// Redis could not be reached or answered an error: retried with backoff.
+    #[error("redis unavailable: {0}")]
+    Redis(#[from] ScriptError),
+
+    /// The spec breaks a rule of the CRD (only possible where admission did
+    /// not run: an API server without the CEL rule, or file manifests).
+    #[error("invalid spec: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    InvalidSpec(Vec<FieldError>),
+
+    #[error("invalid promotion id: {0}")]
+    InvalidId(#[from] IdError),
+
+    #[error("promotion has no namespace")]
+    MissingNamespace,
+
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+
+    #[error("cannot list promotions (is the CRD promotions.seckill.io installed?): {0}")]
+    CrdNotInstalled(#[source] kube::Error),
+
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+
+    #[error("leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+
+    #[error("{0}")]
+    RedisSetup(#[from] RedisSetupError),
+
+    #[error("{0}")]
+    Http(#[from] HttpError),
+}
+
+impl Error {
+    /// A short label for metrics and condition reasons.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Yaml(_) => "yaml",
+            Self::Redis(_) => "RedisUnavailable",
+            Self::InvalidSpec(_) => "InvalidSpec",
+            Self::InvalidId(_) => "InvalidId",
+            Self::MissingNamespace => "MissingNamespace",
+            Self::Kube(_) | Self::CrdNotInstalled(_) => "KubernetesError",
+            Self::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.kind(),
+                _ => "FinalizerError",
+            },
+            Self::Lease(_) => "LeaseError",
+            Self::RedisSetup(_) => "RedisSetup",
+            Self::Http(_) => "HttpError",
+        }
+    }
+}

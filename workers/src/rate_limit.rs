@@ -4,7 +4,7 @@
 //! `Retry-After` instead of spending a Redis round trip on it.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -97,9 +97,7 @@ impl RateLimiter {
     /// Takes one token for `client` at `now`; `Err(wait)` tells how long until
     /// the next token.
     pub fn check_at(&self, client: &str, now: Instant) -> Result<(), Duration> {
-        let mut h = self.hasher.build_hasher();
-        client.hash(&mut h);
-        let shard = &self.shards[(h.finish() as usize) % SHARDS];
+        let shard = &self.shards[(self.hasher.hash_one(client) as usize) % SHARDS];
         let Ok(mut shard) = shard.lock() else {
             // A poisoned lock only means another request panicked; never
             // turn customers away for it.

@@ -1,0 +1,474 @@
+//! Test scenarios in the style of kube-rs' controller-rs: the Kubernetes API
+//! server is a `tower_test` mock whose every request is checked (method,
+//! path, query, content type, body) and answered by the test; Redis is a
+//! real `redis-server` started for each test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::{Client, Resource};
+use seckill_workers::metrics::MetricsRegistry;
+use seckill_workers::protocol::{self, Event, FinishReason, PromotionId, PromotionKeys};
+use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
+use serde_json::{json, Value};
+use tower_test::mock::{Handle, SendResponse};
+
+use crate::controller::{error_policy, reconcile, Context, FINALIZER};
+use crate::lifecycle;
+use crate::metrics::Metrics;
+use crate::promotion::{Phase, Promotion, PromotionSpec, PromotionStatus};
+use crate::Error;
+
+const NS: &str = "shop";
+const NAME: &str = "sale";
+
+impl Promotion {
+    /// `shop/sale`, generation 1, no finalizer yet.
+    fn test(publish: DateTime<Utc>, finish: DateTime<Utc>) -> Self {
+        let mut p = Promotion::new(
+            NAME,
+            PromotionSpec {
+                publish_time: publish,
+                finish_time: finish,
+                number_of_coupons: 3,
+                discount: 0.25,
+                description: None,
+            },
+        );
+        p.meta_mut().namespace = Some(NS.into());
+        p.meta_mut().uid = Some("5a1e0000-0000-0000-0000-000000000001".into());
+        p.meta_mut().generation = Some(1);
+        p.meta_mut().resource_version = Some("1".into());
+        p
+    }
+
+    fn finalized(mut self) -> Self {
+        self.meta_mut().finalizers = Some(vec![FINALIZER.into()]);
+        self
+    }
+
+    fn being_deleted(mut self) -> Self {
+        self.meta_mut().deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        self
+    }
+
+    fn with_status(mut self, status: PromotionStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+}
+
+fn id() -> PromotionId {
+    PromotionId::new(NS, NAME).unwrap()
+}
+
+fn redis() -> (RedisServer, RedisConnection) {
+    let server = RedisServer::start(RedisServerOptions::default()).expect("redis-server");
+    let mut args = RedisArgs::for_url(server.url());
+    args.redis_timeout_ms = 300;
+    let con = args.connect().unwrap();
+    (server, con)
+}
+
+/// The mocked API server's side of the client.
+struct ApiServerVerifier(Handle<Request<Body>, Response<Body>>);
+
+fn test_context(redis: RedisConnection) -> (Arc<Context>, ApiServerVerifier) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let metrics = Metrics::register(&MetricsRegistry::new());
+    (
+        Context::new(client, redis, metrics, Some("test-operator".into())),
+        ApiServerVerifier(handle),
+    )
+}
+
+fn respond(send: SendResponse<Response<Body>>, body: &impl serde::Serialize) {
+    let bytes = serde_json::to_vec(body).unwrap();
+    send.send_response(Response::builder().body(Body::from(bytes)).unwrap());
+}
+
+async fn body_json(request: Request<Body>) -> Value {
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+impl ApiServerVerifier {
+    async fn next(&mut self) -> (Request<Body>, SendResponse<Response<Body>>) {
+        tokio::time::timeout(Duration::from_secs(10), self.0.next_request())
+            .await
+            .expect("no request to the API server within 10 s")
+            .expect("the client was dropped")
+    }
+
+    /// The finalizer is added by a JSON patch guarded by a `test` op.
+    async fn finalizer_added(&mut self, p: &Promotion) {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), http::Method::PATCH);
+        assert_eq!(
+            request.uri().to_string(),
+            format!("/apis/seckill.io/v1/namespaces/{NS}/promotions/{NAME}?")
+        );
+        assert_eq!(
+            request.headers()["content-type"],
+            "application/json-patch+json"
+        );
+        let patch = body_json(request).await;
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            ])
+        );
+        respond(send, &p.clone().finalized());
+    }
+
+    /// The status is applied server-side on the status subresource; returns it.
+    async fn status_applied(&mut self, p: &Promotion) -> PromotionStatus {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), http::Method::PATCH);
+        assert_eq!(
+            request.uri().to_string(),
+            format!("/apis/seckill.io/v1/namespaces/{NS}/promotions/{NAME}/status?&force=true&fieldManager=seckill-operator")
+        );
+        assert_eq!(
+            request.headers()["content-type"],
+            "application/apply-patch+yaml"
+        );
+        let body = body_json(request).await;
+        assert_eq!(body["apiVersion"], "seckill.io/v1");
+        assert_eq!(body["kind"], "Promotion");
+        assert_eq!(
+            body.as_object().unwrap().len(),
+            3,
+            "only apiVersion, kind and status: {body}"
+        );
+        let status: PromotionStatus = serde_json::from_value(body["status"].clone()).unwrap();
+        respond(send, &p.clone().with_status(status.clone()));
+        status
+    }
+
+    /// An events.k8s.io/v1 Event about the promotion; returns its reason.
+    async fn event_posted(&mut self) -> Value {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), http::Method::POST);
+        assert_eq!(
+            request.uri().to_string(),
+            format!("/apis/events.k8s.io/v1/namespaces/{NS}/events?")
+        );
+        assert_eq!(request.headers()["content-type"], "application/json");
+        let event = body_json(request).await;
+        assert_eq!(event["regarding"]["kind"], "Promotion");
+        assert_eq!(event["regarding"]["name"], NAME);
+        assert_eq!(event["reportingController"], "seckill-operator");
+        respond(send, &event);
+        event
+    }
+
+    async fn events_posted(&mut self, reasons: &[&str]) -> Vec<Value> {
+        let mut events = Vec::new();
+        for reason in reasons {
+            let e = self.event_posted().await;
+            assert_eq!(e["reason"], *reason, "{e}");
+            events.push(e);
+        }
+        events
+    }
+
+    /// The finalizer is removed by a JSON patch guarded by a `test` op.
+    async fn finalizer_removed(&mut self, p: &Promotion) {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), http::Method::PATCH);
+        assert_eq!(
+            request.uri().to_string(),
+            format!("/apis/seckill.io/v1/namespaces/{NS}/promotions/{NAME}?")
+        );
+        assert_eq!(
+            request.headers()["content-type"],
+            "application/json-patch+json"
+        );
+        assert_eq!(
+            body_json(request).await,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+                {"op": "remove", "path": "/metadata/finalizers/0"},
+            ])
+        );
+        let mut gone = p.clone();
+        gone.meta_mut().finalizers = None;
+        respond(send, &gone);
+    }
+}
+
+/// The promotion's stream, decoded.
+async fn stream(con: &mut RedisConnection) -> Vec<Event> {
+    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg(PromotionKeys::new(&id()).events)
+        .arg("-")
+        .arg("+")
+        .query_async(con)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .map(|(_, fields)| Event::decode(fields[1].as_bytes()).unwrap())
+        .collect()
+}
+
+fn count(events: &[Event], type_name: &str) -> usize {
+    events.iter().filter(|e| e.type_name() == type_name).count()
+}
+
+fn requeue(after: Duration) -> Action {
+    Action::requeue(after)
+}
+
+fn secs(s: i64) -> chrono::Duration {
+    chrono::Duration::seconds(s)
+}
+
+#[tokio::test]
+async fn a_new_promotion_gets_the_finalizer_before_anything_touches_redis() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = test_context(con.clone());
+    let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120));
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    api.finalizer_added(&p).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    assert!(!protocol::snapshot(&mut con, &id()).await.unwrap().exists);
+}
+
+#[tokio::test]
+async fn a_pending_promotion_is_scheduled_indexed_reported_and_requeued_at_publish_time() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = test_context(con.clone());
+    let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120)).finalized();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    let status = api.status_applied(&p).await;
+    api.events_posted(&["Scheduled"]).await;
+    let action = task.await.unwrap().unwrap();
+
+    assert_eq!(status.phase, Some(Phase::Pending));
+    assert_eq!((status.granted, status.remaining), (0, 3));
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.condition("Ready").unwrap().status, "True");
+    assert_eq!(status.condition("SpecLocked").unwrap().status, "False");
+    // Requeued at publishTime: a minute, minus the time the test took.
+    let in_range = (55_000..=60_000)
+        .map(|ms| requeue(Duration::from_millis(ms)))
+        .any(|a| a == action);
+    assert!(in_range, "{action:?}");
+    let snap = protocol::snapshot(&mut con, &id()).await.unwrap();
+    assert_eq!(snap.phase.as_deref(), Some("Pending"));
+    let indexed: bool = redis::cmd("SISMEMBER")
+        .arg(protocol::PROMOTION_INDEX_KEY)
+        .arg("shop/sale")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(indexed);
+    assert!(stream(&mut con).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_due_promotion_is_started_once_however_often_it_is_reconciled() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = test_context(con.clone());
+    let mut p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
+
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    let status = api.status_applied(&p).await;
+    api.events_posted(&["Scheduled", "Started"]).await;
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        requeue(lifecycle::ACTIVE_REFRESH)
+    );
+    assert_eq!(status.phase, Some(Phase::Active));
+    assert!(status.started_at.is_some());
+
+    // The watch brings the object back with its status: no new events,
+    // no new stream entries.
+    p.status = Some(status);
+    for _ in 0..3 {
+        let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+        let status = api.status_applied(&p).await;
+        assert_eq!(
+            task.await.unwrap().unwrap(),
+            requeue(lifecycle::ACTIVE_REFRESH)
+        );
+        assert_eq!(status.phase, Some(Phase::Active));
+        p.status = Some(status);
+    }
+    let events = stream(&mut con).await;
+    assert_eq!(count(&events, "PromotionStarted"), 1, "{events:?}");
+    assert_eq!(events.len(), 1);
+}
+
+#[tokio::test]
+async fn a_sell_out_shows_in_the_status_and_is_announced() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = test_context(con.clone());
+    let mut p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    p.status = Some(api.status_applied(&p).await);
+    api.events_posted(&["Scheduled", "Started"]).await;
+    task.await.unwrap().unwrap();
+
+    for customer in ["ann", "bob", "cid"] {
+        let c = protocol::CustomerId::parse(customer).unwrap();
+        protocol::grab(&mut con, &id(), &c).await.unwrap();
+    }
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    let status = api.status_applied(&p).await;
+    api.events_posted(&["SoldOut", "Finished"]).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    assert_eq!(status.phase, Some(Phase::Finished));
+    assert_eq!(status.finish_reason, Some(FinishReason::SoldOut));
+    assert_eq!((status.granted, status.remaining), (3, 0));
+}
+
+#[tokio::test]
+async fn an_operator_restarted_between_publish_time_and_the_first_reconcile_starts_once() {
+    let (_server, mut con) = redis();
+    let publish = Utc::now() + chrono::Duration::milliseconds(1500);
+    let mut p = Promotion::test(publish, publish + secs(60)).finalized();
+    {
+        let (ctx, mut api) = test_context(con.clone());
+        let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+        p.status = Some(api.status_applied(&p).await);
+        api.events_posted(&["Scheduled"]).await;
+        task.await.unwrap().unwrap();
+    } // the first operator is gone: its Context, client and Redis handle
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+
+    let mut args = RedisArgs::for_url(_server.url());
+    args.redis_timeout_ms = 300;
+    let (ctx, mut api) = test_context(args.connect().unwrap());
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    let status = api.status_applied(&p).await;
+    api.events_posted(&["Started"]).await;
+    task.await.unwrap().unwrap();
+    assert_eq!(status.phase, Some(Phase::Active));
+    let started_at = status.started_at.unwrap();
+    assert!(
+        started_at >= publish - chrono::Duration::milliseconds(5),
+        "{started_at} before {publish}"
+    );
+    assert_eq!(count(&stream(&mut con).await, "PromotionStarted"), 1);
+}
+
+#[tokio::test]
+async fn a_spec_changed_after_the_start_is_refused_with_a_warning() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = test_context(con.clone());
+    let mut p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    p.status = Some(api.status_applied(&p).await);
+    api.events_posted(&["Scheduled", "Started"]).await;
+    task.await.unwrap().unwrap();
+
+    p.spec.discount = 0.9;
+    p.meta_mut().generation = Some(2);
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    let status = api.status_applied(&p).await;
+    let events = api.events_posted(&["SpecLocked"]).await;
+    task.await.unwrap().unwrap();
+    assert_eq!(events[0]["type"], "Warning");
+    let locked = status.condition("SpecLocked").unwrap();
+    assert_eq!(
+        (locked.status.as_str(), locked.observed_generation),
+        ("True", Some(2))
+    );
+    let snap = protocol::snapshot(&mut con, &id()).await.unwrap();
+    assert_eq!(
+        snap.discount,
+        Some(0.25),
+        "the running promotion keeps its spec"
+    );
+}
+
+#[tokio::test]
+async fn deleting_an_active_promotion_finishes_it_before_the_finalizer_goes() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = test_context(con.clone());
+    let p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
+    let driven = lifecycle::drive(&mut con, &id(), &p.spec, Some(1), None)
+        .await
+        .unwrap();
+    assert_eq!(driven.status.phase, Some(Phase::Active));
+
+    let p = p.with_status(driven.status).being_deleted();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    let events = api.events_posted(&["Finished"]).await;
+    assert!(events[0]["note"].as_str().unwrap().contains("Deleted"));
+    api.finalizer_removed(&p).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+
+    let events = stream(&mut con).await;
+    match events.last() {
+        Some(Event::PromotionFinished(f)) => assert_eq!(f.reason, FinishReason::Deleted),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(count(&events, "PromotionFinished"), 1);
+}
+
+#[tokio::test]
+async fn deleting_a_promotion_unknown_to_redis_just_removes_the_finalizer() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = test_context(con.clone());
+    let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120))
+        .finalized()
+        .being_deleted();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    api.finalizer_removed(&p).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    assert!(!protocol::snapshot(&mut con, &id()).await.unwrap().exists);
+}
+
+#[tokio::test]
+async fn redis_down_reports_ready_false_and_backs_off_exponentially() {
+    let (mut server, _con) = redis();
+    let mut args = RedisArgs::for_url(server.url());
+    args.redis_timeout_ms = 200;
+    let (ctx, mut api) = test_context(args.connect().unwrap());
+    server.kill();
+
+    let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120)).finalized();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    let status = api.status_applied(&p).await;
+    let error = task.await.unwrap().unwrap_err();
+    let ready = status.condition("Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "RedisUnavailable")
+    );
+    assert_eq!(error.kind(), "RedisUnavailable");
+
+    let p = Arc::new(p);
+    let delays: Vec<Action> = (0..3)
+        .map(|_| error_policy(p.clone(), &error, ctx.clone()))
+        .collect();
+    assert_eq!(
+        delays,
+        [
+            requeue(Duration::from_millis(500)),
+            requeue(Duration::from_secs(1)),
+            requeue(Duration::from_secs(2))
+        ]
+    );
+
+    // Deleting while Redis is down keeps the finalizer: the reconcile fails
+    // without a single API request (the mock would have blocked it).
+    let deleting = Arc::new(Promotion::clone(&p).being_deleted());
+    let result = reconcile(deleting, ctx).await;
+    assert!(matches!(result, Err(Error::Finalizer(_))), "{result:?}");
+}
