@@ -15,7 +15,8 @@ pub fn init(args: &TelemetryArgs) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if args.log_format == "json" {
         builder.json().flatten_event(true).try_init()
     } else {

@@ -160,11 +160,7 @@ async fn send(
         .map_err(|e| e.to_string())?;
     let resp = client.request(req).await.map_err(|e| e.to_string())?;
     let (parts, body) = resp.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+    let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((parts.status, parts.headers, bytes))
 }
 
@@ -202,7 +198,9 @@ async fn grab(client: &HttpClient, url: &str, customer: &str) -> Answer {
         _ => Outcome::Other,
     };
     let coupon_id = if status == StatusCode::OK {
-        json.get("couponId").and_then(Value::as_str).map(str::to_owned)
+        json.get("couponId")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
     } else {
         None
     };
@@ -315,7 +313,9 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
                         }
                     }
                     match answer.outcome {
-                        Outcome::NotStarted | Outcome::Unavailable | Outcome::RateLimited
+                        Outcome::NotStarted
+                        | Outcome::Unavailable
+                        | Outcome::RateLimited
                         | Outcome::TransportError => {
                             let pause = answer
                                 .retry_after
@@ -415,7 +415,9 @@ async fn verify(
     }
     let coupons_twice = owners.values().filter(|n| **n > 1).count();
     if customers_with_two > 0 {
-        problems.push(format!("{customers_with_two} customers got two different coupons"));
+        problems.push(format!(
+            "{customers_with_two} customers got two different coupons"
+        ));
     }
     if coupons_twice > 0 {
         problems.push(format!("{coupons_twice} coupons went to two customers"));
@@ -424,11 +426,13 @@ async fn verify(
     // Wait for the read model to catch up with what we were granted.
     let mut read_model = Value::Null;
     loop {
-        if let Ok((StatusCode::OK, _, body)) =
-            send(client, Method::GET, &promotion_url, None).await
+        if let Ok((StatusCode::OK, _, body)) = send(client, Method::GET, &promotion_url, None).await
         {
             read_model = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            let granted = read_model.get("granted").and_then(Value::as_u64).unwrap_or(0);
+            let granted = read_model
+                .get("granted")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
             if granted as usize >= grants.len() || Instant::now() >= deadline {
                 break;
             }
@@ -442,7 +446,10 @@ async fn verify(
         .get("numberOfCoupons")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let granted_rm = read_model.get("granted").and_then(Value::as_u64).unwrap_or(0);
+    let granted_rm = read_model
+        .get("granted")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
     let expected = complete.then(|| coupons.min(distinct_customers as u64));
     if let Some(expected) = expected {
         if granted_rm != expected {
@@ -549,7 +556,14 @@ fn print_summary(s: &Summary) {
     let outcomes: Vec<String> = s
         .outcomes
         .iter()
-        .map(|(k, v)| format!("{}: {v}", serde_json::to_string(k).unwrap_or_default().trim_matches('"')))
+        .map(|(k, v)| {
+            format!(
+                "{}: {v}",
+                serde_json::to_string(k)
+                    .unwrap_or_default()
+                    .trim_matches('"')
+            )
+        })
         .collect();
     println!("  outcomes: {}", outcomes.join(", "));
     let v = &s.verification;
@@ -559,10 +573,16 @@ fn print_summary(s: &Summary) {
         v.granted_in_read_model,
         v.number_of_coupons,
         v.distinct_customers,
-        if v.complete { "" } else { " (stopped by --duration)" }
+        if v.complete {
+            ""
+        } else {
+            " (stopped by --duration)"
+        }
     );
     if v.passed {
-        println!("  verification: PASSED (no oversell, no customer twice, every 200 in the read model)");
+        println!(
+            "  verification: PASSED (no oversell, no customer twice, every 200 in the read model)"
+        );
     } else {
         println!("  verification: FAILED");
         for p in &v.problems {
