@@ -123,7 +123,8 @@ impl Event {
     /// Decodes the JSON of one stream entry, checking type and version first so
     /// that an event from a newer writer is reported as such, not as garbage.
     pub fn decode(json: &[u8]) -> Result<Self, DecodeError> {
-        let value: serde_json::Value = serde_json::from_slice(json).map_err(DecodeError::NotJson)?;
+        let value: serde_json::Value =
+            serde_json::from_slice(json).map_err(DecodeError::NotJson)?;
         let kind = value
             .get("type")
             .and_then(|t| t.as_str())
@@ -179,7 +180,10 @@ mod tests {
             Event::decode(br#"{"type":"PromotionFinished","version":2,"promotion":"a/b","reason":"SoldOut","granted":1}"#),
             Err(DecodeError::UnsupportedVersion { version: 2, .. })
         ));
-        assert!(matches!(Event::decode(b"\xff"), Err(DecodeError::NotJson(_))));
+        assert!(matches!(
+            Event::decode(b"\xff"),
+            Err(DecodeError::NotJson(_))
+        ));
         assert!(matches!(
             Event::decode(br#"{"type":"PromotionFinished","version":1,"reason":"Bored"}"#),
             Err(DecodeError::Malformed { .. })

@@ -70,7 +70,10 @@ mod tests {
         }
         assert!(read_model::promotion(&id).contains("{shop/sale}"));
         let c = CustomerId::parse("alice").unwrap();
-        assert_eq!(read_model::customer_coupons(&c), "seckill:rm:customer:{alice}:coupons");
+        assert_eq!(
+            read_model::customer_coupons(&c),
+            "seckill:rm:customer:{alice}:coupons"
+        );
         assert!(read_model::customer_coupons(&c).starts_with(read_model::PREFIX));
     }
 }

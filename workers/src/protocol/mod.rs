@@ -14,19 +14,21 @@
 //! | `seckill:promotions` | set of promotion ids (discovery) | operator, after `schedule` |
 //! | `seckill:rm:*` | read models | projectors only |
 
+mod durability;
 mod events;
 mod ids;
 mod keys;
+mod projection;
 mod scripts;
 
+pub use durability::{grab_durable, replication_probe_key, Durability, DurableGrabError};
 pub use events::{
     CouponGrabbed, DecodeError, Event, FinishReason, PromotionFinished, PromotionStarted,
     EVENT_FIELD, EVENT_VERSION,
 };
 pub use ids::{CustomerId, IdError, PromotionId};
-pub use keys::{
-    read_model, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
-};
+pub use keys::{read_model, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY};
+pub use projection::{PROJECT, PROJECT_SOURCE};
 pub use scripts::{
     finish, grab, schedule, snapshot, Coupon, GrabOutcome, PromotionSpec, ScheduleResult,
     ScriptError, Snapshot, FINISH, GRAB, SCHEDULE, SNAPSHOT,

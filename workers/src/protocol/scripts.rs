@@ -68,9 +68,14 @@ pub struct Coupon {
 pub enum GrabOutcome {
     /// A coupon was taken and CouponGrabbed appended. `sold_out` is true for the
     /// grab that took the last one (PromotionFinished{SoldOut} appended too).
-    Granted { coupon: Coupon, sold_out: bool },
+    Granted {
+        coupon: Coupon,
+        sold_out: bool,
+    },
     /// The customer already holds this coupon; nothing was written.
-    AlreadyGranted { coupon: Coupon },
+    AlreadyGranted {
+        coupon: Coupon,
+    },
     UnknownPromotion,
     /// Redis' clock is before the publish time.
     NotStarted {
@@ -79,7 +84,9 @@ pub enum GrabOutcome {
     },
     SoldOut,
     /// Finished for a reason other than selling out (Expired, Deleted).
-    Finished { reason: FinishReason },
+    Finished {
+        reason: FinishReason,
+    },
 }
 
 #[derive(Deserialize)]
@@ -222,7 +229,12 @@ pub async fn grab<C: ConnectionLike>(
         .arg(customer.as_str())
         .invoke_async(con)
         .await?;
-    let r: GrabReply = decode(&reply)?;
+    decode_grab(&reply)
+}
+
+/// Decodes the JSON answer of the `grab` script.
+pub(super) fn decode_grab(reply: &str) -> Result<GrabOutcome, ScriptError> {
+    let r: GrabReply = decode(reply)?;
     let missing = || ScriptError::BadReply(format!("{} without coupon", r.outcome));
     Ok(match r.outcome.as_str() {
         "granted" => GrabOutcome::Granted {

@@ -1,0 +1,156 @@
+//! Grabs that are answered only once replicas hold them.
+//!
+//! Redis replication is asynchronous: a master answers the `grab` script
+//! before its replicas have the write, so a master killed right after a grant
+//! can be replaced by a replica that never saw it. The coupon would be handed
+//! out again and the customer would hold a 200 for a grant the stream no longer
+//! has. [`grab_durable`] closes that gap with `WAIT`: the script, a one-byte
+//! write to a probe key of the same slot and `WAIT n timeout` go in one
+//! pipeline over one connection to the master of the promotion's slot. `WAIT`
+//! blocks until `n` replicas acknowledged every write this connection made so
+//! far, the probe included, hence the grant (written by this script) or the
+//! earlier grant an `already_granted` answer read (written before the probe).
+//!
+//! A granted or already-granted outcome that fewer than `n` replicas
+//! acknowledged is returned as [`DurableGrabError::NotReplicated`]: the grant
+//! exists on the master but may be lost in a failover, so the caller answers
+//! "unavailable, retry" (the retry is idempotent: it finds the grant or, after
+//! a failover that lost it, grabs again) and never 200.
+//!
+//! What this does not cover: a replica that acknowledged and then dies together
+//! with its master (use more replicas), and, with more than one replica per
+//! master, a failover that elects a replica other than the ones that
+//! acknowledged (Redis Cluster prefers the replica with the largest replication
+//! offset, so with `n` = all replicas the elected one has the write).
+
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
+
+use super::scripts::{decode_grab, GRAB, GRAB_SOURCE};
+use super::{CustomerId, GrabOutcome, PromotionId, PromotionKeys, ScriptError};
+
+/// How many replicas must acknowledge a grant before it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    /// Replicas that must hold the write (`WAIT numreplicas`); at least 1.
+    pub replicas: u32,
+    /// Longest wait for them (`WAIT timeout`); keep it below the Redis
+    /// response timeout so the pipeline is not abandoned first.
+    pub timeout: Duration,
+}
+
+/// A durable grab failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DurableGrabError {
+    /// Redis failed or answered nonsense: the outcome is unknown.
+    #[error(transparent)]
+    Script(#[from] ScriptError),
+    /// The master granted (or holds) the coupon, but fewer than `wanted`
+    /// replicas acknowledged it in time: a failover now may lose it. Answer
+    /// 503 (maybe granted, retry), never 200.
+    #[error(
+        "grant acknowledged by {acked} of {wanted} replica(s) within {timeout_ms} ms; \
+         it may be lost if the master fails now"
+    )]
+    NotReplicated {
+        outcome: GrabOutcome,
+        wanted: u32,
+        acked: u32,
+        timeout_ms: u64,
+    },
+}
+
+/// The probe key of a promotion: written (with a one-second expiry) in every
+/// durable grab pipeline so that `WAIT` also covers grants the script only read.
+pub fn replication_probe_key(id: &PromotionId) -> String {
+    format!("seckill:{}:replication-probe", id.hash_tag())
+}
+
+/// Like [`grab`](super::grab), but answers a grant only once `durability`
+/// replicas acknowledged it; see the module documentation. Other outcomes
+/// (sold out, not started, ...) are returned whatever the acknowledgements,
+/// since none of them promises a coupon.
+pub async fn grab_durable<C: ConnectionLike>(
+    con: &mut C,
+    id: &PromotionId,
+    customer: &CustomerId,
+    durability: Durability,
+) -> Result<GrabOutcome, DurableGrabError> {
+    let keys = PromotionKeys::new(id);
+    let probe = replication_probe_key(id);
+    let wanted = durability.replicas.max(1);
+    let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
+    let pipeline = |by_source: bool| {
+        let mut pipe = redis::pipe();
+        let script = if by_source {
+            pipe.cmd("EVAL").arg(GRAB_SOURCE)
+        } else {
+            pipe.cmd("EVALSHA").arg(GRAB.get_hash())
+        };
+        script
+            .arg(3)
+            .arg(&keys.state)
+            .arg(&keys.customers)
+            .arg(&keys.events)
+            .arg(customer.as_str());
+        pipe.cmd("SET").arg(&probe).arg(1).arg("PX").arg(1000);
+        pipe.cmd("WAIT").arg(wanted).arg(timeout_ms);
+        pipe.ignore_errors();
+        pipe
+    };
+    let mut by_source = false;
+    let mut attempts = 0;
+    let (reply, acked) = loop {
+        attempts += 1;
+        let replies: Vec<RedisResult<Value>> = pipeline(by_source)
+            .query_async(con)
+            .await
+            .map_err(ScriptError::from)?;
+        let mut replies = replies.into_iter();
+        let (Some(script), Some(_probe), Some(wait)) =
+            (replies.next(), replies.next(), replies.next())
+        else {
+            return Err(ScriptError::BadReply("durable grab: short pipeline reply".into()).into());
+        };
+        match script {
+            Ok(v) => {
+                let reply: String = redis::from_redis_value(v)
+                    .map_err(|e| ScriptError::from(redis::RedisError::from(e)))?;
+                let acked: u32 = match wait {
+                    Ok(v) => redis::from_redis_value(v).unwrap_or(0),
+                    Err(_) => 0,
+                };
+                break (reply, acked);
+            }
+            Err(e) if attempts < 3 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                // The script cache was flushed (restart, failover to a
+                // replica that never loaded it): send the source once.
+                by_source = true;
+            }
+            Err(e) if attempts < 3 && e.is_cluster_error() => {
+                // MOVED/ASK/TRYAGAIN/CLUSTERDOWN inside a pipeline are not
+                // followed by the cluster client. The script did not run;
+                // one routed read makes the client learn the new slot owner.
+                let _ = super::snapshot(con, id).await;
+                tokio::time::sleep(Duration::from_millis(50 * attempts as u64)).await;
+            }
+            Err(e) => return Err(ScriptError::from(e).into()),
+        }
+    };
+    let outcome = decode_grab(&reply)?;
+    let promises_coupon = matches!(
+        outcome,
+        GrabOutcome::Granted { .. } | GrabOutcome::AlreadyGranted { .. }
+    );
+    if promises_coupon && acked < wanted {
+        return Err(DurableGrabError::NotReplicated {
+            outcome,
+            wanted,
+            acked,
+            timeout_ms,
+        });
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,443 @@
+//! The read models: what projectors write from the promotion streams and what
+//! the query endpoints answer from. Every key comes from
+//! [`protocol::read_model`]; every write is idempotent and order-tolerant (see
+//! `protocol/lua/project.lua`), because projectors deliver at least once and,
+//! across replicas, in any order.
+//!
+//! | key | holds |
+//! |---|---|
+//! | `seckill:rm:promotion:{ns/name}` | hash: phase, discount, numberOfCoupons, granted, times, finishReason |
+//! | `seckill:rm:customer:{id}:coupons` | hash: promotion id -> coupon JSON |
+//! | `seckill:rm:active` | set: promotion ids believed active (an index; readers filter by phase) |
+//! | `seckill:rm:progress` | hash: consumer name -> `lagMs:atMs` (freshness) |
+
+use std::collections::HashMap;
+
+use chrono::SecondsFormat;
+use redis::aio::ConnectionLike;
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{self, read_model as keys, CustomerId, Event, PromotionId};
+
+/// How long a projector's progress report counts as live; older reports are
+/// from a replica that stopped, and are used only when no live one exists.
+const PROGRESS_LIVE_MS: i64 = 60_000;
+
+/// A read-model operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadModelError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("read model holds unexpected data: {0}")]
+    BadData(String),
+}
+
+/// Phase of a promotion as the read model knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Pending,
+    Active,
+    Finished,
+}
+
+impl Phase {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "Pending" => Some(Self::Pending),
+            "Active" => Some(Self::Active),
+            "Finished" => Some(Self::Finished),
+            _ => None,
+        }
+    }
+}
+
+/// `GET /api/v1/promotions/{ns}/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionView {
+    pub promotion: String,
+    pub phase: Phase,
+    pub discount: f64,
+    pub number_of_coupons: u64,
+    pub granted: u64,
+    pub remaining: u64,
+    pub publish_time: String,
+    pub finish_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+}
+
+/// One item of `GET /api/v1/promotions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivePromotion {
+    pub promotion: String,
+    pub discount: f64,
+    pub number_of_coupons: u64,
+    pub publish_time: String,
+    pub finish_time: String,
+}
+
+/// One item of `GET /api/v1/customers/{customerId}/coupons`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CustomerCoupon {
+    pub coupon_id: String,
+    pub promotion: String,
+    pub discount: f64,
+    pub granted_at: String,
+}
+
+/// Why an event that decoded cannot be projected (it is skipped like an
+/// undecodable one: counted, logged, left pending).
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("couponId {0:?} does not end in #N")]
+    CouponSequence(String),
+    #[error("customerId {0:?} is invalid: {1}")]
+    Customer(String, protocol::IdError),
+}
+
+impl ProjectionError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::CouponSequence(_) => "bad_coupon_id",
+            Self::Customer(..) => "bad_customer_id",
+        }
+    }
+}
+
+/// The sequence number N of a couponId `ns/name#N`: how many coupons of the
+/// promotion had been granted when this one was.
+pub fn coupon_sequence(coupon_id: &str) -> Option<u64> {
+    coupon_id.rsplit_once('#')?.1.parse().ok()
+}
+
+fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Checks that `event` can be projected, before anything is written.
+pub fn check(event: &Event) -> Result<(), ProjectionError> {
+    if let Event::CouponGrabbed(g) = event {
+        coupon_sequence(&g.coupon_id)
+            .ok_or_else(|| ProjectionError::CouponSequence(g.coupon_id.clone()))?;
+        CustomerId::parse(&g.customer_id)
+            .map_err(|e| ProjectionError::Customer(g.customer_id.clone(), e))?;
+    }
+    Ok(())
+}
+
+/// Adds to `pipe` the writes of `event` into the read model of `promotion`:
+/// one `project` script call (its phase answer is kept) and, for a grab, the
+/// customer's coupon (ignored answer). Events must have passed [`check`].
+fn add_writes(pipe: &mut redis::Pipeline, promotion: &PromotionId, event: &Event) {
+    let rm = keys::promotion(promotion);
+    let mut call = protocol::PROJECT.key(&rm);
+    call.arg(event.type_name());
+    match event {
+        Event::PromotionStarted(s) => {
+            call.arg(promotion.to_string())
+                .arg(s.discount.to_string())
+                .arg(s.number_of_coupons)
+                .arg(rfc3339(&s.publish_time))
+                .arg(rfc3339(&s.finish_time))
+                .arg(s.started_at.as_ref().map(rfc3339).unwrap_or_default());
+        }
+        Event::CouponGrabbed(g) => {
+            call.arg(promotion.to_string())
+                .arg(coupon_sequence(&g.coupon_id).unwrap_or(0))
+                .arg(g.discount.to_string());
+        }
+        Event::PromotionFinished(f) => {
+            call.arg(promotion.to_string())
+                .arg(f.reason.as_str())
+                .arg(f.granted)
+                .arg(f.finished_at.as_ref().map(rfc3339).unwrap_or_default());
+        }
+    }
+    pipe.invoke_script(&call);
+    if let Event::CouponGrabbed(g) = event {
+        if let Ok(customer) = CustomerId::parse(&g.customer_id) {
+            let coupon = CustomerCoupon {
+                coupon_id: g.coupon_id.clone(),
+                promotion: promotion.to_string(),
+                discount: g.discount,
+                granted_at: rfc3339(&g.granted_at),
+            };
+            let json = serde_json::to_string(&coupon).unwrap_or_default();
+            pipe.hset(
+                keys::customer_coupons(&customer),
+                promotion.to_string(),
+                json,
+            )
+            .ignore();
+        }
+    }
+}
+
+fn is_noscript(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOSCRIPT")
+}
+
+/// Applies `events` (all of `promotion`, each passed [`check`]) to the read
+/// models in one round trip, then updates the active index from the phase
+/// the read model reached. Idempotent and order-tolerant; returns that phase
+/// (`None` for an empty batch).
+pub async fn apply<C: ConnectionLike>(
+    con: &mut C,
+    promotion: &PromotionId,
+    events: &[Event],
+) -> Result<Option<Phase>, ReadModelError> {
+    if events.is_empty() {
+        return Ok(None);
+    }
+    let mut pipe = redis::pipe();
+    for event in events {
+        add_writes(&mut pipe, promotion, event);
+    }
+    let phases: Vec<String> = match pipe.query_async(con).await {
+        Ok(p) => p,
+        Err(e) if is_noscript(&e) => {
+            // Redis restarted and lost its script cache: load, then redo the
+            // whole batch (every write in it is idempotent).
+            protocol::PROJECT.prepare_invoke().load_async(con).await?;
+            pipe.query_async(con).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Phases only rise, so the last answer is the phase after the batch.
+    let phase = phases
+        .last()
+        .and_then(|p| Phase::parse(p))
+        .ok_or_else(|| ReadModelError::BadData(format!("project answered {phases:?}")))?;
+    let id = promotion.to_string();
+    match phase {
+        Phase::Active => {
+            redis::cmd("SADD")
+                .arg(keys::ACTIVE)
+                .arg(&id)
+                .exec_async(con)
+                .await?
+        }
+        Phase::Finished => {
+            redis::cmd("SREM")
+                .arg(keys::ACTIVE)
+                .arg(&id)
+                .exec_async(con)
+                .await?
+        }
+        Phase::Pending => {}
+    }
+    Ok(Some(phase))
+}
+
+fn field<'a>(map: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    map.get(name).map(String::as_str)
+}
+
+/// Builds the view from a read-model hash; `None` while the promotion's
+/// PromotionStarted has not been projected (its spec is unknown), which is
+/// also the case of a promotion deleted before it ever started.
+fn view_of(map: &HashMap<String, String>) -> Option<PromotionView> {
+    let number_of_coupons: u64 = field(map, "numberOfCoupons")?.parse().ok()?;
+    let granted: u64 = field(map, "granted")
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0);
+    let phase = field(map, "phase").and_then(Phase::parse)?;
+    Some(PromotionView {
+        promotion: field(map, "promotion")?.to_owned(),
+        phase,
+        discount: field(map, "discount")?.parse().ok()?,
+        number_of_coupons,
+        granted,
+        remaining: number_of_coupons.saturating_sub(granted),
+        publish_time: field(map, "publishTime")?.to_owned(),
+        finish_time: field(map, "finishTime")?.to_owned(),
+        finish_reason: if phase == Phase::Finished {
+            field(map, "finishReason").map(str::to_owned)
+        } else {
+            None
+        },
+    })
+}
+
+/// The read model of one promotion, or `None` when it is not (yet) known.
+pub async fn promotion<C: ConnectionLike>(
+    con: &mut C,
+    id: &PromotionId,
+) -> Result<Option<PromotionView>, ReadModelError> {
+    let map: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys::promotion(id))
+        .query_async(con)
+        .await?;
+    Ok(view_of(&map))
+}
+
+/// The active promotions, sorted by id. The active set is only an index that
+/// may briefly hold a finished promotion (two replicas racing); the phase in
+/// each promotion's hash decides.
+pub async fn active_promotions<C: ConnectionLike>(
+    con: &mut C,
+) -> Result<Vec<ActivePromotion>, ReadModelError> {
+    let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(keys::ACTIVE)
+        .query_async(con)
+        .await?;
+    ids.sort();
+    let ids: Vec<PromotionId> = ids
+        .iter()
+        .filter_map(|i| PromotionId::parse(i).ok())
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.hgetall(keys::promotion(id));
+    }
+    let maps: Vec<HashMap<String, String>> = pipe.query_async(con).await?;
+    Ok(maps
+        .iter()
+        .filter_map(view_of)
+        .filter(|v| v.phase == Phase::Active)
+        .map(|v| ActivePromotion {
+            promotion: v.promotion,
+            discount: v.discount,
+            number_of_coupons: v.number_of_coupons,
+            publish_time: v.publish_time,
+            finish_time: v.finish_time,
+        })
+        .collect())
+}
+
+/// The coupons `customer` holds, sorted by promotion.
+pub async fn customer_coupons<C: ConnectionLike>(
+    con: &mut C,
+    customer: &CustomerId,
+) -> Result<Vec<CustomerCoupon>, ReadModelError> {
+    let map: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(keys::customer_coupons(customer))
+        .query_async(con)
+        .await?;
+    let mut coupons = map
+        .values()
+        .map(|json| {
+            serde_json::from_str::<CustomerCoupon>(json)
+                .map_err(|e| ReadModelError::BadData(format!("coupon {json:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    coupons.sort_by(|a, b| a.promotion.cmp(&b.promotion));
+    Ok(coupons)
+}
+
+/// Redis' clock in epoch milliseconds (every freshness number is on it, so
+/// hosts with skewed clocks cannot make the read model look fresher).
+pub async fn redis_now_ms<C: ConnectionLike>(con: &mut C) -> Result<i64, ReadModelError> {
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(con).await?;
+    Ok(secs * 1000 + micros / 1000)
+}
+
+/// Records that projector `consumer` was, at Redis time `at_ms`, `lag_ms`
+/// behind the streams (0 when it found nothing left to apply).
+pub async fn record_progress<C: ConnectionLike>(
+    con: &mut C,
+    consumer: &str,
+    lag_ms: i64,
+    at_ms: i64,
+) -> Result<(), ReadModelError> {
+    redis::cmd("HSET")
+        .arg(keys::PROGRESS)
+        .arg(consumer)
+        .arg(format!("{}:{at_ms}", lag_ms.max(0)))
+        .exec_async(con)
+        .await?;
+    Ok(())
+}
+
+/// Removes the progress report of a projector that stops cleanly.
+pub async fn forget_progress<C: ConnectionLike>(
+    con: &mut C,
+    consumer: &str,
+) -> Result<(), ReadModelError> {
+    redis::cmd("HDEL")
+        .arg(keys::PROGRESS)
+        .arg(consumer)
+        .exec_async(con)
+        .await?;
+    Ok(())
+}
+
+/// How stale the read models may be, in milliseconds, from the progress
+/// reports: for each projector, the lag it last reported plus the time since
+/// it reported; the worst live projector counts (or, when none reported in
+/// the last minute, the freshest stale one). `None` when no projector ever
+/// reported.
+pub fn lag_from_reports(reports: &HashMap<String, String>, now_ms: i64) -> Option<i64> {
+    let lags: Vec<(i64, i64)> = reports
+        .values()
+        .filter_map(|v| {
+            let (lag, at) = v.split_once(':')?;
+            let (lag, at): (i64, i64) = (lag.parse().ok()?, at.parse().ok()?);
+            Some((lag + (now_ms - at).max(0), at))
+        })
+        .collect();
+    let live = lags
+        .iter()
+        .filter(|(_, at)| now_ms - at <= PROGRESS_LIVE_MS)
+        .map(|(lag, _)| *lag)
+        .max();
+    live.or_else(|| lags.iter().map(|(lag, _)| *lag).min())
+}
+
+/// The current projection lag (see [`lag_from_reports`]).
+pub async fn projection_lag_ms<C: ConnectionLike>(
+    con: &mut C,
+) -> Result<Option<i64>, ReadModelError> {
+    let (reports, (secs, micros)): (HashMap<String, String>, (i64, i64)) = redis::pipe()
+        .hgetall(keys::PROGRESS)
+        .cmd("TIME")
+        .query_async(con)
+        .await?;
+    Ok(lag_from_reports(&reports, secs * 1000 + micros / 1000))
+}
+
+/// Deletes every read-model key (`seckill:rm:*`) of a standalone server,
+/// SCANning so the server is never blocked; returns how many were deleted.
+pub async fn drop_all_scanned<C: ConnectionLike>(con: &mut C) -> Result<u64, ReadModelError> {
+    let pattern = format!("{}*", keys::PREFIX);
+    let mut cursor: u64 = 0;
+    let mut dropped = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await?;
+        dropped += drop_keys(con, &batch).await?;
+        if next == 0 {
+            return Ok(dropped);
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes the given keys (one command each, so a cluster routes them by slot).
+pub async fn drop_keys<C: ConnectionLike>(
+    con: &mut C,
+    keys_to_drop: &[String],
+) -> Result<u64, ReadModelError> {
+    if keys_to_drop.is_empty() {
+        return Ok(0);
+    }
+    let mut pipe = redis::pipe();
+    for key in keys_to_drop {
+        pipe.cmd("UNLINK").arg(key);
+    }
+    let counts: Vec<u64> = pipe.query_async(con).await?;
+    Ok(counts.iter().sum())
+}
