@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.tools/venv/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all demo test deps lint unit chart-test api-test faults bench build release crds
+.PHONY: all demo test deps lint unit docs docs-check chart-test api-test faults bench build release crds
 
 all: test
 
@@ -22,7 +22,15 @@ lint:
 unit:
 	cargo test --workspace
 
-test: deps lint unit chart-test api-test
+test: deps lint unit docs-check chart-test api-test
+
+docs:
+	cargo build -q --workspace --bins
+	python3 scripts/config-table.py
+
+docs-check:
+	cargo build -q --workspace --bins
+	python3 scripts/config-table.py --check
 
 chart-test:
 	bash scripts/test-chart.sh
