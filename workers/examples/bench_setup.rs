@@ -1,0 +1,49 @@
+//! Prepares a Redis for `scripts/bench.sh`, through the protocol module so
+//! that the benchmark spells no key and no script of its own:
+//!
+//! - schedules `bench/http` and `bench/ceiling` (open now, `COUPONS` each),
+//! - schedules `bench/sold-out` with one coupon and takes it,
+//! - loads the grab script (SCRIPT LOAD) and prints, on one line, the
+//!   arguments of the equivalent `EVALSHA` for `bench/ceiling`:
+//!   `<sha> 3 <state> <customers> <events>`,
+//! - prints, on a second line, the stream key of `bench/http` (to count its
+//!   events after the run).
+//!
+//! Usage: `cargo run --release -p seckill-workers --example bench_setup -- REDIS_URL COUPONS`
+
+use chrono::{Duration, Utc};
+use seckill_workers::protocol::{self, CustomerId, PromotionId, PromotionKeys, PromotionSpec};
+use seckill_workers::redis_connection::RedisArgs;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let url = args.next().ok_or("usage: bench_setup REDIS_URL COUPONS")?;
+    let coupons: u64 = args
+        .next()
+        .ok_or("usage: bench_setup REDIS_URL COUPONS")?
+        .parse()?;
+    let mut con = RedisArgs::for_url(url).connect()?;
+    let now = Utc::now();
+    let spec = |coupons| PromotionSpec {
+        discount: 0.8,
+        number_of_coupons: coupons,
+        publish_time: now - Duration::seconds(1),
+        finish_time: now + Duration::hours(1),
+    };
+    for name in ["http", "ceiling"] {
+        protocol::schedule(&mut con, &PromotionId::new("bench", name)?, &spec(coupons)).await?;
+    }
+    let sold_out = PromotionId::new("bench", "sold-out")?;
+    protocol::schedule(&mut con, &sold_out, &spec(1)).await?;
+    protocol::grab(&mut con, &sold_out, &CustomerId::parse("first")?).await?;
+
+    let sha = protocol::GRAB.load_async(&mut con).await?;
+    let keys = PromotionKeys::new(&PromotionId::new("bench", "ceiling")?);
+    println!("{sha} 3 {} {} {}", keys.state, keys.customers, keys.events);
+    println!(
+        "{}",
+        PromotionKeys::new(&PromotionId::new("bench", "http")?).events
+    );
+    Ok(())
+}
