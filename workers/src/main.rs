@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use seckill_workers::{command, projector, query, telemetry};
 
 #[derive(Parser, Debug)]
-#[command(name = "seckill-worker", version, about = "seckill command, query and projector workers")]
+#[command(
+    name = "seckill-worker",
+    version,
+    about = "seckill command, query and projector workers"
+)]
 struct Cli {
     #[command(flatten)]
     telemetry: telemetry::TelemetryArgs,

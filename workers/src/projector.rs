@@ -471,11 +471,15 @@ impl Projector {
         if ready.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for c in &ready {
-            pipe.cmd("XPENDING").arg(&c.stream).arg(PROJECTOR_GROUP);
-        }
-        let summaries: Vec<Value> = pipe.query_async(&mut self.con).await?;
+        let commands = ready
+            .iter()
+            .map(|c| {
+                let mut cmd = redis::cmd("XPENDING");
+                cmd.arg(&c.stream).arg(PROJECTOR_GROUP);
+                cmd
+            })
+            .collect();
+        let summaries: Vec<Value> = self.con.query_each(commands).await?;
         let total: i64 = summaries
             .iter()
             .map(|v| match v {
@@ -522,18 +526,22 @@ impl Projector {
         if self.streams.is_empty() {
             return Ok((Vec::new(), 0));
         }
-        let mut pipe = redis::pipe();
-        for c in self.streams.values() {
-            pipe.cmd("XAUTOCLAIM")
-                .arg(&c.stream)
-                .arg(PROJECTOR_GROUP)
-                .arg(&self.options.consumer)
-                .arg(self.options.claim_idle.as_millis() as u64)
-                .arg(&c.claim_from)
-                .arg("COUNT")
-                .arg(self.options.batch_size.max(1));
-        }
-        let replies: Vec<StreamAutoClaimReply> = pipe.query_async(&mut self.con).await?;
+        let commands = self
+            .streams
+            .values()
+            .map(|c| {
+                let mut cmd = redis::cmd("XAUTOCLAIM");
+                cmd.arg(&c.stream)
+                    .arg(PROJECTOR_GROUP)
+                    .arg(&self.options.consumer)
+                    .arg(self.options.claim_idle.as_millis() as u64)
+                    .arg(&c.claim_from)
+                    .arg("COUNT")
+                    .arg(self.options.batch_size.max(1));
+                cmd
+            })
+            .collect();
+        let replies: Vec<StreamAutoClaimReply> = self.con.query_each(commands).await?;
         let mut out = Vec::new();
         let mut total_fresh = 0;
         for (cursor, reply) in self.streams.values_mut().zip(replies) {
@@ -566,19 +574,23 @@ impl Projector {
         if self.streams.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for c in self.streams.values() {
-            pipe.cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(PROJECTOR_GROUP)
-                .arg(&self.options.consumer)
-                .arg("COUNT")
-                .arg(self.options.batch_size.max(1))
-                .arg("STREAMS")
-                .arg(&c.stream)
-                .arg(c.own_pending_from.as_deref().unwrap_or(">"));
-        }
-        let replies: Vec<Option<StreamReadReply>> = match pipe.query_async(&mut self.con).await {
+        let commands = self
+            .streams
+            .values()
+            .map(|c| {
+                let mut cmd = redis::cmd("XREADGROUP");
+                cmd.arg("GROUP")
+                    .arg(PROJECTOR_GROUP)
+                    .arg(&self.options.consumer)
+                    .arg("COUNT")
+                    .arg(self.options.batch_size.max(1))
+                    .arg("STREAMS")
+                    .arg(&c.stream)
+                    .arg(c.own_pending_from.as_deref().unwrap_or(">"));
+                cmd
+            })
+            .collect();
+        let replies: Vec<Option<StreamReadReply>> = match self.con.query_each(commands).await {
             Ok(r) => r,
             Err(e) if code_of(&e) == Some("NOGROUP") => {
                 tracing::warn!(error = %e, "a consumer group is gone (Redis lost data?); recreating");

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 
+use crate::redis_connection::RedisConnection;
 use chrono::SecondsFormat;
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
@@ -132,7 +133,15 @@ pub fn check(event: &Event) -> Result<(), ProjectionError> {
 /// Adds to `pipe` the writes of `event` into the read model of `promotion`:
 /// one `project` script call (its phase answer is kept) and, for a grab, the
 /// customer's coupon (ignored answer). Events must have passed [`check`].
-fn add_writes(pipe: &mut redis::Pipeline, promotion: &PromotionId, event: &Event) {
+/// Adds the promotion read-model script for `event` to `pipe` (every call
+/// in it touches one key, so one cluster slot) and returns the customer's
+/// coupon write, which lives under the customer's own hash tag and so is sent
+/// on its own (a cluster refuses pipelines that cross slots).
+fn add_writes(
+    pipe: &mut redis::Pipeline,
+    promotion: &PromotionId,
+    event: &Event,
+) -> Option<(String, String)> {
     let rm = keys::promotion(promotion);
     let mut call = protocol::PROJECT.key(&rm);
     call.arg(event.type_name());
@@ -167,14 +176,10 @@ fn add_writes(pipe: &mut redis::Pipeline, promotion: &PromotionId, event: &Event
                 granted_at: rfc3339(&g.granted_at),
             };
             let json = serde_json::to_string(&coupon).unwrap_or_default();
-            pipe.hset(
-                keys::customer_coupons(&customer),
-                promotion.to_string(),
-                json,
-            )
-            .ignore();
+            return Some((keys::customer_coupons(&customer), json));
         }
     }
+    None
 }
 
 fn is_noscript(e: &redis::RedisError) -> bool {
@@ -185,7 +190,7 @@ fn is_noscript(e: &redis::RedisError) -> bool {
 /// models in one round trip, then updates the active index from the phase
 /// the read model reached. Idempotent and order-tolerant; returns that phase
 /// (`None` for an empty batch).
-pub async fn apply<C: ConnectionLike>(
+pub async fn apply<C: ConnectionLike + Clone + Send>(
     con: &mut C,
     promotion: &PromotionId,
     events: &[Event],
@@ -194,9 +199,19 @@ pub async fn apply<C: ConnectionLike>(
         return Ok(None);
     }
     let mut pipe = redis::pipe();
+    let mut coupons = Vec::new();
     for event in events {
-        add_writes(&mut pipe, promotion, event);
+        coupons.extend(add_writes(&mut pipe, promotion, event));
     }
+    // Customer writes first, each on its own (they spread over slots); the
+    // connection multiplexes them, so this costs no round trip per coupon.
+    let id = promotion.to_string();
+    let writes = coupons.iter().map(|(key, json)| {
+        let mut con = con.clone();
+        let cmd = redis::cmd("HSET").arg(key).arg(&id).arg(json).to_owned();
+        async move { cmd.exec_async(&mut con).await }
+    });
+    futures::future::try_join_all(writes).await?;
     let phases: Vec<String> = match pipe.query_async(con).await {
         Ok(p) => p,
         Err(e) if is_noscript(&e) => {
@@ -212,7 +227,6 @@ pub async fn apply<C: ConnectionLike>(
         .last()
         .and_then(|p| Phase::parse(p))
         .ok_or_else(|| ReadModelError::BadData(format!("project answered {phases:?}")))?;
-    let id = promotion.to_string();
     match phase {
         Phase::Active => {
             redis::cmd("SADD")
@@ -278,8 +292,8 @@ pub async fn promotion<C: ConnectionLike>(
 /// The active promotions, sorted by id. The active set is only an index that
 /// may briefly hold a finished promotion (two replicas racing); the phase in
 /// each promotion's hash decides.
-pub async fn active_promotions<C: ConnectionLike>(
-    con: &mut C,
+pub async fn active_promotions(
+    con: &mut RedisConnection,
 ) -> Result<Vec<ActivePromotion>, ReadModelError> {
     let mut ids: Vec<String> = redis::cmd("SMEMBERS")
         .arg(keys::ACTIVE)
@@ -293,11 +307,15 @@ pub async fn active_promotions<C: ConnectionLike>(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let mut pipe = redis::pipe();
-    for id in &ids {
-        pipe.hgetall(keys::promotion(id));
-    }
-    let maps: Vec<HashMap<String, String>> = pipe.query_async(con).await?;
+    let commands = ids
+        .iter()
+        .map(|id| {
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(keys::promotion(id));
+            cmd
+        })
+        .collect();
+    let maps: Vec<HashMap<String, String>> = con.query_each(commands).await?;
     Ok(maps
         .iter()
         .filter_map(view_of)
@@ -405,7 +423,7 @@ pub async fn projection_lag_ms<C: ConnectionLike>(
 
 /// Deletes every read-model key (`seckill:rm:*`) of a standalone server,
 /// SCANning so the server is never blocked; returns how many were deleted.
-pub async fn drop_all_scanned<C: ConnectionLike>(con: &mut C) -> Result<u64, ReadModelError> {
+pub async fn drop_all_scanned(con: &mut RedisConnection) -> Result<u64, ReadModelError> {
     let pattern = format!("{}*", keys::PREFIX);
     let mut cursor: u64 = 0;
     let mut dropped = 0;
@@ -427,17 +445,21 @@ pub async fn drop_all_scanned<C: ConnectionLike>(con: &mut C) -> Result<u64, Rea
 }
 
 /// Deletes the given keys (one command each, so a cluster routes them by slot).
-pub async fn drop_keys<C: ConnectionLike>(
-    con: &mut C,
+pub async fn drop_keys(
+    con: &mut RedisConnection,
     keys_to_drop: &[String],
 ) -> Result<u64, ReadModelError> {
     if keys_to_drop.is_empty() {
         return Ok(0);
     }
-    let mut pipe = redis::pipe();
-    for key in keys_to_drop {
-        pipe.cmd("UNLINK").arg(key);
-    }
-    let counts: Vec<u64> = pipe.query_async(con).await?;
+    let commands = keys_to_drop
+        .iter()
+        .map(|key| {
+            let mut cmd = redis::cmd("UNLINK");
+            cmd.arg(key);
+            cmd
+        })
+        .collect();
+    let counts: Vec<u64> = con.query_each(commands).await?;
     Ok(counts.iter().sum())
 }

@@ -213,6 +213,33 @@ impl RedisConnection {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
     }
+
+    /// Runs commands that each touch their own key, answers in order: one
+    /// pipeline on a standalone Redis; on a cluster, which refuses pipelines
+    /// whose keys cross slots, each command on its own, all at once (the
+    /// connections multiplex them, so this still costs about one round trip
+    /// per node).
+    pub async fn query_each<T: redis::FromRedisValue>(
+        &mut self,
+        commands: Vec<Cmd>,
+    ) -> redis::RedisResult<Vec<T>> {
+        match self {
+            Self::Single(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in commands {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(c).await
+            }
+            Self::Cluster(c) => {
+                let each = commands.into_iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<T>(&mut c).await }
+                });
+                futures::future::try_join_all(each).await
+            }
+        }
+    }
 }
 
 impl ConnectionLike for RedisConnection {

@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 use seckill_workers::protocol::{
-    self, CustomerId, Event, FinishReason, GrabOutcome, PromotionId, PromotionKeys,
-    PromotionSpec, ScheduleResult, EVENT_FIELD,
+    self, CustomerId, Event, FinishReason, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec,
+    ScheduleResult, EVENT_FIELD,
 };
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
@@ -17,7 +17,9 @@ fn server() -> RedisServer {
 }
 
 fn connect(server: &RedisServer) -> RedisConnection {
-    RedisArgs::for_url(server.url()).connect().expect("connection")
+    RedisArgs::for_url(server.url())
+        .connect()
+        .expect("connection")
 }
 
 fn id(name: &str) -> PromotionId {
@@ -35,7 +37,9 @@ fn spec(coupons: u64, open_in_ms: i64, length_ms: i64) -> PromotionSpec {
         discount: 0.8,
         number_of_coupons: coupons,
         publish_time: Utc.timestamp_millis_opt(now + open_in_ms).unwrap(),
-        finish_time: Utc.timestamp_millis_opt(now + open_in_ms + length_ms).unwrap(),
+        finish_time: Utc
+            .timestamp_millis_opt(now + open_in_ms + length_ms)
+            .unwrap(),
     }
 }
 
@@ -78,7 +82,10 @@ async fn schedule_registers_then_is_unchanged_then_updates_before_start() {
     let updated = protocol::schedule(&mut con, &p, &changed).await.unwrap();
     assert_eq!(updated.result, ScheduleResult::Updated);
     assert_eq!(updated.number_of_coupons, Some(20));
-    assert!(events(&mut con, &p).await.is_empty(), "no event before the start");
+    assert!(
+        events(&mut con, &p).await.is_empty(),
+        "no event before the start"
+    );
 }
 
 #[tokio::test]
@@ -109,8 +116,14 @@ async fn schedule_starts_when_due_and_locks_a_changed_spec_after_start() {
             assert_eq!(e.promotion, "shop/now");
             assert_eq!(e.number_of_coupons, 5);
             assert!((e.discount - 0.8).abs() < 1e-12);
-            assert_eq!(e.publish_time.timestamp_millis(), running.publish_time.timestamp_millis());
-            assert_eq!(e.finish_time.timestamp_millis(), running.finish_time.timestamp_millis());
+            assert_eq!(
+                e.publish_time.timestamp_millis(),
+                running.publish_time.timestamp_millis()
+            );
+            assert_eq!(
+                e.finish_time.timestamp_millis(),
+                running.finish_time.timestamp_millis()
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -149,10 +162,18 @@ async fn grab_answers_unknown_and_not_started_without_writing() {
         protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
         GrabOutcome::UnknownPromotion
     );
-    protocol::schedule(&mut con, &p, &spec(3, 30_000, 60_000)).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(3, 30_000, 60_000))
+        .await
+        .unwrap();
     match protocol::grab(&mut con, &p, &customer(1)).await.unwrap() {
-        GrabOutcome::NotStarted { opens_in_ms, publish_time } => {
-            assert!(opens_in_ms > 25_000 && opens_in_ms <= 30_500, "{opens_in_ms}");
+        GrabOutcome::NotStarted {
+            opens_in_ms,
+            publish_time,
+        } => {
+            assert!(
+                opens_in_ms > 25_000 && opens_in_ms <= 30_500,
+                "{opens_in_ms}"
+            );
             assert!(publish_time.ends_with('Z'));
         }
         other => panic!("{other:?}"),
@@ -166,14 +187,25 @@ async fn grab_opens_exactly_at_publish_time_even_without_the_operator_start() {
     let mut con = connect(&s);
     let p = id("lazy-start");
     // Registered before its publish time; nobody calls schedule again.
-    protocol::schedule(&mut con, &p, &spec(3, 300, 60_000)).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(3, 300, 60_000))
+        .await
+        .unwrap();
     assert!(matches!(
         protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
         GrabOutcome::NotStarted { .. }
     ));
     tokio::time::sleep(Duration::from_millis(350)).await;
     let granted = protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
-    assert!(matches!(granted, GrabOutcome::Granted { sold_out: false, .. }), "{granted:?}");
+    assert!(
+        matches!(
+            granted,
+            GrabOutcome::Granted {
+                sold_out: false,
+                ..
+            }
+        ),
+        "{granted:?}"
+    );
     assert_eq!(
         types(&events(&mut con, &p).await),
         ["PromotionStarted", "CouponGrabbed"],
@@ -182,7 +214,10 @@ async fn grab_opens_exactly_at_publish_time_even_without_the_operator_start() {
     // The late operator start appends nothing more.
     let snap = protocol::schedule(&mut con, &p, &spec(3, 300, 60_000)).await;
     assert!(snap.is_ok());
-    assert_eq!(types(&events(&mut con, &p).await), ["PromotionStarted", "CouponGrabbed"]);
+    assert_eq!(
+        types(&events(&mut con, &p).await),
+        ["PromotionStarted", "CouponGrabbed"]
+    );
 }
 
 #[tokio::test]
@@ -190,7 +225,9 @@ async fn grab_grants_once_per_customer_and_retries_get_the_same_coupon() {
     let s = server();
     let mut con = connect(&s);
     let p = id("dedupe");
-    protocol::schedule(&mut con, &p, &spec(3, -1, 60_000)).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(3, -1, 60_000))
+        .await
+        .unwrap();
     let first = match protocol::grab(&mut con, &p, &customer("a")).await.unwrap() {
         GrabOutcome::Granted { coupon, sold_out } => {
             assert!(!sold_out);
@@ -206,7 +243,9 @@ async fn grab_grants_once_per_customer_and_retries_get_the_same_coupon() {
     for _ in 0..3 {
         assert_eq!(
             protocol::grab(&mut con, &p, &customer("a")).await.unwrap(),
-            GrabOutcome::AlreadyGranted { coupon: first.clone() }
+            GrabOutcome::AlreadyGranted {
+                coupon: first.clone()
+            }
         );
     }
     let evs = events(&mut con, &p).await;
@@ -226,10 +265,15 @@ async fn the_last_coupon_sells_out_once_and_later_grabs_are_refused() {
     let s = server();
     let mut con = connect(&s);
     let p = id("two");
-    protocol::schedule(&mut con, &p, &spec(2, -1, 60_000)).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(2, -1, 60_000))
+        .await
+        .unwrap();
     assert!(matches!(
         protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
-        GrabOutcome::Granted { sold_out: false, .. }
+        GrabOutcome::Granted {
+            sold_out: false,
+            ..
+        }
     ));
     assert!(matches!(
         protocol::grab(&mut con, &p, &customer(2)).await.unwrap(),
@@ -247,13 +291,20 @@ async fn the_last_coupon_sells_out_once_and_later_grabs_are_refused() {
         GrabOutcome::AlreadyGranted { .. }
     ));
     // Finishing afterwards changes nothing.
-    let snap = protocol::finish(&mut con, &p, FinishReason::Expired).await.unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
+        .await
+        .unwrap();
     assert_eq!(snap.result, ScheduleResult::AlreadyFinished);
     assert_eq!(snap.finish_reason, Some(FinishReason::SoldOut));
     let evs = events(&mut con, &p).await;
     assert_eq!(
         types(&evs),
-        ["PromotionStarted", "CouponGrabbed", "CouponGrabbed", "PromotionFinished"]
+        [
+            "PromotionStarted",
+            "CouponGrabbed",
+            "CouponGrabbed",
+            "PromotionFinished"
+        ]
     );
     match evs.last() {
         Some(Event::PromotionFinished(f)) => {
@@ -269,7 +320,9 @@ async fn grab_after_the_finish_time_expires_the_promotion_once() {
     let s = server();
     let mut con = connect(&s);
     let p = id("short");
-    protocol::schedule(&mut con, &p, &spec(5, -1, 200)).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(5, -1, 200))
+        .await
+        .unwrap();
     assert!(matches!(
         protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
         GrabOutcome::Granted { .. }
@@ -278,10 +331,14 @@ async fn grab_after_the_finish_time_expires_the_promotion_once() {
     for n in 2..5 {
         assert_eq!(
             protocol::grab(&mut con, &p, &customer(n)).await.unwrap(),
-            GrabOutcome::Finished { reason: FinishReason::Expired }
+            GrabOutcome::Finished {
+                reason: FinishReason::Expired
+            }
         );
     }
-    let snap = protocol::finish(&mut con, &p, FinishReason::Expired).await.unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
+        .await
+        .unwrap();
     assert_eq!(snap.result, ScheduleResult::AlreadyFinished);
     let evs = events(&mut con, &p).await;
     assert_eq!(
@@ -295,8 +352,12 @@ async fn finish_expired_is_refused_before_the_finish_time_by_redis_clock() {
     let s = server();
     let mut con = connect(&s);
     let p = id("not-due");
-    protocol::schedule(&mut con, &p, &spec(5, -1, 60_000)).await.unwrap();
-    let snap = protocol::finish(&mut con, &p, FinishReason::Expired).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(5, -1, 60_000))
+        .await
+        .unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
+        .await
+        .unwrap();
     assert_eq!(snap.result, ScheduleResult::NotDue);
     assert_eq!(snap.phase.as_deref(), Some("Active"));
     assert_eq!(types(&events(&mut con, &p).await), ["PromotionStarted"]);
@@ -308,12 +369,17 @@ async fn finish_appends_finished_once_under_concurrent_calls() {
     let con = connect(&s);
     let p = id("concurrent-finish");
     let mut c = con.clone();
-    protocol::schedule(&mut c, &p, &spec(5, -1, 60_000)).await.unwrap();
+    protocol::schedule(&mut c, &p, &spec(5, -1, 60_000))
+        .await
+        .unwrap();
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let (mut con, p) = (con.clone(), p.clone());
         tasks.push(tokio::spawn(async move {
-            protocol::finish(&mut con, &p, FinishReason::Deleted).await.unwrap().result
+            protocol::finish(&mut con, &p, FinishReason::Deleted)
+                .await
+                .unwrap()
+                .result
         }));
     }
     let mut finished = 0;
@@ -327,7 +393,9 @@ async fn finish_appends_finished_once_under_concurrent_calls() {
     assert_eq!(types(&evs), ["PromotionStarted", "PromotionFinished"]);
     assert_eq!(
         protocol::grab(&mut c, &p, &customer(1)).await.unwrap(),
-        GrabOutcome::Finished { reason: FinishReason::Deleted }
+        GrabOutcome::Finished {
+            reason: FinishReason::Deleted
+        }
     );
 }
 
@@ -341,18 +409,25 @@ async fn finish_of_a_window_that_passed_unstarted_starts_then_finishes() {
     let keys = PromotionKeys::new(&p);
     // Register without starting: schedule would start it, so write the spec
     // with a future window first, then move the window into the past.
-    protocol::schedule(&mut con, &p, &spec(5, 60_000, 1_000)).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(5, 60_000, 1_000))
+        .await
+        .unwrap();
     let _: () = con
         .hset_multiple(
             &keys.state,
             &[
-                ("publish_ms", past.publish_time.timestamp_millis().to_string()),
+                (
+                    "publish_ms",
+                    past.publish_time.timestamp_millis().to_string(),
+                ),
                 ("finish_ms", past.finish_time.timestamp_millis().to_string()),
             ],
         )
         .await
         .unwrap();
-    let snap = protocol::finish(&mut con, &p, FinishReason::Expired).await.unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
+        .await
+        .unwrap();
     assert_eq!(snap.result, ScheduleResult::Finished);
     assert_eq!(snap.finish_reason, Some(FinishReason::Expired));
     assert_eq!(
@@ -366,13 +441,19 @@ async fn deleting_before_the_publish_time_finishes_without_a_start() {
     let s = server();
     let mut con = connect(&s);
     let p = id("cancelled");
-    protocol::schedule(&mut con, &p, &spec(5, 60_000, 60_000)).await.unwrap();
-    let snap = protocol::finish(&mut con, &p, FinishReason::Deleted).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(5, 60_000, 60_000))
+        .await
+        .unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Deleted)
+        .await
+        .unwrap();
     assert_eq!(snap.result, ScheduleResult::Finished);
     assert!(!snap.started);
     assert_eq!(types(&events(&mut con, &p).await), ["PromotionFinished"]);
     // A later schedule of the same spec neither restarts nor reopens it.
-    let again = protocol::schedule(&mut con, &p, &spec(5, -1, 60_000)).await.unwrap();
+    let again = protocol::schedule(&mut con, &p, &spec(5, -1, 60_000))
+        .await
+        .unwrap();
     assert_eq!(again.phase.as_deref(), Some("Finished"));
     assert_eq!(types(&events(&mut con, &p).await), ["PromotionFinished"]);
 }
@@ -382,7 +463,9 @@ async fn finish_and_snapshot_of_an_unknown_promotion_write_nothing() {
     let s = server();
     let mut con = connect(&s);
     let p = id("ghost");
-    let snap = protocol::finish(&mut con, &p, FinishReason::Deleted).await.unwrap();
+    let snap = protocol::finish(&mut con, &p, FinishReason::Deleted)
+        .await
+        .unwrap();
     assert_eq!(snap.result, ScheduleResult::Unknown);
     assert!(!snap.exists);
     let snap = protocol::snapshot(&mut con, &p).await.unwrap();
@@ -396,7 +479,9 @@ async fn snapshot_reports_state_and_redis_clock() {
     let s = server();
     let mut con = connect(&s);
     let p = id("snap");
-    protocol::schedule(&mut con, &p, &spec(4, -1, 60_000)).await.unwrap();
+    protocol::schedule(&mut con, &p, &spec(4, -1, 60_000))
+        .await
+        .unwrap();
     protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
     let snap = protocol::snapshot(&mut con, &p).await.unwrap();
     assert_eq!(snap.result, ScheduleResult::Snapshot);
@@ -416,7 +501,10 @@ async fn lua_timestamps_match_chrono_rfc3339_across_centuries() {
     let mut ms: i64 = 0;
     let mut samples = vec![0, 951_782_400_000, 1_709_164_800_999, 4_107_542_399_999];
     for _ in 0..300 {
-        ms = (ms.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407)).abs()
+        ms = (ms
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407))
+        .abs()
             % 4_102_444_800_000;
         samples.push(ms);
     }
@@ -435,7 +523,9 @@ async fn race_of_5000_customers_for_1000_coupons_grants_exactly_1000() {
     let s = server();
     let p = id("race");
     let mut admin = connect(&s);
-    protocol::schedule(&mut admin, &p, &spec(1_000, -1, 600_000)).await.unwrap();
+    protocol::schedule(&mut admin, &p, &spec(1_000, -1, 600_000))
+        .await
+        .unwrap();
     // Many tasks over several independent connections; each customer asks
     // once and a third of them retry.
     let connections: Vec<RedisConnection> = (0..8).map(|_| connect(&s)).collect();
@@ -461,7 +551,10 @@ async fn race_of_5000_customers_for_1000_coupons_grants_exactly_1000() {
         for (c, outcome) in t.await.unwrap() {
             match outcome {
                 GrabOutcome::Granted { coupon, .. } => {
-                    assert!(granted.insert(c.to_string(), coupon.coupon_id).is_none(), "{c} twice");
+                    assert!(
+                        granted.insert(c.to_string(), coupon.coupon_id).is_none(),
+                        "{c} twice"
+                    );
                 }
                 GrabOutcome::AlreadyGranted { coupon } => {
                     assert_eq!(granted.get(c.as_str()), Some(&coupon.coupon_id));
@@ -482,7 +575,11 @@ async fn race_of_5000_customers_for_1000_coupons_grants_exactly_1000() {
     for e in &evs[1..1_001] {
         match e {
             Event::CouponGrabbed(g) => {
-                assert!(customers.insert(g.customer_id.clone()), "{} twice in stream", g.customer_id);
+                assert!(
+                    customers.insert(g.customer_id.clone()),
+                    "{} twice in stream",
+                    g.customer_id
+                );
                 assert!(coupons.insert(g.coupon_id.clone()));
                 assert_eq!(granted.get(&g.customer_id), Some(&g.coupon_id));
             }

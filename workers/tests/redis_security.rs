@@ -52,7 +52,10 @@ async fn password_is_required_and_accepted_from_the_flag() {
         redis_password: Some("s3cret".into()),
         ..RedisArgs::for_url(&plain)
     };
-    assert!(matches!(grab_once(&right).await, Ok(GrabOutcome::Granted { .. })));
+    assert!(matches!(
+        grab_once(&right).await,
+        Ok(GrabOutcome::Granted { .. })
+    ));
     // The password in the URL works too.
     assert!(matches!(
         grab_once(&RedisArgs::for_url(server.url())).await,
@@ -67,7 +70,14 @@ async fn acl_user_limited_to_seckill_keys_can_run_every_script() {
     let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("ACL")
         .arg(&[
-            "SETUSER", "seckill", "on", ">worker-pw", "~seckill:*", "&*", "+@all", "-@dangerous",
+            "SETUSER",
+            "seckill",
+            "on",
+            ">worker-pw",
+            "~seckill:*",
+            "&*",
+            "+@all",
+            "-@dangerous",
             "+info",
         ])
         .query_async(&mut admin)
@@ -84,7 +94,10 @@ async fn acl_user_limited_to_seckill_keys_can_run_every_script() {
         redis_password: Some("worker-pw".into()),
         ..RedisArgs::for_url(&url)
     };
-    assert!(matches!(grab_once(&user).await, Ok(GrabOutcome::Granted { .. })));
+    assert!(matches!(
+        grab_once(&user).await,
+        Ok(GrabOutcome::Granted { .. })
+    ));
     let mut con = user.connect().unwrap();
     let id = PromotionId::parse("sec/sale").unwrap();
     let snap = protocol::finish(&mut con, &id, protocol::FinishReason::Deleted)
@@ -113,18 +126,68 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA and a server certificate for 127.0.0.1 signed by it.
 fn certificates(dir: &Path) -> TlsFiles {
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", "/CN=seckill test CA", "-keyout", "ca.key", "-out", "ca.crt",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
-    openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
-        "-keyout", "server.key", "-out", "server.csr"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=seckill test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
     std::fs::write(
         dir.join("ext.cnf"),
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
     )
     .unwrap();
-    openssl(dir, &["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-out", "server.crt", "-extfile", "ext.cnf"]);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.crt",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
     TlsFiles {
         cert: dir.join("server.crt"),
         key: dir.join("server.key"),
@@ -148,7 +211,10 @@ async fn tls_with_the_generated_ca_works_and_an_unknown_ca_is_refused() {
         redis_ca_cert: Some(tls.ca.clone()),
         ..RedisArgs::for_url(server.url())
     };
-    assert!(matches!(grab_once(&trusted).await, Ok(GrabOutcome::Granted { .. })));
+    assert!(matches!(
+        grab_once(&trusted).await,
+        Ok(GrabOutcome::Granted { .. })
+    ));
 
     // The system trust store does not know the test CA.
     let untrusted = RedisArgs::for_url(server.url());

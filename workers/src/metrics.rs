@@ -1,0 +1,234 @@
+//! Prometheus metrics of a worker, exposed in the OpenMetrics text format at
+//! `/metrics`. One [`MetricsRegistry`] per process: the HTTP layer, the Redis
+//! callers and every role (query, projector, ...) register into the same one,
+//! so a single scrape shows all of them.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Metric, Registry};
+
+/// Prefix of every metric name of seckill.
+pub const PREFIX: &str = "seckill";
+
+/// A cheap-to-clone handle to the process' metric registry.
+///
+/// Registration takes a write lock and happens at startup; encoding takes a
+/// read lock for the length of a scrape. Recording a value never touches the
+/// lock: metrics are shared atomics held by whoever registered them.
+#[derive(Clone, Debug)]
+pub struct MetricsRegistry {
+    registry: Arc<RwLock<Registry>>,
+}
+
+impl Default for MetricsRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MetricsRegistry {
+    /// An empty registry whose metric names start with `seckill_`.
+    pub fn new() -> Self {
+        Self {
+            registry: Arc::new(RwLock::new(Registry::with_prefix(PREFIX))),
+        }
+    }
+
+    /// Registers `metric` under `seckill_<name>`; keep a clone of the metric
+    /// to record into it.
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        // A poisoned lock only means another registration panicked; the
+        // registry itself is still consistent.
+        let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        registry.register(name, help, metric);
+    }
+
+    /// Gives direct access to the underlying registry, for sub-registries,
+    /// units or collectors.
+    pub fn with_registry<T>(&self, f: impl FnOnce(&mut Registry) -> T) -> T {
+        let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut registry)
+    }
+
+    /// The OpenMetrics text exposition of every registered metric.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        let mut text = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut text, &registry)?;
+        Ok(text)
+    }
+}
+
+/// Labels of one HTTP request: the route template it matched (or
+/// `unmatched`), its status code and its outcome (the error code of the
+/// envelope, or what the handler says it did, e.g. `granted`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status: u16,
+    pub outcome: &'static str,
+}
+
+/// Labels of the latency histogram: the route template only, so that the
+/// number of series stays small.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+}
+
+/// HTTP request counts and latencies, recorded by [`crate::http::serve`].
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s: a grab is one Redis round trip, well under 1 ms on a
+    // quiet loopback, but a slow Redis must still show up in the tail.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+impl HttpMetrics {
+    /// Creates the HTTP metrics and registers them into `registry`. Call once
+    /// per registry (the server of `seckill up` shares one for every API).
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency =
+            Family::<RouteLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route template, status and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from the request head to the response, by route template",
+            latency.clone(),
+        );
+        Self { requests, latency }
+    }
+
+    /// Counts one answered request and records how long it took.
+    pub fn observe(&self, route: &'static str, status: u16, outcome: &'static str, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route,
+                status,
+                outcome,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels { route })
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// Labels of a failed Redis call: what was attempted and how it failed
+/// (`timeout`, `connection`, `reply`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisErrorLabels {
+    pub operation: &'static str,
+    pub kind: &'static str,
+}
+
+/// Redis calls that failed, by operation and kind.
+#[derive(Clone, Debug)]
+pub struct RedisMetrics {
+    errors: Family<RedisErrorLabels, Counter>,
+}
+
+impl RedisMetrics {
+    /// Creates the Redis error counter and registers it; call once per registry.
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let errors = Family::<RedisErrorLabels, Counter>::default();
+        registry.register(
+            "redis_errors",
+            "Redis calls that failed, by operation and kind (timeout, connection, reply)",
+            errors.clone(),
+        );
+        Self { errors }
+    }
+
+    pub fn error(&self, operation: &'static str, kind: &'static str) {
+        self.errors
+            .get_or_create(&RedisErrorLabels { operation, kind })
+            .inc();
+    }
+}
+
+/// The metrics every worker process has, registered once: the registry the
+/// roles add theirs to, plus the HTTP and Redis metrics.
+#[derive(Clone, Debug)]
+pub struct WorkerMetrics {
+    pub registry: MetricsRegistry,
+    pub http: HttpMetrics,
+    pub redis: RedisMetrics,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WorkerMetrics {
+    pub fn new() -> Self {
+        let registry = MetricsRegistry::new();
+        let http = HttpMetrics::register(&registry);
+        let redis = RedisMetrics::register(&registry);
+        Self {
+            registry,
+            http,
+            redis,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_lists_requests_latency_and_redis_errors() {
+        let m = WorkerMetrics::new();
+        m.http
+            .observe("/healthz", 200, "ok", Duration::from_micros(300));
+        m.redis.error("grab", "timeout");
+        let text = m.registry.encode().unwrap();
+        assert!(
+            text.contains(
+                r#"seckill_http_requests_total{route="/healthz",status="200",outcome="ok"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("seckill_http_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"seckill_redis_errors_total{operation="grab",kind="timeout"} 1"#),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn roles_can_add_their_own_metrics_to_the_same_registry() {
+        let m = WorkerMetrics::new();
+        let c: Counter = Counter::default();
+        m.registry
+            .register("projector_events_applied", "events", c.clone());
+        c.inc_by(3);
+        assert!(m
+            .registry
+            .encode()
+            .unwrap()
+            .contains("seckill_projector_events_applied_total 3"));
+    }
+}
