@@ -28,7 +28,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use redis::aio::ConnectionLike;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
 use redis::Value;
@@ -100,6 +100,12 @@ pub enum ProjectorError {
     Http(#[from] http::HttpError),
 }
 
+/// Bucket bounds of `projector_lag_seconds`, in seconds.
+pub const LAG_BUCKETS: [f64; 18] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
+];
+
 /// Labels by event type.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventTypeLabels {
@@ -127,8 +133,9 @@ impl ProjectorMetrics {
     pub fn register(registry: &MetricsRegistry) -> Self {
         let m = Self {
             applied: Family::default(),
-            // 1 ms .. ~65 s from XADD to applied.
-            lag: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            // XADD to applied; fine around the 250 ms lag target so that a
+            // p99 can be read off the buckets.
+            lag: Histogram::new(LAG_BUCKETS.iter().copied()),
             pending: Gauge::default(),
             reclaimed: Counter::default(),
             decode_failures: Family::default(),

@@ -130,18 +130,10 @@ pub fn check(event: &Event) -> Result<(), ProjectionError> {
     Ok(())
 }
 
-/// Adds to `pipe` the writes of `event` into the read model of `promotion`:
-/// one `project` script call (its phase answer is kept) and, for a grab, the
-/// customer's coupon (ignored answer). Events must have passed [`check`].
-/// Adds the promotion read-model script for `event` to `pipe` (every call
-/// in it touches one key, so one cluster slot) and returns the customer's
-/// coupon write, which lives under the customer's own hash tag and so is sent
-/// on its own (a cluster refuses pipelines that cross slots).
-fn add_writes(
-    pipe: &mut redis::Pipeline,
-    promotion: &PromotionId,
-    event: &Event,
-) -> Option<(String, String)> {
+/// Adds to `pipe` the `project` script call of `event` on the promotion's
+/// read model (one key, so one cluster slot); its phase answer is kept.
+/// Events must have passed [`check`].
+fn add_projection(pipe: &mut redis::Pipeline, promotion: &PromotionId, event: &Event) {
     let rm = keys::promotion(promotion);
     let mut call = protocol::PROJECT.key(&rm);
     call.arg(event.type_name());
@@ -167,19 +159,27 @@ fn add_writes(
         }
     }
     pipe.invoke_script(&call);
-    if let Event::CouponGrabbed(g) = event {
-        if let Ok(customer) = CustomerId::parse(&g.customer_id) {
-            let coupon = CustomerCoupon {
-                coupon_id: g.coupon_id.clone(),
-                promotion: promotion.to_string(),
-                discount: g.discount,
-                granted_at: rfc3339(&g.granted_at),
-            };
-            let json = serde_json::to_string(&coupon).unwrap_or_default();
-            return Some((keys::customer_coupons(&customer), json));
-        }
-    }
-    None
+}
+
+/// The customer's coupon write of a grab: `HSET <customer key> <promotion>
+/// <coupon JSON>`, under the customer's own hash tag.
+fn coupon_write(promotion: &PromotionId, event: &Event) -> Option<redis::Cmd> {
+    let Event::CouponGrabbed(g) = event else {
+        return None;
+    };
+    let customer = CustomerId::parse(&g.customer_id).ok()?;
+    let coupon = CustomerCoupon {
+        coupon_id: g.coupon_id.clone(),
+        promotion: promotion.to_string(),
+        discount: g.discount,
+        granted_at: rfc3339(&g.granted_at),
+    };
+    let json = serde_json::to_string(&coupon).ok()?;
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(keys::customer_coupons(&customer))
+        .arg(promotion.to_string())
+        .arg(json);
+    Some(cmd)
 }
 
 fn is_noscript(e: &redis::RedisError) -> bool {
@@ -190,28 +190,43 @@ fn is_noscript(e: &redis::RedisError) -> bool {
 /// models in one round trip, then updates the active index from the phase
 /// the read model reached. Idempotent and order-tolerant; returns that phase
 /// (`None` for an empty batch).
-pub async fn apply<C: ConnectionLike + Clone + Send>(
-    con: &mut C,
+pub async fn apply(
+    con: &mut RedisConnection,
     promotion: &PromotionId,
     events: &[Event],
 ) -> Result<Option<Phase>, ReadModelError> {
     if events.is_empty() {
         return Ok(None);
     }
-    let mut pipe = redis::pipe();
-    let mut coupons = Vec::new();
-    for event in events {
-        coupons.extend(add_writes(&mut pipe, promotion, event));
+    // Customer writes first: one per grab, under each customer's hash tag
+    // (pipelined on a standalone Redis, one by one on a cluster).
+    let coupons: Vec<redis::Cmd> = events
+        .iter()
+        .filter_map(|e| coupon_write(promotion, e))
+        .collect();
+    if !coupons.is_empty() {
+        let _: Vec<redis::Value> = con.query_each(coupons).await?;
     }
-    // Customer writes first, each on its own (they spread over slots); the
-    // connection multiplexes them, so this costs no round trip per coupon.
+    // The promotion's read model: granted is the highest coupon number seen,
+    // so of a batch's grabs only the highest needs the script; a start and a
+    // finish are applied as they are. The result equals applying them all.
+    let highest_grab = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CouponGrabbed(g) => coupon_sequence(&g.coupon_id).map(|n| (n, e)),
+            _ => None,
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, e)| e);
+    let mut pipe = redis::pipe();
+    for event in events
+        .iter()
+        .filter(|e| !matches!(e, Event::CouponGrabbed(_)))
+        .chain(highest_grab)
+    {
+        add_projection(&mut pipe, promotion, event);
+    }
     let id = promotion.to_string();
-    let writes = coupons.iter().map(|(key, json)| {
-        let mut con = con.clone();
-        let cmd = redis::cmd("HSET").arg(key).arg(&id).arg(json).to_owned();
-        async move { cmd.exec_async(&mut con).await }
-    });
-    futures::future::try_join_all(writes).await?;
     let phases: Vec<String> = match pipe.query_async(con).await {
         Ok(p) => p,
         Err(e) if is_noscript(&e) => {
