@@ -35,7 +35,10 @@ impl LeaseConfig {
 
 /// Runs `work` while we hold the Lease, dropping it (which stops it) when
 /// the Lease is lost and starting it again when regained, until `shutdown`
-/// resolves; the Lease is then released so a standby takes over at once.
+/// resolves; the Lease is then released, so a standby takes it at its next
+/// look (kube-lease-manager looks when the last renewal it saw would have
+/// expired) without first waiting out the expiry and forcing a release.
+/// A holder notices a lost Lease at its next renewal.
 /// Returns early only if `work` fails or the Lease watcher ends.
 pub async fn run_as_leader<W, Fut>(
     client: Client,
