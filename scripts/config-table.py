@@ -2,8 +2,9 @@
 """Generates README.md's configuration table from the binaries' --help, so the
 table cannot drift from the code. `--check` fails when README.md is stale.
 
-Usage: scripts/config-table.py [--check] [TARGET_DIR]   (default target/debug)
+Usage: scripts/config-table.py [--check] [BIN_DIR]   (default $CARGO_TARGET_DIR/debug, else target/debug)
 """
+import os
 import re
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def table(target):
 def main():
     check = "--check" in sys.argv
     rest = [a for a in sys.argv[1:] if a != "--check"]
-    target = Path(rest[0]) if rest else ROOT / "target" / "debug"
+    default = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug"
+    target = Path(rest[0]) if rest else default
     readme = (ROOT / "README.md").read_text()
     head, tail = readme.split(BEGIN, 1)
     _, tail = tail.split(END, 1)
