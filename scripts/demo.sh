@@ -14,6 +14,7 @@ OPENS_IN=${OPENS_IN:-5}
 echo "==> building (release)"
 cargo build --release --quiet -p seckill-operator --bin seckill
 
+bin="${CARGO_TARGET_DIR:-target}/release"
 work=$(mktemp -d -t seckill-demo-XXXXXX)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 publish=$(date -u -d "+${OPENS_IN} seconds" +%Y-%m-%dT%H:%M:%SZ)
@@ -42,7 +43,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "==> seckill up -f examples/ -f $work/flash-sale.yaml --listen 127.0.0.1:$port (log: $work/up.log)"
-./target/release/seckill up -f examples/ -f "$work/flash-sale.yaml" --listen "127.0.0.1:$port" >"$work/up.log" 2>&1 &
+"$bin/seckill" up -f examples/ -f "$work/flash-sale.yaml" --listen "127.0.0.1:$port" >"$work/up.log" 2>&1 &
 up_pid=$!
 for _ in $(seq 1 100); do
   curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
@@ -54,7 +55,7 @@ echo "==> active promotions: $(curl -fsS "http://127.0.0.1:$port/api/v1/promotio
 
 echo "==> seckill load: $CUSTOMERS customers (10% retry) for $COUPONS coupons of demo/flash-sale, opening at $publish"
 status=0
-./target/release/seckill load --target "http://127.0.0.1:$port" --promotion demo/flash-sale \
+"$bin/seckill" load --target "http://127.0.0.1:$port" --promotion demo/flash-sale \
   --customers "$CUSTOMERS" --concurrency 64 --repeat-ratio 0.1 --duration 60s || status=$?
 
 echo "==> demo/flash-sale as the query API reports it:"

@@ -46,7 +46,7 @@ trap cleanup EXIT INT TERM
 echo "api-test: building seckill-worker and the fixture"
 cargo build -q -p seckill-workers --bin seckill-worker
 cargo test -q -p seckill-workers --test openapi_routes --no-run 2>/dev/null
-worker=target/debug/seckill-worker
+worker="${CARGO_TARGET_DIR:-target}/debug/seckill-worker"
 
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
