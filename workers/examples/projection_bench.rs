@@ -64,30 +64,68 @@ async fn reset(con: &mut RedisConnection, stream: &str) -> Result<(), Error> {
         .query_async(con)
         .await?;
     // Drop the read models, so the next projectors start from nothing.
-    let keys: Vec<String> = {
-        let mut out = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!(
-                    "{}*",
-                    seckill_workers::protocol::read_model::PREFIX
-                ))
-                .arg("COUNT")
-                .arg(10_000)
-                .query_async(con)
-                .await?;
-            out.extend(page);
-            if next == 0 {
-                break out;
-            }
-            cursor = next;
-        }
-    };
-    read_model::drop_keys(con, &keys).await?;
+    read_model::drop_all_scanned(con).await?;
     Ok(())
+}
+
+/// CPU seconds used so far by this process and by the Redis server: where
+/// the time of each phase went, on a machine where both share the cores.
+async fn cpu_seconds(con: &mut RedisConnection) -> Result<(f64, f64), Error> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of /proc/[pid]/stat (here 11, 12).
+    let client = (ticks(11) + ticks(12)) / 100.0;
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(con).await?;
+    let server: f64 = info
+        .lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| {
+            l.split_once(':')
+                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+        })
+        .sum();
+    Ok((client, server))
+}
+
+/// A phase's wall time and CPU use (client, Redis), in seconds.
+struct Phase {
+    secs: f64,
+    client_cpu: f64,
+    redis_cpu: f64,
+}
+
+impl Phase {
+    async fn start(con: &mut RedisConnection) -> Result<(Instant, (f64, f64)), Error> {
+        Ok((Instant::now(), cpu_seconds(con).await?))
+    }
+
+    async fn end(con: &mut RedisConnection, start: (Instant, (f64, f64))) -> Result<Self, Error> {
+        let secs = start.0.elapsed().as_secs_f64();
+        let (c, r) = cpu_seconds(con).await?;
+        Ok(Self {
+            secs,
+            client_cpu: c - start.1 .0,
+            redis_cpu: r - start.1 .1,
+        })
+    }
+
+    fn json(&self, events: f64) -> serde_json::Value {
+        serde_json::json!({
+            "secs": self.secs,
+            "eventsPerSec": events / self.secs.max(1e-9),
+            "clientCpuMicrosPerEvent": self.client_cpu * 1e6 / events.max(1.0),
+            "redisCpuMicrosPerEvent": self.redis_cpu * 1e6 / events.max(1.0),
+        })
+    }
 }
 
 async fn project(con: &RedisConnection, replicas: usize) -> Result<usize, Error> {
@@ -130,7 +168,7 @@ async fn main() -> Result<(), Error> {
     let promotion = id.to_string();
     let now = Utc::now();
 
-    let t = Instant::now();
+    let t = std::time::Instant::now();
     let mut batch = vec![Event::PromotionStarted(PromotionStarted {
         promotion: promotion.clone(),
         discount: 0.8,
@@ -167,58 +205,77 @@ async fn main() -> Result<(), Error> {
     let events = n + 2;
     let generate_secs = t.elapsed().as_secs_f64();
 
-    // Raw read: XRANGE pages of 1,000, no decoding.
-    let t = Instant::now();
+    // Raw read: XRANGE pages as large as the rebuild's, answers parsed into
+    // redis values and nothing more (no decoding): the ceiling.
+    let page = projector::REBUILD_PAGE;
+    let started = Phase::start(&mut con).await?;
     let mut read = 0u64;
     let mut from = "-".to_owned();
     loop {
-        let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        let answer: redis::Value = redis::cmd("XRANGE")
             .arg(&stream)
             .arg(&from)
             .arg("+")
             .arg("COUNT")
-            .arg(1_000)
+            .arg(page)
             .query_async(&mut con)
             .await?;
-        let Some(last) = page.ids.last() else { break };
-        read += page.ids.len() as u64;
-        from = format!("({}", last.id);
+        let redis::Value::Array(entries) = answer else {
+            return Err("XRANGE answered something else than an array".into());
+        };
+        let last_id = match entries.last() {
+            Some(redis::Value::Array(pair)) => match pair.first() {
+                Some(redis::Value::BulkString(id)) => String::from_utf8(id.clone())?,
+                _ => return Err("XRANGE entry without an id".into()),
+            },
+            Some(_) => return Err("XRANGE entry is not an array".into()),
+            None => break,
+        };
+        read += entries.len() as u64;
+        from = format!("({last_id}");
     }
-    let xrange_secs = t.elapsed().as_secs_f64();
+    let xrange = Phase::end(&mut con, started).await?;
     if read != events {
         return Err(format!("XRANGE read {read} of {events} entries").into());
     }
 
-    let t = Instant::now();
+    let started = Phase::start(&mut con).await?;
     let applied_one = project(&con, 1).await?;
-    let one_secs = t.elapsed().as_secs_f64();
+    let one = Phase::end(&mut con, started).await?;
     check(&mut con, &id, n).await?;
 
     reset(&mut con, &stream).await?;
-    let t = Instant::now();
+    let started = Phase::start(&mut con).await?;
     let applied_two = project(&con, 2).await?;
-    let two_secs = t.elapsed().as_secs_f64();
+    let two = Phase::end(&mut con, started).await?;
     check(&mut con, &id, n).await?;
 
-    let t = Instant::now();
-    let rebuilt = projector::rebuild(&mut con, &ProjectorMetrics::unregistered(), 1_000).await?;
-    let rebuild_secs = t.elapsed().as_secs_f64();
+    let started = Phase::start(&mut con).await?;
+    let rebuilt = projector::rebuild(&mut con, &ProjectorMetrics::unregistered(), page).await?;
+    let rebuild = Phase::end(&mut con, started).await?;
     check(&mut con, &id, n).await?;
 
-    let rate = |count: f64, secs: f64| count / secs.max(1e-9);
-    let xrange = rate(read as f64, xrange_secs);
-    let one = rate(applied_one as f64, one_secs);
-    let two = rate(applied_two as f64, two_secs);
-    let rebuild = rate(rebuilt.applied as f64, rebuild_secs);
+    let rate = |count: f64, phase: &Phase| count / phase.secs.max(1e-9);
+    let xrange_rate = rate(read as f64, &xrange);
+    let one_rate = rate(applied_one as f64, &one);
+    let two_rate = rate(applied_two as f64, &two);
+    let rebuild_rate = rate(rebuilt.applied as f64, &rebuild);
+    let with = |mut v: serde_json::Value, extra: serde_json::Value| {
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        v
+    };
     println!(
         "{}",
         serde_json::json!({
             "events": events,
+            "page": page,
             "generateSecs": generate_secs,
-            "xrangeEventsPerSec": xrange,
-            "oneProjector": { "applied": applied_one, "secs": one_secs, "eventsPerSec": one, "ratioToXrange": one / xrange },
-            "twoProjectors": { "applied": applied_two, "secs": two_secs, "eventsPerSec": two, "ratioToXrange": two / xrange, "ratioToOne": two / one },
-            "rebuild": { "applied": rebuilt.applied, "secs": rebuild_secs, "eventsPerSec": rebuild, "ratioToTarget100k": rebuild / 100_000.0 },
+            "xrange": xrange.json(read as f64),
+            "oneProjector": with(one.json(applied_one as f64), serde_json::json!({ "applied": applied_one, "ratioToXrange": one_rate / xrange_rate })),
+            "twoProjectors": with(two.json(applied_two as f64), serde_json::json!({ "applied": applied_two, "ratioToXrange": two_rate / xrange_rate, "ratioToOne": two_rate / one_rate })),
+            "rebuild": with(rebuild.json(rebuilt.applied as f64), serde_json::json!({ "applied": rebuilt.applied, "ratioToXrange": rebuild_rate / xrange_rate, "ratioToTarget100k": rebuild_rate / 100_000.0 })),
         })
     );
     Ok(())

@@ -15,6 +15,14 @@
 //! the group's pending list, visible (XPENDING) until a projector that knows
 //! it is deployed. It never stops the projector.
 //!
+//! Throughput (see docs/bench-read-side.md): a step reads the next batch of
+//! every stream (XREADGROUP) while it decodes and applies the current one, so
+//! Redis and this process work at the same time; a batch's writes are one
+//! round trip, its XACK and the progress report another; stream replies are
+//! read as raw values (no per-entry field map) and events decoded without a
+//! JSON tree. Discovery, XPENDING and the Redis clock are refreshed once a
+//! second, XAUTOCLAIM every quarter of `--claim-idle-ms`, not every step.
+//!
 //! `--rebuild` drops every read-model key and replays all streams from the
 //! start with XRANGE (leaving the consumer groups alone, so live replicas may
 //! keep running: what they apply meanwhile is idempotent), then exits.
@@ -24,13 +32,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, TryStreamExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use redis::aio::ConnectionLike;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
+use redis::streams::{StreamId, StreamRangeReply};
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +49,7 @@ use crate::protocol::{
     self, DecodeError, Event, PromotionId, PromotionKeys, EVENT_FIELD, PROJECTOR_GROUP,
     PROMOTION_INDEX_KEY,
 };
-use crate::read_model::{self, ProjectionError, ReadModelError};
+use crate::read_model::{self, Phase, ProjectionError, ReadModelError};
 use crate::redis_connection::{RedisArgs, RedisConnection, RedisSetupError};
 
 /// Flags of `seckill-worker projector`.
@@ -234,6 +243,11 @@ struct StreamCursor {
     /// XAUTOCLAIM cursor, so that entries left pending on purpose
     /// (undecodable) do not hide the ones behind them.
     claim_from: String,
+    /// The phase this replica last wrote into the active index for this
+    /// promotion; the index is written again only when the phase the read
+    /// model answers differs (phases only rise, so that is at most twice per
+    /// promotion and process, not once per batch).
+    indexed: Option<Phase>,
 }
 
 /// What one [`Projector::step`] did.
@@ -250,6 +264,26 @@ pub struct StepReport {
     pub claimed: usize,
 }
 
+/// One stream entry as projectors need it: its id and the raw bytes of its
+/// event field (`None` when it has none, or was deleted while pending).
+/// Read straight from the Redis answer, without building a field map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawEntry {
+    pub id: String,
+    pub event: Option<Vec<u8>>,
+}
+
+/// The entries read from one stream, for one promotion.
+type Batch = (PromotionId, Vec<RawEntry>);
+
+/// XREADGROUP of the next batch of every stream, started while the previous
+/// batch is applied so that Redis reads while this process decodes.
+struct ReadAhead {
+    /// Promotions in the order of the answers.
+    ids: Vec<PromotionId>,
+    answers: redis::RedisResult<Vec<Value>>,
+}
+
 /// One projector replica.
 pub struct Projector {
     con: RedisConnection,
@@ -261,6 +295,10 @@ pub struct Projector {
     last_discovery: Option<Instant>,
     last_claim: Option<Instant>,
     last_progress: Option<Instant>,
+    /// Redis' clock minus this host's, in ms, measured at each discovery:
+    /// lags are on Redis' clock without a TIME round trip per step.
+    clock_offset_ms: i64,
+    read_ahead: Option<ReadAhead>,
     ready: Arc<AtomicBool>,
 }
 
@@ -269,13 +307,132 @@ fn entry_ms(id: &str) -> Option<i64> {
     id.split_once('-').map_or(id, |(ms, _)| ms).parse().ok()
 }
 
-/// Decodes one entry as the projector needs it.
-fn decode_entry(entry: &StreamId) -> Result<Event, SkipReason> {
-    let event = match entry.map.get(EVENT_FIELD) {
-        Some(Value::BulkString(bytes)) => Event::decode(bytes).map_err(SkipReason::Decode)?,
-        Some(Value::SimpleString(s)) => Event::decode(s.as_bytes()).map_err(SkipReason::Decode)?,
-        _ => return Err(SkipReason::Decode(DecodeError::MissingField)),
+/// This host's clock, epoch ms.
+fn local_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn unexpected(what: &'static str, value: &Value) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        what,
+        format!("{value:?}"),
+    ))
+}
+
+fn into_bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+/// The event field of an entry's field list (`[field, value, ...]`, or a
+/// map in RESP3; `Nil` for an entry deleted while pending).
+fn event_field(fields: Value) -> Option<Vec<u8>> {
+    let pairs: Vec<(Value, Value)> = match fields {
+        Value::Array(items) => {
+            let mut it = items.into_iter();
+            let mut pairs = Vec::with_capacity(1);
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        Value::Map(pairs) => pairs,
+        _ => return None,
     };
+    pairs.into_iter().find_map(|(k, v)| {
+        let is_event = match &k {
+            Value::BulkString(b) => b == EVENT_FIELD.as_bytes(),
+            Value::SimpleString(s) => s == EVENT_FIELD,
+            _ => false,
+        };
+        if is_event {
+            into_bytes(v)
+        } else {
+            None
+        }
+    })
+}
+
+/// The entries of an XRANGE answer, or of one stream in an XREADGROUP or
+/// XAUTOCLAIM answer: `[[id, fields], ...]`.
+pub fn entries_of(value: Value) -> redis::RedisResult<Vec<RawEntry>> {
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        other => return Err(unexpected("stream entries are not an array", &other)),
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::Array(pair) if pair.len() == 2 => {
+                let mut pair = pair.into_iter();
+                let id = pair.next().and_then(into_bytes);
+                let fields = pair.next().unwrap_or(Value::Nil);
+                let id = id
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| unexpected("stream entry id is not a string", &fields))?;
+                Ok(RawEntry {
+                    id,
+                    event: event_field(fields),
+                })
+            }
+            other => Err(unexpected("stream entry is not [id, fields]", &other)),
+        })
+        .collect()
+}
+
+/// The entries of an XREADGROUP answer on one stream (`Nil` when none).
+fn read_group_entries(value: Value) -> redis::RedisResult<Vec<RawEntry>> {
+    let streams: Vec<Value> = match value {
+        Value::Nil => return Ok(Vec::new()),
+        // RESP2: [[name, entries]]; RESP3: {name: entries}.
+        Value::Array(streams) => streams
+            .into_iter()
+            .map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop().unwrap_or(Value::Nil),
+                other => other,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
+        other => return Err(unexpected("XREADGROUP answer", &other)),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        out.extend(entries_of(entries)?);
+    }
+    Ok(out)
+}
+
+/// An XAUTOCLAIM answer: `[next cursor, entries, deleted ids]`.
+fn auto_claim_of(value: Value) -> redis::RedisResult<(String, Vec<RawEntry>)> {
+    match value {
+        Value::Array(items) if items.len() >= 2 => {
+            let mut it = items.into_iter();
+            let next = it
+                .next()
+                .and_then(into_bytes)
+                .and_then(|b| String::from_utf8(b).ok())
+                .unwrap_or_else(|| "0-0".to_owned());
+            let entries = entries_of(it.next().unwrap_or(Value::Nil))?;
+            Ok((next, entries))
+        }
+        other => Err(unexpected("XAUTOCLAIM answer", &other)),
+    }
+}
+
+/// Decodes one entry as the projector needs it.
+fn decode_entry(entry: &RawEntry) -> Result<Event, SkipReason> {
+    let bytes = entry
+        .event
+        .as_deref()
+        .ok_or(SkipReason::Decode(DecodeError::MissingField))?;
+    let event = Event::decode(bytes).map_err(SkipReason::Decode)?;
     read_model::check(&event).map_err(SkipReason::Project)?;
     Ok(event)
 }
@@ -301,6 +458,21 @@ fn code_of(e: &redis::RedisError) -> Option<&str> {
     e.code()
 }
 
+/// The XREADGROUP of one stream: this replica's own pending entries from
+/// `from` when it has to re-read them, new entries (`>`) otherwise.
+fn read_group_cmd(consumer: &str, count: usize, stream: &str, from: Option<&str>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(PROJECTOR_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count.max(1))
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(from.unwrap_or(">"));
+    cmd
+}
+
 impl Projector {
     pub fn new(con: RedisConnection, options: ProjectorOptions, metrics: ProjectorMetrics) -> Self {
         Self {
@@ -312,6 +484,8 @@ impl Projector {
             last_discovery: None,
             last_claim: None,
             last_progress: None,
+            clock_offset_ms: 0,
+            read_ahead: None,
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -364,40 +538,57 @@ impl Projector {
 
     /// After an error (Redis restarted, a stream deleted) the groups may be
     /// gone and entries may have been delivered but not applied: recreate
-    /// the groups and re-read this replica's own pending entries.
+    /// the groups, re-read this replica's own pending entries (a read-ahead
+    /// batch included) and rewrite the active index.
     fn forget_groups(&mut self) {
+        self.read_ahead = None;
         for cursor in self.streams.values_mut() {
             cursor.group_ready = false;
             cursor.own_pending_from = Some("0".to_owned());
+            cursor.indexed = None;
         }
     }
 
     /// Applies whatever is waiting until a step finds nothing; for tests and
-    /// tools. Returns the totals.
+    /// tools. Returns the totals. Discovery and claiming run on the first
+    /// step and again once nothing is left, not on every step.
     pub async fn run_until_idle(&mut self) -> Result<StepReport, ProjectorError> {
         let mut total = StepReport::default();
+        let mut force = true;
         loop {
-            // Force discovery and claiming on every step.
-            self.last_discovery = None;
-            self.last_claim = None;
+            if force {
+                self.last_discovery = None;
+                self.last_claim = None;
+            }
             let rereading = self.streams.is_empty()
                 || self.streams.values().any(|c| c.own_pending_from.is_some());
-            let r = self.step().await?;
+            let r = match self.step().await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.forget_groups();
+                    return Err(e);
+                }
+            };
             total.applied += r.applied;
             total.skipped += r.skipped;
             total.claimed += r.claimed;
             total.read += r.read;
-            let rereading =
-                rereading || self.streams.values().any(|c| c.own_pending_from.is_some());
-            if r.read == 0 && r.claimed == 0 && r.applied == 0 && !rereading {
+            let rereading = rereading
+                || self.streams.values().any(|c| c.own_pending_from.is_some())
+                || self.read_ahead.is_some();
+            let idle = r.read == 0 && r.claimed == 0 && r.applied == 0 && !rereading;
+            if idle && force {
                 return Ok(total);
             }
+            force = idle;
         }
     }
 
     /// One round: discover new streams (at most once per discovery
     /// interval), claim idle entries of others (at most every claim check),
-    /// read and apply a batch per stream, acknowledge, report progress.
+    /// take a batch per stream (read ahead by the previous step, or read
+    /// now), read the next batches while applying this one, acknowledge and
+    /// report progress in one round trip.
     pub async fn step(&mut self) -> Result<StepReport, ProjectorError> {
         let due =
             |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
@@ -406,9 +597,8 @@ impl Projector {
             self.last_discovery = Some(Instant::now());
         }
         self.ensure_groups().await?;
-        let now_ms = read_model::redis_now_ms(&mut self.con).await?;
         let mut report = StepReport::default();
-        let mut max_lag_ms = 0i64;
+        let mut done = Applied::default();
         let claim_every =
             (self.options.claim_idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
         if due(self.last_claim, claim_every) {
@@ -416,40 +606,186 @@ impl Projector {
             self.last_claim = Some(Instant::now());
             report.claimed += fresh;
             for (id, entries) in claimed {
-                let r = self
-                    .apply_entries(&id, entries, now_ms, &mut max_lag_ms)
-                    .await?;
-                report.applied += r.0;
-                report.skipped += r.1;
+                self.apply_entries(&id, entries, &mut done).await?;
             }
         }
-        let batches = self.read().await?;
+        let batches = match self.read_ahead.take() {
+            Some(ahead) => self.take_read(ahead)?,
+            None => Vec::new(),
+        };
+        let batches = if batches.is_empty() {
+            let ahead = self.start_read().await;
+            self.take_read(ahead)?
+        } else {
+            batches
+        };
         if !batches.is_empty() && !self.options.apply_delay.is_zero() {
             tokio::time::sleep(self.options.apply_delay).await;
         }
-        for (id, entries) in batches {
-            report.read += entries.len();
-            let r = self
-                .apply_entries(&id, entries, now_ms, &mut max_lag_ms)
-                .await?;
-            report.applied += r.0;
-            report.skipped += r.1;
+        if !batches.is_empty() {
+            // Read the next batches while this one is decoded and applied:
+            // Redis works on the read while this process decodes.
+            let read_next = self.start_read();
+            let (ahead, applied) = {
+                let apply = self.apply_batches(batches, &mut done);
+                tokio::join!(read_next, apply)
+            };
+            // Keep what was read ahead only when the batch was applied:
+            // after a failure the entries are re-read from the pending list.
+            match applied {
+                Ok(()) => self.read_ahead = Some(ahead),
+                Err(e) => {
+                    self.forget_groups();
+                    return Err(e);
+                }
+            }
         }
-        let idle_report_due = due(self.last_progress, Duration::from_secs(1));
-        if report.applied > 0 || idle_report_due {
-            read_model::record_progress(&mut self.con, &self.options.consumer, max_lag_ms, now_ms)
-                .await?;
-            self.last_progress = Some(Instant::now());
-        }
+        report.read += done.read;
+        report.applied += done.acks.iter().map(|(_, ids)| ids.len()).sum::<usize>();
+        report.skipped += done.skipped;
+        self.acknowledge(done).await?;
         Ok(report)
     }
 
-    /// Re-reads the promotion index; a new promotion gets a cursor.
+    /// Sends the XREADGROUP of every stream; the answers are taken by
+    /// [`Self::take_read`].
+    fn start_read(&self) -> impl std::future::Future<Output = ReadAhead> + 'static {
+        let mut con = self.con.clone();
+        let ids: Vec<PromotionId> = self.streams.keys().cloned().collect();
+        let commands: Vec<redis::Cmd> = self
+            .streams
+            .values()
+            .map(|c| {
+                read_group_cmd(
+                    &self.options.consumer,
+                    self.options.batch_size,
+                    &c.stream,
+                    c.own_pending_from.as_deref(),
+                )
+            })
+            .collect();
+        async move {
+            let answers = if commands.is_empty() {
+                Ok(Vec::new())
+            } else {
+                con.query_each(commands).await
+            };
+            ReadAhead { ids, answers }
+        }
+    }
+
+    /// The batches of a read; moves each cursor re-reading its own pending
+    /// entries past what it got (back to `>` once there is none left).
+    fn take_read(&mut self, ahead: ReadAhead) -> Result<Vec<Batch>, ProjectorError> {
+        let answers = match ahead.answers {
+            Ok(a) => a,
+            Err(e) if code_of(&e) == Some("NOGROUP") => {
+                tracing::warn!(error = %e, "a consumer group is gone (Redis lost data?); recreating");
+                self.forget_groups();
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for (id, answer) in ahead.ids.into_iter().zip(answers) {
+            let entries = read_group_entries(answer)?;
+            let Some(cursor) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            if cursor.own_pending_from.is_some() {
+                cursor.own_pending_from = entries.last().map(|e| e.id.clone());
+            }
+            if !entries.is_empty() {
+                out.push((id, entries));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply_batches(
+        &mut self,
+        batches: Vec<Batch>,
+        done: &mut Applied,
+    ) -> Result<(), ProjectorError> {
+        for (id, entries) in batches {
+            done.read += entries.len();
+            self.apply_entries(&id, entries, done).await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges what the step applied (each stream's entries after their
+    /// writes succeeded) together with this replica's progress report, in
+    /// one round trip; then observes the lags.
+    async fn acknowledge(&mut self, done: Applied) -> Result<(), ProjectorError> {
+        let applied: usize = done.acks.iter().map(|(_, ids)| ids.len()).sum();
+        let now_ms = local_now_ms() + self.clock_offset_ms;
+        let mut max_lag_ms = 0i64;
+        for (_, ids) in &done.acks {
+            for ms in ids.iter().filter_map(|id| entry_ms(id)) {
+                max_lag_ms = max_lag_ms.max(now_ms - ms);
+            }
+        }
+        let idle_report_due = self
+            .last_progress
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        let mut commands: Vec<redis::Cmd> = done
+            .acks
+            .iter()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(stream, ids)| {
+                let mut xack = redis::cmd("XACK");
+                xack.arg(stream).arg(PROJECTOR_GROUP).arg(ids);
+                xack
+            })
+            .collect();
+        if applied > 0 || idle_report_due {
+            commands.push(read_model::progress_write(
+                &self.options.consumer,
+                max_lag_ms,
+                now_ms,
+            ));
+            self.last_progress = Some(Instant::now());
+        }
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let _: Vec<Value> = self.con.query_each(commands).await?;
+        // Observed once acknowledged: the lag is XADD to applied and acked.
+        let now_ms = local_now_ms() + self.clock_offset_ms;
+        for (events, (_, ids)) in done.types.iter().zip(&done.acks) {
+            for (kind, id) in events.iter().zip(ids) {
+                self.metrics
+                    .applied
+                    .get_or_create(&EventTypeLabels { r#type: kind })
+                    .inc();
+                if let Some(ms) = entry_ms(id) {
+                    self.metrics
+                        .lag
+                        .observe((now_ms - ms).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the promotion index; a new promotion gets a cursor. Also
+    /// measures the offset of Redis' clock.
     async fn discover(&mut self) -> Result<(), ProjectorError> {
-        let ids: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(PROMOTION_INDEX_KEY)
-            .query_async(&mut self.con)
+        let before = local_now_ms();
+        let mut members = redis::cmd("SMEMBERS");
+        members.arg(PROMOTION_INDEX_KEY);
+        let mut answers: Vec<Value> = self
+            .con
+            .query_each(vec![members, redis::cmd("TIME")])
             .await?;
+        let after = local_now_ms();
+        let time = answers.pop().unwrap_or(Value::Nil);
+        let ids: Vec<String> = redis::from_redis_value(answers.pop().unwrap_or(Value::Nil))
+            .map_err(redis::RedisError::from)?;
+        let (secs, micros): (i64, i64) =
+            redis::from_redis_value(time).map_err(redis::RedisError::from)?;
+        self.clock_offset_ms = secs * 1000 + micros / 1000 - (before + after) / 2;
         for raw in ids {
             let Ok(id) = PromotionId::parse(&raw) else {
                 tracing::warn!(promotion = %raw, "promotion index holds an invalid id; ignored");
@@ -466,6 +802,7 @@ impl Projector {
                         group_ready: false,
                         own_pending_from: Some("0".to_owned()),
                         claim_from: "0-0".to_owned(),
+                        indexed: None,
                     },
                 );
             }
@@ -527,9 +864,7 @@ impl Projector {
     /// XAUTOCLAIM on every stream: entries idle past `claim_idle` become
     /// ours. Returns them with how many were not already known to be
     /// unappliable (those keep being claimed back and forth, harmlessly).
-    async fn claim(
-        &mut self,
-    ) -> Result<(Vec<(PromotionId, Vec<StreamId>)>, usize), ProjectorError> {
+    async fn claim(&mut self) -> Result<(Vec<Batch>, usize), ProjectorError> {
         if self.streams.is_empty() {
             return Ok((Vec::new(), 0));
         }
@@ -548,13 +883,13 @@ impl Projector {
                 cmd
             })
             .collect();
-        let replies: Vec<StreamAutoClaimReply> = self.con.query_each(commands).await?;
+        let replies: Vec<Value> = self.con.query_each(commands).await?;
         let mut out = Vec::new();
         let mut total_fresh = 0;
         for (cursor, reply) in self.streams.values_mut().zip(replies) {
-            cursor.claim_from = reply.next_stream_id.clone();
-            let fresh = reply
-                .claimed
+            let (next, claimed) = auto_claim_of(reply)?;
+            cursor.claim_from = next;
+            let fresh = claimed
                 .iter()
                 .filter(|e| {
                     !self
@@ -568,81 +903,34 @@ impl Projector {
                 tracing::info!(promotion = %cursor.id, entries = fresh, consumer = %self.options.consumer,
                     "claimed entries another projector held idle");
             }
-            if !reply.claimed.is_empty() {
-                out.push((cursor.id.clone(), reply.claimed));
+            if !claimed.is_empty() {
+                out.push((cursor.id.clone(), claimed));
             }
         }
         Ok((out, total_fresh))
     }
 
-    /// One XREADGROUP per stream, pipelined: this replica's own pending
-    /// entries first when it has to re-read them, new entries otherwise.
-    async fn read(&mut self) -> Result<Vec<(PromotionId, Vec<StreamId>)>, ProjectorError> {
-        if self.streams.is_empty() {
-            return Ok(Vec::new());
-        }
-        let commands = self
-            .streams
-            .values()
-            .map(|c| {
-                let mut cmd = redis::cmd("XREADGROUP");
-                cmd.arg("GROUP")
-                    .arg(PROJECTOR_GROUP)
-                    .arg(&self.options.consumer)
-                    .arg("COUNT")
-                    .arg(self.options.batch_size.max(1))
-                    .arg("STREAMS")
-                    .arg(&c.stream)
-                    .arg(c.own_pending_from.as_deref().unwrap_or(">"));
-                cmd
-            })
-            .collect();
-        let replies: Vec<Option<StreamReadReply>> = match self.con.query_each(commands).await {
-            Ok(r) => r,
-            Err(e) if code_of(&e) == Some("NOGROUP") => {
-                tracing::warn!(error = %e, "a consumer group is gone (Redis lost data?); recreating");
-                self.forget_groups();
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let mut out = Vec::new();
-        for (cursor, reply) in self.streams.values_mut().zip(replies) {
-            let entries: Vec<StreamId> = reply
-                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-                .unwrap_or_default();
-            if cursor.own_pending_from.is_some() {
-                cursor.own_pending_from = entries.last().map(|e| e.id.clone());
-            }
-            if !entries.is_empty() {
-                out.push((cursor.id.clone(), entries));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Decodes, applies and acknowledges the entries of one stream; the
-    /// undecodable ones are reported and left pending. Returns (applied,
-    /// skipped).
+    /// Decodes and applies the entries of one stream, and notes them for
+    /// acknowledgement; the undecodable ones are reported and left pending.
     async fn apply_entries(
         &mut self,
         id: &PromotionId,
-        entries: Vec<StreamId>,
-        now_ms: i64,
-        max_lag_ms: &mut i64,
-    ) -> Result<(usize, usize), ProjectorError> {
-        let stream = PromotionKeys::new(id).events;
+        entries: Vec<RawEntry>,
+        done: &mut Applied,
+    ) -> Result<(), ProjectorError> {
+        let Some(stream) = self.streams.get(id).map(|c| c.stream.clone()) else {
+            return Ok(());
+        };
         let mut events = Vec::with_capacity(entries.len());
         let mut ack = Vec::with_capacity(entries.len());
-        let mut skipped = 0;
-        for entry in &entries {
-            match decode_entry(entry) {
+        for entry in entries {
+            match decode_entry(&entry) {
                 Ok(event) => {
                     events.push(event);
-                    ack.push(entry.id.clone());
+                    ack.push(entry.id);
                 }
                 Err(reason) => {
-                    skipped += 1;
+                    done.skipped += 1;
                     if self.skipped.insert((stream.clone(), entry.id.clone())) {
                         self.metrics
                             .decode_failures
@@ -657,33 +945,45 @@ impl Projector {
             }
         }
         if events.is_empty() {
-            return Ok((0, skipped));
+            return Ok(());
         }
-        if let Err(e) = read_model::apply(&mut self.con, id, &events).await {
+        let written = async {
+            let phase = read_model::apply_to_models(&mut self.con, id, &events).await?;
+            let indexed = self.streams.get(id).and_then(|c| c.indexed);
+            if let Some(phase) = phase.filter(|p| Some(*p) != indexed) {
+                read_model::index_phase(&mut self.con, id, phase).await?;
+                if let Some(c) = self.streams.get_mut(id) {
+                    c.indexed = Some(phase);
+                }
+            }
+            Ok::<(), ReadModelError>(())
+        }
+        .await;
+        if let Err(e) = written {
             // Nothing acknowledged: re-read our own pending entries next time.
             if let Some(c) = self.streams.get_mut(id) {
                 c.own_pending_from = Some("0".to_owned());
             }
             return Err(e.into());
         }
-        let mut xack = redis::cmd("XACK");
-        xack.arg(&stream).arg(PROJECTOR_GROUP).arg(&ack);
-        xack.exec_async(&mut self.con).await?;
-        for (event, entry_id) in events.iter().zip(&ack) {
-            self.metrics
-                .applied
-                .get_or_create(&EventTypeLabels {
-                    r#type: event.type_name(),
-                })
-                .inc();
-            if let Some(ms) = entry_ms(entry_id) {
-                let lag = (now_ms - ms).max(0);
-                *max_lag_ms = (*max_lag_ms).max(lag);
-                self.metrics.lag.observe(lag as f64 / 1000.0);
-            }
-        }
-        Ok((events.len(), skipped))
+        done.types
+            .push(events.iter().map(Event::type_name).collect());
+        done.acks.push((stream, ack));
+        Ok(())
     }
+}
+
+/// What a step applied, to acknowledge.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Entries read (XREADGROUP).
+    read: usize,
+    /// Entries skipped and left pending.
+    skipped: usize,
+    /// Per stream: the ids of the entries applied.
+    acks: Vec<(String, Vec<String>)>,
+    /// Per stream, parallel to `acks`: the event type of each entry.
+    types: Vec<Vec<&'static str>>,
 }
 
 /// What a rebuild did.
@@ -695,15 +995,32 @@ pub struct RebuildReport {
     pub skipped: usize,
 }
 
+/// Entries per XRANGE page of a rebuild (at least; `--batch-size` may ask
+/// for more): large pages, few round trips.
+pub const REBUILD_PAGE: usize = 2_000;
+
+/// Streams a rebuild replays at the same time.
+const REBUILD_STREAMS_AT_ONCE: usize = 4;
+
+/// Pages of one stream a rebuild applies at the same time (while reading
+/// the next one).
+const REBUILD_PAGES_AT_ONCE: usize = 3;
+
 /// Drops every read-model key and replays every indexed stream from the
 /// start. Safe while live projectors run: the keys are dropped before the
 /// replay reads each stream, so an event applied live before the drop is
 /// replayed, and one applied live after it is idempotent.
+///
+/// Fast because order does not matter to the read models: each stream is
+/// read page after page (`page` entries per XRANGE) while the pages already
+/// read are decoded and applied concurrently, several streams at once. The
+/// active index of a promotion is written once, after its whole stream.
 pub async fn rebuild(
     con: &mut RedisConnection,
     metrics: &ProjectorMetrics,
-    batch_size: usize,
+    page: usize,
 ) -> Result<RebuildReport, ProjectorError> {
+    let page = page.max(1);
     let mut raw_ids: Vec<String> = redis::cmd("SMEMBERS")
         .arg(PROMOTION_INDEX_KEY)
         .query_async(con)
@@ -720,7 +1037,7 @@ pub async fn rebuild(
     report.keys_dropped = if con.is_cluster() {
         // SCAN reaches one node of a cluster; the read-model keys that can
         // exist are known from the index and the streams instead.
-        let keys = cluster_read_model_keys(con, &ids, batch_size).await?;
+        let keys = cluster_read_model_keys(con, &ids, page).await?;
         read_model::drop_keys(con, &keys).await?
     } else {
         read_model::drop_all_scanned(con).await?
@@ -730,53 +1047,136 @@ pub async fn rebuild(
         streams = ids.len(),
         "read models dropped; replaying"
     );
-    for id in &ids {
-        let stream = PromotionKeys::new(id).events;
-        let mut from = "-".to_owned();
-        loop {
-            let page: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&stream)
-                .arg(&from)
-                .arg("+")
-                .arg("COUNT")
-                .arg(batch_size.max(1))
-                .query_async(con)
-                .await?;
-            let Some(last) = page.ids.last() else { break };
-            from = format!("({}", last.id);
-            let mut events = Vec::with_capacity(page.ids.len());
-            for entry in &page.ids {
-                match decode_entry(entry) {
-                    Ok(e) => events.push(e),
-                    Err(reason) => {
-                        report.skipped += 1;
-                        metrics
-                            .decode_failures
-                            .get_or_create(&SkipKindLabels {
-                                kind: reason.kind(),
-                            })
-                            .inc();
-                        tracing::warn!(promotion = %id, entry = %entry.id, error = %reason,
-                            "rebuild skips an entry it cannot apply");
-                    }
-                }
+    let replays = futures::stream::iter(ids.into_iter().map(|id| {
+        let con = con.clone();
+        let metrics = metrics.clone();
+        async move { replay_stream(con, metrics, id, page).await }
+    }))
+    .buffer_unordered(REBUILD_STREAMS_AT_ONCE);
+    let totals: Vec<(usize, usize)> = replays.try_collect().await?;
+    for (applied, skipped) in totals {
+        report.applied += applied;
+        report.skipped += skipped;
+    }
+    Ok(report)
+}
+
+/// One XRANGE page of `stream` after `after` (`None`: from the start).
+async fn read_page(
+    con: &mut RedisConnection,
+    stream: &str,
+    after: Option<&str>,
+    page: usize,
+) -> Result<Vec<RawEntry>, ProjectorError> {
+    let from = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+    let answer: Value = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg(from)
+        .arg("+")
+        .arg("COUNT")
+        .arg(page)
+        .query_async(con)
+        .await?;
+    Ok(entries_of(answer)?)
+}
+
+/// Replays one stream; returns (applied, skipped).
+async fn replay_stream(
+    con: RedisConnection,
+    metrics: ProjectorMetrics,
+    id: PromotionId,
+    page: usize,
+) -> Result<(usize, usize), ProjectorError> {
+    let stream = PromotionKeys::new(&id).events;
+    let mut applying: tokio::task::JoinSet<Result<PageApplied, ProjectorError>> =
+        tokio::task::JoinSet::new();
+    let (mut applied, mut skipped, mut phase) = (0, 0, None::<Phase>);
+    let mut collect = |r: Result<Result<PageApplied, ProjectorError>, tokio::task::JoinError>|
+     -> Result<(), ProjectorError> {
+        let page = r.map_err(|e| {
+            ProjectorError::ReadModel(ReadModelError::BadData(format!("replay task: {e}")))
+        })??;
+        applied += page.applied;
+        skipped += page.skipped;
+        phase = phase.max(page.phase);
+        Ok(())
+    };
+    let mut reader = con.clone();
+    let mut after: Option<String> = None;
+    loop {
+        let entries = read_page(&mut reader, &stream, after.as_deref(), page).await?;
+        let Some(last) = entries.last() else { break };
+        after = Some(last.id.clone());
+        let full = entries.len() >= page;
+        while applying.len() >= REBUILD_PAGES_AT_ONCE {
+            if let Some(r) = applying.join_next().await {
+                collect(r)?;
             }
-            read_model::apply(con, id, &events).await?;
-            for e in &events {
+        }
+        let (mut con, metrics, id) = (con.clone(), metrics.clone(), id.clone());
+        applying.spawn(async move { apply_page(&mut con, &metrics, &id, entries).await });
+        if !full {
+            break;
+        }
+    }
+    while let Some(r) = applying.join_next().await {
+        collect(r)?;
+    }
+    if let Some(phase) = phase {
+        let mut con = con;
+        read_model::index_phase(&mut con, &id, phase).await?;
+    }
+    Ok((applied, skipped))
+}
+
+/// What applying one rebuild page did.
+struct PageApplied {
+    applied: usize,
+    skipped: usize,
+    /// The phase the promotion's read model answered.
+    phase: Option<Phase>,
+}
+
+/// Decodes and applies one rebuild page.
+async fn apply_page(
+    con: &mut RedisConnection,
+    metrics: &ProjectorMetrics,
+    id: &PromotionId,
+    entries: Vec<RawEntry>,
+) -> Result<PageApplied, ProjectorError> {
+    let mut events = Vec::with_capacity(entries.len());
+    let mut skipped = 0;
+    for entry in &entries {
+        match decode_entry(entry) {
+            Ok(e) => events.push(e),
+            Err(reason) => {
+                skipped += 1;
                 metrics
-                    .applied
-                    .get_or_create(&EventTypeLabels {
-                        r#type: e.type_name(),
+                    .decode_failures
+                    .get_or_create(&SkipKindLabels {
+                        kind: reason.kind(),
                     })
                     .inc();
-            }
-            report.applied += events.len();
-            if page.ids.len() < batch_size.max(1) {
-                break;
+                tracing::warn!(promotion = %id, entry = %entry.id, error = %reason,
+                    "rebuild skips an entry it cannot apply");
             }
         }
     }
-    Ok(report)
+    drop(entries);
+    let phase = read_model::apply_to_models(con, id, &events).await?;
+    for e in &events {
+        metrics
+            .applied
+            .get_or_create(&EventTypeLabels {
+                r#type: e.type_name(),
+            })
+            .inc();
+    }
+    Ok(PageApplied {
+        applied: events.len(),
+        skipped,
+        phase,
+    })
 }
 
 /// Every read-model key that can exist in a cluster: the fixed ones, one per
@@ -784,7 +1184,7 @@ pub async fn rebuild(
 async fn cluster_read_model_keys(
     con: &mut RedisConnection,
     ids: &[PromotionId],
-    batch_size: usize,
+    page: usize,
 ) -> Result<Vec<String>, ProjectorError> {
     let mut keys: HashSet<String> = [
         protocol::read_model::ACTIVE.to_owned(),
@@ -795,24 +1195,20 @@ async fn cluster_read_model_keys(
     for id in ids {
         keys.insert(protocol::read_model::promotion(id));
         let stream = PromotionKeys::new(id).events;
-        let mut from = "-".to_owned();
+        let mut after: Option<String> = None;
         loop {
-            let page: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(&stream)
-                .arg(&from)
-                .arg("+")
-                .arg("COUNT")
-                .arg(batch_size.max(1))
-                .query_async(con)
-                .await?;
-            let Some(last) = page.ids.last() else { break };
-            from = format!("({}", last.id);
-            for entry in &page.ids {
+            let entries = read_page(con, &stream, after.as_deref(), page).await?;
+            let Some(last) = entries.last() else { break };
+            after = Some(last.id.clone());
+            for entry in &entries {
                 if let Ok(Event::CouponGrabbed(g)) = decode_entry(entry) {
                     if let Ok(c) = protocol::CustomerId::parse(&g.customer_id) {
                         keys.insert(protocol::read_model::customer_coupons(&c));
                     }
                 }
+            }
+            if entries.len() < page {
+                break;
             }
         }
     }
@@ -827,7 +1223,7 @@ pub async fn run(args: ProjectorArgs) -> Result<(), ProjectorError> {
     if args.rebuild {
         let mut con = con;
         let started = Instant::now();
-        let report = rebuild(&mut con, &metrics, args.batch_size.max(1000)).await?;
+        let report = rebuild(&mut con, &metrics, args.batch_size.max(REBUILD_PAGE)).await?;
         tracing::info!(?report, took = ?started.elapsed(), "read models rebuilt");
         return Ok(());
     }
@@ -899,7 +1295,7 @@ mod tests {
 
     #[test]
     fn an_entry_without_the_event_field_is_skipped_as_missing_field() {
-        let entry = StreamId::default();
+        let entry = RawEntry::default();
         assert_eq!(decode_entry(&entry).unwrap_err().kind(), "missing_field");
     }
 }

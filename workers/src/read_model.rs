@@ -33,8 +33,8 @@ pub enum ReadModelError {
     BadData(String),
 }
 
-/// Phase of a promotion as the read model knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Phase of a promotion as the read model knows it; ordered as phases rise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Phase {
     Pending,
     Active,
@@ -130,16 +130,19 @@ pub fn check(event: &Event) -> Result<(), ProjectionError> {
     Ok(())
 }
 
-/// Adds to `pipe` the `project` script call of `event` on the promotion's
-/// read model (one key, so one cluster slot); its phase answer is kept.
-/// Events must have passed [`check`].
-fn add_projection(pipe: &mut redis::Pipeline, promotion: &PromotionId, event: &Event) {
-    let rm = keys::promotion(promotion);
-    let mut call = protocol::PROJECT.key(&rm);
-    call.arg(event.type_name());
+/// The `project` script call of `event` on the promotion's read model (one
+/// key, so one cluster slot), as a plain EVALSHA so that it can travel in
+/// the same round trip as the customer writes; a NOSCRIPT answer is handled
+/// by [`apply_to_models`]. Events must have passed [`check`].
+fn projection_call(rm: &str, promotion: &str, event: &Event) -> redis::Cmd {
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(protocol::PROJECT.get_hash())
+        .arg(1)
+        .arg(rm)
+        .arg(event.type_name());
     match event {
         Event::PromotionStarted(s) => {
-            call.arg(promotion.to_string())
+            call.arg(promotion)
                 .arg(s.discount.to_string())
                 .arg(s.number_of_coupons)
                 .arg(rfc3339(&s.publish_time))
@@ -147,37 +150,50 @@ fn add_projection(pipe: &mut redis::Pipeline, promotion: &PromotionId, event: &E
                 .arg(s.started_at.as_ref().map(rfc3339).unwrap_or_default());
         }
         Event::CouponGrabbed(g) => {
-            call.arg(promotion.to_string())
+            call.arg(promotion)
                 .arg(coupon_sequence(&g.coupon_id).unwrap_or(0))
                 .arg(g.discount.to_string());
         }
         Event::PromotionFinished(f) => {
-            call.arg(promotion.to_string())
+            call.arg(promotion)
                 .arg(f.reason.as_str())
                 .arg(f.granted)
                 .arg(f.finished_at.as_ref().map(rfc3339).unwrap_or_default());
         }
     }
-    pipe.invoke_script(&call);
+    call
+}
+
+/// The coupon a customer holds, as its read-model JSON, borrowing from the
+/// event (serialized once per grab, on the projector's hot path).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CouponRef<'a> {
+    coupon_id: &'a str,
+    promotion: &'a str,
+    discount: f64,
+    granted_at: &'a str,
 }
 
 /// The customer's coupon write of a grab: `HSET <customer key> <promotion>
 /// <coupon JSON>`, under the customer's own hash tag.
-fn coupon_write(promotion: &PromotionId, event: &Event) -> Option<redis::Cmd> {
+fn coupon_write(promotion: &str, event: &Event) -> Option<redis::Cmd> {
     let Event::CouponGrabbed(g) = event else {
         return None;
     };
     let customer = CustomerId::parse(&g.customer_id).ok()?;
-    let coupon = CustomerCoupon {
-        coupon_id: g.coupon_id.clone(),
-        promotion: promotion.to_string(),
+    let granted_at = rfc3339(&g.granted_at);
+    let coupon = CouponRef {
+        coupon_id: &g.coupon_id,
+        promotion,
         discount: g.discount,
-        granted_at: rfc3339(&g.granted_at),
+        granted_at: &granted_at,
     };
-    let json = serde_json::to_string(&coupon).ok()?;
+    let mut json = Vec::with_capacity(128);
+    serde_json::to_writer(&mut json, &coupon).ok()?;
     let mut cmd = redis::cmd("HSET");
     cmd.arg(keys::customer_coupons(&customer))
-        .arg(promotion.to_string())
+        .arg(promotion)
         .arg(json);
     Some(cmd)
 }
@@ -195,18 +211,27 @@ pub async fn apply(
     promotion: &PromotionId,
     events: &[Event],
 ) -> Result<Option<Phase>, ReadModelError> {
+    let phase = apply_to_models(con, promotion, events).await?;
+    if let Some(phase) = phase {
+        index_phase(con, promotion, phase).await?;
+    }
+    Ok(phase)
+}
+
+/// The write part of [`apply`], without the active index: the customers'
+/// coupons and the promotion's read model, all in one round trip (one
+/// pipeline on a standalone Redis; on a cluster, one command per key sent
+/// together). Returns the phase the promotion's read model reached.
+pub async fn apply_to_models(
+    con: &mut RedisConnection,
+    promotion: &PromotionId,
+    events: &[Event],
+) -> Result<Option<Phase>, ReadModelError> {
     if events.is_empty() {
         return Ok(None);
     }
-    // Customer writes first: one per grab, under each customer's hash tag
-    // (pipelined on a standalone Redis, one by one on a cluster).
-    let coupons: Vec<redis::Cmd> = events
-        .iter()
-        .filter_map(|e| coupon_write(promotion, e))
-        .collect();
-    if !coupons.is_empty() {
-        let _: Vec<redis::Value> = con.query_each(coupons).await?;
-    }
+    let id = promotion.to_string();
+    let rm = keys::promotion(promotion);
     // The promotion's read model: granted is the highest coupon number seen,
     // so of a batch's grabs only the highest needs the script; a start and a
     // finish are applied as they are. The result equals applying them all.
@@ -218,37 +243,76 @@ pub async fn apply(
         })
         .max_by_key(|(n, _)| *n)
         .map(|(_, e)| e);
-    let mut pipe = redis::pipe();
-    for event in events
+    let scripted: Vec<&Event> = events
         .iter()
         .filter(|e| !matches!(e, Event::CouponGrabbed(_)))
         .chain(highest_grab)
-    {
-        add_projection(&mut pipe, promotion, event);
-    }
-    let id = promotion.to_string();
-    let phases: Vec<String> = match pipe.query_async(con).await {
-        Ok(p) => p,
+        .collect();
+    // Customer writes first (one per grab, under each customer's hash tag),
+    // then the script calls.
+    let commands = || -> Vec<redis::Cmd> {
+        events
+            .iter()
+            .filter_map(|e| coupon_write(&id, e))
+            .chain(scripted.iter().map(|e| projection_call(&rm, &id, e)))
+            .collect()
+    };
+    let answers: Vec<redis::Value> = match con.query_each(commands()).await {
+        Ok(a) => a,
         Err(e) if is_noscript(&e) => {
             // Redis restarted and lost its script cache: load, then redo the
             // whole batch (every write in it is idempotent).
             protocol::PROJECT.prepare_invoke().load_async(con).await?;
-            pipe.query_async(con).await?
+            con.query_each(commands()).await?
         }
         Err(e) => return Err(e.into()),
     };
+    let scripts_from = answers.len().saturating_sub(scripted.len());
     // Phases only rise, so the last answer is the phase after the batch.
-    let phase = phases
+    let phase = answers[scripts_from..]
         .last()
-        .and_then(|p| Phase::parse(p))
-        .ok_or_else(|| ReadModelError::BadData(format!("project answered {phases:?}")))?;
+        .and_then(|p| match p {
+            redis::Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(Phase::parse),
+            redis::Value::SimpleString(s) => Phase::parse(s),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            ReadModelError::BadData(format!("project answered {:?}", &answers[scripts_from..]))
+        })?;
+    Ok(Some(phase))
+}
+
+/// Keeps the active index in line with `phase`: an active promotion is in
+/// it, a finished one is not.
+pub async fn index_phase(
+    con: &mut RedisConnection,
+    promotion: &PromotionId,
+    phase: Phase,
+) -> Result<(), ReadModelError> {
+    let id = promotion.to_string();
     match phase {
         Phase::Active => {
             redis::cmd("SADD")
                 .arg(keys::ACTIVE)
                 .arg(&id)
                 .exec_async(con)
-                .await?
+                .await?;
+            // Another replica may have applied the finish (and removed the
+            // id) between our apply and this SADD: look again, so the index
+            // never keeps a finished promotion. Its SREM follows its finish,
+            // our check follows our SADD, so one of the two removes it.
+            let now: Option<String> = redis::cmd("HGET")
+                .arg(keys::promotion(promotion))
+                .arg("phase")
+                .query_async(con)
+                .await?;
+            if now.as_deref().and_then(Phase::parse) == Some(Phase::Finished) {
+                redis::cmd("SREM")
+                    .arg(keys::ACTIVE)
+                    .arg(&id)
+                    .exec_async(con)
+                    .await?
+            }
         }
         Phase::Finished => {
             redis::cmd("SREM")
@@ -259,7 +323,7 @@ pub async fn apply(
         }
         Phase::Pending => {}
     }
-    Ok(Some(phase))
+    Ok(())
 }
 
 fn field<'a>(map: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
@@ -380,13 +444,19 @@ pub async fn record_progress<C: ConnectionLike>(
     lag_ms: i64,
     at_ms: i64,
 ) -> Result<(), ReadModelError> {
-    redis::cmd("HSET")
-        .arg(keys::PROGRESS)
-        .arg(consumer)
-        .arg(format!("{}:{at_ms}", lag_ms.max(0)))
+    progress_write(consumer, lag_ms, at_ms)
         .exec_async(con)
         .await?;
     Ok(())
+}
+
+/// The command of [`record_progress`], to send along with others.
+pub fn progress_write(consumer: &str, lag_ms: i64, at_ms: i64) -> redis::Cmd {
+    let mut cmd = redis::cmd("HSET");
+    cmd.arg(keys::PROGRESS)
+        .arg(consumer)
+        .arg(format!("{}:{at_ms}", lag_ms.max(0)));
+    cmd
 }
 
 /// Removes the progress report of a projector that stops cleanly.
@@ -448,10 +518,14 @@ pub async fn drop_all_scanned(con: &mut RedisConnection) -> Result<u64, ReadMode
             .arg("MATCH")
             .arg(&pattern)
             .arg("COUNT")
-            .arg(1000)
+            .arg(10_000)
             .query_async(con)
             .await?;
-        dropped += drop_keys(con, &batch).await?;
+        // One UNLINK per page: a standalone server takes many keys at once.
+        if !batch.is_empty() {
+            let n: u64 = redis::cmd("UNLINK").arg(&batch).query_async(con).await?;
+            dropped += n;
+        }
         if next == 0 {
             return Ok(dropped);
         }

@@ -79,6 +79,51 @@ pub enum Event {
     PromotionFinished(PromotionFinished),
 }
 
+/// The `type` and `version` of an event, read before the rest so that an
+/// unknown or newer event is reported as such. Any other JSON value in those
+/// fields counts as absent (as with a missing field), never as "not JSON".
+#[derive(Deserialize)]
+struct EventHead<'a> {
+    #[serde(rename = "type", default, borrow, deserialize_with = "lenient_str")]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, deserialize_with = "lenient_number")]
+    version: Option<serde_json::Number>,
+}
+
+/// A string field that may hold any JSON value; non-strings read as `None`.
+fn lenient_str<'de, D>(d: D) -> Result<Option<std::borrow::Cow<'de, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Field<'a> {
+        Str(#[serde(borrow)] std::borrow::Cow<'a, str>),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Field::deserialize(d)? {
+        Field::Str(s) => Some(s),
+        Field::Other(_) => None,
+    })
+}
+
+/// A number field that may hold any JSON value; non-numbers read as `None`.
+fn lenient_number<'de, D>(d: D) -> Result<Option<serde_json::Number>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Field {
+        Number(serde_json::Number),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Field::deserialize(d)? {
+        Field::Number(n) => Some(n),
+        Field::Other(_) => None,
+    })
+}
+
 /// Why a stream entry could not be decoded. Readers skip such entries with a
 /// metric and a log line; they never crash on them.
 #[derive(Debug, thiserror::Error)]
@@ -122,25 +167,52 @@ impl Event {
 
     /// Decodes the JSON of one stream entry, checking type and version first so
     /// that an event from a newer writer is reported as such, not as garbage.
+    ///
+    /// Two passes straight over the bytes (projectors decode every entry, so
+    /// this is on their hot path): the first reads only `type` and `version`,
+    /// skipping the other fields without building anything; the second
+    /// deserializes the event's own struct, which ignores those two fields.
+    /// Neither builds a `serde_json::Value` tree.
     pub fn decode(json: &[u8]) -> Result<Self, DecodeError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(json).map_err(DecodeError::NotJson)?;
-        let kind = value
-            .get("type")
-            .and_then(|t| t.as_str())
-            .unwrap_or_default()
-            .to_owned();
-        if !matches!(
-            kind.as_str(),
+        let head: EventHead<'_> = match serde_json::from_slice(json) {
+            Ok(head) => head,
+            // Valid JSON that is not an event object (an array, a string):
+            // an event of no known type, as before this fast path existed.
+            Err(_) if serde_json::from_slice::<serde::de::IgnoredAny>(json).is_ok() => {
+                return Err(DecodeError::UnknownType(String::new()))
+            }
+            Err(e) => return Err(DecodeError::NotJson(e)),
+        };
+        let kind = head.kind.as_deref().unwrap_or_default();
+        let known = matches!(
+            kind,
             "PromotionStarted" | "CouponGrabbed" | "PromotionFinished"
-        ) {
-            return Err(DecodeError::UnknownType(kind));
+        );
+        if !known {
+            return Err(DecodeError::UnknownType(kind.to_owned()));
         }
-        let version = value.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        let version = head.version.and_then(|v| v.as_u64()).unwrap_or(0);
         if version != u64::from(EVENT_VERSION) {
-            return Err(DecodeError::UnsupportedVersion { kind, version });
+            return Err(DecodeError::UnsupportedVersion {
+                kind: kind.to_owned(),
+                version,
+            });
         }
-        serde_json::from_value(value).map_err(|source| DecodeError::Malformed { kind, source })
+        let malformed = |source| DecodeError::Malformed {
+            kind: kind.to_owned(),
+            source,
+        };
+        match kind {
+            "PromotionStarted" => serde_json::from_slice(json)
+                .map(Self::PromotionStarted)
+                .map_err(malformed),
+            "CouponGrabbed" => serde_json::from_slice(json)
+                .map(Self::CouponGrabbed)
+                .map_err(malformed),
+            _ => serde_json::from_slice(json)
+                .map(Self::PromotionFinished)
+                .map_err(malformed),
+        }
     }
 
     /// Encodes as the scripts do (with `version`); used by tests and tools.
@@ -199,6 +271,17 @@ mod tests {
             finished_at: None,
         });
         assert_eq!(Event::decode(e.encode().as_bytes()).unwrap(), e);
+    }
+
+    #[test]
+    fn json_that_is_not_an_event_object_is_an_unknown_type() {
+        for json in [&br#"[1,2]"#[..], br#""x""#, br#"{"type":7,"version":1}"#] {
+            assert!(
+                matches!(Event::decode(json), Err(DecodeError::UnknownType(t)) if t.is_empty()),
+                "{}",
+                String::from_utf8_lossy(json)
+            );
+        }
     }
 
     proptest! {

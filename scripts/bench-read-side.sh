@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# Benchmark of the read side (`make bench`), on this machine, loopback only:
+#   1. projection throughput of READ_BENCH_EVENTS (default 1,000,000) CouponGrabbed events of
+#      one stream, with one projector and with two sharing the consumer group, and the rebuild
+#      (`projector --rebuild` code path), each against the raw XRANGE read of the same stream
+#      in the same run (workers/examples/projection_bench.rs; it checks every read model it
+#      produced, so a fast wrong projection cannot pass);
+#   2. projection lag while the command-path load runs at full speed: `seckill-worker command`
+#      under wrk (64 connections, distinct customers, bench/grab.lua) and one
+#      `seckill-worker projector`; p99 of `projector_lag_seconds` (XADD to applied and
+#      acknowledged) from its /metrics buckets, and the share of events applied within 250 ms.
+# Writes the numbers and the exact commands into docs/bench-read-side.md (between its
+# bench:read-side markers). About 2-4 minutes once built.
+#
+# Env: READ_BENCH_EVENTS (events of the throughput run, default 1000000), READ_BENCH_DURATION
+# (seconds of the wrk run, default 15), BENCH_NO_DOC=1 to leave the doc alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EVENTS="${READ_BENCH_EVENTS:-1000000}"
+DURATION="${READ_BENCH_DURATION:-15}"
+THREADS=2
+CONNECTIONS=64
+COUPONS=100000000
+LAG_LIMIT=0.25
+REBUILD_TARGET=100000
+
+for tool in wrk redis-server redis-cli curl python3; do
+  command -v "$tool" >/dev/null || { echo "bench-read-side: $tool is missing (make bench installs it)" >&2; exit 2; }
+done
+
+LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+UPTIME=$(uptime)
+echo "bench-read-side: load before the run: $UPTIME"
+echo "bench-read-side: building release binaries"
+cargo build -q --release -p seckill-workers --bins --examples
+WORKER=target/release/seckill-worker
+PROJECTION_BENCH=target/release/examples/projection_bench
+SETUP=target/release/examples/read_side_setup
+
+work=$(mktemp -d -t seckill-bench-read.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# A private redis-server like production's: AOF on, fsync every second, no RDB snapshots.
+# Prints its pid; the caller records it.
+start_redis() {
+  local port=$1 dir=$2
+  mkdir -p "$dir"
+  redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly yes \
+    --appendfsync everysec --dir "$dir" --logfile "$dir/redis.log" --daemonize no >/dev/null 2>&1 &
+  echo $!
+}
+wait_redis() {
+  for _ in $(seq 100); do redis-cli -p "$1" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "bench-read-side: redis-server on port $1 did not start" >&2; return 1
+}
+
+# --- 1. throughput -----------------------------------------------------------------------------
+REDIS_PORT=$(free_port)
+REDIS_PID=$(start_redis "$REDIS_PORT" "$work/redis-throughput")
+pids+=("$REDIS_PID")
+wait_redis "$REDIS_PORT"
+THROUGHPUT=("$PROJECTION_BENCH" "redis://127.0.0.1:$REDIS_PORT/" "$EVENTS")
+echo "bench-read-side: throughput: ${THROUGHPUT[*]}"
+started=$(date +%s)
+"${THROUGHPUT[@]}" | tee "$work/throughput.json"
+echo "bench-read-side: throughput run took $(( $(date +%s) - started )) s"
+kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
+
+# --- 2. lag under the command-path load ---------------------------------------------------------
+REDIS_PORT=$(free_port)
+HTTP_PORT=$(free_port)
+METRICS_PORT=$(free_port)
+REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
+REDIS_PID=$(start_redis "$REDIS_PORT" "$work/redis-lag")
+pids+=("$REDIS_PID")
+wait_redis "$REDIS_PORT"
+PROMOTION=$("$SETUP" "$REDIS_URL" "$COUPONS")
+
+COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
+PROJECTOR=("$WORKER" projector --metrics-listen "127.0.0.1:$METRICS_PORT" --redis-url "$REDIS_URL"
+  --consumer-name bench-lag)
+RUST_LOG=warn "${COMMAND[@]}" 2>"$work/command.log" &
+pids+=($!)
+RUST_LOG=warn "${PROJECTOR[@]}" 2>"$work/projector.log" &
+pids+=($!)
+BASE="http://127.0.0.1:$HTTP_PORT"
+METRICS="http://127.0.0.1:$METRICS_PORT/metrics"
+for _ in $(seq 100); do
+  curl -fs "$BASE/readyz" >/dev/null 2>&1 && curl -fs "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null 2>&1 && break
+  sleep 0.05
+done
+curl -fs "$BASE/readyz" >/dev/null || { echo "bench-read-side: the command worker is not ready" >&2; cat "$work/command.log" >&2; exit 1; }
+curl -fs "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null || { echo "bench-read-side: the projector is not ready" >&2; cat "$work/projector.log" >&2; exit 1; }
+
+GRAB_URL="$BASE/api/v1/promotions/$PROMOTION/grab"
+WRK_GRAB=(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/grab.lua "$GRAB_URL" -- lag)
+echo "bench-read-side: lag under load: ${WRK_GRAB[*]}"
+"${WRK_GRAB[@]}" | tee "$work/grab.txt"
+
+# Every granted grab is one CouponGrabbed, plus the PromotionStarted: wait (at most 20 s) until
+# the projector applied them all, so the histogram holds every event of the run.
+GRABS=$(awk '/requests in/ {print $1}' "$work/grab.txt")
+NON2XX=$(awk '/Non-2xx or 3xx responses:/ {print $5}' "$work/grab.txt"); NON2XX=${NON2XX:-0}
+EXPECTED=$(( GRABS - NON2XX + 1 ))
+applied_now() {
+  curl -fs "$METRICS" | awk '/^seckill_projector_events_applied_total/ {s += $NF} END {printf "%d", s}'
+}
+for _ in $(seq 200); do
+  [ "$(applied_now)" -ge "$EXPECTED" ] && break
+  sleep 0.1
+done
+curl -fs "$METRICS" >"$work/metrics.txt"
+APPLIED=$(applied_now)
+
+python3 - "$work/throughput.json" "$work/metrics.txt" "$work/grab.txt" "$LAG_LIMIT" "$REBUILD_TARGET" \
+  "$APPLIED" "$EXPECTED" >"$work/numbers.env" <<'PY'
+import json, re, sys
+throughput = json.load(open(sys.argv[1]))
+metrics = open(sys.argv[2]).read()
+grab = open(sys.argv[3]).read()
+limit, target = float(sys.argv[4]), float(sys.argv[5])
+applied, expected = int(sys.argv[6]), int(sys.argv[7])
+buckets = []
+for m in re.finditer(r'^seckill_projector_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', metrics, re.M):
+    le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+    buckets.append((le, float(m.group(2))))
+buckets.sort()
+count = buckets[-1][1] if buckets else 0.0
+def quantile(q):
+    # Linear interpolation inside the bucket that holds the q-th event (as Prometheus'
+    # histogram_quantile does); the last finite bound when it falls in +Inf.
+    rank, lower, below = q * count, 0.0, 0.0
+    for le, cum in buckets:
+        if cum >= rank:
+            if le == float("inf"):
+                return lower
+            inside = cum - below
+            return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = le, cum
+    return lower
+within = next((cum for le, cum in buckets if abs(le - limit) < 1e-9), 0.0)
+rps = float(re.search(r"^Requests/sec:\s+(\S+)", grab, re.M).group(1))
+x = throughput["xrange"]["eventsPerSec"]
+one, two, rb = throughput["oneProjector"], throughput["twoProjectors"], throughput["rebuild"]
+p99 = quantile(0.99)
+values = {
+    "EVENTS": throughput["events"], "PAGE": throughput["page"],
+    "XRANGE_RATE": f'{x:.0f}',
+    "XRANGE_CPU": f'{throughput["xrange"]["clientCpuMicrosPerEvent"]:.1f} / {throughput["xrange"]["redisCpuMicrosPerEvent"]:.1f}',
+    "ONE_RATE": f'{one["eventsPerSec"]:.0f}', "ONE_RATIO": f'{one["ratioToXrange"]:.2f}',
+    "ONE_CPU": f'{one["clientCpuMicrosPerEvent"]:.1f} / {one["redisCpuMicrosPerEvent"]:.1f}',
+    "TWO_RATE": f'{two["eventsPerSec"]:.0f}', "TWO_RATIO": f'{two["ratioToXrange"]:.2f}',
+    "TWO_TO_ONE": f'{two["ratioToOne"]:.2f}',
+    "TWO_CPU": f'{two["clientCpuMicrosPerEvent"]:.1f} / {two["redisCpuMicrosPerEvent"]:.1f}',
+    "REBUILD_RATE": f'{rb["eventsPerSec"]:.0f}', "REBUILD_RATIO": f'{rb["eventsPerSec"] / target:.2f}',
+    "REBUILD_TO_XRANGE": f'{rb["ratioToXrange"]:.2f}',
+    "REBUILD_CPU": f'{rb["clientCpuMicrosPerEvent"]:.1f} / {rb["redisCpuMicrosPerEvent"]:.1f}',
+    "REBUILD_MET": "met" if rb["eventsPerSec"] >= target else "NOT met",
+    "LAG_EVENTS": f'{count:.0f}', "LAG_P50_MS": f'{quantile(0.5) * 1000:.1f}',
+    "LAG_P99_MS": f'{p99 * 1000:.1f}', "LAG_RATIO": f'{p99 / limit:.2f}',
+    "LAG_MET": "met" if count and p99 < limit else "NOT met",
+    "WITHIN": f'{(within / count * 100) if count else 0:.2f}',
+    "GRAB_RPS": f'{rps:.0f}', "APPLIED": applied, "EXPECTED": expected,
+    "KEPT_UP": f'{applied / expected:.3f}' if expected else "0",
+}
+for k, v in values.items():
+    print(f"{k}='{v}'")
+PY
+# shellcheck disable=SC1091
+source "$work/numbers.env"
+
+cat >"$work/section.md" <<EOF
+<!-- bench:read-side:start (written by scripts/bench-read-side.sh; do not edit by hand) -->
+## Read side (projection, rebuild, lag)
+
+Run of $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(uname -m), $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)),
+load average before the run: $LOADAVG (other work may share the machine; no CPU pinning: with two
+cores, pinning Redis and the clients apart would measure another deployment than the one shipped).
+Redis: a private \`redis-server\` $(redis-server --version | awk '{print $3}' | tr -d 'v='), AOF on, \`appendfsync everysec\`, one per part.
+
+Throughput, one stream of $EVENTS events (PromotionStarted, CouponGrabbed by distinct customers,
+PromotionFinished); every run's read model is checked (granted = N, the last customer's coupon).
+CPU is microseconds per event, this process / redis-server.
+
+| measure | events/s | ratio to its limit (same run) | CPU µs/event |
+|---|---|---|---|
+| ceiling: raw XRANGE of the stream, pages of $PAGE | **$XRANGE_RATE** | 1 | $XRANGE_CPU |
+| one projector (consumer group, XREADGROUP, apply, XACK) | **$ONE_RATE** | **$ONE_RATIO** of XRANGE | $ONE_CPU |
+| two projectors sharing the group | **$TWO_RATE** | **$TWO_RATIO** of XRANGE ($TWO_TO_ONE x one) | $TWO_CPU |
+| rebuild (\`projector --rebuild\`: drop read models, replay) | **$REBUILD_RATE** | **$REBUILD_RATIO** of the 100,000/s target ($REBUILD_MET); $REBUILD_TO_XRANGE of XRANGE | $REBUILD_CPU |
+
+Lag while the command path runs at full speed (wrk, ${CONNECTIONS} connections, ${DURATION} s, one grab
+per new customer through \`seckill-worker command\`; one \`seckill-worker projector\`; all on this machine):
+
+| measure | value | ratio to its limit (same run) |
+|---|---|---|
+| grabs/s through the command worker | **$GRAB_RPS** | |
+| events applied by the projector / events appended (200s + PromotionStarted) | $APPLIED / $EXPECTED | **$KEPT_UP** |
+| projection lag p99 (XADD to applied and acknowledged; from \`projector_lag_seconds\`, interpolated in its bucket) | **$LAG_P99_MS ms** (p50 $LAG_P50_MS ms, $LAG_EVENTS events) | **$LAG_RATIO** of 250 ms ($LAG_MET) |
+| events applied within 250 ms | **$WITHIN %** | |
+
+Commands (ports are picked free at each run):
+
+\`\`\`
+${THROUGHPUT[*]}
+${COMMAND[*]}
+${PROJECTOR[*]}
+${SETUP} ${REDIS_URL} ${COUPONS}
+${WRK_GRAB[*]}
+curl -s http://127.0.0.1:${METRICS_PORT}/metrics   # seckill_projector_lag_seconds_bucket
+\`\`\`
+<!-- bench:read-side:end -->
+EOF
+
+if [ "${BENCH_NO_DOC:-0}" != 1 ]; then
+  doc=docs/bench-read-side.md
+  mkdir -p docs
+  [ -f "$doc" ] || printf '# Read-side benchmark\n\nMeasured by `scripts/bench-read-side.sh` (part of `make bench`) on the machine it runs on; numbers from one run.\n\n' >"$doc"
+  python3 - "$doc" "$work/section.md" <<'PY'
+import re, sys
+doc, section = sys.argv[1], open(sys.argv[2]).read().rstrip("\n")
+text = open(doc).read()
+pattern = re.compile(r"<!-- bench:read-side:start.*?<!-- bench:read-side:end -->", re.S)
+text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
+open(doc, "w").write(text)
+PY
+  echo "bench-read-side: wrote $doc"
+fi
+cat "$work/section.md"
