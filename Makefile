@@ -53,3 +53,5 @@ faults:
 bench:
 	@bash scripts/install-deps.sh redis bench
 	bash scripts/bench.sh
+	bash scripts/bench-read-side.sh
+	bash scripts/bench-cluster.sh
