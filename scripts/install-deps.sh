@@ -28,6 +28,8 @@ for w in "${want[@]}"; do
     redis)
       command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_install redis-server redis-tools
       command -v curl >/dev/null || apt_install curl
+      # libfaketime: the clock-skew fault tests run workers and operators under it.
+      command -v faketime >/dev/null || apt_install faketime
       # The Debian package starts a system redis on 6379; tests use their own.
       ;;
     bench)

@@ -130,9 +130,40 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
     }
 
+    /// 429 `rate_limited` with `Retry-After`: this client sent more than its
+    /// share; nothing was attempted.
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "too many requests from this client; nothing was attempted, retry in {retry_after_secs} s"
+            ),
+        )
+        .retry_after(retry_after_secs.max(1))
+    }
+
     /// 500 `internal_error`.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+    }
+
+    /// The envelope alone, serialized: for answers prepared once and then
+    /// only shared (see the sold-out fast path of the command API).
+    pub fn envelope(&self) -> Bytes {
+        let envelope = ErrorEnvelope {
+            error: self.code,
+            message: &self.message,
+        };
+        match serde_json::to_vec(&envelope) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialize an error envelope");
+                Bytes::from_static(
+                    br#"{"error":"internal_error","message":"the response could not be encoded"}"#,
+                )
+            }
+        }
     }
 
     pub fn into_response(self) -> HttpResponse {
@@ -230,6 +261,41 @@ impl Default for ServerLimits {
             header_read_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(20),
             metrics: None,
+        }
+    }
+}
+
+/// Flags of the limits of [`ServerLimits`], shared by every role that serves
+/// HTTP (`command`, `query`, `seckill up`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerLimitArgs {
+    /// Connections served at once; a connection past it is closed at once.
+    #[arg(long, env = "SECKILL_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Milliseconds a client has to send its request head (and then its
+    /// body); past it the connection is closed.
+    #[arg(long, env = "SECKILL_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+}
+
+impl Default for ServerLimitArgs {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            header_read_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ServerLimitArgs {
+    /// The limits these flags set, with the given drain timeout and metrics.
+    pub fn limits(&self, drain_timeout: Duration, metrics: Option<HttpMetrics>) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.max_connections.max(1),
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms.max(1)),
+            drain_timeout,
+            metrics,
         }
     }
 }

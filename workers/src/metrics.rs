@@ -162,6 +162,53 @@ impl RedisMetrics {
     }
 }
 
+/// Labels of a rate-limited grab: what identified the client (`ip`, `customer`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub key: &'static str,
+}
+
+/// Grab answers the command role decides on its own, beside the request
+/// counter: requests refused by the rate limiter (no Redis call was made) and
+/// grants the master made but too few replicas confirmed (answered 503).
+#[derive(Clone, Debug)]
+pub struct CommandMetrics {
+    rate_limited: Family<RateLimitLabels, Counter>,
+    not_replicated: Counter,
+}
+
+impl CommandMetrics {
+    /// Creates the command metrics and registers them; call once per registry.
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let rate_limited = Family::<RateLimitLabels, Counter>::default();
+        let not_replicated = Counter::default();
+        registry.register(
+            "grab_rate_limited",
+            "Grabs answered 429 by the rate limiter before any Redis call, by client key",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "grab_not_replicated",
+            "Grabs granted by the master but not confirmed by enough replicas in time (answered 503)",
+            not_replicated.clone(),
+        );
+        Self {
+            rate_limited,
+            not_replicated,
+        }
+    }
+
+    pub fn rate_limited(&self, key: &'static str) {
+        self.rate_limited
+            .get_or_create(&RateLimitLabels { key })
+            .inc();
+    }
+
+    pub fn not_replicated(&self) {
+        self.not_replicated.inc();
+    }
+}
+
 /// The metrics every worker process has, registered once: the registry the
 /// roles add theirs to, plus the HTTP and Redis metrics.
 #[derive(Clone, Debug)]
@@ -216,6 +263,24 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn command_metrics_count_rate_limited_and_unreplicated_grabs() {
+        let m = WorkerMetrics::new();
+        let c = CommandMetrics::register(&m.registry);
+        c.rate_limited("ip");
+        c.rate_limited("ip");
+        c.not_replicated();
+        let text = m.registry.encode().unwrap();
+        assert!(
+            text.contains(r#"seckill_grab_rate_limited_total{key="ip"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("seckill_grab_not_replicated_total 1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use hyper::{Method, StatusCode};
 use serde::Serialize;
 
 use crate::http::{
-    self, json_response, Api, ApiError, ApiRequest, HealthApi, HttpResponse, ServerLimits,
+    self, json_response, Api, ApiError, ApiRequest, HealthApi, HttpResponse, ServerLimitArgs,
 };
 use crate::metrics::{RedisMetrics, WorkerMetrics};
 use crate::protocol::{CustomerId, PromotionId};
@@ -58,6 +58,9 @@ pub struct QueryArgs {
     /// After SIGTERM, in-flight requests get this long to finish (seconds).
     #[arg(long, env = "SECKILL_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
     pub drain_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub limits: ServerLimitArgs,
 }
 
 /// The query role could not run.
@@ -342,11 +345,10 @@ pub async fn run(args: QueryArgs) -> Result<(), QueryError> {
     let health = HealthApi::new(con, args.redis.timeout(), metrics.registry.clone())
         .with_redis_metrics(metrics.redis.clone());
     let listener = http::bind(&args.listen).await?;
-    let limits = ServerLimits {
-        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
-        metrics: Some(metrics.http.clone()),
-        ..ServerLimits::default()
-    };
+    let limits = args.limits.limits(
+        Duration::from_secs(args.drain_timeout_secs),
+        Some(metrics.http.clone()),
+    );
     let shutdown = http::shutdown_on_signal();
     http::serve(
         listener,

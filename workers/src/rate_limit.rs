@@ -17,6 +17,16 @@ pub enum RateLimitKey {
     Customer,
 }
 
+impl RateLimitKey {
+    /// The flag value, also the `key` label of the rate-limit metric.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ip => "ip",
+            Self::Customer => "customer",
+        }
+    }
+}
+
 /// Rate-limit flags; off unless `--rate-limit-per-sec` is above zero.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RateLimitArgs {
@@ -113,10 +123,19 @@ impl RateLimiter {
                 .retain(|_, b| now.saturating_duration_since(b.last) < full_after);
             shard.last_sweep = Some(now);
         }
-        let bucket = shard.buckets.entry(client.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            last: now,
-        });
+        // Look up before inserting: a known client costs no allocation.
+        if !shard.buckets.contains_key(client) {
+            shard.buckets.insert(
+                client.to_owned(),
+                Bucket {
+                    tokens: self.burst,
+                    last: now,
+                },
+            );
+        }
+        let Some(bucket) = shard.buckets.get_mut(client) else {
+            return Ok(());
+        };
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
         bucket.last = now;

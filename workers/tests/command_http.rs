@@ -457,7 +457,7 @@ async fn sold_out_and_finished_promotions_answer_410_and_sold_out_needs_no_redis
         late.json["message"]
             .as_str()
             .unwrap()
-            .contains("GET /api/v1/customers/c/coupons"),
+            .contains("GET /api/v1/customers/{customerId}/coupons"),
         "{late:?}"
     );
     let gone = worker.grab("shop", "withdrawn", "a").await;
@@ -474,6 +474,20 @@ async fn sold_out_and_finished_promotions_answer_410_and_sold_out_needs_no_redis
     assert_eq!(fast.error(), "sold_out");
     let fast = worker.grab("shop", "withdrawn", "d").await;
     assert_eq!(fast.status, 410, "{fast:?}");
+    assert_eq!(fast.error(), "finished");
+    // Once a promotion is known over, everyone gets the same 410 without
+    // the body being read: it promises nothing and asks nothing of Redis.
+    let unread = call(
+        worker.port,
+        "POST",
+        &grab_path("shop", "small"),
+        &[("content-type", JSON)],
+        b"{not json".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(unread.status, 410, "{unread:?}");
+    assert_eq!(unread.json, late.json, "the same answer for everyone");
 
     let started = Instant::now();
     let stalled = worker.grab("shop", "other", "d").await;

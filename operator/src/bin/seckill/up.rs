@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use seckill_operator::lifecycle::{self, Driven};
 use seckill_operator::promotion::PromotionStatus;
-use seckill_workers::command::{CommandApi, CommandOptions};
-use seckill_workers::http::{self, Api, HealthApi, ServerLimits};
-use seckill_workers::metrics::WorkerMetrics;
+use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs};
+use seckill_workers::http::{self, Api, HealthApi, ServerLimitArgs};
+use seckill_workers::metrics::{CommandMetrics, WorkerMetrics};
 use seckill_workers::projector::{Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{self, PromotionId};
 use seckill_workers::query::{QueryApi, QueryOptions};
@@ -66,6 +66,12 @@ pub struct UpArgs {
 
     #[command(flatten)]
     pub rate_limit: RateLimitArgs,
+
+    #[command(flatten)]
+    pub durable: DurableGrabArgs,
+
+    #[command(flatten)]
+    pub limits: ServerLimitArgs,
 }
 
 /// `seckill up` could not run.
@@ -182,7 +188,13 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
             redis_timeout: timeout,
             redis_metrics: Some(metrics.redis.clone()),
         };
-        apis.push(Arc::new(CommandApi::new(redis.clone(), options)));
+        let durability = args.durable.durability(timeout)?;
+        apis.push(Arc::new(
+            CommandApi::new(redis.clone(), options)
+                .with_rate_limit(&args.rate_limit)
+                .with_durability(durability)
+                .with_metrics(CommandMetrics::register(&metrics.registry)),
+        ));
     }
     if has("query") {
         let options = QueryOptions::from_flags(args.customer_id_header.as_deref(), &redis_args)?;
@@ -203,11 +215,9 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     ));
     {
         let shutdown = shutdown.clone();
-        let limits = ServerLimits {
-            drain_timeout: Duration::from_secs(5),
-            metrics: Some(metrics.http.clone()),
-            ..ServerLimits::default()
-        };
+        let limits = args
+            .limits
+            .limits(Duration::from_secs(5), Some(metrics.http.clone()));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = http::serve(listener, apis, limits, shutdown).await {
                 tracing::error!(error = %e, "HTTP server stopped");

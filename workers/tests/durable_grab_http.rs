@@ -1,0 +1,291 @@
+//! Durable grabs (`--durable-replicas`) through the real `seckill-worker
+//! command` binary, against a real master and replica pair of redis-server
+//! processes: a grant is answered 200 only once the replica holds it; with the
+//! replica stalled the grab answers 503 (maybe recorded, retry), and the retry
+//! after it recovers answers the same coupon. The worker refuses to start when
+//! the replica wait does not fit in the Redis timeout.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{TimeZone, Utc};
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Request};
+use hyper_util::rt::TokioIo;
+use seckill_workers::protocol::{
+    self, Event, PromotionId, PromotionKeys, PromotionSpec, EVENT_FIELD,
+};
+use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
+use serde_json::Value;
+
+/// A `seckill-worker command` child process; killed when dropped.
+struct Worker {
+    child: Child,
+    port: u16,
+}
+
+impl Worker {
+    async fn start(redis_url: &str, extra: &[&str]) -> Self {
+        let port = free_port().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_seckill-worker"))
+            .args(["command", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--redis-url", redis_url])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("seckill-worker starts");
+        let worker = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(r) = call(port, "GET", "/healthz", Vec::new()).await {
+                if r.status == 200 {
+                    return worker;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("worker did not answer /healthz on port {port}");
+    }
+
+    async fn grab(&self, customer: &str) -> Reply {
+        call(
+            self.port,
+            "POST",
+            "/api/v1/promotions/shop/sale/grab",
+            format!(r#"{{"customerId":"{customer}"}}"#).into_bytes(),
+        )
+        .await
+        .expect("worker answers")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: HeaderMap,
+    json: Value,
+    text: String,
+}
+
+/// One request on a fresh connection (JSON body).
+async fn call(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Ok(Reply {
+        status,
+        headers,
+        json,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+    })
+}
+
+async fn info_replication(con: &mut RedisConnection) -> String {
+    redis::cmd("INFO")
+        .arg("replication")
+        .query_async(con)
+        .await
+        .unwrap()
+}
+
+/// A master and a replica attached to it, link up and in sync.
+async fn master_and_replica() -> (RedisServer, RedisServer, RedisConnection) {
+    let master = RedisServer::start(RedisServerOptions::default()).expect("master starts");
+    let replica = RedisServer::start(RedisServerOptions::default()).expect("replica starts");
+    let mut master_con = RedisArgs::for_url(master.url()).connect().unwrap();
+    let mut replica_con = RedisArgs::for_url(replica.url()).connect().unwrap();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(master.port())
+        .query_async(&mut replica_con)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = info_replication(&mut replica_con).await;
+        let m = info_replication(&mut master_con).await;
+        if r.contains("master_link_status:up") && m.contains("connected_slaves:1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica never synced:\n{r}\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (master, replica, master_con)
+}
+
+/// Schedules `shop/sale` (100 coupons, open now for an hour) on `con`.
+async fn schedule_sale(con: &mut RedisConnection) -> PromotionId {
+    let id = PromotionId::new("shop", "sale").unwrap();
+    let now = Utc::now().timestamp_millis();
+    let spec = PromotionSpec {
+        discount: 0.8,
+        number_of_coupons: 100,
+        publish_time: Utc.timestamp_millis_opt(now - 1000).unwrap(),
+        finish_time: Utc.timestamp_millis_opt(now + 3_600_000).unwrap(),
+    };
+    protocol::schedule(con, &id, &spec).await.unwrap();
+    id
+}
+
+/// Coupon id per customer, from the CouponGrabbed events of the stream.
+async fn grants_in_stream(con: &mut RedisConnection, id: &PromotionId) -> Vec<(String, String)> {
+    let keys = PromotionKeys::new(id);
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(&keys.events)
+        .arg("-")
+        .arg("+")
+        .query_async(con)
+        .await
+        .unwrap();
+    let mut grants = Vec::new();
+    for (_, fields) in entries {
+        for (field, value) in fields {
+            assert_eq!(field, EVENT_FIELD);
+            if let Event::CouponGrabbed(g) = Event::decode(value.as_bytes()).unwrap() {
+                grants.push((g.customer_id, g.coupon_id));
+            }
+        }
+    }
+    grants
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_same_coupon() {
+    let (master, replica, mut con) = master_and_replica().await;
+    let id = schedule_sale(&mut con).await;
+    let worker = Worker::start(
+        &master.url(),
+        &[
+            "--durable-replicas",
+            "1",
+            "--durable-timeout-ms",
+            "200",
+            "--redis-timeout-ms",
+            "1000",
+        ],
+    )
+    .await;
+
+    // Replica healthy: granted, 200.
+    let alice = worker.grab("alice").await;
+    assert_eq!(alice.status, 200, "{alice:?}");
+
+    // Replica stalled: the master grants but WAIT times out: 503, never 200.
+    replica.pause();
+    let started = Instant::now();
+    let bob = worker.grab("bob").await;
+    let took = started.elapsed();
+    // A customer who already holds a coupon is not confirmed either.
+    let alice_again = worker.grab("alice").await;
+    replica.resume();
+    assert_eq!(bob.status, 503, "{bob:?}");
+    assert_eq!(bob.json["error"], "unavailable", "{bob:?}");
+    assert_eq!(bob.headers["retry-after"], "1");
+    let message = bob.json["message"].as_str().unwrap();
+    assert!(
+        message.contains("may have been recorded") && message.contains("same coupon"),
+        "{message}"
+    );
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_millis(900),
+        "answered after {took:?}: the replica wait is 200 ms"
+    );
+    assert_eq!(alice_again.status, 503, "{alice_again:?}");
+
+    // The grant is on the master; after the replica recovers the retry is
+    // 200 with that same coupon, and nothing was granted twice.
+    let grants = grants_in_stream(&mut con, &id).await;
+    let bob_coupon = grants
+        .iter()
+        .find(|(c, _)| c == "bob")
+        .map(|(_, coupon)| coupon.clone())
+        .expect("the 503 grab was recorded on the master");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let retry = loop {
+        let r = worker.grab("bob").await;
+        if r.status == 200 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(retry.status, 200, "{retry:?}");
+    assert_eq!(retry.json["alreadyGranted"], true, "{retry:?}");
+    assert_eq!(retry.json["couponId"], bob_coupon.as_str(), "{retry:?}");
+    let grants = grants_in_stream(&mut con, &id).await;
+    assert_eq!(grants.len(), 2, "{grants:?}");
+
+    let metrics = call(worker.port, "GET", "/metrics", Vec::new())
+        .await
+        .unwrap();
+    assert!(
+        metrics.text.contains("seckill_grab_not_replicated_total 2"),
+        "{}",
+        metrics.text
+    );
+    assert!(
+        metrics
+            .text
+            .contains(r#"status="503",outcome="not_replicated"} 2"#),
+        "{}",
+        metrics.text
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_durable_replicas_a_grant_is_200_even_while_the_replica_lags() {
+    let (master, replica, mut con) = master_and_replica().await;
+    schedule_sale(&mut con).await;
+    let worker = Worker::start(&master.url(), &["--redis-timeout-ms", "1000"]).await;
+    replica.pause();
+    let carol = worker.grab("carol").await;
+    replica.resume();
+    // The plain grab does not wait for replicas (the gap durable grabs close).
+    assert_eq!(carol.status, 200, "{carol:?}");
+}
+
+#[test]
+fn the_worker_refuses_a_replica_wait_that_does_not_fit_in_the_redis_timeout() {
+    let output = Command::new(env!("CARGO_BIN_EXE_seckill-worker"))
+        .args(["command", "--listen", "127.0.0.1:0"])
+        .args(["--redis-url", "redis://127.0.0.1:1/"])
+        .args(["--durable-replicas", "1", "--durable-timeout-ms", "1000"])
+        .args(["--redis-timeout-ms", "1000"])
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .output()
+        .expect("seckill-worker runs");
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--durable-timeout-ms 1000 must be below --redis-timeout-ms 1000"),
+        "{stderr}"
+    );
+}
