@@ -551,7 +551,8 @@ impl CommandApi {
         // the redis_errors metric and /readyz tell the story at warn level.
         tracing::debug!(promotion = id, kind, error = %detail, "grab failed on Redis");
         ApiError::unavailable(
-            "the coupon store is unavailable; nothing was granted, retry in a moment",
+            "the coupon store did not answer in time, so whether this grab was recorded is \
+             unknown; retry in a moment: a retry is safe and answers your coupon if you got one",
         )
         .into_response()
     }
@@ -631,7 +632,8 @@ impl CommandApi {
                 }
                 tracing::error!(promotion = id, error = %e, "grab script answered unexpectedly");
                 return ApiError::internal(
-                    "the coupon store answered unexpectedly; nothing was granted",
+                    "the coupon store answered unexpectedly, so whether this grab was recorded is \
+                     unknown; a retry is safe and answers your coupon if you got one",
                 )
                 .into_response();
             }

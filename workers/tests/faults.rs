@@ -1265,8 +1265,8 @@ async fn the_load_client_fails_over_from_a_dead_worker_to_a_live_one() {
     assert_eq!(facts.grabs.len(), 50);
 }
 
-/// BUG (reported to the owner of workers/src/command.rs): when the grab
-/// times out, the 503 says "nothing was granted", but the script was already
+/// Found by this suite (fixed): when the grab
+/// times out, the 503 said "nothing was granted", but the script was already
 /// sent and Redis runs it once it answers again; in the stall scenario every
 /// timed-out grab was in fact granted. The answer must not promise that
 /// nothing was granted (the retry is what tells, and it is idempotent).
