@@ -9,7 +9,7 @@
 #      under wrk (64 connections, distinct customers, bench/grab.lua) and one
 #      `seckill-worker projector`; p99 of `projector_lag_seconds` (XADD to applied and
 #      acknowledged) from its /metrics buckets, and the share of events applied within 250 ms.
-# Writes the numbers and the exact commands into docs/bench-read-side.md (between its
+# Writes the numbers and the exact commands into docs/BENCHMARKS.md (between its
 # bench:read-side markers). About 2-4 minutes once built.
 #
 # Env: READ_BENCH_EVENTS (events of the throughput run, default 1000000), READ_BENCH_DURATION
@@ -221,7 +221,7 @@ curl -s http://127.0.0.1:${METRICS_PORT}/metrics   # seckill_projector_lag_secon
 EOF
 
 if [ "${BENCH_NO_DOC:-0}" != 1 ]; then
-  doc=docs/bench-read-side.md
+  doc=docs/BENCHMARKS.md
   mkdir -p docs
   [ -f "$doc" ] || printf '# Read-side benchmark\n\nMeasured by `scripts/bench-read-side.sh` (part of `make bench`) on the machine it runs on; numbers from one run.\n\n' >"$doc"
   python3 - "$doc" "$work/section.md" <<'PY'
