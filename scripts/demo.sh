@@ -51,7 +51,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || { cat "$work/up.log"; exit 1; }
-echo "==> active promotions: $(curl -fsS "http://127.0.0.1:$port/api/v1/promotions")"
+echo "==> active promotions before the sale opens: $(curl -fsS "http://127.0.0.1:$port/api/v1/promotions")"
 
 echo "==> seckill load: $CUSTOMERS customers (10% retry) for $COUPONS coupons of demo/flash-sale, opening at $publish"
 status=0
@@ -60,8 +60,10 @@ status=0
 
 echo "==> demo/flash-sale as the query API reports it:"
 curl -fsS "http://127.0.0.1:$port/api/v1/promotions/demo/flash-sale"; echo
-echo "==> last lines of seckill up:"
-tail -n 8 "$work/up.log"
+# The operator notices the sell-out at its next status refresh (about a second).
+for _ in $(seq 1 50); do grep -q "demo/flash-sale: Finished" "$work/up.log" && break; sleep 0.1; done
+echo "==> what seckill up reported:"
+grep -E "^[0-9]{2}:[0-9]{2}:[0-9]{2} " "$work/up.log" | tail -n 8
 cleanup
 up_pid=""
 echo "==> stopped; data directory and logs in $work"
