@@ -42,14 +42,20 @@ declare -A RENDERS=(
     --set serviceMonitor.enabled=true --set admissionPolicy.enabled=true
     --set query.separate=true --set query.commandServesReads=false
     --set-json networkPolicy.metricsFrom=[{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"monitoring\"}}}]
-    --set-json networkPolicy.workersFrom=[{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"ingress-nginx\"}}}]"
+    --set-json networkPolicy.workersFrom=[{\"namespaceSelector\":{\"matchLabels\":{\"kubernetes.io/metadata.name\":\"ingress-nginx\"}}}]
+    --set-json commandWorker.rateLimit.perSec=2.5 --set commandWorker.rateLimit.burst=20
+    --set commandWorker.rateLimit.key=ip --set commandWorker.rateLimit.trustForwardedFor=true
+    --set commandWorker.durable.timeoutMs=150
+    --set commandWorker.maxConnections=2000 --set commandWorker.headerReadTimeoutMs=5000
+    --set query.maxConnections=1000 --set query.headerReadTimeoutMs=3000"
   [watch-namespace]="--set redis.url=rediss://redis.example:6380/0 --set redis.existingSecret=redis-auth
     --set redis.tls.caSecret=redis-ca --set operator.watchNamespace=shop --set admissionPolicy.enabled=true
     --set-json networkPolicy.externalRedisTo=[{\"ipBlock\":{\"cidr\":\"10.20.0.0/16\"}}]
     --set-json networkPolicy.apiServer.to=[{\"ipBlock\":{\"cidr\":\"10.0.0.1/32\"}}]"
   [redis-cluster]="--set redis.cluster.nodes={redis-0.example:7000,redis-1.example:7001,redis-2.example:7002}
     --set redis.tls.enabled=true --set redis.username=seckill --set redis.existingSecret=redis-auth
-    --set redis.existingSecretPasswordKey=password"
+    --set redis.existingSecretPasswordKey=password
+    --set commandWorker.durable.replicas=1 --set commandWorker.durable.timeoutMs=300 --set redis.timeoutMs=500"
   [query-separate-no-hpa]="${EXTERNAL[*]} --set query.separate=true --set commandWorker.autoscaling.enabled=false
     --set query.autoscaling.enabled=false --set ingress.enabled=true --set logFormat=text --set customerIdHeader=X-Customer-Id"
 )
@@ -161,7 +167,22 @@ expect all-optional 'by("StatefulSet")[0]["spec"]["template"]["spec"]["container
 expect all-optional '[o["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["seckill.io/redis-client"] for o in by("NetworkPolicy") if o["metadata"]["name"].endswith("-redis")] == ["true"]' "bundled Redis only reachable from the chart's Redis clients"
 expect all-optional 'by("ValidatingAdmissionPolicy")[0]["spec"]["matchConstraints"]["resourceRules"][0]["operations"] == ["UPDATE"] and by("ValidatingAdmissionPolicyBinding")[0]["spec"]["validationActions"] == ["Deny"]' "admission policy and binding rendered"
 expect redis-cluster 'env("-command", "SECKILL_REDIS_CLUSTER_NODES") == "redis-0.example:7000,redis-1.example:7001,redis-2.example:7002" and env("-command", "SECKILL_REDIS_TLS") == "true" and sorted(p["port"] for p in by("NetworkPolicy")[0]["spec"]["egress"][1]["ports"]) == [7000, 7001, 7002]' "Redis Cluster: nodes, TLS, and egress on the nodes' ports"
+expect default '[env("-command", n) for n in ("SECKILL_RATE_LIMIT_PER_SEC", "SECKILL_RATE_LIMIT_BURST", "SECKILL_RATE_LIMIT_KEY", "SECKILL_TRUST_FORWARDED_FOR", "SECKILL_DURABLE_REPLICAS", "SECKILL_DURABLE_TIMEOUT_MS", "SECKILL_MAX_CONNECTIONS", "SECKILL_HEADER_READ_TIMEOUT_MS")] == ["0", "10", "customer", "false", "0", "200", "4096", "10000"]' "command defaults: rate limiting off, durable grab off, limits at the binary defaults"
+expect all-optional '[env("-command", n) for n in ("SECKILL_RATE_LIMIT_PER_SEC", "SECKILL_RATE_LIMIT_BURST", "SECKILL_RATE_LIMIT_KEY", "SECKILL_TRUST_FORWARDED_FOR", "SECKILL_DURABLE_REPLICAS", "SECKILL_DURABLE_TIMEOUT_MS", "SECKILL_MAX_CONNECTIONS", "SECKILL_HEADER_READ_TIMEOUT_MS")] == ["2.5", "20", "ip", "true", "0", "150", "2000", "5000"]' "command: rate limit 2.5/s burst 20 by ip (X-Forwarded-For trusted), durable timeout, connection limits from the values"
+expect all-optional 'env("-query", "SECKILL_MAX_CONNECTIONS") == "1000" and env("-query", "SECKILL_HEADER_READ_TIMEOUT_MS") == "3000"' "query: its own connection limits"
+expect all-optional 'not [e["name"] for o in by("Deployment") + by("StatefulSet") if not o["metadata"]["name"].endswith("-command") for c in o["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if e["name"].startswith(("SECKILL_RATE_LIMIT", "SECKILL_TRUST_FORWARDED", "SECKILL_DURABLE"))] and not [o["metadata"]["name"] for o in by("Deployment") + by("StatefulSet") if not o["metadata"]["name"].endswith(("-command", "-query")) for c in o["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if e["name"] in ("SECKILL_MAX_CONNECTIONS", "SECKILL_HEADER_READ_TIMEOUT_MS")]' "rate-limit and durable env only on the command pods, connection limits only on command and query"
+expect redis-cluster 'env("-command", "SECKILL_DURABLE_REPLICAS") == "1" and env("-command", "SECKILL_DURABLE_TIMEOUT_MS") == "300" and env("-command", "SECKILL_REDIS_TIMEOUT_MS") == "500"' "Redis Cluster: durable grab with 1 replica within 300 ms, below the 500 ms Redis timeout"
 expect watch-namespace '[p["port"] for p in by("NetworkPolicy")[0]["spec"]["egress"][1]["ports"]] == [6380] and env("-projector", "SECKILL_REDIS_CA_CERT") == "/etc/seckill/redis-ca/ca.crt"' "external Redis: egress on the URL's port, CA mounted"
+
+# Numbers from a values file reach the templates as float64 (from --set as
+# int64): the env values must stay plain integers, not 2e+06, or the binaries'
+# integer parsers refuse them.
+printf 'redis:\n  url: redis://redis.example:6379\n  timeoutMs: 2000000\nprojector:\n  claimIdleMs: 3000000\ncommandWorker:\n  maxConnections: 1000000\n  headerReadTimeoutMs: 300000\n  durable:\n    replicas: 2\n    timeoutMs: 60000\n  rateLimit:\n    perSec: 100000\n    burst: 100000\n' >"$WORK/large-numbers.values.yaml"
+if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" --kube-version "$KUBE_VERSION" -f "$WORK/large-numbers.values.yaml" >"$WORK/large-numbers.yaml" 2>"$WORK/large-numbers.err"; then
+  expect large-numbers '[env("-command", n) for n in ("SECKILL_REDIS_TIMEOUT_MS", "SECKILL_MAX_CONNECTIONS", "SECKILL_HEADER_READ_TIMEOUT_MS", "SECKILL_DURABLE_REPLICAS", "SECKILL_DURABLE_TIMEOUT_MS", "SECKILL_RATE_LIMIT_PER_SEC", "SECKILL_RATE_LIMIT_BURST")] == ["2000000", "1000000", "300000", "2", "60000", "100000", "100000"] and env("-projector", "SECKILL_CLAIM_IDLE_MS") == "3000000"' "large numbers from a values file render as plain integers"
+else
+  fail "helm template (large-numbers values file)"; sed 's/^/       /' "$WORK/large-numbers.err"
+fi
 
 echo "== checkov (kubernetes) on every render, skips from $CHART/checkov-skips.yaml"
 for name in "${ORDER[@]}"; do
@@ -230,6 +251,17 @@ reject "a misspelt key" "additional propert" "${EXTERNAL[@]}" --set commandWorke
 reject "no Redis configured" "no Redis configured" 
 reject "two Redis choices" "exactly one of redis.url" "${EXTERNAL[@]}" --set redis.bundled.enabled=true
 reject "a drain longer than the grace period" "preStopSleepSeconds \\(5\\) \\+ drainTimeoutSeconds \\(28\\) must be less" "${EXTERNAL[@]}" --set commandWorker.drainTimeoutSeconds=28
+reject "a durable wait not below the Redis timeout" "commandWorker.durable.timeoutMs \\(200\\) must be below redis.timeoutMs \\(200\\)" "${EXTERNAL[@]}" --set commandWorker.durable.replicas=1 --set redis.timeoutMs=200
+reject "a durable grab on the bundled Redis" "durable.replicas > 0 needs a replicated Redis" --set redis.bundled.enabled=true --set commandWorker.durable.replicas=1
+reject "an unknown rate-limit key" "/commandWorker/rateLimit/key.*one of" "${EXTERNAL[@]}" --set commandWorker.rateLimit.key=host
+reject "a negative rate" "/commandWorker/rateLimit/perSec.*minimum" "${EXTERNAL[@]}" --set-json commandWorker.rateLimit.perSec=-1
+reject "a fractional rate given by --set (a string)" "/commandWorker/rateLimit/perSec.*want number" "${EXTERNAL[@]}" --set commandWorker.rateLimit.perSec=2.5
+reject "zero connections on the query pods" "/query/maxConnections.*minimum" "${EXTERNAL[@]}" --set query.separate=true --set query.maxConnections=0
+if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" --kube-version "$KUBE_VERSION" "${EXTERNAL[@]}" --set redis.timeoutMs=100 >/dev/null 2>&1; then
+  pass "durable grab off: a Redis timeout below durable.timeoutMs is accepted (the workers ignore it then)"
+else
+  fail "durable grab off: a Redis timeout below durable.timeoutMs is refused"
+fi
 reject "a Kubernetes older than 1.30" "requires kubeVersion: >=1.30" "${EXTERNAL[@]}" --set admissionPolicy.enabled=true --kube-version 1.29.0
 
 echo

@@ -164,7 +164,7 @@ seckill.io/redis-client: "true"
 {{- end }}
 {{- end }}
 - name: SECKILL_REDIS_TIMEOUT_MS
-  value: {{ $r.timeoutMs | quote }}
+  value: {{ $r.timeoutMs | int64 | quote }}
 - name: SECKILL_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 {{- end }}

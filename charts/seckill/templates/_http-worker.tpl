@@ -12,6 +12,13 @@ PodDisruptionBudget. Usage:
 {{- if ge (add $v.preStopSleepSeconds $v.drainTimeoutSeconds) (int $v.terminationGracePeriodSeconds) }}
 {{- fail (printf "seckill: %s: preStopSleepSeconds (%v) + drainTimeoutSeconds (%v) must be less than terminationGracePeriodSeconds (%v), or in-flight requests are killed" .component $v.preStopSleepSeconds $v.drainTimeoutSeconds $v.terminationGracePeriodSeconds) }}
 {{- end }}
+{{- $command := eq .component "command" }}
+{{- if and $command (gt (int64 $v.durable.replicas) 0) $root.Values.redis.bundled.enabled }}
+{{- fail "seckill: commandWorker.durable.replicas > 0 needs a replicated Redis; the bundled Redis has no replica, so every grant would be answered 503. Set commandWorker.durable.replicas=0 or use redis.url/redis.cluster.nodes" }}
+{{- end }}
+{{- if and $command (gt (int64 $v.durable.replicas) 0) (ge (int64 $v.durable.timeoutMs) (int64 $root.Values.redis.timeoutMs)) }}
+{{- fail (printf "seckill: commandWorker.durable.timeoutMs (%d) must be below redis.timeoutMs (%d): the durable grab's replica wait (Redis WAIT) has to fit in the Redis response timeout, or the command workers refuse to start. Lower commandWorker.durable.timeoutMs or raise redis.timeoutMs" (int64 $v.durable.timeoutMs) (int64 $root.Values.redis.timeoutMs)) }}
+{{- end }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -75,7 +82,25 @@ spec:
             - name: SECKILL_LISTEN
               value: "0.0.0.0:8080"
             - name: SECKILL_DRAIN_TIMEOUT_SECS
-              value: {{ $v.drainTimeoutSeconds | quote }}
+              value: {{ $v.drainTimeoutSeconds | int64 | quote }}
+            - name: SECKILL_MAX_CONNECTIONS
+              value: {{ $v.maxConnections | int64 | quote }}
+            - name: SECKILL_HEADER_READ_TIMEOUT_MS
+              value: {{ $v.headerReadTimeoutMs | int64 | quote }}
+            {{- if $command }}
+            - name: SECKILL_RATE_LIMIT_PER_SEC
+              value: {{ $v.rateLimit.perSec | quote }}
+            - name: SECKILL_RATE_LIMIT_BURST
+              value: {{ $v.rateLimit.burst | int64 | quote }}
+            - name: SECKILL_RATE_LIMIT_KEY
+              value: {{ $v.rateLimit.key | quote }}
+            - name: SECKILL_TRUST_FORWARDED_FOR
+              value: {{ $v.rateLimit.trustForwardedFor | toString | quote }}
+            - name: SECKILL_DURABLE_REPLICAS
+              value: {{ $v.durable.replicas | int64 | quote }}
+            - name: SECKILL_DURABLE_TIMEOUT_MS
+              value: {{ $v.durable.timeoutMs | int64 | quote }}
+            {{- end }}
             {{- with $root.Values.customerIdHeader }}
             - name: SECKILL_CUSTOMER_ID_HEADER
               value: {{ . | quote }}
