@@ -30,16 +30,6 @@ $out
 <!-- bench:cluster:end -->
 MD
 )
-SECTION="$section" python3 - <<'PY'
-import os, re
-path = "docs/BENCHMARKS.md"
-doc = open(path).read()
-section = os.environ["SECTION"]
-pattern = re.compile(r"<!-- bench:cluster:start.*?<!-- bench:cluster:end -->", re.S)
-if pattern.search(doc):
-    doc = pattern.sub(lambda _: section, doc)
-else:
-    doc = doc.rstrip() + "\n\n## Redis Cluster beside a single Redis\n\n" + section + "\n"
-open(path, "w").write(doc)
-PY
+printf '%s\n' "$section" |
+  python3 scripts/write-doc-section.py cluster docs/BENCHMARKS.md - "## Redis Cluster beside a single Redis"
 echo "bench-cluster: wrote docs/BENCHMARKS.md"

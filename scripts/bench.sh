@@ -206,14 +206,7 @@ if [ "${BENCH_NO_DOC:-0}" != 1 ]; then
   doc=docs/BENCHMARKS.md
   mkdir -p docs
   [ -f "$doc" ] || printf '# Benchmarks\n\nMeasured by `make bench` (scripts/bench.sh) on the machine it runs on; numbers from one run.\n\n' >"$doc"
-  python3 - "$doc" "$work/section.md" <<'PY'
-import re, sys
-doc, section = sys.argv[1], open(sys.argv[2]).read().rstrip("\n")
-text = open(doc).read()
-pattern = re.compile(r"<!-- bench:command:start.*?<!-- bench:command:end -->", re.S)
-text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section + "\n"
-open(doc, "w").write(text)
-PY
+  python3 scripts/write-doc-section.py command "$doc" "$work/section.md"
   echo "bench: wrote the command-path section of $doc"
 fi
 cat "$work/section.md"

@@ -14,12 +14,13 @@
 //! numberOfCoupons grants, no customer twice, and every 200 in the stream.
 //! `SECKILL_FAULTS_LONG=1` (used by `make faults`) runs more rounds.
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,8 +36,7 @@ use seckill_workers::protocol::{
 };
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::{free_port, Fsync, RedisServer, RedisServerOptions};
-
-const SECKILL: &str = env!("CARGO_BIN_EXE_seckill");
+use support::{Up, SECKILL};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -77,13 +77,7 @@ fn libfaketime() -> std::path::PathBuf {
     )
 }
 
-/// A `seckill up` process; its stdout lines are collected; killed when dropped.
-struct Up {
-    child: Child,
-    port: u16,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
+/// Starting `seckill up` with the roles these scenarios need.
 impl Up {
     /// `seckill up --roles <roles> --redis-url <url> [-f dir]`, with its wall
     /// clock skewed by libfaketime when `skew` is given (e.g. `+5m`).
@@ -110,22 +104,11 @@ impl Up {
                 .env("FAKETIME", skew)
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
-        let mut child = command
+        command
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("seckill up starts");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Self { child, port, lines }
+            .stderr(Stdio::inherit());
+        Self::spawn(command, port)
     }
 
     /// Waits until /readyz answers 200.
@@ -140,22 +123,6 @@ impl Up {
             assert!(Instant::now() < deadline, "seckill up never became ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -1,11 +1,12 @@
 //! `seckill up` and `seckill load` as a user runs them: real binaries, a real
 //! redis-server, manifest files on disk.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod support;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -13,8 +14,7 @@ use seckill_workers::protocol::{self, PromotionId};
 use seckill_workers::redis_connection::RedisArgs;
 use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
 use serde_json::Value;
-
-const SECKILL: &str = env!("CARGO_BIN_EXE_seckill");
+use support::{Up, SECKILL};
 
 fn manifest(
     namespace: &str,
@@ -32,17 +32,12 @@ fn manifest(
     )
 }
 
-/// A running `seckill up` whose output lines are collected.
-struct Up {
-    child: Child,
-    port: u16,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
+/// What only these tests ask of `seckill up`.
 impl Up {
     fn start(files: &Path, extra: &[&str]) -> Self {
         let port = free_port().unwrap();
-        let mut child = Command::new(SECKILL)
+        let mut command = Command::new(SECKILL);
+        command
             .arg("up")
             .arg("-f")
             .arg(files)
@@ -53,19 +48,8 @@ impl Up {
                 "100",
             ])
             .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("seckill up starts");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let up = Self { child, port, lines };
+            .stderr(Stdio::null());
+        let up = Self::spawn(command, port);
         up.wait_for(Duration::from_secs(20), || up.get("/readyz").0 == 200);
         up
     }
@@ -93,10 +77,6 @@ impl Up {
         (status, serde_json::from_str(body).unwrap_or(Value::Null))
     }
 
-    fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
     fn wait_for(&self, within: Duration, mut done: impl FnMut() -> bool) {
         let start = Instant::now();
         while !done() {
@@ -107,10 +87,6 @@ impl Up {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
-
-    fn said(&self, text: &str) -> bool {
-        self.lines.lock().unwrap().iter().any(|l| l.contains(text))
     }
 
     /// SIGTERM, then the exit status.
@@ -130,13 +106,6 @@ impl Up {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -5,21 +5,22 @@
 //! `SECKILL_CLUSTER_FAILOVER_ROUNDS=N` (used by `make faults`) repeats the
 //! failover during a sale N times, restarting the killed node each round.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{TimeZone, Utc};
 use redis::AsyncCommands;
 use seckill_workers::protocol::{
     self, read_model, replication_probe_key, CustomerId, Durability, DurableGrabError, Event,
-    FinishReason, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec, ScheduleResult,
-    EVENT_FIELD, PROJECT,
+    FinishReason, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec, ScheduleResult, PROJECT,
 };
 use seckill_workers::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::Fsync;
+use support::{customer, id};
 
 fn cluster(masters: usize, replicas: usize) -> RedisCluster {
     RedisCluster::start(RedisClusterOptions {
@@ -44,36 +45,13 @@ fn connect(c: &RedisCluster) -> RedisConnection {
     con
 }
 
-fn id(name: &str) -> PromotionId {
-    PromotionId::new("shop", name).unwrap()
-}
-
-fn customer(n: impl std::fmt::Display) -> CustomerId {
-    CustomerId::parse(&format!("c-{n}")).unwrap()
-}
-
 /// A promotion open since a second ago for `length_ms` more.
 fn open_spec(coupons: u64, length_ms: i64) -> PromotionSpec {
-    let now = Utc::now().timestamp_millis();
-    PromotionSpec {
-        discount: 0.7,
-        number_of_coupons: coupons,
-        publish_time: Utc.timestamp_millis_opt(now - 1000).unwrap(),
-        finish_time: Utc.timestamp_millis_opt(now + length_ms).unwrap(),
-    }
+    support::spec_from_now(0.7, coupons, -1000, length_ms + 1000)
 }
 
 async fn events(con: &mut RedisConnection, id: &PromotionId) -> Vec<Event> {
-    let keys = PromotionKeys::new(id);
-    let reply: redis::streams::StreamRangeReply = con.xrange_all(&keys.events).await.unwrap();
-    reply
-        .ids
-        .iter()
-        .map(|e| {
-            let raw: String = e.get(EVENT_FIELD).expect("event field");
-            Event::decode(raw.as_bytes()).expect("decodable event")
-        })
-        .collect()
+    support::events_of(con, id).await
 }
 
 /// Checks the stream of a sold-out promotion: Started, `coupons` grabs by

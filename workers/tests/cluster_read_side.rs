@@ -1,13 +1,14 @@
 //! The read side on a real 3-master Redis Cluster: projection of promotions
 //! spread over every master, then `--rebuild`, give the same read models.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use chrono::{TimeZone, Utc};
 use seckill_workers::projector::{self, Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{
-    self, CustomerId, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec, PROMOTION_INDEX_KEY,
+    self, CustomerId, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec,
 };
 use seckill_workers::read_model::{self, CustomerCoupon, PromotionView};
 use seckill_workers::redis_cluster::{RedisCluster, RedisClusterOptions};
@@ -18,13 +19,7 @@ const COUPONS: u64 = 25;
 const CUSTOMERS: usize = 60;
 
 fn spec() -> PromotionSpec {
-    let now = Utc::now().timestamp_millis();
-    PromotionSpec {
-        discount: 0.6,
-        number_of_coupons: COUPONS,
-        publish_time: Utc.timestamp_millis_opt(now - 1_000).unwrap(),
-        finish_time: Utc.timestamp_millis_opt(now + 600_000).unwrap(),
-    }
+    support::spec_from_now(0.6, COUPONS, -1_000, 601_000)
 }
 
 async fn read_back(
@@ -84,12 +79,7 @@ async fn projection_and_rebuild_on_three_masters_give_the_same_exact_read_models
     let mut granted = BTreeMap::new();
     for id in &ids {
         protocol::schedule(&mut con, id, &spec()).await.unwrap();
-        let _: () = redis::cmd("SADD")
-            .arg(PROMOTION_INDEX_KEY)
-            .arg(id.to_string())
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        support::index_for_projectors(&mut con, id).await;
         for c in &customers {
             if let GrabOutcome::Granted { coupon, .. } =
                 protocol::grab(&mut con, id, c).await.unwrap()

@@ -2,164 +2,17 @@
 //! real redis-server: every answer it promises, the sold-out fast path, Redis
 //! failing under load, and graceful termination.
 
+mod support;
+
 use std::collections::HashSet;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use chrono::{TimeZone, Utc};
-use http_body_util::{BodyExt, Full};
-use hyper::{HeaderMap, Request};
-use hyper_util::rt::TokioIo;
-use seckill_workers::protocol::{
-    self, Event, FinishReason, PromotionId, PromotionKeys, PromotionSpec, EVENT_FIELD,
+use seckill_workers::protocol::{self, FinishReason, PromotionId};
+use seckill_workers::redis_connection::RedisConnection;
+use support::{
+    body, call, connect, grab_path, grants_of, id, redis, spec_from_now, Reply, Worker, JSON,
 };
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
-use serde_json::Value;
-
-const JSON: &str = "application/json";
-
-fn grab_path(ns: &str, name: &str) -> String {
-    format!("/api/v1/promotions/{ns}/{name}/grab")
-}
-
-fn body(customer: &str) -> Vec<u8> {
-    format!(r#"{{"customerId":"{customer}"}}"#).into_bytes()
-}
-
-/// A `seckill-worker command` child process; killed when dropped.
-struct Worker {
-    child: Child,
-    port: u16,
-}
-
-impl Worker {
-    async fn start(redis_url: &str, extra: &[&str]) -> Self {
-        let port = free_port().unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_seckill-worker"));
-        command
-            .args(["command", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--redis-url", redis_url]);
-        if !extra.contains(&"--redis-timeout-ms") {
-            command.args(["--redis-timeout-ms", "300"]);
-        }
-        let child = command
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("seckill-worker starts");
-        let worker = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(r) = call(port, "GET", "/healthz", &[], Vec::new()).await {
-                if r.status == 200 {
-                    return worker;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("worker did not answer /healthz on port {port}");
-    }
-
-    fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-    }
-
-    async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker did not exit within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn grab(&self, ns: &str, name: &str, customer: &str) -> Reply {
-        call(
-            self.port,
-            "POST",
-            &grab_path(ns, name),
-            &[("content-type", JSON)],
-            body(customer),
-        )
-        .await
-        .expect("worker answers")
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: HeaderMap,
-    json: Value,
-}
-
-impl Reply {
-    fn error(&self) -> &str {
-        self.json["error"].as_str().unwrap_or_default()
-    }
-}
-
-/// One request on a fresh connection.
-async fn call(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Vec<u8>,
-) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{port}"));
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let response = sender
-        .send_request(request.body(Full::new(Bytes::from(body)))?)
-        .await?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    Ok(Reply {
-        status,
-        headers,
-        json,
-    })
-}
-
-fn redis() -> RedisServer {
-    RedisServer::start(RedisServerOptions::default()).expect("redis-server starts")
-}
-
-fn connect(server: &RedisServer) -> RedisConnection {
-    RedisArgs::for_url(server.url()).connect().unwrap()
-}
 
 /// Schedules `shop/<name>` with `coupons`, open from now + `open_in_ms` for an hour.
 async fn schedule(
@@ -168,44 +21,19 @@ async fn schedule(
     coupons: u64,
     open_in_ms: i64,
 ) -> PromotionId {
-    let id = PromotionId::new("shop", name).unwrap();
-    let now = Utc::now().timestamp_millis();
-    let spec = PromotionSpec {
-        discount: 0.8,
-        number_of_coupons: coupons,
-        publish_time: Utc.timestamp_millis_opt(now + open_in_ms).unwrap(),
-        finish_time: Utc
-            .timestamp_millis_opt(now + open_in_ms + 3_600_000)
-            .unwrap(),
-    };
+    let id = id(name);
+    let spec = spec_from_now(0.8, coupons, open_in_ms, 3_600_000);
     protocol::schedule(con, &id, &spec).await.unwrap();
     id
 }
 
 /// Coupon ids of the CouponGrabbed events in the stream of `id`.
 async fn granted_in_stream(con: &mut RedisConnection, id: &PromotionId) -> HashSet<String> {
-    let keys = PromotionKeys::new(id);
-    let reply: redis::Value = redis::cmd("XRANGE")
-        .arg(&keys.events)
-        .arg("-")
-        .arg("+")
-        .query_async(con)
+    grants_of(con, id)
         .await
-        .unwrap();
-    let mut ids = HashSet::new();
-    let redis::Value::Array(entries) = reply else {
-        panic!("XRANGE answered {reply:?}")
-    };
-    for entry in entries {
-        let (_, fields): (String, Vec<(String, String)>) = redis::from_redis_value(entry).unwrap();
-        for (field, value) in fields {
-            assert_eq!(field, EVENT_FIELD);
-            if let Event::CouponGrabbed(g) = Event::decode(value.as_bytes()).unwrap() {
-                ids.insert(g.coupon_id);
-            }
-        }
-    }
-    ids
+        .into_iter()
+        .map(|g| g.coupon_id)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,7 +41,7 @@ async fn a_grab_is_granted_once_and_the_same_customer_gets_the_same_coupon_again
     let server = redis();
     let mut con = connect(&server);
     let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::start(&server.url(), &[]).await;
+    let worker = Worker::command(&server.url(), &[]).await;
 
     let first = worker.grab("shop", "sale", "alice").await;
     assert_eq!(first.status, 200, "{first:?}");
@@ -239,7 +67,7 @@ async fn bad_input_gets_its_status_and_error_code_and_grants_nothing() {
     let server = redis();
     let mut con = connect(&server);
     let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::start(&server.url(), &[]).await;
+    let worker = Worker::command(&server.url(), &[]).await;
     let port = worker.port;
     let path = grab_path("shop", "sale");
     let json = [("content-type", JSON)];
@@ -418,7 +246,7 @@ async fn before_the_publish_time_a_grab_is_409_with_retry_after_and_opens_on_tim
     let server = redis();
     let mut con = connect(&server);
     schedule(&mut con, "later", 10, 1500).await;
-    let worker = Worker::start(&server.url(), &[]).await;
+    let worker = Worker::command(&server.url(), &[]).await;
 
     let early = worker.grab("shop", "later", "alice").await;
     assert_eq!(early.status, 409, "{early:?}");
@@ -446,7 +274,7 @@ async fn sold_out_and_finished_promotions_answer_410_and_sold_out_needs_no_redis
     protocol::finish(&mut con, &withdrawn, FinishReason::Deleted)
         .await
         .unwrap();
-    let worker = Worker::start(&server.url(), &[]).await;
+    let worker = Worker::command(&server.url(), &[]).await;
 
     assert_eq!(worker.grab("shop", "small", "a").await.status, 200);
     assert_eq!(worker.grab("shop", "small", "b").await.status, 200);
@@ -515,7 +343,7 @@ async fn sold_out_and_finished_promotions_answer_410_and_sold_out_needs_no_redis
 async fn an_unknown_promotion_is_remembered_for_one_second_only() {
     let server = redis();
     let mut con = connect(&server);
-    let worker = Worker::start(&server.url(), &[]).await;
+    let worker = Worker::command(&server.url(), &[]).await;
 
     assert_eq!(worker.grab("shop", "soon", "a").await.status, 404);
     schedule(&mut con, "soon", 5, -1000).await;
@@ -532,7 +360,7 @@ async fn with_a_customer_id_header_the_id_comes_from_the_header_only() {
     let server = redis();
     let mut con = connect(&server);
     let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::start(&server.url(), &["--customer-id-header", "X-Customer-Id"]).await;
+    let worker = Worker::command(&server.url(), &["--customer-id-header", "X-Customer-Id"]).await;
     let path = grab_path("shop", "sale");
 
     let from_header = call(
@@ -601,7 +429,7 @@ async fn redis_killed_under_load_yields_only_200_or_503_and_every_200_is_in_the_
     let mut server = redis();
     let mut con = connect(&server);
     let id = schedule(&mut con, "big", 1_000_000, -1000).await;
-    let worker = Arc::new(Worker::start(&server.url(), &[]).await);
+    let worker = Arc::new(Worker::command(&server.url(), &[]).await);
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
@@ -680,7 +508,7 @@ async fn sigterm_finishes_the_in_flight_grab_then_exits_0() {
     let server = redis();
     let mut con = connect(&server);
     let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::start(&server.url(), &["--redis-timeout-ms", "5000"]).await;
+    let worker = Worker::command(&server.url(), &["--redis-timeout-ms", "5000"]).await;
     // Warm the connection so the in-flight grab is blocked on Redis only.
     assert_eq!(worker.grab("shop", "sale", "warm").await.status, 200);
 

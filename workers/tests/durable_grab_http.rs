@@ -5,108 +5,15 @@
 //! after it recovers answers the same coupon. The worker refuses to start when
 //! the replica wait does not fit in the Redis timeout.
 
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use chrono::{TimeZone, Utc};
-use http_body_util::{BodyExt, Full};
-use hyper::{HeaderMap, Request};
-use hyper_util::rt::TokioIo;
-use seckill_workers::protocol::{
-    self, Event, PromotionId, PromotionKeys, PromotionSpec, EVENT_FIELD,
-};
+use seckill_workers::protocol::{self, PromotionId};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
-use serde_json::Value;
-
-/// A `seckill-worker command` child process; killed when dropped.
-struct Worker {
-    child: Child,
-    port: u16,
-}
-
-impl Worker {
-    async fn start(redis_url: &str, extra: &[&str]) -> Self {
-        let port = free_port().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_seckill-worker"))
-            .args(["command", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--redis-url", redis_url])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("seckill-worker starts");
-        let worker = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(r) = call(port, "GET", "/healthz", Vec::new()).await {
-                if r.status == 200 {
-                    return worker;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("worker did not answer /healthz on port {port}");
-    }
-
-    async fn grab(&self, customer: &str) -> Reply {
-        call(
-            self.port,
-            "POST",
-            "/api/v1/promotions/shop/sale/grab",
-            format!(r#"{{"customerId":"{customer}"}}"#).into_bytes(),
-        )
-        .await
-        .expect("worker answers")
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: HeaderMap,
-    json: Value,
-    text: String,
-}
-
-/// One request on a fresh connection (JSON body).
-async fn call(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Vec<u8>,
-) -> Result<Reply, Box<dyn std::error::Error + Send + Sync>> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{port}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))?;
-    let response = sender.send_request(request).await?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    Ok(Reply {
-        status,
-        headers,
-        json,
-        text: String::from_utf8_lossy(&bytes).into_owned(),
-    })
-}
+use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
+use support::{grants_of, id, spec_from_now, Worker, WORKER};
 
 async fn info_replication(con: &mut RedisConnection) -> String {
     redis::cmd("INFO")
@@ -143,45 +50,26 @@ async fn master_and_replica() -> (RedisServer, RedisServer, RedisConnection) {
 
 /// Schedules `shop/sale` (100 coupons, open now for an hour) on `con`.
 async fn schedule_sale(con: &mut RedisConnection) -> PromotionId {
-    let id = PromotionId::new("shop", "sale").unwrap();
-    let now = Utc::now().timestamp_millis();
-    let spec = PromotionSpec {
-        discount: 0.8,
-        number_of_coupons: 100,
-        publish_time: Utc.timestamp_millis_opt(now - 1000).unwrap(),
-        finish_time: Utc.timestamp_millis_opt(now + 3_600_000).unwrap(),
-    };
+    let id = id("sale");
+    let spec = spec_from_now(0.8, 100, -1000, 3_601_000);
     protocol::schedule(con, &id, &spec).await.unwrap();
     id
 }
 
 /// Coupon id per customer, from the CouponGrabbed events of the stream.
 async fn grants_in_stream(con: &mut RedisConnection, id: &PromotionId) -> Vec<(String, String)> {
-    let keys = PromotionKeys::new(id);
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-        .arg(&keys.events)
-        .arg("-")
-        .arg("+")
-        .query_async(con)
+    grants_of(con, id)
         .await
-        .unwrap();
-    let mut grants = Vec::new();
-    for (_, fields) in entries {
-        for (field, value) in fields {
-            assert_eq!(field, EVENT_FIELD);
-            if let Event::CouponGrabbed(g) = Event::decode(value.as_bytes()).unwrap() {
-                grants.push((g.customer_id, g.coupon_id));
-            }
-        }
-    }
-    grants
+        .into_iter()
+        .map(|g| (g.customer_id, g.coupon_id))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_same_coupon() {
     let (master, replica, mut con) = master_and_replica().await;
     let id = schedule_sale(&mut con).await;
-    let worker = Worker::start(
+    let worker = Worker::command(
         &master.url(),
         &[
             "--durable-replicas",
@@ -195,16 +83,16 @@ async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_sam
     .await;
 
     // Replica healthy: granted, 200.
-    let alice = worker.grab("alice").await;
+    let alice = worker.grab("shop", "sale", "alice").await;
     assert_eq!(alice.status, 200, "{alice:?}");
 
     // Replica stalled: the master grants but WAIT times out: 503, never 200.
     replica.pause();
     let started = Instant::now();
-    let bob = worker.grab("bob").await;
+    let bob = worker.grab("shop", "sale", "bob").await;
     let took = started.elapsed();
     // A customer who already holds a coupon is not confirmed either.
-    let alice_again = worker.grab("alice").await;
+    let alice_again = worker.grab("shop", "sale", "alice").await;
     replica.resume();
     assert_eq!(bob.status, 503, "{bob:?}");
     assert_eq!(bob.json["error"], "unavailable", "{bob:?}");
@@ -230,7 +118,7 @@ async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_sam
         .expect("the 503 grab was recorded on the master");
     let deadline = Instant::now() + Duration::from_secs(10);
     let retry = loop {
-        let r = worker.grab("bob").await;
+        let r = worker.grab("shop", "sale", "bob").await;
         if r.status == 200 || Instant::now() > deadline {
             break r;
         }
@@ -242,20 +130,14 @@ async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_sam
     let grants = grants_in_stream(&mut con, &id).await;
     assert_eq!(grants.len(), 2, "{grants:?}");
 
-    let metrics = call(worker.port, "GET", "/metrics", Vec::new())
-        .await
-        .unwrap();
+    let metrics = worker.metrics().await;
     assert!(
-        metrics.text.contains("seckill_grab_not_replicated_total 2"),
-        "{}",
-        metrics.text
+        metrics.contains("seckill_grab_not_replicated_total 2"),
+        "{metrics}"
     );
     assert!(
-        metrics
-            .text
-            .contains(r#"status="503",outcome="not_replicated"} 2"#),
-        "{}",
-        metrics.text
+        metrics.contains(r#"status="503",outcome="not_replicated"} 2"#),
+        "{metrics}"
     );
 }
 
@@ -263,9 +145,9 @@ async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_sam
 async fn without_durable_replicas_a_grant_is_200_even_while_the_replica_lags() {
     let (master, replica, mut con) = master_and_replica().await;
     schedule_sale(&mut con).await;
-    let worker = Worker::start(&master.url(), &["--redis-timeout-ms", "1000"]).await;
+    let worker = Worker::command(&master.url(), &["--redis-timeout-ms", "1000"]).await;
     replica.pause();
-    let carol = worker.grab("carol").await;
+    let carol = worker.grab("shop", "sale", "carol").await;
     replica.resume();
     // The plain grab does not wait for replicas (the gap durable grabs close).
     assert_eq!(carol.status, 200, "{carol:?}");
@@ -273,7 +155,7 @@ async fn without_durable_replicas_a_grant_is_200_even_while_the_replica_lags() {
 
 #[test]
 fn the_worker_refuses_a_replica_wait_that_does_not_fit_in_the_redis_timeout() {
-    let output = Command::new(env!("CARGO_BIN_EXE_seckill-worker"))
+    let output = Command::new(WORKER)
         .args(["command", "--listen", "127.0.0.1:0"])
         .args(["--redis-url", "redis://127.0.0.1:1/"])
         .args(["--durable-replicas", "1", "--durable-timeout-ms", "1000"])

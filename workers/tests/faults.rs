@@ -12,8 +12,10 @@
 //! `make test` runs the short versions; `SECKILL_FAULTS_LONG=1` (used by
 //! `make faults`) runs more customers and more rounds.
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,28 +23,20 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
-use hyper::{HeaderMap, Request};
-use hyper_util::rt::TokioIo;
-use seckill_workers::projector;
 use seckill_workers::protocol::{
-    self, CouponGrabbed, CustomerId, Event, PromotionFinished, PromotionId, PromotionKeys,
-    PromotionSpec, PromotionStarted, EVENT_FIELD, PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
+    self, CouponGrabbed, CustomerId, Event, PromotionFinished, PromotionId, PromotionSpec,
+    PromotionStarted,
 };
 use seckill_workers::read_model::{self, Phase};
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{free_port, Fsync, RedisServer, RedisServerOptions};
-use serde_json::Value;
-
-const WORKER: &str = env!("CARGO_BIN_EXE_seckill-worker");
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// True for the long versions (`make faults`).
-fn long() -> bool {
-    std::env::var("SECKILL_FAULTS_LONG").is_ok_and(|v| v == "1")
-}
+use seckill_workers::redis_connection::RedisConnection;
+use seckill_workers::redis_server::{free_port, Fsync};
+use support::{
+    body, call, connect, connect_http, grab_path, index_for_projectors, long, metric_value,
+    metrics_of, pending_of, pending_total, redis_with, send, stream_events, CommandOptions, Reply,
+    Worker, JSON,
+};
 
 fn scaled(short: usize, long_version: usize) -> usize {
     if long() {
@@ -54,193 +48,38 @@ fn scaled(short: usize, long_version: usize) -> usize {
 
 // ---------------------------------------------------------------- processes
 
-/// A `seckill-worker` child process (command or projector); killed when dropped.
-struct Proc {
-    child: Child,
-    port: u16,
+/// A command worker (`--no-query`), optionally with its wall clock skewed
+/// (`+5m`); returns once /healthz answers.
+async fn command_worker(redis_url: &str, skew: Option<&str>, extra: &[&str]) -> Worker {
+    let mut args = vec!["--no-query"];
+    args.extend(extra);
+    let options = CommandOptions {
+        skew,
+        ..CommandOptions::default()
+    };
+    Worker::command_with(redis_url, &args, options).await
 }
 
-impl Proc {
-    /// Spawns the worker; with `skew` (e.g. `+5m`) under libfaketime,
-    /// preloaded directly (the `faketime` wrapper would stay the parent, and
-    /// killing it would orphan the worker).
-    fn spawn(skew: Option<&str>, args: &[&str], port: u16) -> Self {
-        let mut command = Command::new(WORKER);
-        if let Some(skew) = skew {
-            command
-                .env("LD_PRELOAD", libfaketime())
-                .env("FAKETIME", skew)
-                // Shift the wall clock only; timers keep real time.
-                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
-        }
-        let child = command
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("seckill-worker starts");
-        Self { child, port }
-    }
-
-    /// A command worker, optionally with its wall clock skewed (`+5m`);
-    /// returns once /healthz answers.
-    async fn command(redis_url: &str, skew: Option<&str>, extra: &[&str]) -> Self {
-        let port = free_port().unwrap();
-        let listen = format!("127.0.0.1:{port}");
-        let mut args = vec![
-            "command",
-            "--listen",
-            &listen,
-            "--redis-url",
-            redis_url,
-            "--no-query",
-        ];
-        if !extra.contains(&"--redis-timeout-ms") {
-            args.extend(["--redis-timeout-ms", "300"]);
-        }
-        args.extend(extra);
-        let worker = Self::spawn(skew, &args, port);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(r) = call(port, "GET", "/healthz", Vec::new()).await {
-                if r.status == 200 {
-                    return worker;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("command worker did not answer /healthz on port {port}");
-    }
-
-    /// A projector replica named `consumer`.
-    fn projector(redis_url: &str, consumer: &str, extra: &[&str]) -> Self {
-        let port = free_port().unwrap();
-        let metrics = format!("127.0.0.1:{port}");
-        let mut args = vec![
-            "projector",
-            "--redis-url",
-            redis_url,
-            "--consumer-name",
-            consumer,
-            "--metrics-listen",
-            &metrics,
-            "--redis-timeout-ms",
-            "1000",
-        ];
-        args.extend(extra);
-        Self::spawn(None, &args, port)
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    /// kill -9, and reap.
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.signal_quietly("CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn signal_quietly(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// libfaketime's preload library (Debian package `faketime`).
-fn libfaketime() -> std::path::PathBuf {
-    let mut candidates = vec![std::path::PathBuf::from(
-        "/usr/lib/faketime/libfaketime.so.1",
-    )];
-    if let Ok(dirs) = std::fs::read_dir("/usr/lib") {
-        for d in dirs.flatten() {
-            candidates.push(d.path().join("faketime/libfaketime.so.1"));
-        }
-    }
-    candidates.into_iter().find(|p| p.exists()).expect(
-        "libfaketime is not installed: apt-get install faketime (scripts/install-deps.sh redis)",
-    )
+/// A projector replica named `consumer`.
+fn projector_worker(redis_url: &str, consumer: &str, extra: &[&str]) -> Worker {
+    let port = free_port().unwrap();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "projector",
+        "--redis-url",
+        redis_url,
+        "--consumer-name",
+        consumer,
+        "--metrics-listen",
+        &metrics,
+        "--redis-timeout-ms",
+        "1000",
+    ];
+    args.extend(extra);
+    Worker::spawn(&args, Some("warn"), None, port)
 }
 
 // ---------------------------------------------------------------- HTTP
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: HeaderMap,
-    json: Value,
-}
-
-async fn connect_http(port: u16) -> Result<SendRequest<Full<Bytes>>, BoxError> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let _ = stream.set_nodelay(true);
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    Ok(sender)
-}
-
-async fn send(
-    sender: &mut SendRequest<Full<Bytes>>,
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Vec<u8>,
-) -> Result<Reply, BoxError> {
-    sender.ready().await?;
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{port}"));
-    if !body.is_empty() {
-        request = request.header("content-type", "application/json");
-    }
-    let response = sender
-        .send_request(request.body(Full::new(Bytes::from(body)))?)
-        .await?;
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await?.to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        json: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    })
-}
-
-/// One request on a fresh connection.
-async fn call(port: u16, method: &str, path: &str, body: Vec<u8>) -> Result<Reply, BoxError> {
-    let mut sender = connect_http(port).await?;
-    send(&mut sender, port, method, path, body).await
-}
-
-fn grab_path(id: &PromotionId) -> String {
-    format!("/api/v1/promotions/{}/{}/grab", id.namespace(), id.name())
-}
-
-fn grab_body(customer: &str) -> Vec<u8> {
-    format!(r#"{{"customerId":"{customer}"}}"#).into_bytes()
-}
 
 /// A customer's HTTP client: one keep-alive connection to one of several
 /// workers; on a connection error it fails over to the next worker and
@@ -275,7 +114,7 @@ impl FailoverClient {
         for _ in 0..self.ports.len() * 3 {
             let port = self.ports[self.next];
             if self.sender.is_none() {
-                match connect_http(port).await {
+                match connect_http(port, true).await {
                     Ok(s) => self.sender = Some(s),
                     Err(e) => {
                         last = format!("connect {port}: {e}");
@@ -285,7 +124,16 @@ impl FailoverClient {
                 }
             }
             let sender = self.sender.as_mut().expect("connected above");
-            match send(sender, port, "POST", path, body.to_vec()).await {
+            match send(
+                sender,
+                port,
+                "POST",
+                path,
+                &[("content-type", JSON)],
+                body.to_vec(),
+            )
+            .await
+            {
                 Ok(reply) => return Ok(reply),
                 Err(e) => {
                     last = format!("request to {port}: {e}");
@@ -395,7 +243,7 @@ async fn run_sale(
 ) -> SaleLog {
     let started = Instant::now();
     let ports = Arc::new(ports);
-    let path = Arc::new(grab_path(id));
+    let path = Arc::new(grab_path(id.namespace(), id.name()));
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for t in 0..crowd.concurrency {
@@ -413,7 +261,7 @@ async fn run_sale(
                     break;
                 }
                 let customer = format!("{}{n}", crowd.prefix);
-                let body = grab_body(&customer);
+                let body = body(&customer);
                 let mut log = CustomerLog {
                     customer,
                     ..CustomerLog::default()
@@ -467,18 +315,6 @@ async fn run_sale(
 
 // ---------------------------------------------------------------- Redis side
 
-fn redis_with(appendfsync: Option<Fsync>) -> RedisServer {
-    RedisServer::start(RedisServerOptions {
-        appendfsync,
-        ..RedisServerOptions::default()
-    })
-    .expect("redis-server starts")
-}
-
-fn connect(server: &RedisServer) -> RedisConnection {
-    RedisArgs::for_url(server.url()).connect().unwrap()
-}
-
 fn at_ms(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).unwrap()
 }
@@ -500,12 +336,7 @@ async fn register(
         finish_time: at_ms(finish_ms),
     };
     protocol::schedule(con, &id, &spec).await.unwrap();
-    let _: i64 = redis::cmd("SADD")
-        .arg(PROMOTION_INDEX_KEY)
-        .arg(id.to_string())
-        .query_async(con)
-        .await
-        .unwrap();
+    index_for_projectors(con, &id).await;
     id
 }
 
@@ -534,10 +365,9 @@ impl StreamFacts {
 
 async fn stream_facts(con: &mut RedisConnection, id: &PromotionId) -> StreamFacts {
     let mut facts = StreamFacts::default();
-    for entry in projector::stream_entries(con, id).await.unwrap() {
-        let ms: i64 = entry.id.split('-').next().unwrap().parse().unwrap();
-        let raw: Vec<u8> = entry.get(EVENT_FIELD).expect("event field");
-        match Event::decode(&raw).expect("every event decodes") {
+    for (entry_id, event) in stream_events(con, id).await {
+        let ms: i64 = entry_id.split('-').next().unwrap().parse().unwrap();
+        match event {
             Event::PromotionStarted(s) => facts.started.push((ms, s)),
             Event::CouponGrabbed(g) => facts.grabs.push((ms, g)),
             Event::PromotionFinished(f) => facts.finished.push((ms, f)),
@@ -695,69 +525,6 @@ async fn verify_read_model(
     );
 }
 
-/// Pending entries of the projector group on `id`'s stream.
-async fn pending_total(con: &mut RedisConnection, id: &PromotionId) -> i64 {
-    let summary: redis::Value = redis::cmd("XPENDING")
-        .arg(PromotionKeys::new(id).events)
-        .arg(PROJECTOR_GROUP)
-        .query_async(con)
-        .await
-        .unwrap();
-    match summary {
-        redis::Value::Array(items) => match items.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
-        },
-        _ => 0,
-    }
-}
-
-/// XPENDING's summary: count, smallest id, greatest id, (consumer, count).
-type PendingSummary = (
-    i64,
-    Option<String>,
-    Option<String>,
-    Option<Vec<(String, String)>>,
-);
-
-async fn pending_of(con: &mut RedisConnection, id: &PromotionId, consumer: &str) -> i64 {
-    let reply: redis::RedisResult<PendingSummary> = redis::cmd("XPENDING")
-        .arg(PromotionKeys::new(id).events)
-        .arg(PROJECTOR_GROUP)
-        .query_async(con)
-        .await;
-    reply
-        .map(|r| r.3.unwrap_or_default())
-        .unwrap_or_default()
-        .iter()
-        .filter(|(c, _)| c == consumer)
-        .map(|(_, n)| n.parse::<i64>().unwrap_or(0))
-        .sum()
-}
-
-async fn metrics_of(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
-}
-
-fn metric_value(exposition: &str, name: &str) -> f64 {
-    exposition
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn summary(what: &str, sale: &SaleLog, facts: &StreamFacts) {
     let mut statuses: Vec<_> = sale.statuses().into_iter().collect();
     statuses.sort();
@@ -788,10 +555,10 @@ async fn kill_9_of_one_of_three_command_workers_mid_sale_fails_over_and_sells_ex
         let customers = scaled(1500, 12_000);
         let coupons = (customers * 2 / 3) as u64;
         let id = open_now(&mut con, &format!("workers-{round}"), coupons).await;
-        let _projector = Proc::projector(&url, "p1", &[]);
+        let _projector = projector_worker(&url, "p1", &[]);
         let mut workers = Vec::new();
         for _ in 0..3 {
-            workers.push(Proc::command(&url, None, &[]).await);
+            workers.push(command_worker(&url, None, &[]).await);
         }
         let ports: Vec<u16> = workers.iter().map(|w| w.port).collect();
 
@@ -849,12 +616,12 @@ async fn kill_9_of_a_projector_holding_pending_entries_mid_sale_is_completed_by_
     let customers = scaled(2000, 20_000);
     let coupons = (customers * 3 / 4) as u64;
     let id = open_now(&mut con, "projection", coupons).await;
-    let mut a = Proc::projector(
+    let mut a = projector_worker(
         &url,
         "a",
         &["--batch-size", "200", "--test-apply-delay-ms", "400"],
     );
-    let worker = Proc::command(&url, None, &[]).await;
+    let worker = command_worker(&url, None, &[]).await;
 
     let done = Arc::new(AtomicUsize::new(0));
     let sale = tokio::spawn({
@@ -869,7 +636,7 @@ async fn kill_9_of_a_projector_holding_pending_entries_mid_sale_is_completed_by_
         assert!(Instant::now() < deadline, "projector a never held entries");
         if done.load(Ordering::Relaxed) >= customers / 4 {
             a.signal("STOP");
-            let held = pending_of(&mut con, &id, "a").await;
+            let held = pending_of(&mut con, &id, "a").await.unwrap_or_default();
             if held > 0 {
                 break held;
             }
@@ -880,7 +647,7 @@ async fn kill_9_of_a_projector_holding_pending_entries_mid_sale_is_completed_by_
     let killed_at = done.load(Ordering::Relaxed);
     a.kill9();
     // The replica that takes over arrives while the sale goes on.
-    let b = Proc::projector(&url, "b", &["--claim-idle-ms", "500"]);
+    let b = projector_worker(&url, "b", &["--claim-idle-ms", "500"]);
     let sale = sale.await.unwrap();
     assert!(
         killed_at < customers,
@@ -922,9 +689,9 @@ async fn redis_kill_9_round(
     let mut con = connect(&server);
     let coupons = (customers * 3 / 4) as u64;
     let id = open_now(&mut con, name, coupons).await;
-    let _projector = Proc::projector(&url, "p1", &[]);
-    let w1 = Proc::command(&url, None, &[]).await;
-    let w2 = Proc::command(&url, None, &[]).await;
+    let _projector = projector_worker(&url, "p1", &[]);
+    let w1 = command_worker(&url, None, &[]).await;
+    let w2 = command_worker(&url, None, &[]).await;
 
     let done = Arc::new(AtomicUsize::new(0));
     let sale = tokio::spawn({
@@ -1025,9 +792,9 @@ async fn redis_stalled_for_2_s_mid_sale_answers_503_within_the_timeout_and_recov
     // promotion is answered 410 from the worker's memory).
     let coupons = 2 * customers as u64;
     let id = open_now(&mut con, "stall", coupons).await;
-    let _projector = Proc::projector(&url, "p1", &[]);
-    let w1 = Proc::command(&url, None, &["--redis-timeout-ms", "300"]).await;
-    let w2 = Proc::command(&url, None, &["--redis-timeout-ms", "300"]).await;
+    let _projector = projector_worker(&url, "p1", &[]);
+    let w1 = command_worker(&url, None, &["--redis-timeout-ms", "300"]).await;
+    let w2 = command_worker(&url, None, &["--redis-timeout-ms", "300"]).await;
 
     let done = Arc::new(AtomicUsize::new(0));
     // Customers who get a 503 do not retry: that shows which of them hold a
@@ -1124,9 +891,15 @@ async fn redis_stalled_for_2_s_mid_sale_answers_503_within_the_timeout_and_recov
     // Their retry finds the grant: alreadyGranted with the coupon in the stream.
     let in_stream = facts.coupons();
     for customer in silent.iter().take(20) {
-        let reply = call(w1.port, "POST", &grab_path(&id), grab_body(customer))
-            .await
-            .unwrap();
+        let reply = call(
+            w1.port,
+            "POST",
+            &grab_path(id.namespace(), id.name()),
+            &[("content-type", JSON)],
+            body(customer),
+        )
+        .await
+        .unwrap();
         assert_eq!(reply.status, 200, "{reply:?}");
         assert_eq!(reply.json["alreadyGranted"], true, "{reply:?}");
         assert_eq!(
@@ -1158,11 +931,13 @@ async fn a_command_worker_with_its_clock_5_minutes_off_opens_and_closes_nothing_
         let server = redis_with(None);
         let url = server.url();
         let mut con = connect(&server);
-        let w1 = Proc::command(&url, Some(skew), &[]).await;
-        let w2 = Proc::command(&url, Some(skew), &[]).await;
+        let w1 = command_worker(&url, Some(skew), &[]).await;
+        let w2 = command_worker(&url, Some(skew), &[]).await;
 
         // The fake clock is in effect.
-        let reply = call(w1.port, "GET", "/healthz", Vec::new()).await.unwrap();
+        let reply = call(w1.port, "GET", "/healthz", &[], Vec::new())
+            .await
+            .unwrap();
         let date = reply.headers["date"].to_str().unwrap().to_owned();
         let worker_now = DateTime::parse_from_rfc2822(&date)
             .unwrap()
@@ -1247,7 +1022,7 @@ async fn the_load_client_fails_over_from_a_dead_worker_to_a_live_one() {
     let server = redis_with(None);
     let mut con = connect(&server);
     let id = open_now(&mut con, "client", 100).await;
-    let worker = Proc::command(&server.url(), None, &[]).await;
+    let worker = command_worker(&server.url(), None, &[]).await;
     let dead = free_port().unwrap();
     let sale = run_sale(
         vec![dead, worker.port],
@@ -1275,17 +1050,29 @@ async fn a_503_after_a_redis_timeout_does_not_claim_that_nothing_was_granted() {
     let server = redis_with(None);
     let mut con = connect(&server);
     let id = open_now(&mut con, "timeout", 10).await;
-    let worker = Proc::command(&server.url(), None, &["--redis-timeout-ms", "300"]).await;
+    let worker = command_worker(&server.url(), None, &["--redis-timeout-ms", "300"]).await;
     // Warm the worker's Redis connection so the grab below is sent at once.
-    let warm = call(worker.port, "POST", &grab_path(&id), grab_body("warm"))
-        .await
-        .unwrap();
+    let warm = call(
+        worker.port,
+        "POST",
+        &grab_path(id.namespace(), id.name()),
+        &[("content-type", JSON)],
+        body("warm"),
+    )
+    .await
+    .unwrap();
     assert_eq!(warm.status, 200, "{warm:?}");
 
     server.pause();
-    let reply = call(worker.port, "POST", &grab_path(&id), grab_body("late"))
-        .await
-        .unwrap();
+    let reply = call(
+        worker.port,
+        "POST",
+        &grab_path(id.namespace(), id.name()),
+        &[("content-type", JSON)],
+        body("late"),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.resume();
     assert_eq!(reply.status, 503, "{reply:?}");

@@ -9,33 +9,28 @@
 //! worker has that flag; without it the 10 s default is waited for only in
 //! the long version (`SECKILL_FAULTS_LONG=1`).
 
+mod support;
+
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chrono::{TimeZone, Utc};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::client::conn::http1::SendRequest;
-use hyper::Request;
-use hyper_util::rt::TokioIo;
-use seckill_workers::projector;
-use seckill_workers::protocol::{self, Event, PromotionId, PromotionSpec, EVENT_FIELD};
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
+use seckill_workers::protocol::{self, PromotionId};
+use seckill_workers::redis_connection::RedisConnection;
+use seckill_workers::redis_server::RedisServer;
+use support::{
+    connect, connect_http, grants_of, id, long, redis_with, send, spec_from_now, BoxError,
+    CommandOptions, Worker, JSON, WORKER,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const WORKER: &str = env!("CARGO_BIN_EXE_seckill-worker");
 const GRAB: &str = "/api/v1/promotions/shop/sale/grab";
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn long() -> bool {
-    std::env::var("SECKILL_FAULTS_LONG").is_ok_and(|v| v == "1")
-}
 
 /// Does `seckill-worker command` take `flag`?
 fn worker_has_flag(flag: &str) -> bool {
@@ -44,49 +39,6 @@ fn worker_has_flag(flag: &str) -> bool {
         .output()
         .expect("seckill-worker runs");
     String::from_utf8_lossy(&out.stdout).contains(flag)
-}
-
-struct Worker {
-    child: Child,
-    port: u16,
-}
-
-impl Worker {
-    async fn start(redis_url: &str, extra: &[&str]) -> Self {
-        let port = free_port().unwrap();
-        let child = Command::new(WORKER)
-            .args(["command", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--redis-url", redis_url, "--redis-timeout-ms", "1000"])
-            .args(extra)
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("seckill-worker starts");
-        let worker = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            let answer = raw(
-                port,
-                b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                Duration::from_secs(1),
-            )
-            .await;
-            if answer.status == Some(200) {
-                return worker;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("worker did not answer /healthz on port {port}");
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// What the server did with raw bytes: its status line, body, and whether
@@ -177,35 +129,18 @@ struct Legit {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn connect_http(port: u16) -> Result<SendRequest<Full<Bytes>>, BoxError> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
-    Ok(sender)
-}
-
 async fn legit_grab(
     sender: &mut Option<SendRequest<Full<Bytes>>>,
     port: u16,
     customer: &str,
 ) -> Result<u16, BoxError> {
     if sender.is_none() {
-        *sender = Some(connect_http(port).await?);
+        *sender = Some(connect_http(port, false).await?);
     }
     let s = sender.as_mut().expect("connected");
-    s.ready().await?;
-    let request = Request::builder()
-        .method("POST")
-        .uri(GRAB)
-        .header("host", "x")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(format!(
-            r#"{{"customerId":"{customer}"}}"#
-        ))))?;
-    let response = s.send_request(request).await?;
-    let status = response.status().as_u16();
-    response.into_body().collect().await?;
-    Ok(status)
+    let headers = [("content-type", JSON)];
+    let reply = send(s, port, "POST", GRAB, &headers, support::body(customer)).await?;
+    Ok(reply.status)
 }
 
 impl Legit {
@@ -287,38 +222,26 @@ impl Legit {
 }
 
 async fn setup(extra: &[&str]) -> (RedisServer, RedisConnection, PromotionId, Worker) {
-    let server = RedisServer::start(RedisServerOptions {
-        appendfsync: None,
-        ..RedisServerOptions::default()
-    })
-    .expect("redis-server starts");
-    let mut con = RedisArgs::for_url(server.url()).connect().unwrap();
-    let id = PromotionId::new("shop", "sale").unwrap();
-    let now = Utc::now().timestamp_millis();
-    let spec = PromotionSpec {
-        discount: 0.5,
-        number_of_coupons: 10_000_000,
-        publish_time: Utc.timestamp_millis_opt(now - 1000).unwrap(),
-        finish_time: Utc.timestamp_millis_opt(now + 3_600_000).unwrap(),
-    };
+    let server = redis_with(None);
+    let mut con = connect(&server);
+    let id = id("sale");
+    let spec = spec_from_now(0.5, 10_000_000, -1000, 3_601_000);
     protocol::schedule(&mut con, &id, &spec).await.unwrap();
-    let worker = Worker::start(&server.url(), extra).await;
+    let options = CommandOptions {
+        log: "error",
+        redis_timeout_ms: Some("1000"),
+        skew: None,
+    };
+    let worker = Worker::command_with(&server.url(), extra, options).await;
     (server, con, id, worker)
 }
 
 /// Every customer the stream granted a coupon to.
 async fn granted_customers(con: &mut RedisConnection, id: &PromotionId) -> Vec<String> {
-    projector::stream_entries(con, id)
+    grants_of(con, id)
         .await
-        .unwrap()
-        .iter()
-        .filter_map(|e| {
-            let raw: Vec<u8> = e.get(EVENT_FIELD)?;
-            match Event::decode(&raw).ok()? {
-                Event::CouponGrabbed(g) => Some(g.customer_id),
-                _ => None,
-            }
-        })
+        .into_iter()
+        .map(|g| g.customer_id)
         .collect()
 }
 

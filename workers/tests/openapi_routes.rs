@@ -2,6 +2,8 @@
 //! `routes()` of the command, query and health APIs is in the document, and
 //! every operation of the document is served by one of them.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -80,24 +82,8 @@ async fn every_served_route_is_documented_and_every_documented_route_is_served()
 #[tokio::test]
 #[ignore = "fixture run by scripts/test-openapi.sh"]
 async fn fixture_schedule_example_promotion() {
-    use chrono::{TimeZone, Utc};
-    use seckill_workers::protocol::{self, PromotionId, PromotionSpec, PROMOTION_INDEX_KEY};
     let url = std::env::var("SECKILL_FIXTURE_REDIS_URL").expect("SECKILL_FIXTURE_REDIS_URL");
     let mut con = RedisArgs::for_url(url).connect().unwrap();
-    let id = PromotionId::new("shop", "sale").unwrap();
-    let now = Utc::now().timestamp_millis();
-    let spec = PromotionSpec {
-        discount: 0.8,
-        number_of_coupons: 100_000,
-        publish_time: Utc.timestamp_millis_opt(now - 1_000).unwrap(),
-        finish_time: Utc.timestamp_millis_opt(now + 3_600_000).unwrap(),
-    };
-    let snap = protocol::schedule(&mut con, &id, &spec).await.unwrap();
-    assert!(snap.started, "{snap:?}");
-    let _: () = redis::cmd("SADD")
-        .arg(PROMOTION_INDEX_KEY)
-        .arg(id.to_string())
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let id = support::id("sale");
+    support::start_promotion(&mut con, &id, 0.8, 100_000).await;
 }

@@ -2,34 +2,25 @@
 //! replicas sharing streams, a replica killed with pending entries, rebuild,
 //! and entries that cannot be decoded.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chrono::{TimeZone, Utc};
 use redis::streams::StreamId;
 use seckill_workers::metrics::MetricsRegistry;
-use seckill_workers::projector::{self, Projector, ProjectorMetrics, ProjectorOptions};
+use seckill_workers::projector::{Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{
-    self, read_model as keys, CustomerId, Event, PromotionId, PromotionKeys, PromotionSpec,
-    EVENT_FIELD, PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
+    self, read_model as keys, CustomerId, Event, PromotionId, PromotionKeys, EVENT_FIELD,
+    PROJECTOR_GROUP,
 };
 use seckill_workers::read_model::{self, Phase};
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
+use seckill_workers::redis_connection::RedisConnection;
+use seckill_workers::redis_server::{free_port, RedisServer};
+use support::{connect, events_of, metric_value, metrics_of, pending_total, redis_with, Worker};
 
 fn server() -> RedisServer {
-    RedisServer::start(RedisServerOptions {
-        appendfsync: None,
-        ..RedisServerOptions::default()
-    })
-    .expect("redis-server starts")
-}
-
-fn connect(server: &RedisServer) -> RedisConnection {
-    RedisArgs::for_url(server.url())
-        .connect()
-        .expect("connection")
+    redis_with(None)
 }
 
 fn promotion(name: &str) -> PromotionId {
@@ -39,21 +30,7 @@ fn promotion(name: &str) -> PromotionId {
 /// Registers `id` with `coupons` coupons, open since a second ago for an
 /// hour (so `schedule` starts it), and indexes it for projectors.
 async fn start_promotion(con: &mut RedisConnection, id: &PromotionId, coupons: u64) {
-    let now = Utc::now().timestamp_millis();
-    let spec = PromotionSpec {
-        discount: 0.75,
-        number_of_coupons: coupons,
-        publish_time: Utc.timestamp_millis_opt(now - 1_000).unwrap(),
-        finish_time: Utc.timestamp_millis_opt(now + 3_600_000).unwrap(),
-    };
-    let snap = protocol::schedule(con, id, &spec).await.unwrap();
-    assert!(snap.started, "{snap:?}");
-    let _: () = redis::cmd("SADD")
-        .arg(PROMOTION_INDEX_KEY)
-        .arg(id.to_string())
-        .query_async(con)
-        .await
-        .unwrap();
+    support::start_promotion(con, id, 0.75, coupons).await;
 }
 
 /// Customers `c-{from}` .. `c-{to}` each grab one coupon of `id`, through the
@@ -124,34 +101,6 @@ async fn dump(con: &mut RedisConnection) -> BTreeMap<String, Vec<(String, String
             return out;
         }
         cursor = next;
-    }
-}
-
-async fn events_of(con: &mut RedisConnection, id: &PromotionId) -> Vec<Event> {
-    projector::stream_entries(con, id)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let raw: Vec<u8> = e.get(EVENT_FIELD).unwrap();
-            Event::decode(&raw).unwrap()
-        })
-        .collect()
-}
-
-async fn pending_count(con: &mut RedisConnection, id: &PromotionId) -> i64 {
-    let summary: redis::Value = redis::cmd("XPENDING")
-        .arg(PromotionKeys::new(id).events)
-        .arg(PROJECTOR_GROUP)
-        .query_async(con)
-        .await
-        .unwrap();
-    match summary {
-        redis::Value::Array(items) => match items.first() {
-            Some(redis::Value::Int(n)) => *n,
-            _ => 0,
-        },
-        _ => 0,
     }
 }
 
@@ -305,7 +254,7 @@ async fn two_replicas_share_the_streams_find_new_ones_and_complete_the_read_mode
         for id in &ids {
             let v = read_model::promotion(&mut con, id).await.unwrap();
             done &= v.is_some_and(|v| v.granted == 250 && v.remaining == 50)
-                && pending_count(&mut con, id).await == 0;
+                && pending_total(&mut con, id).await == 0;
         }
         if done {
             break;
@@ -343,44 +292,9 @@ async fn two_replicas_share_the_streams_find_new_ones_and_complete_the_read_mode
     }
 }
 
-fn worker(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_seckill-worker"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("seckill-worker starts")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -{sig}");
-}
-
-async fn pending_of(con: &mut RedisConnection, id: &PromotionId, consumer: &str) -> i64 {
-    let rows: Vec<(String, String)> = redis::cmd("XPENDING")
-        .arg(PromotionKeys::new(id).events)
-        .arg(PROJECTOR_GROUP)
-        .query_async::<(
-            i64,
-            Option<String>,
-            Option<String>,
-            Option<Vec<(String, String)>>,
-        )>(con)
-        .await
-        .unwrap()
-        .3
-        .unwrap_or_default();
-    rows.iter()
-        .filter(|(c, _)| c == consumer)
-        .map(|(_, n)| n.parse::<i64>().unwrap())
-        .sum()
+/// A `seckill-worker` child process with the test's own `RUST_LOG`.
+fn worker(args: &[&str], port: u16) -> Worker {
+    Worker::spawn(args, None, None, port)
 }
 
 #[tokio::test]
@@ -391,21 +305,25 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
     start_promotion(&mut con, &id, 3000).await;
     grab_many(&mut con, &id, 0, 3000).await;
     let url = s.url();
-    let metrics_a = format!("127.0.0.1:{}", free_port().unwrap());
+    let port_a = free_port().unwrap();
+    let metrics_a = format!("127.0.0.1:{port_a}");
     // A reads 100 entries, waits 300 ms, applies and acknowledges them.
-    let mut a = worker(&[
-        "projector",
-        "--redis-url",
-        &url,
-        "--consumer-name",
-        "a",
-        "--batch-size",
-        "100",
-        "--test-apply-delay-ms",
-        "300",
-        "--metrics-listen",
-        &metrics_a,
-    ]);
+    let mut a = worker(
+        &[
+            "projector",
+            "--redis-url",
+            &url,
+            "--consumer-name",
+            "a",
+            "--batch-size",
+            "100",
+            "--test-apply-delay-ms",
+            "300",
+            "--metrics-listen",
+            &metrics_a,
+        ],
+        port_a,
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "projector a never made progress");
@@ -415,48 +333,52 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
             .map_or(0, |v| v.granted);
         if granted >= 300 {
             // Freeze it, and kill it only while it holds entries.
-            signal(&a, "STOP");
-            if pending_of(&mut con, &id, "a").await > 0 {
+            a.signal("STOP");
+            if support::pending_of(&mut con, &id, "a").await.unwrap() > 0 {
                 break;
             }
-            signal(&a, "CONT");
+            a.signal("CONT");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    signal(&a, "KILL");
-    let _ = a.wait();
-    let held = pending_of(&mut con, &id, "a").await;
+    a.signal("KILL");
+    let _ = a.child.wait();
+    let held = support::pending_of(&mut con, &id, "a").await.unwrap();
     assert!(held > 0);
     let before = read_model::promotion(&mut con, &id).await.unwrap().unwrap();
     assert!(before.granted < 3000, "{before:?}");
 
-    let metrics_b = format!("127.0.0.1:{}", free_port().unwrap());
-    let mut b = worker(&[
-        "projector",
-        "--redis-url",
-        &url,
-        "--consumer-name",
-        "b",
-        "--claim-idle-ms",
-        "300",
-        "--metrics-listen",
-        &metrics_b,
-    ]);
+    let port_b = free_port().unwrap();
+    let metrics_b = format!("127.0.0.1:{port_b}");
+    let mut b = worker(
+        &[
+            "projector",
+            "--redis-url",
+            &url,
+            "--consumer-name",
+            "b",
+            "--claim-idle-ms",
+            "300",
+            "--metrics-listen",
+            &metrics_b,
+        ],
+        port_b,
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let complete = loop {
         let view = read_model::promotion(&mut con, &id).await.unwrap();
         let done = view
             .as_ref()
             .is_some_and(|v| v.granted == 3000 && v.phase == Phase::Finished)
-            && pending_count(&mut con, &id).await == 0;
+            && pending_total(&mut con, &id).await == 0;
         if done || Instant::now() > deadline {
             break done;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let exposition = http_get(&metrics_b, "/metrics").await;
-    signal(&b, "TERM");
-    let _ = b.wait();
+    let exposition = metrics_of(port_b).await;
+    b.signal("TERM");
+    let _ = b.child.wait();
     assert!(
         complete,
         "b did not finish a's entries: {:?}",
@@ -480,32 +402,6 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
         reclaimed >= held as f64,
         "reclaimed {reclaimed} < held {held}\n{exposition}"
     );
-}
-
-/// GET over a fresh connection; the body.
-async fn http_get(address: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
-fn metric_value(exposition: &str, name: &str) -> f64 {
-    exposition
-        .lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -557,7 +453,7 @@ async fn rebuild_reproduces_the_live_read_models_key_by_key_on_100000_events() {
     assert_ne!(dump(&mut con).await, live_models);
 
     let started = Instant::now();
-    let status = Command::new(env!("CARGO_BIN_EXE_seckill-worker"))
+    let status = std::process::Command::new(support::WORKER)
         .args(["projector", "--rebuild", "--redis-url", &s.url()])
         .status()
         .unwrap();

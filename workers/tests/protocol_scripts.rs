@@ -1,59 +1,31 @@
 //! Every branch of every protocol script, against a real redis-server.
 
+mod support;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 use seckill_workers::protocol::{
-    self, CustomerId, Event, FinishReason, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec,
-    ScheduleResult, EVENT_FIELD,
+    self, Event, FinishReason, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec,
+    ScheduleResult,
 };
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
+use seckill_workers::redis_connection::RedisConnection;
+use seckill_workers::redis_server::RedisServer;
+use support::{connect, customer, id};
 
 fn server() -> RedisServer {
-    RedisServer::start(RedisServerOptions::default()).expect("redis-server starts")
-}
-
-fn connect(server: &RedisServer) -> RedisConnection {
-    RedisArgs::for_url(server.url())
-        .connect()
-        .expect("connection")
-}
-
-fn id(name: &str) -> PromotionId {
-    PromotionId::new("shop", name).unwrap()
-}
-
-fn customer(n: impl std::fmt::Display) -> CustomerId {
-    CustomerId::parse(&format!("c-{n}")).unwrap()
+    support::redis()
 }
 
 /// A spec whose window is [now + open_in, now + open_in + length).
 fn spec(coupons: u64, open_in_ms: i64, length_ms: i64) -> PromotionSpec {
-    let now = Utc::now().timestamp_millis();
-    PromotionSpec {
-        discount: 0.8,
-        number_of_coupons: coupons,
-        publish_time: Utc.timestamp_millis_opt(now + open_in_ms).unwrap(),
-        finish_time: Utc
-            .timestamp_millis_opt(now + open_in_ms + length_ms)
-            .unwrap(),
-    }
+    support::spec_from_now(0.8, coupons, open_in_ms, length_ms)
 }
 
 async fn events(con: &mut RedisConnection, id: &PromotionId) -> Vec<Event> {
-    let keys = PromotionKeys::new(id);
-    let reply: redis::streams::StreamRangeReply = con.xrange_all(&keys.events).await.unwrap();
-    reply
-        .ids
-        .iter()
-        .map(|e| {
-            let raw: String = e.get(EVENT_FIELD).expect("event field");
-            Event::decode(raw.as_bytes()).expect("decodable event")
-        })
-        .collect()
+    support::events_of(con, id).await
 }
 
 fn types(events: &[Event]) -> Vec<&'static str> {

@@ -1,20 +1,19 @@
 //! The query endpoints over real HTTP, against a real redis-server, with the
 //! read models written by a real projector from real grabs.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{TimeZone, Utc};
 use seckill_workers::command::{CommandApi, CommandOptions};
 use seckill_workers::http::{self, Api, ServerLimits};
 use seckill_workers::projector::{Projector, ProjectorMetrics, ProjectorOptions};
-use seckill_workers::protocol::{
-    self, FinishReason, PromotionId, PromotionSpec, PROMOTION_INDEX_KEY,
-};
+use seckill_workers::protocol::{self, FinishReason, PromotionId};
 use seckill_workers::query::{QueryApi, QueryOptions};
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
+use seckill_workers::redis_connection::RedisConnection;
+use seckill_workers::redis_server::RedisServer;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -34,12 +33,8 @@ impl Drop for Stack {
 
 /// Redis, and an HTTP server with the grab and query endpoints.
 async fn stack(customer_header: Option<&str>) -> Stack {
-    let redis = RedisServer::start(RedisServerOptions {
-        appendfsync: None,
-        ..RedisServerOptions::default()
-    })
-    .unwrap();
-    let con = RedisArgs::for_url(redis.url()).connect().unwrap();
+    let redis = support::redis_with(None);
+    let con = support::connect(&redis);
     let header =
         customer_header.map(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).unwrap());
     let query = QueryApi::new(
@@ -147,20 +142,7 @@ async fn get(s: &Stack, path: &str) -> Reply {
 }
 
 async fn start_promotion(con: &mut RedisConnection, id: &PromotionId, coupons: u64) {
-    let now = Utc::now().timestamp_millis();
-    let spec = PromotionSpec {
-        discount: 0.5,
-        number_of_coupons: coupons,
-        publish_time: Utc.timestamp_millis_opt(now - 1_000).unwrap(),
-        finish_time: Utc.timestamp_millis_opt(now + 3_600_000).unwrap(),
-    };
-    assert!(protocol::schedule(con, id, &spec).await.unwrap().started);
-    let _: () = redis::cmd("SADD")
-        .arg(PROMOTION_INDEX_KEY)
-        .arg(id.to_string())
-        .query_async(con)
-        .await
-        .unwrap();
+    support::start_promotion(con, id, 0.5, coupons).await;
 }
 
 async fn project(s: &Stack) {
