@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{HttpMetrics, MetricsRegistry, RedisMetrics};
+use crate::metrics::{HttpMetrics, MetricsRegistry, RedisMetrics, RouteMetrics};
 use crate::redis_connection::RedisConnection;
 
 /// Every response body is small and built in one piece.
@@ -316,38 +316,64 @@ pub enum HttpError {
 struct Router {
     apis: Vec<Arc<dyn Api>>,
     routes: Vec<(Method, &'static str)>,
+    /// The distinct templates of `routes`, in order.
+    templates: Vec<&'static str>,
+    /// Where requests are recorded: one [`RouteMetrics`] per template of
+    /// `templates` (same index), then the one of `unmatched`.
+    metrics: Option<Vec<RouteMetrics>>,
     limits: ServerLimits,
 }
 
 impl Router {
-    /// The template `path` matches, if any, for metrics and 404/405.
-    fn template_of(&self, path: &str) -> Option<&'static str> {
-        self.routes
-            .iter()
-            .find(|(_, t)| route_matches(t, path))
-            .map(|(_, t)| *t)
+    fn new(apis: Vec<Arc<dyn Api>>, limits: ServerLimits) -> Self {
+        let routes: Vec<(Method, &'static str)> = apis.iter().flat_map(|a| a.routes()).collect();
+        let mut templates: Vec<&'static str> = Vec::new();
+        for (_, t) in &routes {
+            if !templates.contains(t) {
+                templates.push(t);
+            }
+        }
+        let metrics = limits.metrics.as_ref().map(|m| {
+            templates
+                .iter()
+                .chain(std::iter::once(&"unmatched"))
+                .map(|t| m.route(t))
+                .collect()
+        });
+        Self {
+            apis,
+            routes,
+            templates,
+            metrics,
+            limits,
+        }
+    }
+
+    /// The index in `templates` of the template `path` matches, if any, for
+    /// metrics and 404/405.
+    fn template_of(&self, path: &str) -> Option<usize> {
+        self.templates.iter().position(|t| route_matches(t, path))
     }
 
     async fn respond(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
         let started = Instant::now();
         let route = self.template_of(request.uri().path());
         let response = match self.read(request, peer).await {
-            Ok(req) => self.dispatch(&req, route).await,
+            Ok(req) => self.dispatch(&req, route.map(|i| self.templates[i])).await,
             Err(e) => e.into_response(),
         };
-        if let Some(metrics) = &self.limits.metrics {
+        if let Some(metrics) = &self.metrics {
             let status = response.status();
             let outcome = match response.extensions().get::<Outcome>() {
                 Some(o) => o.0,
                 None if status.is_success() => "ok",
                 None => "error",
             };
-            metrics.observe(
-                route.unwrap_or("unmatched"),
-                status.as_u16(),
-                outcome,
-                started.elapsed(),
-            );
+            // The last entry is `unmatched`.
+            let index = route.unwrap_or(self.templates.len());
+            if let Some(m) = metrics.get(index) {
+                m.observe(status.as_u16(), outcome, started.elapsed());
+            }
         }
         response
     }
@@ -438,15 +464,10 @@ pub async fn serve(
     limits: ServerLimits,
     shutdown: CancellationToken,
 ) -> Result<(), HttpError> {
-    let routes = apis.iter().flat_map(|a| a.routes()).collect();
     let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS) as u32;
     let header_read_timeout = limits.header_read_timeout;
     let drain_timeout = limits.drain_timeout;
-    let router = Arc::new(Router {
-        apis,
-        routes,
-        limits,
-    });
+    let router = Arc::new(Router::new(apis, limits));
     let connections = Arc::new(Semaphore::new(max_connections as usize));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving HTTP");
@@ -483,6 +504,10 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_read_timeout)
                 .keep_alive(true)
+                // Responses are a few hundred bytes: copying the body
+                // behind the head and sending one buffer costs less than a
+                // vectored write of the two (measured on the sold-out path).
+                .writev(false)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let result = tokio::select! {
