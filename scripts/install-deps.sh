@@ -15,7 +15,10 @@ want=("$@")
 apt_updated=0
 apt_install() {
   local missing=()
-  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  # "install ok installed" only: a removed package keeps a dpkg entry (config-files).
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
   [ ${#missing[@]} -gt 0 ] || return 0
   local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   if [ $apt_updated = 0 ]; then $sudo apt-get update -qq; apt_updated=1; fi
