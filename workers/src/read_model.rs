@@ -429,28 +429,9 @@ pub async fn customer_coupons<C: ConnectionLike>(
     Ok(coupons)
 }
 
-/// Redis' clock in epoch milliseconds (every freshness number is on it, so
-/// hosts with skewed clocks cannot make the read model look fresher).
-pub async fn redis_now_ms<C: ConnectionLike>(con: &mut C) -> Result<i64, ReadModelError> {
-    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(con).await?;
-    Ok(secs * 1000 + micros / 1000)
-}
-
 /// Records that projector `consumer` was, at Redis time `at_ms`, `lag_ms`
-/// behind the streams (0 when it found nothing left to apply).
-pub async fn record_progress<C: ConnectionLike>(
-    con: &mut C,
-    consumer: &str,
-    lag_ms: i64,
-    at_ms: i64,
-) -> Result<(), ReadModelError> {
-    progress_write(consumer, lag_ms, at_ms)
-        .exec_async(con)
-        .await?;
-    Ok(())
-}
-
-/// The command of [`record_progress`], to send along with others.
+/// behind the streams (0 when it found nothing left to apply); a command to
+/// send along with the acknowledgements.
 pub fn progress_write(consumer: &str, lag_ms: i64, at_ms: i64) -> redis::Cmd {
     let mut cmd = redis::cmd("HSET");
     cmd.arg(keys::PROGRESS)
