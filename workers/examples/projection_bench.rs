@@ -56,7 +56,11 @@ async fn check(con: &mut RedisConnection, id: &PromotionId, n: u64) -> Result<()
     Ok(())
 }
 
-async fn reset(con: &mut RedisConnection, stream: &str) -> Result<(), Error> {
+async fn reset(
+    con: &mut RedisConnection,
+    models: &mut RedisConnection,
+    stream: &str,
+) -> Result<(), Error> {
     let _: () = redis::cmd("XGROUP")
         .arg("DESTROY")
         .arg(stream)
@@ -64,7 +68,7 @@ async fn reset(con: &mut RedisConnection, stream: &str) -> Result<(), Error> {
         .query_async(con)
         .await?;
     // Drop the read models, so the next projectors start from nothing.
-    read_model::drop_all_scanned(con).await?;
+    read_model::drop_database(models).await?;
     Ok(())
 }
 
@@ -128,14 +132,19 @@ impl Phase {
     }
 }
 
-async fn project(con: &RedisConnection, replicas: usize) -> Result<usize, Error> {
+async fn project(
+    con: &RedisConnection,
+    models: &RedisConnection,
+    replicas: usize,
+) -> Result<usize, Error> {
     let mut tasks = Vec::new();
     for r in 0..replicas {
         // A connection of its own per replica, as separate processes would have.
-        let con = con.clone();
+        let (con, models) = (con.clone(), models.clone());
         tasks.push(tokio::spawn(async move {
             let mut p = Projector::new(
                 con,
+                models,
                 ProjectorOptions::new(format!("bench-{r}")),
                 ProjectorMetrics::unregistered(),
             );
@@ -163,6 +172,8 @@ async fn main() -> Result<(), Error> {
         ..RedisArgs::for_url(url)
     };
     let mut con = args.connect()?;
+    // The read models in their own database, as the workers open them.
+    let mut models = args.connect_read_models()?;
     let id = PromotionId::new("bench", "projection")?;
     let stream = PromotionKeys::new(&id).events;
     let promotion = id.to_string();
@@ -240,20 +251,26 @@ async fn main() -> Result<(), Error> {
     }
 
     let started = Phase::start(&mut con).await?;
-    let applied_one = project(&con, 1).await?;
+    let applied_one = project(&con, &models, 1).await?;
     let one = Phase::end(&mut con, started).await?;
-    check(&mut con, &id, n).await?;
+    check(&mut models, &id, n).await?;
 
-    reset(&mut con, &stream).await?;
+    reset(&mut con, &mut models, &stream).await?;
     let started = Phase::start(&mut con).await?;
-    let applied_two = project(&con, 2).await?;
+    let applied_two = project(&con, &models, 2).await?;
     let two = Phase::end(&mut con, started).await?;
-    check(&mut con, &id, n).await?;
+    check(&mut models, &id, n).await?;
 
     let started = Phase::start(&mut con).await?;
-    let rebuilt = projector::rebuild(&mut con, &ProjectorMetrics::unregistered(), page).await?;
+    let rebuilt = projector::rebuild(
+        &mut con,
+        &mut models,
+        &ProjectorMetrics::unregistered(),
+        page,
+    )
+    .await?;
     let rebuild = Phase::end(&mut con, started).await?;
-    check(&mut con, &id, n).await?;
+    check(&mut models, &id, n).await?;
 
     let rate = |count: f64, phase: &Phase| count / phase.secs.max(1e-9);
     let xrange_rate = rate(read as f64, &xrange);

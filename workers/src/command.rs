@@ -742,8 +742,9 @@ pub async fn run(args: CommandArgs) -> Result<(), CommandError> {
             customer_id_header,
             redis_timeout: args.redis.timeout(),
         };
+        let read_models = args.redis.connect_read_models()?;
         apis.push(Arc::new(
-            QueryApi::new(redis.clone(), options).with_redis_metrics(metrics.redis.clone()),
+            QueryApi::new(read_models, options).with_redis_metrics(metrics.redis.clone()),
         ));
     }
     apis.push(Arc::new(

@@ -23,8 +23,9 @@
 //! JSON tree. Discovery, XPENDING and the Redis clock are refreshed once a
 //! second, XAUTOCLAIM every quarter of `--claim-idle-ms`, not every step.
 //!
-//! `--rebuild` drops every read-model key and replays all streams from the
-//! start with XRANGE (leaving the consumer groups alone, so live replicas may
+//! `--rebuild` drops every read-model key (one FLUSHDB ASYNC of the read
+//! models' own database on a standalone Redis) and replays all streams from
+//! the start with XRANGE (leaving the consumer groups alone, so live replicas may
 //! keep running: what they apply meanwhile is idempotent), then exits.
 
 use std::collections::{BTreeMap, HashSet};
@@ -286,7 +287,10 @@ struct ReadAhead {
 
 /// One projector replica.
 pub struct Projector {
+    /// The command side: streams, consumer groups, the promotion index.
     con: RedisConnection,
+    /// The read models (their own database on a standalone Redis).
+    models: RedisConnection,
     options: ProjectorOptions,
     metrics: ProjectorMetrics,
     streams: BTreeMap<PromotionId, StreamCursor>,
@@ -474,9 +478,17 @@ fn read_group_cmd(consumer: &str, count: usize, stream: &str, from: Option<&str>
 }
 
 impl Projector {
-    pub fn new(con: RedisConnection, options: ProjectorOptions, metrics: ProjectorMetrics) -> Self {
+    /// A replica reading the streams through `con` and writing the read
+    /// models through `models` (see [`RedisArgs::connect_read_models`]).
+    pub fn new(
+        con: RedisConnection,
+        models: RedisConnection,
+        options: ProjectorOptions,
+        metrics: ProjectorMetrics,
+    ) -> Self {
         Self {
             con,
+            models,
             options,
             metrics,
             streams: BTreeMap::new(),
@@ -532,7 +544,7 @@ impl Projector {
                 }
             }
         }
-        let _ = read_model::forget_progress(&mut self.con, &self.options.consumer).await;
+        let _ = read_model::forget_progress(&mut self.models, &self.options.consumer).await;
         tracing::info!(consumer = %self.options.consumer, "projector stopped");
     }
 
@@ -729,7 +741,7 @@ impl Projector {
         let idle_report_due = self
             .last_progress
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-        let mut commands: Vec<redis::Cmd> = done
+        let mut acks: Vec<redis::Cmd> = done
             .acks
             .iter()
             .filter(|(_, ids)| !ids.is_empty())
@@ -739,18 +751,33 @@ impl Projector {
                 xack
             })
             .collect();
-        if applied > 0 || idle_report_due {
-            commands.push(read_model::progress_write(
-                &self.options.consumer,
-                max_lag_ms,
-                now_ms,
-            ));
+        let progress = (applied > 0 || idle_report_due).then(|| {
             self.last_progress = Some(Instant::now());
+            read_model::progress_write(&self.options.consumer, max_lag_ms, now_ms)
+        });
+        if self.models.other_database_than(&self.con) {
+            // Two databases, two connections: both at once.
+            let mut models = self.models.clone();
+            let report = async move {
+                match progress {
+                    Some(p) => p.exec_async(&mut models).await,
+                    None => Ok(()),
+                }
+            };
+            let mut con = self.con.clone();
+            let ack = async move {
+                if acks.is_empty() {
+                    return Ok(Vec::new());
+                }
+                con.query_each::<Value>(acks).await
+            };
+            futures::try_join!(ack, report)?;
+        } else {
+            acks.extend(progress);
+            if !acks.is_empty() {
+                let _: Vec<Value> = self.con.query_each(acks).await?;
+            }
         }
-        if commands.is_empty() {
-            return Ok(());
-        }
-        let _: Vec<Value> = self.con.query_each(commands).await?;
         // Observed once acknowledged: the lag is XADD to applied and acked.
         let now_ms = local_now_ms() + self.clock_offset_ms;
         for (events, (_, ids)) in done.types.iter().zip(&done.acks) {
@@ -948,10 +975,10 @@ impl Projector {
             return Ok(());
         }
         let written = async {
-            let phase = read_model::apply_to_models(&mut self.con, id, &events).await?;
+            let phase = read_model::apply_to_models(&mut self.models, id, &events).await?;
             let indexed = self.streams.get(id).and_then(|c| c.indexed);
             if let Some(phase) = phase.filter(|p| Some(*p) != indexed) {
-                read_model::index_phase(&mut self.con, id, phase).await?;
+                read_model::index_phase(&mut self.models, id, phase).await?;
                 if let Some(c) = self.streams.get_mut(id) {
                     c.indexed = Some(phase);
                 }
@@ -1007,9 +1034,15 @@ const REBUILD_STREAMS_AT_ONCE: usize = 4;
 const REBUILD_PAGES_AT_ONCE: usize = 3;
 
 /// Drops every read-model key and replays every indexed stream from the
-/// start. Safe while live projectors run: the keys are dropped before the
-/// replay reads each stream, so an event applied live before the drop is
-/// replayed, and one applied live after it is idempotent.
+/// start, reading the streams through `con` and writing through `models`.
+/// Safe while live projectors run: the keys are dropped before the replay
+/// reads each stream, so an event applied live before the drop is replayed,
+/// and one applied live after it is idempotent.
+///
+/// The drop is one FLUSHDB ASYNC when the read models have a database of
+/// their own (see [`read_model::drop_database`]); sharing the streams'
+/// database it deletes them key by key, found by SCAN on a standalone
+/// server and from the streams on a cluster (where SCAN reaches one node).
 ///
 /// Fast because order does not matter to the read models: each stream is
 /// read page after page (`page` entries per XRANGE) while the pages already
@@ -1017,6 +1050,7 @@ const REBUILD_PAGES_AT_ONCE: usize = 3;
 /// active index of a promotion is written once, after its whole stream.
 pub async fn rebuild(
     con: &mut RedisConnection,
+    models: &mut RedisConnection,
     metrics: &ProjectorMetrics,
     page: usize,
 ) -> Result<RebuildReport, ProjectorError> {
@@ -1034,13 +1068,15 @@ pub async fn rebuild(
         streams: ids.len(),
         ..RebuildReport::default()
     };
-    report.keys_dropped = if con.is_cluster() {
+    report.keys_dropped = if models.other_database_than(con) {
+        read_model::drop_database(models).await?
+    } else if con.is_cluster() {
         // SCAN reaches one node of a cluster; the read-model keys that can
         // exist are known from the index and the streams instead.
         let keys = cluster_read_model_keys(con, &ids, page).await?;
-        read_model::drop_keys(con, &keys).await?
+        read_model::drop_keys(models, &keys).await?
     } else {
-        read_model::drop_all_scanned(con).await?
+        read_model::drop_all_scanned(models).await?
     };
     tracing::info!(
         keys = report.keys_dropped,
@@ -1048,9 +1084,9 @@ pub async fn rebuild(
         "read models dropped; replaying"
     );
     let replays = futures::stream::iter(ids.into_iter().map(|id| {
-        let con = con.clone();
+        let (con, models) = (con.clone(), models.clone());
         let metrics = metrics.clone();
-        async move { replay_stream(con, metrics, id, page).await }
+        async move { replay_stream(con, models, metrics, id, page).await }
     }))
     .buffer_unordered(REBUILD_STREAMS_AT_ONCE);
     let totals: Vec<(usize, usize)> = replays.try_collect().await?;
@@ -1083,6 +1119,7 @@ async fn read_page(
 /// Replays one stream; returns (applied, skipped).
 async fn replay_stream(
     con: RedisConnection,
+    models: RedisConnection,
     metrics: ProjectorMetrics,
     id: PromotionId,
     page: usize,
@@ -1101,7 +1138,7 @@ async fn replay_stream(
         phase = phase.max(page.phase);
         Ok(())
     };
-    let mut reader = con.clone();
+    let mut reader = con;
     let mut after: Option<String> = None;
     loop {
         let entries = read_page(&mut reader, &stream, after.as_deref(), page).await?;
@@ -1113,8 +1150,8 @@ async fn replay_stream(
                 collect(r)?;
             }
         }
-        let (mut con, metrics, id) = (con.clone(), metrics.clone(), id.clone());
-        applying.spawn(async move { apply_page(&mut con, &metrics, &id, entries).await });
+        let (mut models, metrics, id) = (models.clone(), metrics.clone(), id.clone());
+        applying.spawn(async move { apply_page(&mut models, &metrics, &id, entries).await });
         if !full {
             break;
         }
@@ -1123,8 +1160,8 @@ async fn replay_stream(
         collect(r)?;
     }
     if let Some(phase) = phase {
-        let mut con = con;
-        read_model::index_phase(&mut con, &id, phase).await?;
+        let mut models = models;
+        read_model::index_phase(&mut models, &id, phase).await?;
     }
     Ok((applied, skipped))
 }
@@ -1218,12 +1255,19 @@ async fn cluster_read_model_keys(
 /// Runs the role until SIGTERM (or, with `--rebuild`, until the replay ends).
 pub async fn run(args: ProjectorArgs) -> Result<(), ProjectorError> {
     let con = args.redis.connect()?;
+    let models = args.redis.connect_read_models()?;
     let worker_metrics = WorkerMetrics::new();
     let metrics = ProjectorMetrics::register(&worker_metrics.registry);
     if args.rebuild {
-        let mut con = con;
+        let (mut con, mut models) = (con, models);
         let started = Instant::now();
-        let report = rebuild(&mut con, &metrics, args.batch_size.max(REBUILD_PAGE)).await?;
+        let report = rebuild(
+            &mut con,
+            &mut models,
+            &metrics,
+            args.batch_size.max(REBUILD_PAGE),
+        )
+        .await?;
         tracing::info!(?report, took = ?started.elapsed(), "read models rebuilt");
         return Ok(());
     }
@@ -1258,7 +1302,7 @@ pub async fn run(args: ProjectorArgs) -> Result<(), ProjectorError> {
         limits,
         shutdown.clone(),
     ));
-    Projector::new(con, options, metrics)
+    Projector::new(con, models, options, metrics)
         .run(shutdown.clone())
         .await;
     shutdown.cancel();

@@ -198,7 +198,7 @@ impl QueryApi {
         let failure = match tokio::time::timeout(self.options.redis_timeout, both).await {
             Ok((Ok(value), Ok(lag))) => return Ok((value, lag.unwrap_or(-1))),
             Ok((Err(e), _)) | Ok((_, Err(e))) => match e {
-                ReadModelError::BadData(_) => {
+                ReadModelError::BadData(_) | ReadModelError::ForeignKey { .. } => {
                     tracing::error!(error = %e, "read model holds unexpected data");
                     return Err(ApiError::internal(format!(
                         "the read model is damaged: {e}"
@@ -338,7 +338,7 @@ impl Api for QueryApi {
 
 /// Runs the role until SIGTERM.
 pub async fn run(args: QueryArgs) -> Result<(), QueryError> {
-    let con = args.redis.connect()?;
+    let con = args.redis.connect_read_models()?;
     let metrics = WorkerMetrics::new();
     let options = QueryOptions::from_flags(args.customer_id_header.as_deref(), &args.redis)?;
     let query = QueryApi::new(con.clone(), options).with_redis_metrics(metrics.redis.clone());

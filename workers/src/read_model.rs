@@ -10,6 +10,13 @@
 //! | `seckill:rm:customer:{id}:coupons` | hash: promotion id -> coupon JSON |
 //! | `seckill:rm:active` | set: promotion ids believed active (an index; readers filter by phase) |
 //! | `seckill:rm:progress` | hash: consumer name -> `lagMs:atMs` (freshness) |
+//!
+//! On a standalone Redis they live in a logical database of their own
+//! (`--redis-read-model-db`, see [`RedisArgs::connect_read_models`]), so a
+//! rebuild empties it at once ([`drop_database`]); sharing the streams'
+//! database (a cluster has no other) they are deleted key by key.
+//!
+//! [`RedisArgs::connect_read_models`]: crate::redis_connection::RedisArgs::connect_read_models
 
 use std::collections::HashMap;
 
@@ -31,6 +38,8 @@ pub enum ReadModelError {
     Redis(#[from] redis::RedisError),
     #[error("read model holds unexpected data: {0}")]
     BadData(String),
+    #[error("the read-model database {db} holds {key:?}, which is not a read model: refusing to empty it (give --redis-read-model-db a database of its own, or empty it yourself)")]
+    ForeignKey { db: i64, key: String },
 }
 
 /// Phase of a promotion as the read model knows it; ordered as phases rise.
@@ -485,6 +494,58 @@ pub async fn projection_lag_ms<C: ConnectionLike>(
         .query_async(con)
         .await?;
     Ok(lag_from_reports(&reports, secs * 1000 + micros / 1000))
+}
+
+/// Keys of the read-model database looked at before it is emptied: one SCAN
+/// page and this many RANDOMKEYs.
+const FOREIGN_KEY_SAMPLE: usize = 16;
+
+/// Empties the read models' own database (a standalone server's
+/// `--redis-read-model-db`) with one FLUSHDB ASYNC: Redis hands the keys to a
+/// background thread, so this costs its main thread next to nothing however
+/// many customers there are, where deleting them key by key costs a few
+/// microseconds each. Returns how many keys the database held.
+///
+/// FLUSHDB turns a misconfiguration (the database also used for something
+/// else) into data loss, so a sample of its keys is looked at first and the
+/// drop refused, naming a key, when one is not a read model. A sample cannot
+/// prove there is none; the flag's help says the database must be given to
+/// nothing else. When the ACL user may not run FLUSHDB (`-@dangerous`), the
+/// keys are deleted one SCAN page at a time instead.
+pub async fn drop_database(con: &mut RedisConnection) -> Result<u64, ReadModelError> {
+    let (_, mut keys_seen): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(con)
+        .await?;
+    let mut random = redis::pipe();
+    for _ in 0..FOREIGN_KEY_SAMPLE {
+        random.cmd("RANDOMKEY");
+    }
+    let random: Vec<Option<String>> = random.query_async(con).await?;
+    keys_seen.extend(random.into_iter().flatten());
+    if let Some(key) = keys_seen.into_iter().find(|k| !k.starts_with(keys::PREFIX)) {
+        return Err(ReadModelError::ForeignKey {
+            db: con.get_db(),
+            key,
+        });
+    }
+    let flushed: redis::RedisResult<(u64, ())> = redis::pipe()
+        .atomic()
+        .cmd("DBSIZE")
+        .cmd("FLUSHDB")
+        .arg("ASYNC")
+        .query_async(con)
+        .await;
+    match flushed {
+        Ok((size, ())) => Ok(size),
+        Err(e) if matches!(e.code(), Some("NOPERM") | Some("EXECABORT")) => {
+            tracing::warn!(error = %e, "FLUSHDB is not allowed; deleting the read models key by key");
+            drop_all_scanned(con).await
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Deletes every read-model key (`seckill:rm:*`) of a standalone server,

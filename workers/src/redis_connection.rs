@@ -49,6 +49,15 @@ pub struct RedisArgs {
     /// with 503 instead of hanging.
     #[arg(long, env = "SECKILL_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
+
+    /// Logical database of the read models on a standalone Redis [default: 1].
+    /// A database of their own keeps them apart from the event streams and lets
+    /// `projector --rebuild` empty it with one FLUSHDB ASYNC, so give it to
+    /// nothing else; the URL's database instead shares the keyspace (the
+    /// rebuild then deletes them key by key). A Redis Cluster has only
+    /// database 0, where the read models live beside the streams.
+    #[arg(long, env = "SECKILL_REDIS_READ_MODEL_DB")]
+    pub redis_read_model_db: Option<i64>,
 }
 
 /// Redis could not be set up from the flags given.
@@ -64,9 +73,15 @@ pub enum RedisSetupError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("a Redis Cluster has only database 0; --redis-read-model-db {0} cannot be used with --redis-cluster-nodes")]
+    ClusterDatabase(i64),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
+
+/// Read-model database of a standalone Redis when `--redis-read-model-db` is
+/// not given.
+pub const DEFAULT_READ_MODEL_DB: i64 = 1;
 
 impl RedisArgs {
     /// Args for one standalone server URL with the defaults otherwise.
@@ -126,8 +141,32 @@ impl RedisArgs {
         }
     }
 
-    /// Builds the connection; does not wait for Redis to be reachable.
+    /// Builds the connection to the command side (streams, promotion state);
+    /// does not wait for Redis to be reachable.
     pub fn connect(&self) -> Result<RedisConnection, RedisSetupError> {
+        self.connect_to(None)
+    }
+
+    /// Builds the connection to the read models: the same server, in the
+    /// read-model database on a standalone Redis (see
+    /// `--redis-read-model-db`); on a cluster, a connection like
+    /// [`connect`](Self::connect)'s.
+    pub fn connect_read_models(&self) -> Result<RedisConnection, RedisSetupError> {
+        if self.redis_cluster_nodes.is_empty() {
+            self.connect_to(Some(
+                self.redis_read_model_db.unwrap_or(DEFAULT_READ_MODEL_DB),
+            ))
+        } else {
+            match self.redis_read_model_db {
+                Some(db) if db != 0 => Err(RedisSetupError::ClusterDatabase(db)),
+                _ => self.connect_to(None),
+            }
+        }
+    }
+
+    /// Builds a connection, to database `db` instead of the URL's when given
+    /// (standalone only).
+    fn connect_to(&self, db: Option<i64>) -> Result<RedisConnection, RedisSetupError> {
         // rustls needs one process-wide crypto provider; the first caller wins
         // and later ones (kube's client in the operator) find it installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -180,6 +219,9 @@ impl RedisArgs {
                     source,
                 })?;
         let mut settings = info.redis_settings().clone();
+        if let Some(db) = db {
+            settings = settings.set_db(db);
+        }
         if let Some(u) = &self.redis_username {
             settings = settings.set_username(u);
         }
@@ -212,6 +254,12 @@ pub enum RedisConnection {
 impl RedisConnection {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))
+    }
+
+    /// Whether `other` reaches another logical database of the same
+    /// standalone server than this one (false on a cluster: one database).
+    pub fn other_database_than(&self, other: &Self) -> bool {
+        !self.is_cluster() && !other.is_cluster() && self.get_db() != other.get_db()
     }
 
     /// Runs commands that each touch their own key, answers in order: one

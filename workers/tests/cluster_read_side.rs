@@ -90,8 +90,11 @@ async fn projection_and_rebuild_on_three_masters_give_the_same_exact_read_models
     }
     assert_eq!(granted.len(), PROMOTIONS * COUPONS as usize);
 
+    // A cluster has one database: the read models live beside the streams.
+    let mut models = con.clone();
     let mut projector = Projector::new(
         con.clone(),
+        models.clone(),
         ProjectorOptions::new("cluster-test"),
         ProjectorMetrics::unregistered(),
     );
@@ -121,9 +124,14 @@ async fn projection_and_rebuild_on_three_masters_give_the_same_exact_read_models
         .unwrap()
         .is_empty());
 
-    let rebuilt_report = projector::rebuild(&mut con, &ProjectorMetrics::unregistered(), 100)
-        .await
-        .unwrap();
+    let rebuilt_report = projector::rebuild(
+        &mut con,
+        &mut models,
+        &ProjectorMetrics::unregistered(),
+        100,
+    )
+    .await
+    .unwrap();
     assert_eq!(rebuilt_report.streams, PROMOTIONS);
     assert!(rebuilt_report.keys_dropped > 0);
     let rebuilt = read_back(&mut con, &ids, &customers).await;

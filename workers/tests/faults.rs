@@ -599,7 +599,14 @@ async fn kill_9_of_one_of_three_command_workers_mid_sale_fails_over_and_sells_ex
             "every grant was answered 200 to its customer"
         );
         assert_eq!(facts.finished.len(), 1);
-        verify_read_model(&mut con, &id, &facts, &sale, Duration::from_secs(30)).await;
+        verify_read_model(
+            &mut support::connect_read_models(&server),
+            &id,
+            &facts,
+            &sale,
+            Duration::from_secs(30),
+        )
+        .await;
     }
 }
 
@@ -661,7 +668,14 @@ async fn kill_9_of_a_projector_holding_pending_entries_mid_sale_is_completed_by_
         &facts,
     );
     assert_eq!(facts.grabs.len() as u64, coupons);
-    verify_read_model(&mut con, &id, &facts, &sale, Duration::from_secs(30)).await;
+    verify_read_model(
+        &mut support::connect_read_models(&server),
+        &id,
+        &facts,
+        &sale,
+        Duration::from_secs(30),
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while pending_total(&mut con, &id).await > 0 {
         assert!(Instant::now() < deadline, "entries left pending");
@@ -732,7 +746,14 @@ async fn redis_kill_9_round(
         assert!(sale.count(503) > 0, "no 503 while Redis was down");
         assert_eq!(facts.grabs.len() as u64, coupons);
         assert_eq!(sale.granted().len() as u64, coupons);
-        verify_read_model(&mut con, &id, &facts, &sale, Duration::from_secs(30)).await;
+        verify_read_model(
+            &mut support::connect_read_models(&server),
+            &id,
+            &facts,
+            &sale,
+            Duration::from_secs(30),
+        )
+        .await;
     }
     (lost, sale, facts)
 }
@@ -907,7 +928,14 @@ async fn redis_stalled_for_2_s_mid_sale_answers_503_within_the_timeout_and_recov
             in_stream.get(customer).map(String::as_str)
         );
     }
-    verify_read_model(&mut con, &id, &facts, &sale, Duration::from_secs(30)).await;
+    verify_read_model(
+        &mut support::connect_read_models(&server),
+        &id,
+        &facts,
+        &sale,
+        Duration::from_secs(30),
+    )
+    .await;
 }
 
 /// Scenario 7 (command side): a worker whose host clock is five minutes

@@ -15,9 +15,12 @@ use seckill_workers::protocol::{
     PROJECTOR_GROUP,
 };
 use seckill_workers::read_model::{self, Phase};
-use seckill_workers::redis_connection::RedisConnection;
+use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::{free_port, RedisServer};
-use support::{connect, events_of, metric_value, metrics_of, pending_total, redis_with, Worker};
+use support::{
+    connect, connect_read_models, events_of, metric_value, metrics_of, pending_total, redis_with,
+    Worker,
+};
 
 fn server() -> RedisServer {
     redis_with(None)
@@ -73,6 +76,13 @@ async fn dump(con: &mut RedisConnection) -> BTreeMap<String, Vec<(String, String
             .await
             .unwrap();
         let batch: Vec<String> = batch.into_iter().filter(|k| k != keys::PROGRESS).collect();
+        if batch.is_empty() {
+            if next == 0 {
+                return out;
+            }
+            cursor = next;
+            continue;
+        }
         let mut types = redis::pipe();
         for key in &batch {
             types.cmd("TYPE").arg(key);
@@ -121,24 +131,25 @@ async fn applying_every_event_twice_leaves_the_read_models_as_applying_once() {
     let events = events_of(&mut con, &id).await;
     assert_eq!(events.len(), 1 + 5 + 1, "{events:?}");
 
-    read_model::apply(&mut con, &id, &events).await.unwrap();
-    let once = dump(&mut con).await;
+    let mut rm = connect_read_models(&s);
+    read_model::apply(&mut rm, &id, &events).await.unwrap();
+    let once = dump(&mut rm).await;
     for chunk in events.chunks(2) {
-        read_model::apply(&mut con, &id, chunk).await.unwrap();
+        read_model::apply(&mut rm, &id, chunk).await.unwrap();
     }
-    read_model::apply(&mut con, &id, &events).await.unwrap();
-    assert_eq!(dump(&mut con).await, once);
+    read_model::apply(&mut rm, &id, &events).await.unwrap();
+    assert_eq!(dump(&mut rm).await, once);
 
-    let view = read_model::promotion(&mut con, &id).await.unwrap().unwrap();
+    let view = read_model::promotion(&mut rm, &id).await.unwrap().unwrap();
     assert_eq!(view.phase, Phase::Finished);
     assert_eq!((view.granted, view.remaining), (5, 0));
     assert_eq!(view.finish_reason.as_deref(), Some("SoldOut"));
-    let coupons = read_model::customer_coupons(&mut con, &CustomerId::parse("c-0").unwrap())
+    let coupons = read_model::customer_coupons(&mut rm, &CustomerId::parse("c-0").unwrap())
         .await
         .unwrap();
     assert_eq!(coupons.len(), 1);
     assert_eq!(coupons[0].coupon_id, "shop/twice#1");
-    assert!(read_model::active_promotions(&mut con)
+    assert!(read_model::active_promotions(&mut rm)
         .await
         .unwrap()
         .is_empty());
@@ -160,7 +171,8 @@ fn shuffled<T: Clone>(items: &[T], mut seed: u64) -> Vec<T> {
 async fn events_in_any_order_across_two_projectors_converge_to_the_in_order_read_models() {
     let s = server();
     let mut con = connect(&s);
-    let mut other = connect(&s);
+    let mut rm = connect_read_models(&s);
+    let mut other = connect_read_models(&s);
     let id = promotion("order");
     start_promotion(&mut con, &id, 6).await;
     grab_many(&mut con, &id, 0, 6).await;
@@ -174,8 +186,8 @@ async fn events_in_any_order_across_two_projectors_converge_to_the_in_order_read
         Some("PromotionFinished")
     );
 
-    read_model::apply(&mut con, &id, &events).await.unwrap();
-    let in_order = dump(&mut con).await;
+    read_model::apply(&mut rm, &id, &events).await.unwrap();
+    let in_order = dump(&mut rm).await;
     assert!(in_order.contains_key(&keys::promotion(&id)));
 
     // Finished first, then the grabs newest first, Started last; then random
@@ -186,39 +198,37 @@ async fn events_in_any_order_across_two_projectors_converge_to_the_in_order_read
         orders.push(shuffled(&events, seed * 0x9E37_79B9));
     }
     for order in orders {
-        read_model::drop_all_scanned(&mut con).await.unwrap();
+        read_model::drop_all_scanned(&mut rm).await.unwrap();
         for (i, event) in order.iter().enumerate() {
-            let replica = if i % 2 == 0 { &mut con } else { &mut other };
+            let replica = if i % 2 == 0 { &mut rm } else { &mut other };
             read_model::apply(replica, &id, std::slice::from_ref(event))
                 .await
                 .unwrap();
         }
         let names: Vec<_> = order.iter().map(Event::type_name).collect();
-        assert_eq!(dump(&mut con).await, in_order, "order {names:?}");
+        assert_eq!(dump(&mut rm).await, in_order, "order {names:?}");
     }
 
     // A grab seen before Started, alone, already marks the promotion active;
     // Finished before Started keeps it finished and out of the active set.
-    read_model::drop_all_scanned(&mut con).await.unwrap();
-    read_model::apply(&mut con, &id, &events[1..2])
+    read_model::drop_all_scanned(&mut rm).await.unwrap();
+    read_model::apply(&mut rm, &id, &events[1..2])
         .await
         .unwrap();
     let members: Vec<String> = redis::cmd("SMEMBERS")
         .arg(keys::ACTIVE)
-        .query_async(&mut con)
+        .query_async(&mut rm)
         .await
         .unwrap();
     assert_eq!(members, vec![id.to_string()]);
     read_model::apply(&mut other, &id, &events[events.len() - 1..])
         .await
         .unwrap();
-    read_model::apply(&mut con, &id, &events[..1])
-        .await
-        .unwrap();
-    let view = read_model::promotion(&mut con, &id).await.unwrap().unwrap();
+    read_model::apply(&mut rm, &id, &events[..1]).await.unwrap();
+    let view = read_model::promotion(&mut rm, &id).await.unwrap().unwrap();
     assert_eq!(view.phase, Phase::Finished);
     assert_eq!(view.granted, 6);
-    assert!(read_model::active_promotions(&mut con)
+    assert!(read_model::active_promotions(&mut rm)
         .await
         .unwrap()
         .is_empty());
@@ -228,11 +238,13 @@ async fn events_in_any_order_across_two_projectors_converge_to_the_in_order_read
 async fn two_replicas_share_the_streams_find_new_ones_and_complete_the_read_models() {
     let s = server();
     let mut con = connect(&s);
+    let mut rm = connect_read_models(&s);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::new();
     for name in ["r1", "r2"] {
         let p = Projector::new(
             connect(&s),
+            connect_read_models(&s),
             ProjectorOptions {
                 batch_size: 20,
                 discovery_interval: Duration::from_millis(200),
@@ -252,7 +264,7 @@ async fn two_replicas_share_the_streams_find_new_ones_and_complete_the_read_mode
     loop {
         let mut done = true;
         for id in &ids {
-            let v = read_model::promotion(&mut con, id).await.unwrap();
+            let v = read_model::promotion(&mut rm, id).await.unwrap();
             done &= v.is_some_and(|v| v.granted == 250 && v.remaining == 50)
                 && pending_total(&mut con, id).await == 0;
         }
@@ -262,15 +274,15 @@ async fn two_replicas_share_the_streams_find_new_ones_and_complete_the_read_mode
         assert!(
             Instant::now() < deadline,
             "read models incomplete: {:?}",
-            dump(&mut con).await.len()
+            dump(&mut rm).await.len()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let active = read_model::active_promotions(&mut con).await.unwrap();
+    let active = read_model::active_promotions(&mut rm).await.unwrap();
     assert_eq!(active.len(), 3);
     for c in [0, 123, 249] {
         let coupons =
-            read_model::customer_coupons(&mut con, &CustomerId::parse(&format!("c-{c}")).unwrap())
+            read_model::customer_coupons(&mut rm, &CustomerId::parse(&format!("c-{c}")).unwrap())
                 .await
                 .unwrap();
         assert_eq!(coupons.len(), 3, "c-{c}: {coupons:?}");
@@ -284,7 +296,7 @@ async fn two_replicas_share_the_streams_find_new_ones_and_complete_the_read_mode
         .await
         .unwrap();
     assert_eq!(consumers.len(), 2);
-    let lag = read_model::projection_lag_ms(&mut con).await.unwrap();
+    let lag = read_model::projection_lag_ms(&mut rm).await.unwrap();
     assert!(lag.is_some_and(|l| l < 10_000), "{lag:?}");
     shutdown.cancel();
     for t in tasks {
@@ -301,6 +313,7 @@ fn worker(args: &[&str], port: u16) -> Worker {
 async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied_by_another() {
     let s = server();
     let mut con = connect(&s);
+    let mut rm = connect_read_models(&s);
     let id = promotion("killed");
     start_promotion(&mut con, &id, 3000).await;
     grab_many(&mut con, &id, 0, 3000).await;
@@ -327,7 +340,7 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         assert!(Instant::now() < deadline, "projector a never made progress");
-        let granted = read_model::promotion(&mut con, &id)
+        let granted = read_model::promotion(&mut rm, &id)
             .await
             .unwrap()
             .map_or(0, |v| v.granted);
@@ -345,7 +358,7 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
     let _ = a.child.wait();
     let held = support::pending_of(&mut con, &id, "a").await.unwrap();
     assert!(held > 0);
-    let before = read_model::promotion(&mut con, &id).await.unwrap().unwrap();
+    let before = read_model::promotion(&mut rm, &id).await.unwrap().unwrap();
     assert!(before.granted < 3000, "{before:?}");
 
     let port_b = free_port().unwrap();
@@ -366,7 +379,7 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     let complete = loop {
-        let view = read_model::promotion(&mut con, &id).await.unwrap();
+        let view = read_model::promotion(&mut rm, &id).await.unwrap();
         let done = view
             .as_ref()
             .is_some_and(|v| v.granted == 3000 && v.phase == Phase::Finished)
@@ -382,7 +395,7 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
     assert!(
         complete,
         "b did not finish a's entries: {:?}",
-        read_model::promotion(&mut con, &id).await
+        read_model::promotion(&mut rm, &id).await
     );
     // Every customer's coupon was projected, the ones a held included.
     let mut pipe = redis::pipe();
@@ -391,7 +404,7 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
             &CustomerId::parse(&format!("c-{c}")).unwrap(),
         ));
     }
-    let exists: Vec<bool> = pipe.query_async(&mut con).await.unwrap();
+    let exists: Vec<bool> = pipe.query_async(&mut rm).await.unwrap();
     assert!(
         exists.iter().all(|e| *e),
         "{} customers missing",
@@ -402,6 +415,77 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
         reclaimed >= held as f64,
         "reclaimed {reclaimed} < held {held}\n{exposition}"
     );
+}
+
+/// Length of every promotion stream and whether its state hash exists: the
+/// command side, which a rebuild must leave alone.
+async fn command_side(con: &mut RedisConnection, ids: &[PromotionId]) -> Vec<(u64, bool)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let keys = PromotionKeys::new(id);
+        let (len, state): (u64, bool) = redis::pipe()
+            .cmd("XLEN")
+            .arg(&keys.events)
+            .exists(&keys.state)
+            .query_async(con)
+            .await
+            .unwrap();
+        out.push((len, state));
+    }
+    out
+}
+
+/// Projects `ids` live, scrambles the read models, runs `seckill-worker
+/// projector --rebuild` with `extra` flags, and checks the result equals the
+/// live read models key by key and the command side is untouched.
+async fn live_then_rebuild(
+    s: &RedisServer,
+    ids: &[PromotionId],
+    models: RedisConnection,
+    extra: &[&str],
+) -> (usize, Duration, Duration) {
+    let mut con = connect(s);
+    let mut rm = models.clone();
+    let started = Instant::now();
+    let mut live = Projector::new(
+        connect(s),
+        models,
+        ProjectorOptions {
+            batch_size: 1000,
+            ..ProjectorOptions::new("live")
+        },
+        ProjectorMetrics::unregistered(),
+    );
+    let report = live.run_until_idle().await.unwrap();
+    let projected = started.elapsed();
+    let live_models = dump(&mut rm).await;
+    let command_before = command_side(&mut con, ids).await;
+
+    // Scramble: a stray key, a wrong count, a lost customer.
+    let _: () = redis::pipe()
+        .hset(keys::promotion(&ids[0]), "granted", 1)
+        .del(keys::customer_coupons(&CustomerId::parse("c-7").unwrap()))
+        .sadd(keys::ACTIVE, "shop/gone")
+        .query_async(&mut rm)
+        .await
+        .unwrap();
+    assert_ne!(dump(&mut rm).await, live_models);
+
+    let started = Instant::now();
+    let status = std::process::Command::new(support::WORKER)
+        .args(["projector", "--rebuild", "--redis-url", &s.url()])
+        .args(extra)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rebuilt_in = started.elapsed();
+    let rebuilt = dump(&mut rm).await;
+    assert_eq!(rebuilt.len(), live_models.len());
+    for (key, content) in &live_models {
+        assert_eq!(rebuilt.get(key), Some(content), "key {key}");
+    }
+    assert_eq!(command_side(&mut con, ids).await, command_before);
+    (report.applied, projected, rebuilt_in)
 }
 
 #[tokio::test]
@@ -422,51 +506,84 @@ async fn rebuild_reproduces_the_live_read_models_key_by_key_on_100000_events() {
         grab_many(&mut con, id, 0, 25_000).await;
     }
     let generated = started.elapsed();
-
-    let started = Instant::now();
-    let mut live = Projector::new(
-        connect(&s),
-        ProjectorOptions {
-            batch_size: 1000,
-            ..ProjectorOptions::new("live")
-        },
-        ProjectorMetrics::unregistered(),
-    );
-    let report = live.run_until_idle().await.unwrap();
-    assert_eq!(report.applied, 100_008);
-    let projected = started.elapsed();
-    let live_models = dump(&mut con).await;
+    // The read models' own database (the default): emptied by FLUSHDB.
+    let mut rm = connect_read_models(&s);
+    let (applied, projected, rebuilt_in) = live_then_rebuild(&s, &ids, rm.clone(), &[]).await;
+    assert_eq!(applied, 100_008);
     assert_eq!(
-        live_models.len(),
+        dump(&mut rm).await.len(),
         4 + 25_000,
         "4 promotions and 25,000 customers"
     );
-
-    // Scramble: a stray key, a wrong count, a lost customer.
-    let _: () = redis::pipe()
-        .hset(keys::promotion(&ids[0]), "granted", 1)
-        .del(keys::customer_coupons(&CustomerId::parse("c-7").unwrap()))
-        .sadd(keys::ACTIVE, "shop/gone")
+    // Nothing of the read models is in the streams' database.
+    let in_streams_db: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", keys::PREFIX))
         .query_async(&mut con)
         .await
         .unwrap();
-    assert_ne!(dump(&mut con).await, live_models);
-
-    let started = Instant::now();
-    let status = std::process::Command::new(support::WORKER)
-        .args(["projector", "--rebuild", "--redis-url", &s.url()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let rebuilt_in = started.elapsed();
-    let rebuilt = dump(&mut con).await;
-    assert_eq!(rebuilt.len(), live_models.len());
-    for (key, content) in &live_models {
-        assert_eq!(rebuilt.get(key), Some(content), "key {key}");
-    }
+    assert!(in_streams_db.is_empty(), "{in_streams_db:?}");
     eprintln!(
         "100,008 events: generated in {generated:?}, projected live in {projected:?}, rebuilt in {rebuilt_in:?}"
     );
+}
+
+#[tokio::test]
+async fn rebuild_in_the_streams_database_deletes_only_read_model_keys() {
+    let s = server();
+    let mut con = connect(&s);
+    let ids = [promotion("s1"), promotion("s2")];
+    for id in &ids {
+        start_promotion(&mut con, id, 2_000).await;
+        grab_many(&mut con, id, 0, 1_500).await;
+    }
+    // --redis-read-model-db 0: the read models share database 0 with the
+    // streams, so the rebuild must delete them key by key.
+    let shared = RedisArgs {
+        redis_read_model_db: Some(0),
+        ..RedisArgs::for_url(s.url())
+    }
+    .connect_read_models()
+    .unwrap();
+    assert!(!shared.other_database_than(&con));
+    let (applied, _, _) =
+        live_then_rebuild(&s, &ids, shared, &["--redis-read-model-db", "0"]).await;
+    assert_eq!(applied, 2 * (1 + 1_500));
+    let in_own_db = dump(&mut connect_read_models(&s)).await;
+    assert!(in_own_db.is_empty(), "{in_own_db:?}");
+}
+
+#[tokio::test]
+async fn rebuild_refuses_to_empty_a_read_model_database_holding_other_data() {
+    let s = server();
+    let mut con = connect(&s);
+    let id = promotion("guarded");
+    start_promotion(&mut con, &id, 10).await;
+    grab_many(&mut con, &id, 0, 3).await;
+    let mut rm = connect_read_models(&s);
+    let _: () = redis::cmd("SET")
+        .arg("sessions:42")
+        .arg("someone else's data")
+        .query_async(&mut rm)
+        .await
+        .unwrap();
+    let out = std::process::Command::new(support::WORKER)
+        .args(["projector", "--rebuild", "--redis-url", &s.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("sessions:42") && stderr.contains("--redis-read-model-db"),
+        "{stderr}"
+    );
+    let kept: Option<String> = redis::cmd("GET")
+        .arg("sessions:42")
+        .query_async(&mut rm)
+        .await
+        .unwrap();
+    assert_eq!(kept.as_deref(), Some("someone else's data"));
+    // Nothing was projected either: the refusal comes before the replay.
+    assert!(read_model::promotion(&mut rm, &id).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -499,6 +616,7 @@ async fn an_unknown_event_is_skipped_counted_and_left_pending_without_stopping_t
     let metrics = ProjectorMetrics::register(&registry);
     let mut p = Projector::new(
         connect(&s),
+        connect_read_models(&s),
         ProjectorOptions {
             claim_idle: Duration::ZERO,
             ..options("p")
@@ -512,7 +630,10 @@ async fn an_unknown_event_is_skipped_counted_and_left_pending_without_stopping_t
     p.run_until_idle().await.unwrap();
     p.run_until_idle().await.unwrap();
 
-    let view = read_model::promotion(&mut con, &id).await.unwrap().unwrap();
+    let view = read_model::promotion(&mut connect_read_models(&s), &id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(view.granted, 5);
     let text = registry.encode().unwrap();
     assert_eq!(

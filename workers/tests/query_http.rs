@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 struct Stack {
     redis: RedisServer,
     con: RedisConnection,
+    /// The read models' own database, as the workers open it.
+    models: RedisConnection,
     addr: SocketAddr,
     shutdown: CancellationToken,
 }
@@ -35,10 +37,11 @@ impl Drop for Stack {
 async fn stack(customer_header: Option<&str>) -> Stack {
     let redis = support::redis_with(None);
     let con = support::connect(&redis);
+    let models = support::connect_read_models(&redis);
     let header =
         customer_header.map(|h| hyper::header::HeaderName::from_bytes(h.as_bytes()).unwrap());
     let query = QueryApi::new(
-        con.clone(),
+        models.clone(),
         QueryOptions {
             customer_id_header: header.clone(),
             redis_timeout: Duration::from_millis(500),
@@ -65,6 +68,7 @@ async fn stack(customer_header: Option<&str>) -> Stack {
     Stack {
         redis,
         con,
+        models,
         addr,
         shutdown,
     }
@@ -148,6 +152,7 @@ async fn start_promotion(con: &mut RedisConnection, id: &PromotionId, coupons: u
 async fn project(s: &Stack) {
     let mut p = Projector::new(
         s.con.clone(),
+        s.models.clone(),
         ProjectorOptions::new("test"),
         ProjectorMetrics::unregistered(),
     );

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 use chrono::{Duration, Utc};
+use seckill_workers::projector::{self, Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{self, CustomerId, GrabOutcome, PromotionId, PromotionSpec};
+use seckill_workers::read_model;
 use seckill_workers::redis_connection::RedisArgs;
 use seckill_workers::redis_server::{RedisServer, RedisServerOptions, TlsFiles};
 
@@ -111,6 +113,53 @@ async fn acl_user_limited_to_seckill_keys_can_run_every_script() {
         ..RedisArgs::for_url(&url)
     };
     assert!(grab_once(&other).await.is_err());
+
+    // The projector and a rebuild work for this user too, although it may
+    // not run FLUSHDB (-@dangerous): the rebuild then drops the read models
+    // key by key.
+    let _: () = redis::cmd("SADD")
+        .arg(protocol::PROMOTION_INDEX_KEY)
+        .arg(id.to_string())
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut models = user.connect_read_models().unwrap();
+    let mut projector = Projector::new(
+        con.clone(),
+        models.clone(),
+        ProjectorOptions::new("acl"),
+        ProjectorMetrics::unregistered(),
+    );
+    assert_eq!(projector.run_until_idle().await.unwrap().applied, 3);
+    let ghost = protocol::read_model::customer_coupons(&CustomerId::parse("ghost").unwrap());
+    let _: () = redis::cmd("HSET")
+        .arg(&ghost)
+        .arg("sec/sale")
+        .arg("{}")
+        .query_async(&mut models)
+        .await
+        .unwrap();
+    let refused: redis::RedisResult<()> = redis::cmd("FLUSHDB").query_async(&mut models).await;
+    assert!(refused.is_err(), "the ACL must refuse FLUSHDB here");
+    let report = projector::rebuild(
+        &mut con,
+        &mut models,
+        &ProjectorMetrics::unregistered(),
+        100,
+    )
+    .await
+    .unwrap();
+    assert_eq!((report.applied, report.keys_dropped), (3, 4));
+    let ghost_left: bool = redis::cmd("EXISTS")
+        .arg(&ghost)
+        .query_async(&mut models)
+        .await
+        .unwrap();
+    assert!(!ghost_left);
+    let held = read_model::customer_coupons(&mut models, &CustomerId::parse("alice").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
 }
 
 fn openssl(dir: &Path, args: &[&str]) {

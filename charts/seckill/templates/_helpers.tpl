@@ -165,6 +165,10 @@ seckill.io/redis-client: "true"
 {{- end }}
 - name: SECKILL_REDIS_TIMEOUT_MS
   value: {{ $r.timeoutMs | int64 | quote }}
+{{- if or $r.bundled.enabled $r.url }}
+- name: SECKILL_REDIS_READ_MODEL_DB
+  value: {{ $r.readModelDb | int64 | quote }}
+{{- end }}
 - name: SECKILL_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 {{- end }}

@@ -36,7 +36,9 @@ impl PromotionKeys {
 pub mod read_model {
     use super::{CustomerId, PromotionId};
 
-    /// Prefix of every read-model key; `--rebuild` drops what matches it.
+    /// Prefix of every read-model key: what `--rebuild` drops when the read
+    /// models share the streams' database, and what it expects every key of
+    /// their own database to carry before emptying it.
     pub const PREFIX: &str = "seckill:rm:";
 
     /// Set of promotion ids that were started and are not known to be finished.

@@ -355,6 +355,14 @@ pub fn connect(server: &RedisServer) -> RedisConnection {
         .expect("connection")
 }
 
+/// A connection to the read models (their own database, as the workers
+/// open it by default).
+pub fn connect_read_models(server: &RedisServer) -> RedisConnection {
+    RedisArgs::for_url(server.url())
+        .connect_read_models()
+        .expect("connection")
+}
+
 /// `shop/<name>`.
 pub fn id(name: &str) -> PromotionId {
     PromotionId::new("shop", name).unwrap()

@@ -174,6 +174,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         args.redis.clone()
     };
     let redis = redis_args.connect()?;
+    let read_models = redis_args.connect_read_models()?;
     let timeout = redis_args.timeout();
     let shutdown = http::shutdown_on_signal();
     let metrics = WorkerMetrics::new();
@@ -199,7 +200,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     if has("query") {
         let options = QueryOptions::from_flags(args.customer_id_header.as_deref(), &redis_args)?;
         apis.push(Arc::new(
-            QueryApi::new(redis.clone(), options).with_redis_metrics(metrics.redis.clone()),
+            QueryApi::new(read_models.clone(), options).with_redis_metrics(metrics.redis.clone()),
         ));
     }
     let listener = http::bind(&args.listen).await?;
@@ -228,6 +229,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     if has("projector") {
         let projector = Projector::new(
             redis.clone(),
+            read_models.clone(),
             ProjectorOptions::new(format!("seckill-up-{}", std::process::id())),
             ProjectorMetrics::register(&metrics.registry),
         );
