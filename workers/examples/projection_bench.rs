@@ -174,6 +174,11 @@ async fn main() -> Result<(), Error> {
     let mut con = args.connect()?;
     // The read models in their own database, as the workers open them.
     let mut models = args.connect_read_models()?;
+    // Where `projector --rebuild` builds them before swapping them in.
+    let mut scratch = match args.read_model_db() {
+        Some(db) => args.connect_database(db + 1)?,
+        None => None,
+    };
     let id = PromotionId::new("bench", "projection")?;
     let stream = PromotionKeys::new(&id).events;
     let promotion = id.to_string();
@@ -265,6 +270,7 @@ async fn main() -> Result<(), Error> {
     let rebuilt = projector::rebuild(
         &mut con,
         &mut models,
+        scratch.as_mut(),
         &ProjectorMetrics::unregistered(),
         page,
     )

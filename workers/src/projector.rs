@@ -23,12 +23,12 @@
 //! JSON tree. Discovery, XPENDING and the Redis clock are refreshed once a
 //! second, XAUTOCLAIM every quarter of `--claim-idle-ms`, not every step.
 //!
-//! `--rebuild` drops every read-model key (one FLUSHDB ASYNC of the read
-//! models' own database on a standalone Redis) and replays all streams from
-//! the start with XRANGE (leaving the consumer groups alone, so live replicas may
+//! `--rebuild` replays all streams from the start with XRANGE into fresh
+//! read models (built aside and swapped in on a standalone Redis, see
+//! [`rebuild`]) (leaving the consumer groups alone, so live replicas may
 //! keep running: what they apply meanwhile is idempotent), then exits.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,9 +74,19 @@ pub struct ProjectorArgs {
     #[arg(long, env = "SECKILL_CLAIM_IDLE_MS", default_value_t = 30_000)]
     pub claim_idle_ms: u64,
 
-    /// Drop every read model, replay all streams from the start, and exit.
+    /// Rebuild the read models from every stream's start (aside, then swapped
+    /// in: see --rebuild-db), and exit.
     #[arg(long, env = "SECKILL_REBUILD")]
     pub rebuild: bool,
+
+    /// Logical database a rebuild builds the read models in before swapping
+    /// it with theirs (SWAPDB), so that readers keep the old read models until
+    /// the new ones are complete [default: --redis-read-model-db + 1]. Give it
+    /// to nothing else: it is emptied before and after. Only used on a
+    /// standalone Redis whose read models have a database of their own (and
+    /// an ACL user allowed SWAPDB); otherwise they are rebuilt in place.
+    #[arg(long, env = "SECKILL_REBUILD_DB")]
+    pub rebuild_db: Option<i64>,
 
     /// Entries read per stream per round trip.
     #[arg(long, env = "SECKILL_BATCH_SIZE", default_value_t = 500)]
@@ -108,6 +118,8 @@ pub enum ProjectorError {
     ReadModel(#[from] ReadModelError),
     #[error("http: {0}")]
     Http(#[from] http::HttpError),
+    #[error("--rebuild-db {0} must be a database of its own, neither the streams' nor the read models' (--redis-read-model-db)")]
+    RebuildDatabase(i64),
 }
 
 /// Bucket bounds of `projector_lag_seconds`, in seconds.
@@ -1016,10 +1028,18 @@ struct Applied {
 /// What a rebuild did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RebuildReport {
+    /// Read-model keys deleted: the old read models (after a swap) or the
+    /// ones dropped before replaying in place.
     pub keys_dropped: u64,
     pub streams: usize,
+    /// Entries applied, the catch-up after a swap included.
     pub applied: usize,
     pub skipped: usize,
+    /// Built aside and swapped in: readers kept the old read models until
+    /// the new ones were complete.
+    pub swapped: bool,
+    /// Entries applied after the swap (appended while the rebuild ran).
+    pub caught_up: usize,
 }
 
 /// Entries per XRANGE page of a rebuild (at least; `--batch-size` may ask
@@ -1033,16 +1053,24 @@ const REBUILD_STREAMS_AT_ONCE: usize = 4;
 /// the next one).
 const REBUILD_PAGES_AT_ONCE: usize = 3;
 
-/// Drops every read-model key and replays every indexed stream from the
-/// start, reading the streams through `con` and writing through `models`.
-/// Safe while live projectors run: the keys are dropped before the replay
-/// reads each stream, so an event applied live before the drop is replayed,
-/// and one applied live after it is idempotent.
+/// Rebuilds the read models from every indexed stream, reading the streams
+/// through `con`, and returns what it did. Safe while live projectors run:
+/// every write is idempotent and order-tolerant.
 ///
-/// The drop is one FLUSHDB ASYNC when the read models have a database of
-/// their own (see [`read_model::drop_database`]); sharing the streams'
-/// database it deletes them key by key, found by SCAN on a standalone
-/// server and from the streams on a cluster (where SCAN reaches one node).
+/// With `scratch` (another logical database of a standalone server whose
+/// read models have a database of their own, see `--rebuild-db`) the read
+/// models are built there and swapped in with one SWAPDB, so readers keep
+/// the old ones until the new ones are complete, a rebuild that dies halfway
+/// leaves them untouched, and the old keys are freed after the replay, not
+/// during it. What the streams received meanwhile (live projectors may have
+/// applied it to the old read models only) is then replayed from where the
+/// rebuild stopped, into the swapped-in ones; the old ones are dropped last.
+///
+/// Without it (a cluster, the read models sharing the streams' database, or
+/// an ACL user denied SWAPDB) they are dropped in place, then replayed: one
+/// FLUSHDB ASYNC of their own database, else key by key, found by SCAN on a
+/// standalone server and from the streams on a cluster (where SCAN reaches
+/// one node). Readers see them fill up meanwhile.
 ///
 /// Fast because order does not matter to the read models: each stream is
 /// read page after page (`page` entries per XRANGE) while the pages already
@@ -1051,23 +1079,46 @@ const REBUILD_PAGES_AT_ONCE: usize = 3;
 pub async fn rebuild(
     con: &mut RedisConnection,
     models: &mut RedisConnection,
+    scratch: Option<&mut RedisConnection>,
     metrics: &ProjectorMetrics,
     page: usize,
 ) -> Result<RebuildReport, ProjectorError> {
     let page = page.max(1);
-    let mut raw_ids: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(PROMOTION_INDEX_KEY)
-        .query_async(con)
-        .await?;
-    raw_ids.sort();
-    let ids: Vec<PromotionId> = raw_ids
-        .iter()
-        .filter_map(|r| PromotionId::parse(r).ok())
-        .collect();
+    let ids = indexed_promotions(con).await?;
     let mut report = RebuildReport {
         streams: ids.len(),
         ..RebuildReport::default()
     };
+    let scratch = match scratch {
+        Some(s) => can_swap(con, models, s).await?.then_some(s),
+        None => None,
+    };
+    if let Some(scratch) = scratch {
+        // Both databases change hands: neither may hold anything else.
+        read_model::ensure_only_read_models(models).await?;
+        // Leftovers of a rebuild that died halfway.
+        read_model::drop_database(scratch).await?;
+        tracing::info!(
+            streams = ids.len(),
+            db = scratch.get_db(),
+            "replaying aside"
+        );
+        let replayed = replay_all(con, scratch, metrics, page, &ids, &HashMap::new()).await?;
+        read_model::swap_databases(models, scratch).await?;
+        report.swapped = true;
+        report.applied += replayed.applied;
+        report.skipped += replayed.skipped;
+        // Entries appended since each stream was read, and new streams.
+        let ids = indexed_promotions(con).await?;
+        report.streams = ids.len();
+        let caught = replay_all(con, models, metrics, page, &ids, &replayed.read_up_to).await?;
+        report.caught_up = caught.applied;
+        report.applied += caught.applied;
+        report.skipped += caught.skipped;
+        // The old read models, now in the scratch database.
+        report.keys_dropped = read_model::drop_database(scratch).await?;
+        return Ok(report);
+    }
     report.keys_dropped = if models.other_database_than(con) {
         read_model::drop_database(models).await?
     } else if con.is_cluster() {
@@ -1083,18 +1134,86 @@ pub async fn rebuild(
         streams = ids.len(),
         "read models dropped; replaying"
     );
-    let replays = futures::stream::iter(ids.into_iter().map(|id| {
+    let replayed = replay_all(con, models, metrics, page, &ids, &HashMap::new()).await?;
+    report.applied = replayed.applied;
+    report.skipped = replayed.skipped;
+    Ok(report)
+}
+
+/// Every promotion of the index, sorted.
+async fn indexed_promotions(con: &mut RedisConnection) -> Result<Vec<PromotionId>, ProjectorError> {
+    let mut raw_ids: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(PROMOTION_INDEX_KEY)
+        .query_async(con)
+        .await?;
+    raw_ids.sort();
+    Ok(raw_ids
+        .iter()
+        .filter_map(|r| PromotionId::parse(r).ok())
+        .collect())
+}
+
+/// Whether a rebuild can build in `scratch` and swap it in: a database of
+/// its own (neither the streams' nor the read models', which must have
+/// their own too), and a user allowed SWAPDB. Anything else but the ACL
+/// refusal is a misconfiguration worth stopping for.
+async fn can_swap(
+    con: &RedisConnection,
+    models: &RedisConnection,
+    scratch: &mut RedisConnection,
+) -> Result<bool, ProjectorError> {
+    if !models.other_database_than(con) {
+        return Ok(false);
+    }
+    if !scratch.other_database_than(con) || !scratch.other_database_than(models) {
+        return Err(ProjectorError::RebuildDatabase(scratch.get_db()));
+    }
+    if !read_model::may_swap_databases(scratch).await? {
+        tracing::warn!("SWAPDB is not allowed; rebuilding the read models in place");
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Totals of replaying several streams.
+#[derive(Default)]
+struct Replayed {
+    applied: usize,
+    skipped: usize,
+    /// Per stream, the last entry id read.
+    read_up_to: HashMap<PromotionId, String>,
+}
+
+/// Replays the streams of `ids` into `models`, each after the entry id
+/// `after` holds for it (from the start when none), several at once.
+async fn replay_all(
+    con: &RedisConnection,
+    models: &RedisConnection,
+    metrics: &ProjectorMetrics,
+    page: usize,
+    ids: &[PromotionId],
+    after: &HashMap<PromotionId, String>,
+) -> Result<Replayed, ProjectorError> {
+    let replays = futures::stream::iter(ids.iter().map(|id| {
         let (con, models) = (con.clone(), models.clone());
-        let metrics = metrics.clone();
-        async move { replay_stream(con, models, metrics, id, page).await }
+        let (metrics, id) = (metrics.clone(), id.clone());
+        let from = after.get(&id).cloned();
+        async move {
+            let done = replay_stream(con, models, metrics, id.clone(), page, from).await?;
+            Ok::<_, ProjectorError>((id, done))
+        }
     }))
     .buffer_unordered(REBUILD_STREAMS_AT_ONCE);
-    let totals: Vec<(usize, usize)> = replays.try_collect().await?;
-    for (applied, skipped) in totals {
-        report.applied += applied;
-        report.skipped += skipped;
+    let totals: Vec<(PromotionId, StreamReplayed)> = replays.try_collect().await?;
+    let mut out = Replayed::default();
+    for (id, done) in totals {
+        out.applied += done.applied;
+        out.skipped += done.skipped;
+        if let Some(last) = done.last_read {
+            out.read_up_to.insert(id, last);
+        }
     }
-    Ok(report)
+    Ok(out)
 }
 
 /// One XRANGE page of `stream` after `after` (`None`: from the start).
@@ -1116,14 +1235,23 @@ async fn read_page(
     Ok(entries_of(answer)?)
 }
 
-/// Replays one stream; returns (applied, skipped).
+/// What replaying one stream did.
+struct StreamReplayed {
+    applied: usize,
+    skipped: usize,
+    /// The last entry id read (the `after` given when nothing was).
+    last_read: Option<String>,
+}
+
+/// Replays one stream, after entry `after` (`None`: from the start).
 async fn replay_stream(
     con: RedisConnection,
     models: RedisConnection,
     metrics: ProjectorMetrics,
     id: PromotionId,
     page: usize,
-) -> Result<(usize, usize), ProjectorError> {
+    after: Option<String>,
+) -> Result<StreamReplayed, ProjectorError> {
     let stream = PromotionKeys::new(&id).events;
     let mut applying: tokio::task::JoinSet<Result<PageApplied, ProjectorError>> =
         tokio::task::JoinSet::new();
@@ -1139,7 +1267,7 @@ async fn replay_stream(
         Ok(())
     };
     let mut reader = con;
-    let mut after: Option<String> = None;
+    let mut after = after;
     loop {
         let entries = read_page(&mut reader, &stream, after.as_deref(), page).await?;
         let Some(last) = entries.last() else { break };
@@ -1163,7 +1291,11 @@ async fn replay_stream(
         let mut models = models;
         read_model::index_phase(&mut models, &id, phase).await?;
     }
-    Ok((applied, skipped))
+    Ok(StreamReplayed {
+        applied,
+        skipped,
+        last_read: after,
+    })
 }
 
 /// What applying one rebuild page did.
@@ -1260,10 +1392,17 @@ pub async fn run(args: ProjectorArgs) -> Result<(), ProjectorError> {
     let metrics = ProjectorMetrics::register(&worker_metrics.registry);
     if args.rebuild {
         let (mut con, mut models) = (con, models);
+        let mut scratch = match args.redis.read_model_db() {
+            Some(db) => args
+                .redis
+                .connect_database(args.rebuild_db.unwrap_or(db + 1))?,
+            None => None,
+        };
         let started = Instant::now();
         let report = rebuild(
             &mut con,
             &mut models,
+            scratch.as_mut(),
             &metrics,
             args.batch_size.max(REBUILD_PAGE),
         )

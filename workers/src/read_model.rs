@@ -13,8 +13,10 @@
 //!
 //! On a standalone Redis they live in a logical database of their own
 //! (`--redis-read-model-db`, see [`RedisArgs::connect_read_models`]), so a
-//! rebuild empties it at once ([`drop_database`]); sharing the streams'
-//! database (a cluster has no other) they are deleted key by key.
+//! rebuild can build new ones in another database and swap them in
+//! ([`swap_databases`]), and drop a whole database at once
+//! ([`drop_database`]); sharing the streams' database (a cluster has no
+//! other) they are deleted key by key.
 //!
 //! [`RedisArgs::connect_read_models`]: crate::redis_connection::RedisArgs::connect_read_models
 
@@ -500,19 +502,12 @@ pub async fn projection_lag_ms<C: ConnectionLike>(
 /// page and this many RANDOMKEYs.
 const FOREIGN_KEY_SAMPLE: usize = 16;
 
-/// Empties the read models' own database (a standalone server's
-/// `--redis-read-model-db`) with one FLUSHDB ASYNC: Redis hands the keys to a
-/// background thread, so this costs its main thread next to nothing however
-/// many customers there are, where deleting them key by key costs a few
-/// microseconds each. Returns how many keys the database held.
-///
-/// FLUSHDB turns a misconfiguration (the database also used for something
-/// else) into data loss, so a sample of its keys is looked at first and the
-/// drop refused, naming a key, when one is not a read model. A sample cannot
-/// prove there is none; the flag's help says the database must be given to
-/// nothing else. When the ACL user may not run FLUSHDB (`-@dangerous`), the
-/// keys are deleted one SCAN page at a time instead.
-pub async fn drop_database(con: &mut RedisConnection) -> Result<u64, ReadModelError> {
+/// Looks at a sample of the keys of a database meant for read models only
+/// (one SCAN page and [`FOREIGN_KEY_SAMPLE`] RANDOMKEYs) and fails, naming
+/// it, on the first key that is not a read model: FLUSHDB or SWAPDB would
+/// turn that misconfiguration into data loss. A sample cannot prove there is
+/// none; the flags' help says these databases are given to nothing else.
+pub async fn ensure_only_read_models(con: &mut RedisConnection) -> Result<(), ReadModelError> {
     let (_, mut keys_seen): (u64, Vec<String>) = redis::cmd("SCAN")
         .arg(0)
         .arg("COUNT")
@@ -525,12 +520,26 @@ pub async fn drop_database(con: &mut RedisConnection) -> Result<u64, ReadModelEr
     }
     let random: Vec<Option<String>> = random.query_async(con).await?;
     keys_seen.extend(random.into_iter().flatten());
-    if let Some(key) = keys_seen.into_iter().find(|k| !k.starts_with(keys::PREFIX)) {
-        return Err(ReadModelError::ForeignKey {
+    match keys_seen.into_iter().find(|k| !k.starts_with(keys::PREFIX)) {
+        Some(key) => Err(ReadModelError::ForeignKey {
             db: con.get_db(),
             key,
-        });
+        }),
+        None => Ok(()),
     }
+}
+
+/// Empties the read models' own database (a standalone server's
+/// `--redis-read-model-db`) with one FLUSHDB ASYNC: Redis hands the keys to a
+/// background thread, so this costs its main thread next to nothing however
+/// many customers there are, where deleting them key by key costs a few
+/// microseconds each. Returns how many keys the database held.
+///
+/// Refused, naming a key, when [`ensure_only_read_models`] finds one that
+/// is not a read model. When the ACL user may not run FLUSHDB
+/// (`-@dangerous`), the keys are deleted one SCAN page at a time instead.
+pub async fn drop_database(con: &mut RedisConnection) -> Result<u64, ReadModelError> {
+    ensure_only_read_models(con).await?;
     let flushed: redis::RedisResult<(u64, ())> = redis::pipe()
         .atomic()
         .cmd("DBSIZE")
@@ -546,6 +555,34 @@ pub async fn drop_database(con: &mut RedisConnection) -> Result<u64, ReadModelEr
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Whether this connection's user may swap databases (SWAPDB is in
+/// `@dangerous`, which ACL users are often denied): swapping a database with
+/// itself changes nothing and is refused exactly when the user may not.
+pub async fn may_swap_databases(con: &mut RedisConnection) -> Result<bool, ReadModelError> {
+    let db = con.get_db();
+    let probe: redis::RedisResult<()> = redis::cmd("SWAPDB").arg(db).arg(db).query_async(con).await;
+    match probe {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some("NOPERM") => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Swaps the read models' database (`models`) with `built`, in which a
+/// rebuild wrote them: one atomic step, after which every reader of the
+/// read models' database sees the rebuilt ones and `built` holds the old.
+pub async fn swap_databases(
+    models: &mut RedisConnection,
+    built: &RedisConnection,
+) -> Result<(), ReadModelError> {
+    redis::cmd("SWAPDB")
+        .arg(models.get_db())
+        .arg(built.get_db())
+        .exec_async(models)
+        .await?;
+    Ok(())
 }
 
 /// Deletes every read-model key (`seckill:rm:*`) of a standalone server,

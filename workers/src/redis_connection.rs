@@ -52,10 +52,10 @@ pub struct RedisArgs {
 
     /// Logical database of the read models on a standalone Redis [default: 1].
     /// A database of their own keeps them apart from the event streams and lets
-    /// `projector --rebuild` empty it with one FLUSHDB ASYNC, so give it to
-    /// nothing else; the URL's database instead shares the keyspace (the
-    /// rebuild then deletes them key by key). A Redis Cluster has only
-    /// database 0, where the read models live beside the streams.
+    /// `projector --rebuild` build new ones aside and swap them in (SWAPDB),
+    /// so give it to nothing else; the URL's database instead shares the
+    /// keyspace (the rebuild then works in place, key by key). A Redis Cluster
+    /// has only database 0, where the read models live beside the streams.
     #[arg(long, env = "SECKILL_REDIS_READ_MODEL_DB")]
     pub redis_read_model_db: Option<i64>,
 }
@@ -152,15 +152,30 @@ impl RedisArgs {
     /// `--redis-read-model-db`); on a cluster, a connection like
     /// [`connect`](Self::connect)'s.
     pub fn connect_read_models(&self) -> Result<RedisConnection, RedisSetupError> {
-        if self.redis_cluster_nodes.is_empty() {
-            self.connect_to(Some(
-                self.redis_read_model_db.unwrap_or(DEFAULT_READ_MODEL_DB),
-            ))
+        if let Some(db) = self.read_model_db() {
+            self.connect_to(Some(db))
         } else {
             match self.redis_read_model_db {
                 Some(db) if db != 0 => Err(RedisSetupError::ClusterDatabase(db)),
                 _ => self.connect_to(None),
             }
+        }
+    }
+
+    /// The read models' database on a standalone Redis; `None` on a cluster.
+    pub fn read_model_db(&self) -> Option<i64> {
+        self.redis_cluster_nodes
+            .is_empty()
+            .then(|| self.redis_read_model_db.unwrap_or(DEFAULT_READ_MODEL_DB))
+    }
+
+    /// Builds a connection to logical database `db` of a standalone Redis;
+    /// `None` on a cluster, which has database 0 only.
+    pub fn connect_database(&self, db: i64) -> Result<Option<RedisConnection>, RedisSetupError> {
+        if self.redis_cluster_nodes.is_empty() {
+            self.connect_to(Some(db)).map(Some)
+        } else {
+            Ok(None)
         }
     }
 

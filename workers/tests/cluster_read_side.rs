@@ -127,6 +127,7 @@ async fn projection_and_rebuild_on_three_masters_give_the_same_exact_read_models
     let rebuilt_report = projector::rebuild(
         &mut con,
         &mut models,
+        None,
         &ProjectorMetrics::unregistered(),
         100,
     )

@@ -527,6 +527,171 @@ async fn rebuild_reproduces_the_live_read_models_key_by_key_on_100000_events() {
     );
 }
 
+/// The `report=RebuildReport { .. }` line a `projector --rebuild` logs.
+fn rebuild_report_line(stderr: &[u8]) -> String {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .find(|l| l.contains("RebuildReport"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_rebuild_while_grabs_and_a_live_projector_run_swaps_in_complete_read_models() {
+    let s = server();
+    let mut con = connect(&s);
+    let ids = [promotion("busy1"), promotion("busy2")];
+    for id in &ids {
+        start_promotion(&mut con, id, 1_000_000).await;
+        grab_many(&mut con, id, 0, 20_000).await;
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let live = Projector::new(
+        connect(&s),
+        connect_read_models(&s),
+        options("live"),
+        ProjectorMetrics::unregistered(),
+    );
+    let live = tokio::spawn(live.run(shutdown.clone()));
+    // Grabs go on, in small steps, until the rebuild has ended.
+    let rebuilding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let grabbing = {
+        let (mut con, ids, rebuilding) = (connect(&s), ids.clone(), rebuilding.clone());
+        tokio::spawn(async move {
+            let mut next = 20_000;
+            while rebuilding.load(std::sync::atomic::Ordering::Relaxed) {
+                for id in &ids {
+                    grab_many(&mut con, id, next, next + 50).await;
+                }
+                next += 50;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            next
+        })
+    };
+    let url = s.url();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(support::WORKER)
+            .args(["projector", "--rebuild", "--redis-url", &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    rebuilding.store(false, std::sync::atomic::Ordering::Relaxed);
+    let customers = grabbing.await.unwrap() as u64;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = rebuild_report_line(&out.stderr);
+    assert!(line.contains("swapped: true"), "{line}");
+    assert!(
+        !line.contains("caught_up: 0 "),
+        "grabs during the rebuild were caught up: {line}"
+    );
+
+    // Once the live projector has caught up, every grab of each stream is in
+    // the read models: none was lost to the swap.
+    let mut rm = connect_read_models(&s);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        loop {
+            let granted = read_model::promotion(&mut rm, id)
+                .await
+                .unwrap()
+                .map_or(0, |v| v.granted);
+            if granted == customers && pending_total(&mut con, id).await == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{id}: {granted} of {customers}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    shutdown.cancel();
+    live.await.unwrap();
+    let after_live = dump(&mut rm).await;
+    // Two promotions, the active set, one key per customer.
+    assert_eq!(after_live.len(), 2 + 1 + customers as usize);
+    // And they equal a rebuild on a quiet system, key by key.
+    let status = std::process::Command::new(support::WORKER)
+        .args(["projector", "--rebuild", "--redis-url", &s.url()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(dump(&mut rm).await, after_live);
+}
+
+#[tokio::test]
+async fn a_rebuild_killed_halfway_leaves_the_live_read_models_as_they_were() {
+    let s = server();
+    let mut con = connect(&s);
+    let ids = [promotion("k1"), promotion("k2"), promotion("k3")];
+    for id in &ids {
+        start_promotion(&mut con, id, 40_000).await;
+        grab_many(&mut con, id, 0, 30_000).await;
+    }
+    let mut rm = connect_read_models(&s);
+    let mut live = Projector::new(
+        connect(&s),
+        rm.clone(),
+        options("live"),
+        ProjectorMetrics::unregistered(),
+    );
+    live.run_until_idle().await.unwrap();
+    let before = dump(&mut rm).await;
+    assert_eq!(
+        before.len(),
+        3 + 1 + 30_000,
+        "promotions, active set, customers"
+    );
+
+    // Killed once it has written part of the new read models aside.
+    let mut scratch = RedisArgs::for_url(s.url())
+        .connect_database(2)
+        .unwrap()
+        .unwrap();
+    let mut rebuild = std::process::Command::new(support::WORKER)
+        .args(["projector", "--rebuild", "--redis-url", &s.url()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let aside: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut scratch)
+            .await
+            .unwrap();
+        if aside > 100 {
+            break;
+        }
+        assert!(
+            rebuild.try_wait().unwrap().is_none(),
+            "the rebuild ended before it could be killed"
+        );
+        assert!(Instant::now() < deadline, "nothing was written aside");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    rebuild.kill().unwrap();
+    rebuild.wait().unwrap();
+    assert_eq!(dump(&mut rm).await, before);
+
+    // The next rebuild starts from a clean scratch database and completes.
+    let out = std::process::Command::new(support::WORKER)
+        .args(["projector", "--rebuild", "--redis-url", &s.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(rebuild_report_line(&out.stderr).contains("swapped: true"));
+    assert_eq!(dump(&mut rm).await, before);
+    let left: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut scratch)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the old read models were dropped after the swap");
+}
+
 #[tokio::test]
 async fn rebuild_in_the_streams_database_deletes_only_read_model_keys() {
     let s = server();
@@ -559,6 +724,25 @@ async fn rebuild_refuses_to_empty_a_read_model_database_holding_other_data() {
     let id = promotion("guarded");
     start_promotion(&mut con, &id, 10).await;
     grab_many(&mut con, &id, 0, 3).await;
+    // A rebuild database that is the read models' own is refused at once.
+    let out = std::process::Command::new(support::WORKER)
+        .args([
+            "projector",
+            "--rebuild",
+            "--rebuild-db",
+            "1",
+            "--redis-url",
+            &s.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--rebuild-db 1 must be a database of its own"),
+        "{stderr}"
+    );
+
     let mut rm = connect_read_models(&s);
     let _: () = redis::cmd("SET")
         .arg("sessions:42")

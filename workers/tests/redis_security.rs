@@ -141,15 +141,50 @@ async fn acl_user_limited_to_seckill_keys_can_run_every_script() {
         .unwrap();
     let refused: redis::RedisResult<()> = redis::cmd("FLUSHDB").query_async(&mut models).await;
     assert!(refused.is_err(), "the ACL must refuse FLUSHDB here");
+    // SWAPDB is refused too: the rebuild falls back to rebuilding in place.
+    let mut scratch = user.connect_database(2).unwrap().unwrap();
     let report = projector::rebuild(
         &mut con,
         &mut models,
+        Some(&mut scratch),
         &ProjectorMetrics::unregistered(),
         100,
     )
     .await
     .unwrap();
+    assert!(!report.swapped);
     assert_eq!((report.applied, report.keys_dropped), (3, 4));
+    let ghost_left: bool = redis::cmd("EXISTS")
+        .arg(&ghost)
+        .query_async(&mut models)
+        .await
+        .unwrap();
+    assert!(!ghost_left);
+    // The default user can SWAPDB: built aside and swapped in, the ghost
+    // (written again) gone with the old read models.
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "seckill", "+swapdb", "+flushdb"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&ghost)
+        .arg("sec/sale")
+        .arg("{}")
+        .query_async(&mut models)
+        .await
+        .unwrap();
+    let report = projector::rebuild(
+        &mut con,
+        &mut models,
+        Some(&mut scratch),
+        &ProjectorMetrics::unregistered(),
+        100,
+    )
+    .await
+    .unwrap();
+    assert!(report.swapped);
+    assert_eq!((report.applied, report.keys_dropped), (3, 3));
     let ghost_left: bool = redis::cmd("EXISTS")
         .arg(&ghost)
         .query_async(&mut models)
