@@ -19,7 +19,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,8 +31,8 @@ use hyper::{HeaderMap, Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::http::{
-    self, json_response, Api, ApiError, ApiRequest, HealthApi, HttpResponse, Outcome,
-    ServerLimitArgs,
+    self, json_response, Api, ApiError, ApiRequest, HeadAnswer, HealthApi, HttpResponse, Outcome,
+    RequestHead, ServerLimitArgs,
 };
 use crate::metrics::{CommandMetrics, RedisMetrics, WorkerMetrics};
 use crate::protocol::{
@@ -306,8 +306,11 @@ impl GrabTarget<'_> {
 /// The target of a grab path, or `None` when `path` is another route.
 pub fn grab_target(path: &str) -> Option<GrabTarget<'_>> {
     let id = path.strip_prefix(PATH_PREFIX)?.strip_suffix(PATH_SUFFIX)?;
-    let (namespace, name) = id.split_once('/')?;
-    if namespace.is_empty() || name.is_empty() || name.contains('/') {
+    // Byte scans rather than `split_once` / `contains`: this runs on every
+    // grab, sold-out ones included, and the ids are short.
+    let slash = id.bytes().position(|b| b == b'/')?;
+    let (namespace, name) = (&id[..slash], &id[slash + 1..]);
+    if namespace.is_empty() || name.is_empty() || name.bytes().any(|b| b == b'/') {
         return None;
     }
     Some(GrabTarget {
@@ -386,10 +389,9 @@ pub fn parse_grab(
 
 /// The address a client is limited by: the peer's, or with
 /// `trust_forwarded_for` the first `X-Forwarded-For` address when it is one.
-fn client_ip(req: &ApiRequest, trust_forwarded_for: bool) -> IpAddr {
+fn client_ip(headers: &HeaderMap, peer: SocketAddr, trust_forwarded_for: bool) -> IpAddr {
     if trust_forwarded_for {
-        let forwarded = req
-            .headers
+        let forwarded = headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
@@ -398,7 +400,7 @@ fn client_ip(req: &ApiRequest, trust_forwarded_for: bool) -> IpAddr {
             return ip;
         }
     }
-    req.peer.ip()
+    peer.ip()
 }
 
 #[derive(Serialize)]
@@ -461,14 +463,21 @@ fn closed_body(id: &str, reason: FinishReason) -> Bytes {
     .envelope()
 }
 
-/// 410 with a prepared body.
+/// 410 with a prepared body, its outcome set.
 fn closed(reason: FinishReason, body: Bytes) -> HttpResponse {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = StatusCode::GONE;
-    response.headers_mut().insert(CONTENT_TYPE, JSON);
+    let mut response = closed_response(body);
     response
         .extensions_mut()
         .insert(Outcome(closed_code(reason)));
+    response
+}
+
+/// 410 with a prepared body, without the outcome extension (see
+/// [`HeadAnswer`]).
+fn closed_response(body: Bytes) -> HttpResponse {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = StatusCode::GONE;
+    response.headers_mut().insert(CONTENT_TYPE, JSON);
     response
 }
 
@@ -528,6 +537,50 @@ impl CommandApi {
         })
     }
 
+    /// 429 when the rate limit is by IP and this client is over its rate.
+    fn limit_ip(&self, headers: &HeaderMap, peer: SocketAddr) -> Result<(), ApiError> {
+        match &self.rate_limit {
+            Some(limit) if limit.key == RateLimitKey::Ip => {
+                let ip = client_ip(headers, peer, limit.trust_forwarded_for).to_string();
+                self.limit(limit, &ip)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The 410 of a grab of a promotion this worker knows is over, answered
+    /// from the head: the same for every customer, so the body is not read
+    /// (this is most of the load after a sale). `None` for anything else,
+    /// and when the rate limit is by customer (it needs the body's
+    /// customer id): [`CommandApi::grab`] answers those. The IP rate limit
+    /// applies first, exactly as in [`CommandApi::grab`].
+    fn answer_closed(&self, head: &RequestHead<'_>) -> Option<HeadAnswer> {
+        if *head.method != Method::POST {
+            return None;
+        }
+        if self
+            .rate_limit
+            .as_ref()
+            .is_some_and(|l| l.key == RateLimitKey::Customer)
+        {
+            return None;
+        }
+        let target = grab_target(head.path)?;
+        let Some(Known::Finished { reason, answer }) = self.memory.get(target.id) else {
+            return None;
+        };
+        if let Err(e) = self.limit_ip(head.headers, head.peer) {
+            return Some(HeadAnswer {
+                outcome: e.code,
+                response: e.into_response(),
+            });
+        }
+        Some(HeadAnswer {
+            response: closed_response(answer),
+            outcome: closed_code(reason),
+        })
+    }
+
     /// The customer of `req`, then the rate limit when it is by customer.
     fn limited_customer(&self, req: &ApiRequest) -> Result<CustomerId, ApiError> {
         let customer = grab_customer(
@@ -562,13 +615,8 @@ impl CommandApi {
     /// what this worker remembers, then one Redis round trip.
     pub async fn grab(&self, req: &ApiRequest, target: GrabTarget<'_>) -> HttpResponse {
         let id = target.id;
-        if let Some(limit) = &self.rate_limit {
-            if limit.key == RateLimitKey::Ip {
-                let ip = client_ip(req, limit.trust_forwarded_for).to_string();
-                if let Err(e) = self.limit(limit, &ip) {
-                    return e.into_response();
-                }
-            }
+        if let Err(e) = self.limit_ip(&req.headers, req.peer) {
+            return e.into_response();
         }
         // Only valid ids are ever remembered, so the memory is asked with the
         // raw path segment first: an answer from memory builds no id.
@@ -706,6 +754,10 @@ impl Api for CommandApi {
             let target = grab_target(&req.path)?;
             Some(self.grab(req, target).await)
         })
+    }
+
+    fn answer_head(&self, head: &RequestHead<'_>) -> Option<HeadAnswer> {
+        self.answer_closed(head)
     }
 
     fn routes(&self) -> Vec<(Method, &'static str)> {

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -206,12 +206,43 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse 
     }
 }
 
+/// The head of a request, borrowed from it before its body is read: what
+/// [`Api::answer_head`] decides on.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    pub peer: SocketAddr,
+}
+
+/// An answer given from the request head (see [`Api::answer_head`]), with
+/// its `outcome` label beside it rather than as a response extension (an
+/// extension costs three allocations, a large share of such an answer).
+#[derive(Debug)]
+pub struct HeadAnswer {
+    pub response: HttpResponse,
+    pub outcome: &'static str,
+}
+
 /// A set of endpoints. [`serve`] asks each API in turn; the first that
 /// answers `Some` owns the request.
 pub trait Api: Send + Sync + 'static {
     /// Answers `req` if it is one of this API's routes (any method: return
     /// `None` for a method the route does not take, the server answers 405).
     fn handle<'a>(&'a self, req: &'a ApiRequest) -> BoxFuture<'a, Option<HttpResponse>>;
+
+    /// Answers from the head alone, before the body is read, when the answer
+    /// cannot depend on the body (a sold-out promotion's 410). Asked of
+    /// every API, in order, before [`Api::handle`], unless the declared body
+    /// is over [`MAX_BODY_BYTES`] (that stays a 413). The cheapest answer
+    /// the server gives: the body is never read (hyper discards it, or
+    /// closes the connection when it has not fully arrived), no
+    /// [`ApiRequest`] is built and no future is created. `None` (the
+    /// default) lets the request go the usual way.
+    fn answer_head(&self, _head: &RequestHead<'_>) -> Option<HeadAnswer> {
+        None
+    }
 
     /// The routes as OpenAPI path templates, e.g.
     /// `(POST, "/api/v1/promotions/{namespace}/{name}/grab")`.
@@ -226,8 +257,7 @@ pub fn route_matches(template: &str, path: &str) -> bool {
         match (t.next(), p.next()) {
             (None, None) => return true,
             (Some(ts), Some(ps)) => {
-                let is_param = ts.starts_with('{') && ts.ends_with('}');
-                if is_param {
+                if is_parameter(ts) {
                     if ps.is_empty() {
                         return false;
                     }
@@ -237,6 +267,72 @@ pub fn route_matches(template: &str, path: &str) -> bool {
             }
             _ => return false,
         }
+    }
+}
+
+/// Is this template segment a parameter (`{name}`)?
+fn is_parameter(segment: &str) -> bool {
+    segment.len() >= 2 && segment.starts_with('{') && segment.ends_with('}')
+}
+
+/// A route template prepared for matching many paths: the same answers as
+/// [`route_matches`], in a form that costs a few comparisons per request
+/// (every request is matched, for the metrics' `route` label): the fixed
+/// text between parameters, slashes included, is compared in one piece.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RouteTemplate {
+    pieces: Vec<RoutePiece>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RoutePiece {
+    /// Text the path must hold here, e.g. `/api/v1/promotions/`.
+    Text(String),
+    /// One non-empty segment: anything up to the next `/` or the end.
+    Parameter,
+}
+
+impl RouteTemplate {
+    fn new(template: &str) -> Self {
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        for (i, segment) in template.split('/').enumerate() {
+            if i > 0 {
+                text.push('/');
+            }
+            if is_parameter(segment) {
+                if !text.is_empty() {
+                    pieces.push(RoutePiece::Text(std::mem::take(&mut text)));
+                }
+                pieces.push(RoutePiece::Parameter);
+            } else {
+                text.push_str(segment);
+            }
+        }
+        if !text.is_empty() {
+            pieces.push(RoutePiece::Text(text));
+        }
+        Self { pieces }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        let mut rest = path.as_bytes();
+        for piece in &self.pieces {
+            match piece {
+                RoutePiece::Text(text) => match rest.strip_prefix(text.as_bytes()) {
+                    Some(after) => rest = after,
+                    None => return false,
+                },
+                RoutePiece::Parameter => {
+                    let end = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
+                    if end == 0 {
+                        return false;
+                    }
+                    rest = &rest[end..];
+                }
+            }
+        }
+        rest.is_empty()
     }
 }
 
@@ -318,6 +414,8 @@ struct Router {
     routes: Vec<(Method, &'static str)>,
     /// The distinct templates of `routes`, in order.
     templates: Vec<&'static str>,
+    /// `templates` prepared for matching (same index).
+    matchers: Vec<RouteTemplate>,
     /// Where requests are recorded: one [`RouteMetrics`] per template of
     /// `templates` (same index), then the one of `unmatched`.
     metrics: Option<Vec<RouteMetrics>>,
@@ -343,6 +441,7 @@ impl Router {
         Self {
             apis,
             routes,
+            matchers: templates.iter().map(|t| RouteTemplate::new(t)).collect(),
             templates,
             metrics,
             limits,
@@ -352,9 +451,11 @@ impl Router {
     /// The index in `templates` of the template `path` matches, if any, for
     /// metrics and 404/405.
     fn template_of(&self, path: &str) -> Option<usize> {
-        self.templates.iter().position(|t| route_matches(t, path))
+        self.matchers.iter().position(|t| t.matches(path))
     }
 
+    /// Answers a request the usual way: body read, then each API's
+    /// [`Api::handle`] (after [`Router::answer_head`] gave nothing).
     async fn respond(&self, request: Request<Incoming>, peer: SocketAddr) -> HttpResponse {
         let started = Instant::now();
         let route = self.template_of(request.uri().path());
@@ -362,20 +463,56 @@ impl Router {
             Ok(req) => self.dispatch(&req, route.map(|i| self.templates[i])).await,
             Err(e) => e.into_response(),
         };
+        let status = response.status();
+        let outcome = match response.extensions().get::<Outcome>() {
+            Some(o) => o.0,
+            None if status.is_success() => "ok",
+            None => "error",
+        };
+        self.record(route, status, outcome, started);
+        response
+    }
+
+    /// The first answer an API gives from the head alone (see
+    /// [`Api::answer_head`]), recorded in the metrics; never for a declared
+    /// body over the limit, which [`Router::read`] answers 413 as for every
+    /// route. The body is dropped unread with the request.
+    fn answer_head(&self, request: &Request<Incoming>, peer: SocketAddr) -> Option<HttpResponse> {
+        let started = Instant::now();
+        // The declared length as hyper parsed it (it has validated
+        // `Content-Length`, and dropped it beside `Transfer-Encoding`): the
+        // same test as in `read`, without a header lookup.
+        if request.body().size_hint().lower() > MAX_BODY_BYTES as u64 {
+            return None;
+        }
+        let head = RequestHead {
+            method: request.method(),
+            path: request.uri().path(),
+            headers: request.headers(),
+            peer,
+        };
+        let answer = self.apis.iter().find_map(|api| api.answer_head(&head))?;
+        let route = self.template_of(head.path);
+        self.record(route, answer.response.status(), answer.outcome, started);
+        Some(answer.response)
+    }
+
+    /// Counts a request of template `route` (index in `templates`, `None`
+    /// for `unmatched`) and the time since `started`.
+    fn record(
+        &self,
+        route: Option<usize>,
+        status: StatusCode,
+        outcome: &'static str,
+        started: Instant,
+    ) {
         if let Some(metrics) = &self.metrics {
-            let status = response.status();
-            let outcome = match response.extensions().get::<Outcome>() {
-                Some(o) => o.0,
-                None if status.is_success() => "ok",
-                None => "error",
-            };
             // The last entry is `unmatched`.
             let index = route.unwrap_or(self.templates.len());
             if let Some(m) = metrics.get(index) {
                 m.observe(status.as_u16(), outcome, started.elapsed());
             }
         }
-        response
     }
 
     /// Reads the body (bounded in size and time) into an [`ApiRequest`].
@@ -385,11 +522,7 @@ impl Router {
         peer: SocketAddr,
     ) -> Result<ApiRequest, ApiError> {
         let (parts, body) = request.into_parts();
-        let declared = parts
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = declared_length(&parts.headers);
         if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
             return Err(ApiError::payload_too_large());
         }
@@ -455,6 +588,14 @@ impl Router {
     }
 }
 
+/// The `Content-Length` of a request, when it declares a valid one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Serves `apis` on `listener` until `shutdown` is cancelled; then stops
 /// accepting, lets in-flight requests finish (idle keep-alive connections
 /// are closed at once) for at most `limits.drain_timeout`, and returns.
@@ -496,9 +637,19 @@ pub async fn serve(
         let router = router.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                // An answer from the head is ready at once: no future to
+                // build, move and poll for the cheapest requests.
+                if let Some(response) = router.answer_head(&request, peer) {
+                    return Either::Left(std::future::ready(Ok::<_, Infallible>(response)));
+                }
                 let router = router.clone();
-                async move { Ok::<_, Infallible>(router.respond(request, peer).await) }
+                // Boxed, so that the future hyper stores for every request
+                // (this `Either`) stays small for the answers from the head;
+                // one allocation is nothing beside a body read and a handler.
+                Either::Right(Box::pin(async move {
+                    Ok::<_, Infallible>(router.respond(request, peer).await)
+                }))
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -695,8 +846,21 @@ mod tests {
             })
         }
 
+        /// `POST /gone/{id}` is answered from the head: 410, outcome `gone`.
+        fn answer_head(&self, head: &RequestHead<'_>) -> Option<HeadAnswer> {
+            if *head.method != Method::POST || !head.path.starts_with("/gone/") {
+                return None;
+            }
+            let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+            *response.status_mut() = StatusCode::GONE;
+            Some(HeadAnswer {
+                response,
+                outcome: "gone",
+            })
+        }
+
         fn routes(&self) -> Vec<(Method, &'static str)> {
-            vec![(Method::GET, "/hello")]
+            vec![(Method::GET, "/hello"), (Method::POST, "/gone/{id}")]
         }
     }
 
@@ -829,6 +993,139 @@ mod tests {
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     }
 
+    #[tokio::test]
+    async fn answers_from_the_head_do_not_wait_for_the_body_and_are_counted_with_their_outcome() {
+        let registry = MetricsRegistry::new();
+        let limits = ServerLimits {
+            metrics: Some(HttpMetrics::register(&registry)),
+            ..ServerLimits::default()
+        };
+        let (addr, _token, _server) = start(limits, Duration::ZERO).await;
+        // The body in the same packet: discarded, and the connection serves
+        // the next request.
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let answers = exchange(
+            &mut stream,
+            b"POST /gone/a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789\
+              GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(answers.starts_with("HTTP/1.1 410"), "{answers}");
+        assert!(answers.contains("HTTP/1.1 200"), "{answers}");
+        // A declared body that never comes: the answer does not wait for it,
+        // then the connection is closed (its body was never read).
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let answer = exchange(
+            &mut stream,
+            b"POST /gone/a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n",
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 410"), "{answer}");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        // A declared body over the limit is still 413, on every route.
+        let mut big = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let answer = exchange(
+            &mut big,
+            b"POST /gone/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(2),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        let text = registry.encode().unwrap();
+        let counted = |status: u16, outcome: &str, count: u32| {
+            text.contains(&format!(
+                "seckill_http_requests_total{{route=\"/gone/{{id}}\",status=\"{status}\",outcome=\"{outcome}\"}} {count}"
+            ))
+        };
+        assert!(counted(410, "gone", 2), "{text}");
+        assert!(counted(413, "payload_too_large", 1), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_once_the_header_timeout_passes_not_before() {
+        let timeout = Duration::from_millis(400);
+        let limits = ServerLimits {
+            header_read_timeout: timeout,
+            ..ServerLimits::default()
+        };
+        let (addr, _token, _server) = start(limits, Duration::ZERO).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut buf = [0u8; 512];
+        // Each request restarts the count: three heads, each 250 ms after
+        // the previous answer, are all served on the same connection.
+        for _ in 0..3 {
+            stream.write_all(request).await.unwrap();
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        stream.write_all(request).await.unwrap();
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let idle_since = Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut rest))
+            .await
+            .expect("an idle connection outlived the header timeout")
+            .unwrap();
+        let idle = idle_since.elapsed();
+        assert!(rest.is_empty(), "closed without an answer");
+        // (The server starts counting as the answer leaves, a little before
+        // the client has read it.)
+        assert!(idle >= timeout - Duration::from_millis(20), "{idle:?}");
+        assert!(idle < timeout * 2, "{idle:?}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+        let (addr, token, server) = start(ServerLimits::default(), Duration::ZERO).await;
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        token.cancel();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut rest))
+            .await
+            .expect("the idle connection stayed open after shutdown")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), server)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    proptest::proptest! {
+        /// The prepared templates the router matches with answer exactly as
+        /// `route_matches` does.
+        #[test]
+        fn prepared_templates_match_exactly_what_route_matches_does(
+            template in proptest::collection::vec(
+                proptest::sample::select(vec!["/", "a", "b", "ab", "{x}", "{", "}", "{}"]), 0..8),
+            path in proptest::collection::vec(
+                proptest::sample::select(vec!["/", "a", "b", "ab", "{x}", "{", "}"]), 0..8),
+        ) {
+            let (template, path) = (template.concat(), path.concat());
+            proptest::prop_assert_eq!(
+                RouteTemplate::new(&template).matches(&path),
+                route_matches(&template, &path),
+                "template {:?}, path {:?}", template, path
+            );
+        }
+    }
+
     #[test]
     fn templates_match_one_segment_per_parameter() {
         let t = "/api/v1/promotions/{namespace}/{name}/grab";
@@ -838,6 +1135,11 @@ mod tests {
         assert!(!route_matches(t, "/api/v1/promotions/shop/sale/grab/x"));
         assert!(route_matches("/healthz", "/healthz"));
         assert!(!route_matches("/healthz", "/healthz/"));
+        let prepared = RouteTemplate::new(t);
+        assert!(prepared.matches("/api/v1/promotions/shop/sale/grab"));
+        assert!(!prepared.matches("/api/v1/promotions/shop/grab"));
+        assert!(!prepared.matches("/api/v1/promotions//sale/grab"));
+        assert!(!prepared.matches("/api/v1/promotions/shop/sale/grab/x"));
     }
 
     #[test]
