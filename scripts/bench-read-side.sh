@@ -195,7 +195,7 @@ CPU is microseconds per event, this process / redis-server.
 | ceiling: raw XRANGE of the stream, pages of $PAGE | **$XRANGE_RATE** | 1 | $XRANGE_CPU |
 | one projector (consumer group, XREADGROUP, apply, XACK) | **$ONE_RATE** | **$ONE_RATIO** of XRANGE | $ONE_CPU |
 | two projectors sharing the group | **$TWO_RATE** | **$TWO_RATIO** of XRANGE ($TWO_TO_ONE x one) | $TWO_CPU |
-| rebuild (\`projector --rebuild\`: drop read models, replay) | **$REBUILD_RATE** | **$REBUILD_RATIO** of the 100,000/s target ($REBUILD_MET); $REBUILD_TO_XRANGE of XRANGE | $REBUILD_CPU |
+| rebuild (\`projector --rebuild\`: replay into a database aside, SWAPDB, catch up, FLUSHDB ASYNC of the old) | **$REBUILD_RATE** | **$REBUILD_RATIO** of the 100,000/s target ($REBUILD_MET); $REBUILD_TO_XRANGE of XRANGE | $REBUILD_CPU |
 
 Lag while the command path runs at full speed (wrk, ${CONNECTIONS} connections, ${DURATION} s, one grab
 per new customer through \`seckill-worker command\`; one \`seckill-worker projector\`; all on this machine):
