@@ -175,10 +175,7 @@ async fn main() -> Result<(), Error> {
     // The read models in their own database, as the workers open them.
     let mut models = args.connect_read_models()?;
     // Where `projector --rebuild` builds them before swapping them in.
-    let mut scratch = match args.read_model_db() {
-        Some(db) => args.connect_database(db + 1)?,
-        None => None,
-    };
+    let mut scratch = projector::connect_rebuild_database(&args, None)?;
     let id = PromotionId::new("bench", "projection")?;
     let stream = PromotionKeys::new(&id).events;
     let promotion = id.to_string();

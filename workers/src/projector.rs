@@ -1140,6 +1140,18 @@ pub async fn rebuild(
     Ok(report)
 }
 
+/// The database a rebuild builds aside in (`--rebuild-db`, by default the
+/// read models' + 1); `None` on a cluster, which has database 0 only.
+pub fn connect_rebuild_database(
+    redis: &RedisArgs,
+    rebuild_db: Option<i64>,
+) -> Result<Option<RedisConnection>, RedisSetupError> {
+    match redis.read_model_db() {
+        Some(db) => redis.connect_database(rebuild_db.unwrap_or(db + 1)),
+        None => Ok(None),
+    }
+}
+
 /// Every promotion of the index, sorted.
 async fn indexed_promotions(con: &mut RedisConnection) -> Result<Vec<PromotionId>, ProjectorError> {
     let mut raw_ids: Vec<String> = redis::cmd("SMEMBERS")
@@ -1392,12 +1404,7 @@ pub async fn run(args: ProjectorArgs) -> Result<(), ProjectorError> {
     let metrics = ProjectorMetrics::register(&worker_metrics.registry);
     if args.rebuild {
         let (mut con, mut models) = (con, models);
-        let mut scratch = match args.redis.read_model_db() {
-            Some(db) => args
-                .redis
-                .connect_database(args.rebuild_db.unwrap_or(db + 1))?,
-            None => None,
-        };
+        let mut scratch = connect_rebuild_database(&args.redis, args.rebuild_db)?;
         let started = Instant::now();
         let report = rebuild(
             &mut con,
