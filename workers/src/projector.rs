@@ -24,9 +24,9 @@
 //! second, XAUTOCLAIM every quarter of `--claim-idle-ms`, not every step.
 //!
 //! `--rebuild` replays all streams from the start with XRANGE into fresh
-//! read models (built aside and swapped in on a standalone Redis, see
-//! [`rebuild`]) (leaving the consumer groups alone, so live replicas may
-//! keep running: what they apply meanwhile is idempotent), then exits.
+//! read models, built aside and swapped in on a standalone Redis (see
+//! [`rebuild`]), then exits. It leaves the consumer groups alone, so live
+//! replicas may keep running: what they apply meanwhile is idempotent.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
