@@ -150,7 +150,8 @@ async fn apply(p: &Promotion, api: &Api<Promotion>, ctx: &Context) -> Result<Act
             for t in &driven.transitions {
                 publish(ctx, p, t, "Reconcile").await;
             }
-            ctx.metrics.set_phase(&id.to_string(), driven.status.phase);
+            ctx.metrics
+                .observe_promotion(&id.to_string(), &p.spec, &driven.status);
             tracing::debug!(promotion = %id, phase = ?driven.status.phase, requeue = ?driven.requeue_after, "reconciled");
             Ok(match driven.requeue_after {
                 Some(after) => Action::requeue(after),
@@ -273,6 +274,8 @@ pub async fn run_controller(ctx: Arc<Context>, namespace: Option<String>) -> Res
         namespace = namespace.as_deref().unwrap_or("(all)"),
         "controller started"
     );
+    // seckill_operator_leader is 1 until this future ends or is dropped (lost lease).
+    let _leading = ctx.metrics.leading();
     Controller::new(api, watcher::Config::default().any_semantic())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use seckill_workers::metrics::MetricsRegistry;
 
-use crate::promotion::Phase;
+use crate::promotion::{Phase, PromotionSpec, PromotionStatus};
 use crate::Error;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -26,6 +26,13 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+/// One promotion as `namespace/name`. Not a `namespace` label: Prometheus
+/// already puts the scraped pod's namespace there.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PromotionLabels {
+    pub promotion: String,
+}
+
 /// Counters and gauges of the controller; clones share the same values.
 #[derive(Clone)]
 pub struct Metrics {
@@ -33,6 +40,14 @@ pub struct Metrics {
     pub failures: Family<ErrorLabels, Counter>,
     pub duration: Histogram,
     pub promotions: Family<PhaseLabels, Gauge>,
+    /// Coupons still available, per promotion, as last reconciled.
+    pub coupons_remaining: Family<PromotionLabels, Gauge>,
+    /// finishTime (Unix seconds) of the promotions last reconciled Active:
+    /// Prometheus compares it with its own clock, so a promotion left Active
+    /// past its finish shows even when the operator is stuck.
+    pub active_finish_time: Family<PromotionLabels, Gauge>,
+    /// 1 while this replica runs the controller (holds the Lease), else 0.
+    pub leader: Gauge,
     /// The last phase seen of every promotion, from which the gauge is
     /// recomputed (so a deleted or re-phased promotion is not counted twice).
     phases: std::sync::Arc<Mutex<HashMap<String, Phase>>>,
@@ -46,6 +61,9 @@ impl Metrics {
             failures: Family::default(),
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             promotions: Family::default(),
+            coupons_remaining: Family::default(),
+            active_finish_time: Family::default(),
+            leader: Gauge::default(),
             phases: Default::default(),
         };
         registry.register(
@@ -68,7 +86,58 @@ impl Metrics {
             "Promotions by phase, as last reconciled",
             metrics.promotions.clone(),
         );
+        registry.register(
+            "operator_promotion_coupons_remaining",
+            "Coupons still available per promotion (namespace/name), as last reconciled",
+            metrics.coupons_remaining.clone(),
+        );
+        registry.register(
+            "operator_active_promotion_finish_time_seconds",
+            "spec.finishTime (Unix seconds) of each promotion last reconciled as Active",
+            metrics.active_finish_time.clone(),
+        );
+        registry.register(
+            "operator_leader",
+            "1 while this replica holds the Lease and runs the controller, else 0",
+            metrics.leader.clone(),
+        );
         metrics
+    }
+
+    /// Records a reconciled promotion: its phase, remaining coupons and,
+    /// while it is Active, its finish time.
+    pub fn observe_promotion(
+        &self,
+        promotion: &str,
+        spec: &PromotionSpec,
+        status: &PromotionStatus,
+    ) {
+        self.set_phase(promotion, status.phase);
+        let labels = PromotionLabels {
+            promotion: promotion.to_owned(),
+        };
+        if status.phase.is_some() {
+            self.coupons_remaining
+                .get_or_create(&labels)
+                .set(i64::try_from(status.remaining).unwrap_or(i64::MAX));
+        }
+        if status.phase == Some(Phase::Active) {
+            self.active_finish_time
+                .get_or_create(&labels)
+                .set(spec.finish_time.timestamp());
+        } else {
+            self.active_finish_time.remove(&labels);
+        }
+    }
+
+    /// Marks this replica as the one reconciling until the guard is dropped
+    /// (the Lease is lost or the controller stops); it then forgets every
+    /// promotion, so a standby reports none of them stale.
+    pub fn leading(&self) -> Leading {
+        self.leader.set(1);
+        Leading {
+            metrics: self.clone(),
+        }
     }
 
     /// Counts a reconciliation and times it until the guard is dropped.
@@ -92,9 +161,22 @@ impl Metrics {
     pub fn set_phase(&self, promotion: &str, phase: Option<Phase>) {
         let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
         match phase {
-            Some(p) => phases.insert(promotion.to_owned(), p),
-            None => phases.remove(promotion),
+            Some(p) => {
+                phases.insert(promotion.to_owned(), p);
+            }
+            None => {
+                phases.remove(promotion);
+                let labels = PromotionLabels {
+                    promotion: promotion.to_owned(),
+                };
+                self.coupons_remaining.remove(&labels);
+                self.active_finish_time.remove(&labels);
+            }
         };
+        self.count_phases(&phases);
+    }
+
+    fn count_phases(&self, phases: &HashMap<String, Phase>) {
         for p in [Phase::Pending, Phase::Active, Phase::Finished] {
             let n = phases.values().filter(|v| **v == p).count();
             self.promotions
@@ -103,6 +185,23 @@ impl Metrics {
                 })
                 .set(n as i64);
         }
+    }
+}
+
+/// This replica reconciles while it lives; see [`Metrics::leading`].
+pub struct Leading {
+    metrics: Metrics,
+}
+
+impl Drop for Leading {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        m.leader.set(0);
+        let mut phases = m.phases.lock().unwrap_or_else(|e| e.into_inner());
+        phases.clear();
+        m.count_phases(&phases);
+        m.coupons_remaining.clear();
+        m.active_finish_time.clear();
     }
 }
 
@@ -139,5 +238,90 @@ mod tests {
             text.contains(r#"seckill_operator_promotions{phase="Pending"} 0"#),
             "{text}"
         );
+    }
+
+    fn spec(finish: &str) -> PromotionSpec {
+        PromotionSpec {
+            publish_time: "2030-01-01T10:00:00Z".parse().unwrap(),
+            finish_time: finish.parse().unwrap(),
+            number_of_coupons: 10,
+            discount: 0.2,
+            description: None,
+        }
+    }
+
+    fn status(phase: Phase, remaining: u64) -> PromotionStatus {
+        PromotionStatus {
+            phase: Some(phase),
+            remaining,
+            granted: 10 - remaining,
+            ..PromotionStatus::default()
+        }
+    }
+
+    /// The value of `seckill_operator_<metric>{promotion="shop/sale"}`, if exposed.
+    fn sale(registry: &MetricsRegistry, metric: &str) -> Option<String> {
+        let prefix = format!("seckill_operator_{metric}{{promotion=\"shop/sale\"}} ");
+        let text = registry.encode().unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix).map(str::to_owned))
+    }
+
+    #[test]
+    fn an_active_promotion_reports_its_finish_time_and_remaining_coupons_until_finished() {
+        let registry = MetricsRegistry::new();
+        let m = Metrics::register(&registry);
+        let sale_spec = spec("2030-01-01T11:00:00Z");
+        let remaining = |r: &MetricsRegistry| sale(r, "promotion_coupons_remaining");
+        let finish = |r: &MetricsRegistry| sale(r, "active_promotion_finish_time_seconds");
+
+        m.observe_promotion("shop/sale", &sale_spec, &status(Phase::Pending, 10));
+        assert_eq!(remaining(&registry).as_deref(), Some("10"));
+        assert_eq!(finish(&registry), None);
+
+        m.observe_promotion("shop/sale", &sale_spec, &status(Phase::Active, 7));
+        assert_eq!(remaining(&registry).as_deref(), Some("7"));
+        // 2030-01-01T11:00:00Z
+        assert_eq!(finish(&registry).as_deref(), Some("1893495600"));
+
+        m.observe_promotion("shop/sale", &sale_spec, &status(Phase::Finished, 0));
+        assert_eq!(remaining(&registry).as_deref(), Some("0"));
+        assert_eq!(finish(&registry), None);
+
+        m.set_phase("shop/sale", None);
+        assert_eq!(remaining(&registry), None);
+        let text = registry.encode().unwrap();
+        assert!(!text.contains("shop/sale"), "{text}");
+    }
+
+    #[test]
+    fn a_replica_that_stops_leading_reports_no_promotion_and_leader_zero() {
+        let registry = MetricsRegistry::new();
+        let m = Metrics::register(&registry);
+        assert!(registry
+            .encode()
+            .unwrap()
+            .contains("seckill_operator_leader 0"));
+        {
+            let _leading = m.leading();
+            m.observe_promotion(
+                "shop/sale",
+                &spec("2030-01-01T11:00:00Z"),
+                &status(Phase::Active, 4),
+            );
+            let text = registry.encode().unwrap();
+            assert!(text.contains("seckill_operator_leader 1"), "{text}");
+            assert!(
+                text.contains(r#"seckill_operator_promotions{phase="Active"} 1"#),
+                "{text}"
+            );
+        }
+        let text = registry.encode().unwrap();
+        assert!(text.contains("seckill_operator_leader 0"), "{text}");
+        assert!(
+            text.contains(r#"seckill_operator_promotions{phase="Active"} 0"#),
+            "{text}"
+        );
+        assert!(!text.contains("shop/sale"), "{text}");
     }
 }
