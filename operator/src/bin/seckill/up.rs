@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use seckill_operator::lifecycle::{self, Driven};
+use seckill_operator::metrics::Metrics as OperatorMetrics;
 use seckill_operator::promotion::PromotionStatus;
 use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs};
 use seckill_workers::http::{self, Api, HealthApi, ServerLimitArgs};
@@ -178,6 +179,10 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     let timeout = redis_args.timeout();
     let shutdown = http::shutdown_on_signal();
     let metrics = WorkerMetrics::new();
+    // The operator role reports as the operator does (seckill_operator_*),
+    // leading for as long as it runs: it is the only one reconciling.
+    let operator_metrics = has("operator").then(|| OperatorMetrics::register(&metrics.registry));
+    let _leading = operator_metrics.as_ref().map(OperatorMetrics::leading);
     let mut tasks = Vec::new();
 
     // HTTP: command and query APIs with health and metrics.
@@ -239,7 +244,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
 
     operate(
         &args,
-        has("operator"),
+        operator_metrics.as_ref(),
         redis.clone(),
         &mut board,
         shutdown.clone(),
@@ -265,10 +270,11 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     Ok(())
 }
 
-/// The operator core on manifest files, plus the table: runs until shutdown.
+/// The operator core on manifest files (when `operator` holds its metrics),
+/// plus the table: runs until shutdown.
 async fn operate(
     args: &UpArgs,
-    operator: bool,
+    operator: Option<&OperatorMetrics>,
     mut redis: RedisConnection,
     board: &mut Board,
     shutdown: CancellationToken,
@@ -302,7 +308,8 @@ async fn operate(
                     .collect();
                 for id in removed {
                     tracked.remove(&id);
-                    if operator {
+                    if let Some(metrics) = operator {
+                        metrics.set_phase(&id.to_string(), None);
                         match lifecycle::finish_deleted(&mut redis, &id).await {
                             Ok(snap) => board.say(format!(
                                 "{} {id}: manifest removed; finished (Deleted) with {} granted",
@@ -350,7 +357,7 @@ async fn operate(
             if Instant::now() < t.due {
                 continue;
             }
-            if !operator {
+            let Some(metrics) = operator else {
                 t.due = Instant::now() + Duration::from_secs(1);
                 if let Ok(snap) = protocol::snapshot(&mut redis, id).await {
                     t.status = Some(PromotionStatus {
@@ -360,7 +367,8 @@ async fn operate(
                     });
                 }
                 continue;
-            }
+            };
+            let timer = metrics.reconcile_started();
             let result: Result<Driven, _> = lifecycle::drive(
                 &mut redis,
                 id,
@@ -369,8 +377,10 @@ async fn operate(
                 t.status.as_ref(),
             )
             .await;
+            drop(timer);
             match result {
                 Ok(driven) => {
+                    metrics.observe_promotion(&id.to_string(), &t.declared.spec, &driven.status);
                     for tr in &driven.transitions {
                         let level = if tr.warning { "WARNING " } else { "" };
                         board.say(format!(
@@ -388,6 +398,7 @@ async fn operate(
                             .min(Duration::from_secs(3600));
                 }
                 Err(e) => {
+                    metrics.failed(&e);
                     board.say(format!(
                         "{} {id}: reconcile failed, retrying in 1 s: {e}",
                         stamp()
