@@ -317,3 +317,26 @@ ingress:
 ingress: []
 {{- end }}
 {{- end }}
+
+{{/* Monitoring ----------------------------------------------------------- */}}
+
+{{/* PromQL label matchers selecting this release's seckill series: the
+     labels Prometheus gives the targets of the chart's ServiceMonitor (job =
+     Service name), unless metricsSelector says otherwise. */}}
+{{- define "seckill.metricsSelector" -}}
+{{- if .Values.metricsSelector }}
+{{- .Values.metricsSelector }}
+{{- else }}
+{{- printf "namespace=%q,job=~%q" .Release.Namespace (printf "%s-(command|query|projector-metrics|operator-metrics)" (include "seckill.fullname" .)) }}
+{{- end }}
+{{- end }}
+
+{{/* kube-state-metrics series of this release's HorizontalPodAutoscalers. */}}
+{{- define "seckill.hpaSelector" -}}
+{{- printf "namespace=%q,horizontalpodautoscaler=~%q" .Release.Namespace (printf "%s-(command|query)" (include "seckill.fullname" .)) }}
+{{- end }}
+
+{{/* runbook_url of an alert: its section of docs/RUNBOOK.md. */}}
+{{- define "seckill.runbookUrl" -}}
+{{- printf "%s#%s" .root.Values.prometheusRule.runbookBaseUrl (lower .alert) }}
+{{- end }}
