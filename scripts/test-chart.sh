@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tests the Helm chart charts/seckill without a cluster (`make chart-test`):
 #   helm lint --strict; helm template of the default values and of every
-#   optional part; kubernetes-validate (strict) of every rendered manifest
+#   optional part (the dashboard and alerts included: their content is tested
+#   by scripts/test-monitoring.sh); kubernetes-validate (strict) of every rendered manifest
 #   against Kubernetes $KUBE_VERSION; checkov on every render (failing on any
 #   failed check not listed in charts/seckill/checkov-skips.yaml and justified
 #   in the chart README); checkov on the Dockerfile; the chart CRD is the same
@@ -47,7 +48,10 @@ declare -A RENDERS=(
     --set commandWorker.rateLimit.key=ip --set commandWorker.rateLimit.trustForwardedFor=true
     --set commandWorker.durable.timeoutMs=150
     --set commandWorker.maxConnections=2000 --set commandWorker.headerReadTimeoutMs=5000
-    --set query.maxConnections=1000 --set query.headerReadTimeoutMs=3000"
+    --set query.maxConnections=1000 --set query.headerReadTimeoutMs=3000
+    --set prometheusRule.enabled=true --set prometheusRule.labels.release=kube-prometheus-stack
+    --set prometheusRule.alertLabels.team=sales
+    --set grafanaDashboard.enabled=true --set grafanaDashboard.annotations.grafana_folder=Sales"
   [watch-namespace]="--set redis.url=rediss://redis.example:6380/0 --set redis.existingSecret=redis-auth
     --set redis.tls.caSecret=redis-ca --set operator.watchNamespace=shop --set admissionPolicy.enabled=true
     --set-json networkPolicy.externalRedisTo=[{\"ipBlock\":{\"cidr\":\"10.20.0.0/16\"}}]
@@ -58,8 +62,11 @@ declare -A RENDERS=(
     --set commandWorker.durable.replicas=1 --set commandWorker.durable.timeoutMs=300 --set redis.timeoutMs=500"
   [query-separate-no-hpa]="${EXTERNAL[*]} --set query.separate=true --set commandWorker.autoscaling.enabled=false
     --set query.autoscaling.enabled=false --set ingress.enabled=true --set logFormat=text --set customerIdHeader=X-Customer-Id"
+  [monitoring-custom]="${EXTERNAL[*]} --set grafanaDashboard.enabled=true --set grafanaDashboard.label=seckill/dashboard
+    --set grafanaDashboard.labelValue=sale --set grafanaDashboard.namespace=monitoring
+    --set prometheusRule.enabled=true --set metricsSelector=namespace=\"shop\"\,app=\"seckill\""
 )
-ORDER=(default all-optional watch-namespace redis-cluster query-separate-no-hpa)
+ORDER=(default all-optional watch-namespace redis-cluster query-separate-no-hpa monitoring-custom)
 
 echo "== helm lint --strict"
 for name in default all-optional; do
@@ -93,8 +100,9 @@ for name in "${ORDER[@]}"; do
   if ! helm template "$RELEASE" "$CHART" -n "$NAMESPACE" --kube-version "$KUBE_VERSION" "${flags[@]}" ${RENDERS[$name]} >"$WORK/$name.yaml" 2>"$WORK/$name.err"; then
     fail "helm template ($name)"; sed 's/^/       /' "$WORK/$name.err"; continue
   fi
-  # One file per object; ServiceMonitor has no schema in kubernetes-validate
-  # (a CRD of the Prometheus operator): it is checked for its shape here instead.
+  # One file per object; ServiceMonitor and PrometheusRule have no schema in
+  # kubernetes-validate (CRDs of the Prometheus operator): they are checked for
+  # their shape here instead (the rules themselves by scripts/test-monitoring.sh).
   summary=$("$PY" - "$WORK/$name.yaml" "$dir" <<'PYEOF'
 import sys, yaml
 src, out = sys.argv[1], sys.argv[2]
@@ -105,6 +113,15 @@ for i, doc in enumerate(d for d in yaml.safe_load_all(open(src)) if d):
         spec = doc.get("spec", {})
         assert spec.get("selector", {}).get("matchLabels"), "ServiceMonitor without selector"
         assert all(e.get("port") for e in spec.get("endpoints", [])), "ServiceMonitor endpoint without port"
+        skipped.append(kind)
+        continue
+    if doc.get("apiVersion") == "monitoring.coreos.com/v1" and kind == "PrometheusRule":
+        groups = doc.get("spec", {}).get("groups", [])
+        assert groups and all(g.get("name") and g.get("rules") for g in groups), "PrometheusRule without named groups of rules"
+        for r in (r for g in groups for r in g["rules"]):
+            assert r.get("alert") and isinstance(r.get("expr"), str) and r["expr"].strip(), f"rule without alert name or expr: {r}"
+            assert set(r.get("annotations", {})) >= {"summary", "description", "runbook_url"}, f"{r['alert']}: summary, description and runbook_url needed"
+            assert r.get("labels", {}).get("severity") in ("critical", "warning"), f"{r['alert']}: severity critical or warning"
         skipped.append(kind)
         continue
     kinds.append(kind)
@@ -175,6 +192,11 @@ expect redis-cluster 'env("-command", "SECKILL_DURABLE_REPLICAS") == "1" and env
 expect default 'all(env(d, "SECKILL_REDIS_READ_MODEL_DB") == "1" for d in ("-command", "-projector"))' "standalone Redis: the read models in database 1, given to command (its query endpoints) and projector"
 expect redis-cluster 'not [e for o in by("Deployment") for c in o["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if e["name"] == "SECKILL_REDIS_READ_MODEL_DB"]' "Redis Cluster: no read-model database (a cluster has only database 0)"
 expect watch-namespace '[p["port"] for p in by("NetworkPolicy")[0]["spec"]["egress"][1]["ports"]] == [6380] and env("-projector", "SECKILL_REDIS_CA_CERT") == "/etc/seckill/redis-ca/ca.crt"' "external Redis: egress on the URL's port, CA mounted"
+expect default 'not by("PrometheusRule") and not [o for o in by("ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]' "defaults: no PrometheusRule, no dashboard"
+expect all-optional '[(o["metadata"]["namespace"], o["metadata"]["labels"]["grafana_dashboard"], o["metadata"]["annotations"]) for o in by("ConfigMap") if o["metadata"]["name"] == "flash-seckill-dashboard"] == [("seckill", "1", {"grafana_folder": "Sales"})] and __import__("json").loads(by("ConfigMap")[0]["data"]["seckill.json"])["panels"]' "dashboard ConfigMap with the sidecar label grafana_dashboard=1 and its folder annotation, valid JSON"
+expect all-optional 'by("PrometheusRule")[0]["metadata"]["labels"]["release"] == "kube-prometheus-stack" and all(r["labels"]["team"] == "sales" for g in by("PrometheusRule")[0]["spec"]["groups"] for r in g["rules"]) and all("job=~\"flash-seckill-(command|query|projector-metrics|operator-metrics)\"" in r["expr"] for g in by("PrometheusRule")[0]["spec"]["groups"] for r in g["rules"])' "PrometheusRule: its labels, the alert labels on every alert, every expression on this release's series"
+expect monitoring-custom '[(o["metadata"]["namespace"], o["metadata"]["labels"].get("seckill/dashboard"), "grafana_dashboard" in o["metadata"]["labels"]) for o in by("ConfigMap") if o["metadata"]["name"].endswith("-dashboard")] == [("monitoring", "sale", False)]' "dashboard label key, value and namespace from the values"
+expect monitoring-custom 'all("{namespace=\"shop\",app=\"seckill\"" in r["expr"] for g in by("PrometheusRule")[0]["spec"]["groups"] for r in g["rules"]) and "{namespace=\\\"shop\\\",app=\\\"seckill\\\"" in [o for o in by("ConfigMap") if o["metadata"]["name"].endswith("-dashboard")][0]["data"]["seckill.json"]' "metricsSelector replaces the series selector of every alert and panel"
 
 # Numbers from a values file reach the templates as float64 (from --set as
 # int64): the env values must stay plain integers, not 2e+06, or the binaries'
@@ -259,6 +281,9 @@ reject "an unknown rate-limit key" "/commandWorker/rateLimit/key.*one of" "${EXT
 reject "a negative rate" "/commandWorker/rateLimit/perSec.*minimum" "${EXTERNAL[@]}" --set-json commandWorker.rateLimit.perSec=-1
 reject "a fractional rate given by --set (a string)" "/commandWorker/rateLimit/perSec.*want number" "${EXTERNAL[@]}" --set commandWorker.rateLimit.perSec=2.5
 reject "zero connections on the query pods" "/query/maxConnections.*minimum" "${EXTERNAL[@]}" --set query.separate=true --set query.maxConnections=0
+reject "a 5xx ratio above 1" "/prometheusRule/http5xxRatio.*maximum" "${EXTERNAL[@]}" --set prometheusRule.enabled=true --set-json prometheusRule.http5xxRatio=5
+reject "a runbook URL that is no URL" "/prometheusRule/runbookBaseUrl.*does not match" "${EXTERNAL[@]}" --set prometheusRule.enabled=true --set prometheusRule.runbookBaseUrl=docs/RUNBOOK.md
+reject "an empty dashboard label" "/grafanaDashboard/label.*" "${EXTERNAL[@]}" --set grafanaDashboard.enabled=true --set grafanaDashboard.label=
 if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" --kube-version "$KUBE_VERSION" "${EXTERNAL[@]}" --set redis.timeoutMs=100 >/dev/null 2>&1; then
   pass "durable grab off: a Redis timeout below durable.timeoutMs is accepted (the workers ignore it then)"
 else
