@@ -36,7 +36,7 @@ for w in "${want[@]}"; do
       # The Debian package starts a system redis on 6379; tests use their own.
       ;;
     bench)
-      apt_install redis-tools wrk hyperfine
+      apt_install redis-tools wrk hyperfine nginx
       ;;
     helm)
       if [ ! -x "$TOOLS/bin/helm" ] || [ ! -x "$TOOLS/bin/kubectl" ]; then
