@@ -131,7 +131,7 @@ impl CommandApi {
             Some(_) => Default::default(),
             None => read_body(body).await?,
         };
-        let grab = parse_grab(&path.namespace, &path.name, &parts.headers, &body, header)?;
+        let grab = parse_grab(path.namespace(), path.name(), &parts.headers, &body, header)?;
         if let Some(limiter) = self.by_customer() {
             limiter.check(&grab.customer).map_err(|wait| {
                 rate_limit::refusal(RateLimitKey::Customer, wait, self.metrics.as_ref())
@@ -267,7 +267,7 @@ pub async fn grab(
     path: PromotionPath,
     request: Request,
 ) -> Response {
-    let known = api.memory.get(&path.namespace, &path.name);
+    let known = api.memory.get(path.namespace(), path.name());
     // A promotion that is over answers the same 410 to everyone, so the
     // body is not even read: the one path a sold-out grab takes, unless the
     // rate limit by customer needs the customer id first.
@@ -286,7 +286,7 @@ pub async fn grab(
         };
         match known {
             Some(Known::Finished(closed)) => closed.response(),
-            Some(Known::Unknown { .. }) => unknown(&path.namespace, &path.name),
+            Some(Known::Unknown { .. }) => unknown(path.namespace(), path.name()),
             None => api.grab_in_redis(&grab).await,
         }
     })

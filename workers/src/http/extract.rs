@@ -3,11 +3,10 @@
 //! acceptable.
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path};
+use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError};
-use serde::Deserialize;
 use tower_http::timeout::TimeoutError;
 
 use crate::http::ApiError;
@@ -19,17 +18,36 @@ use crate::protocol::PromotionId;
 /// Promotion ids are DNS names, which never need percent-encoding, so a
 /// path that holds a `%` (in these routes only the two segments can) is
 /// refused with 400 `invalid_request` rather than decoded: every grab and
-/// query names a promotion in its one spelling.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// query names a promotion in its one spelling. Taken with axum's
+/// [`RawPathParams`], which the router has already split out: no copy of
+/// the segments is made (the sold-out answer looks its promotion up with
+/// them as they are).
+#[derive(Debug)]
 pub struct PromotionPath {
-    pub namespace: String,
-    pub name: String,
+    params: RawPathParams,
 }
 
 impl PromotionPath {
+    fn param(&self, key: &str) -> &str {
+        self.params
+            .iter()
+            .find_map(|(k, v)| (k == key).then_some(v))
+            .unwrap_or_default()
+    }
+
+    /// The `{namespace}` segment.
+    pub fn namespace(&self) -> &str {
+        self.param("namespace")
+    }
+
+    /// The `{name}` segment.
+    pub fn name(&self) -> &str {
+        self.param("name")
+    }
+
     /// The validated promotion id; 400 `invalid_request` otherwise.
     pub fn id(&self) -> Result<PromotionId, ApiError> {
-        PromotionId::new(&self.namespace, &self.name).map_err(|e| ApiError::invalid_request(e.0))
+        PromotionId::new(self.namespace(), self.name()).map_err(|e| ApiError::invalid_request(e.0))
     }
 }
 
@@ -43,9 +61,22 @@ impl<S: Send + Sync> FromRequestParts<S> for PromotionPath {
                  not percent-encoded",
             ));
         }
-        let Path(path) = Path::<PromotionPath>::from_request_parts(parts, state)
+        let params = RawPathParams::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::invalid_request(e.body_text()))?;
+        let path = Self { params };
+        if path
+            .params
+            .iter()
+            .filter(|(k, _)| matches!(*k, "namespace" | "name"))
+            .count()
+            != 2
+        {
+            // A route of the table without both segments: a bug, not the client's.
+            return Err(ApiError::internal(
+                "this route does not name a promotion by {namespace}/{name}",
+            ));
+        }
         Ok(path)
     }
 }
