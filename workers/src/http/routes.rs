@@ -6,9 +6,8 @@
 //! `--no-query`, the query endpoints; `seckill-worker query` the query
 //! endpoints; `seckill up` both; every process the probes and `/metrics`.
 
-use std::sync::Arc;
-
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::extract::Request;
 use axum::handler::{Handler, HandlerService};
