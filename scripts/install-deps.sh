@@ -38,7 +38,7 @@ for w in "${want[@]}"; do
       # The Debian package starts a system redis on 6379; tests use their own.
       ;;
     bench)
-      apt_install redis-tools wrk hyperfine
+      apt_install redis-tools wrk hyperfine nginx
       ;;
     prometheus)
       # promtool checks and unit-tests the chart's PrometheusRule.

@@ -1,12 +1,14 @@
-//! Fuzzes the grab request parser (`command::parse_grab`): whatever path,
-//! content type, customer header and body arrive, it must not panic, must
-//! refuse with a client error in the envelope, or must yield ids that pass
-//! validation. The same input is also fed to `protocol::Event::decode`.
+//! Fuzzes the grab request parser (`command::parse_grab`): whatever path
+//! segments (namespace and name, as axum's `Path` hands them over), content
+//! type, customer header and body arrive, it must not panic, must refuse
+//! with a client error in the envelope, or must yield ids that pass
+//! validation and are the segments given. The same input is also fed to
+//! `protocol::Event::decode`.
 //!
-//! Input layout: one flag byte, then the path, the content type (also the
-//! customer header's value) and the body separated by NUL bytes.
-//! Flag bit 0 wraps the path in the grab route; bit 1 takes the customer
-//! from the `x-customer-id` header instead of the body.
+//! Input layout: one flag byte, then the namespace, the name, the content
+//! type (also the customer header's value) and the body separated by NUL
+//! bytes. Flag bit 1 takes the customer from the `x-customer-id` header
+//! instead of the body.
 #![no_main]
 
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -17,16 +19,12 @@ use seckill_workers::protocol::{CustomerId, Event, PromotionId};
 
 fuzz_target!(|data: &[u8]| {
     let (flags, rest) = data.split_first().map_or((0, data), |(f, r)| (*f, r));
-    let mut parts = rest.splitn(3, |b| *b == 0);
-    let raw_path = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let mut parts = rest.splitn(4, |b| *b == 0);
+    let namespace = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let name = String::from_utf8_lossy(parts.next().unwrap_or_default());
     let content_type = parts.next().unwrap_or_default();
     let body = parts.next().unwrap_or_default();
 
-    let path = if flags & 1 == 1 {
-        format!("/api/v1/promotions/{raw_path}/grab")
-    } else {
-        raw_path.into_owned()
-    };
     let customer_header = HeaderName::from_static("x-customer-id");
     let from_header = flags & 2 == 2;
     let mut headers = HeaderMap::new();
@@ -38,11 +36,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let header = from_header.then_some(&customer_header);
 
-    match parse_grab(&path, &headers, body, header) {
+    match parse_grab(&namespace, &name, &headers, body, header) {
         Ok(req) => {
             assert!(CustomerId::parse(req.customer.as_str()).is_ok());
             let again = PromotionId::new(req.promotion.namespace(), req.promotion.name());
             assert_eq!(again.as_ref(), Ok(&req.promotion));
+            assert_eq!(req.promotion.namespace(), namespace);
+            assert_eq!(req.promotion.name(), name);
         }
         Err(e) => {
             assert!(e.status.is_client_error(), "{e:?}");

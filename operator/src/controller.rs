@@ -16,7 +16,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
-use seckill_workers::http::{self, HealthApi, ServerLimits};
+use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::MetricsRegistry;
 use seckill_workers::protocol::{PromotionId, ScheduleResult};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
@@ -311,16 +311,12 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
 
     let listener = http::bind(&args.metrics_listen).await?;
     let health = HealthApi::new(redis.clone(), args.redis.timeout(), registry.clone());
-    let limits = ServerLimits {
-        drain_timeout: Duration::from_secs(2),
-        ..ServerLimits::default()
+    let limits = ServerLimitArgs::from_env_or_defaults()?.limits(Duration::from_secs(2), None);
+    let app = Apis::health(health).router(&limits);
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { http::serve(listener, app, &limits, shutdown).await })
     };
-    let server = tokio::spawn(http::serve(
-        listener,
-        vec![Arc::new(health)],
-        limits,
-        shutdown.clone(),
-    ));
 
     let identity = identity(args.identity.clone());
     let namespace = (!args.namespace.is_empty()).then(|| args.namespace.clone());

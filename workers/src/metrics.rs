@@ -81,7 +81,8 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
-/// HTTP request counts and latencies, recorded by [`crate::http::serve`].
+/// HTTP request counts and latencies, recorded by the server's
+/// [`Observe`](crate::http::layers::Observe) layer.
 #[derive(Clone, Debug)]
 pub struct HttpMetrics {
     requests: Family<RequestLabels, Counter>,

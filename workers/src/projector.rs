@@ -44,7 +44,7 @@ use redis::streams::{StreamId, StreamRangeReply};
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::{self, HealthApi, ServerLimits};
+use crate::http::{self, Apis, HealthApi, ServerLimitArgs};
 use crate::metrics::{MetricsRegistry, WorkerMetrics};
 use crate::protocol::{
     self, DecodeError, Event, PromotionId, PromotionKeys, EVENT_FIELD, PROJECTOR_GROUP,
@@ -1437,17 +1437,13 @@ pub async fn run(args: ProjectorArgs) -> Result<(), ProjectorError> {
         worker_metrics.registry.clone(),
     )
     .with_redis_metrics(worker_metrics.redis.clone());
-    let limits = ServerLimits {
-        metrics: Some(worker_metrics.http.clone()),
-        drain_timeout: Duration::from_secs(5),
-        ..ServerLimits::default()
+    let limits = ServerLimitArgs::from_env_or_defaults()?
+        .limits(Duration::from_secs(5), Some(worker_metrics.http.clone()));
+    let app = Apis::health(health).router(&limits);
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { http::serve(listener, app, &limits, shutdown).await })
     };
-    let server = tokio::spawn(http::serve(
-        listener,
-        vec![Arc::new(health)],
-        limits,
-        shutdown.clone(),
-    ));
     Projector::new(con, models, options, metrics)
         .run(shutdown.clone())
         .await;

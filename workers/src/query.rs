@@ -12,33 +12,30 @@
 //! streams the read models may be (`-1` when no projector has reported yet).
 //! With `--customer-id-header NAME`, the coupons of a customer are shown only
 //! to a request whose header NAME holds that customer id (set by the
-//! authenticating gateway): absent → 401 `unauthenticated`, another id → 403
+//! authenticating gateway; read by [`customer_header::caller`]): absent,
+//! empty or not one valid id → 401 `unauthenticated`, another id → 403
 //! `forbidden`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use hyper::header::{HeaderName, HeaderValue};
-use hyper::{Method, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::header::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::http::{
-    self, json_response, Api, ApiError, ApiRequest, HealthApi, HttpResponse, ServerLimitArgs,
-};
+use crate::http::customer_header::{self, CustomerIdHeaderArgs};
+use crate::http::extract::PromotionPath;
+use crate::http::{self, json, ApiError, Apis, HealthApi, ServerLimitArgs};
 use crate::metrics::{RedisMetrics, WorkerMetrics};
-use crate::protocol::{CustomerId, PromotionId};
+use crate::protocol::CustomerId;
 use crate::read_model::{self, ActivePromotion, CustomerCoupon, ReadModelError};
 use crate::redis_connection::{RedisArgs, RedisConnection, RedisSetupError};
 
 /// Header of every query answer: milliseconds the read models may lag the
 /// streams.
 pub const LAG_HEADER: &str = "x-seckill-projection-lag-ms";
-
-/// The routes of [`QueryApi`].
-pub const PROMOTIONS_ROUTE: &str = "/api/v1/promotions";
-pub const PROMOTION_ROUTE: &str = "/api/v1/promotions/{namespace}/{name}";
-pub const CUSTOMER_COUPONS_ROUTE: &str = "/api/v1/customers/{customerId}/coupons";
 
 /// Flags of `seckill-worker query`.
 #[derive(clap::Args, Debug, Clone)]
@@ -50,10 +47,8 @@ pub struct QueryArgs {
     #[arg(long, env = "SECKILL_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
 
-    /// Header naming the authenticated customer; when set, customers may
-    /// read only their own coupons.
-    #[arg(long, env = "SECKILL_CUSTOMER_ID_HEADER")]
-    pub customer_id_header: Option<String>,
+    #[command(flatten)]
+    pub customer: CustomerIdHeaderArgs,
 
     /// After SIGTERM, in-flight requests get this long to finish (seconds).
     #[arg(long, env = "SECKILL_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
@@ -63,6 +58,16 @@ pub struct QueryArgs {
     pub limits: ServerLimitArgs,
 }
 
+impl QueryArgs {
+    /// How the query endpoints behave, as these flags say.
+    pub fn options(&self) -> QueryOptions {
+        QueryOptions {
+            customer_id_header: self.customer.customer_id_header.clone(),
+            redis_timeout: self.redis.timeout(),
+        }
+    }
+}
+
 /// The query role could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -70,8 +75,6 @@ pub enum QueryError {
     Setup(#[from] RedisSetupError),
     #[error("http: {0}")]
     Http(#[from] http::HttpError),
-    #[error("--customer-id-header {0:?} is not a valid header name")]
-    HeaderName(String),
 }
 
 /// How the query endpoints behave.
@@ -83,37 +86,8 @@ pub struct QueryOptions {
     pub redis_timeout: Duration,
 }
 
-impl Default for QueryOptions {
-    fn default() -> Self {
-        Self {
-            customer_id_header: None,
-            redis_timeout: Duration::from_secs(1),
-        }
-    }
-}
-
-impl QueryOptions {
-    /// Options from the flags shared by `query` and `command`.
-    pub fn from_flags(
-        customer_id_header: Option<&str>,
-        redis: &RedisArgs,
-    ) -> Result<Self, QueryError> {
-        let header = match customer_id_header {
-            None => None,
-            Some(name) => Some(
-                HeaderName::from_bytes(name.as_bytes())
-                    .map_err(|_| QueryError::HeaderName(name.to_owned()))?,
-            ),
-        };
-        Ok(Self {
-            customer_id_header: header,
-            redis_timeout: redis.timeout(),
-        })
-    }
-}
-
-/// The query endpoints, served by `seckill-worker query` and mounted on
-/// `seckill-worker command` (unless `--no-query`).
+/// The query endpoints' state, served by `seckill-worker query` and
+/// mounted on `seckill-worker command` (unless `--no-query`).
 pub struct QueryApi {
     redis: RedisConnection,
     options: QueryOptions,
@@ -123,47 +97,6 @@ pub struct QueryApi {
 #[derive(Serialize)]
 struct Items<T> {
     items: Vec<T>,
-}
-
-/// Percent-decodes one path segment; `None` when it is not valid UTF-8.
-fn decode_segment(segment: &str) -> Option<String> {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
-enum Route {
-    Promotions,
-    Promotion(String, String),
-    CustomerCoupons(String),
-}
-
-fn route_of(path: &str) -> Option<Route> {
-    let rest = path.strip_prefix("/api/v1/")?;
-    let segments: Vec<&str> = rest.split('/').collect();
-    match segments.as_slice() {
-        ["promotions"] => Some(Route::Promotions),
-        ["promotions", ns, name] if !ns.is_empty() && !name.is_empty() => {
-            Some(Route::Promotion((*ns).to_owned(), (*name).to_owned()))
-        }
-        ["customers", customer, "coupons"] if !customer.is_empty() => {
-            Some(Route::CustomerCoupons((*customer).to_owned()))
-        }
-        _ => None,
-    }
 }
 
 impl QueryApi {
@@ -228,165 +161,111 @@ impl QueryApi {
         Err(ApiError::unavailable(failure.1))
     }
 
-    fn with_lag(mut response: HttpResponse, lag: i64) -> HttpResponse {
-        response
-            .headers_mut()
-            .insert(HeaderName::from_static(LAG_HEADER), HeaderValue::from(lag));
-        response
-    }
-
-    async fn promotions(&self) -> Result<HttpResponse, ApiError> {
-        let (items, lag) = self
-            .read(|mut con| async move { read_model::active_promotions(&mut con).await })
-            .await?;
-        let body: Items<ActivePromotion> = Items { items };
-        Ok(Self::with_lag(json_response(StatusCode::OK, &body), lag))
-    }
-
-    async fn promotion(&self, ns: &str, name: &str) -> Result<HttpResponse, ApiError> {
-        let (ns, name) = match (decode_segment(ns), decode_segment(name)) {
-            (Some(ns), Some(name)) => (ns, name),
-            _ => {
-                return Err(ApiError::invalid_request(
-                    "the promotion id is not valid UTF-8",
-                ))
-            }
+    /// 401 unless the caller is `customer` (when `--customer-id-header` is
+    /// set; see [`customer_header::caller`]), 403 when it is someone else.
+    fn authorize(&self, headers: &HeaderMap, customer: &CustomerId) -> Result<(), ApiError> {
+        let Some(header) = &self.options.customer_id_header else {
+            return Ok(());
         };
-        let id = PromotionId::new(&ns, &name).map_err(|e| ApiError::invalid_request(e.0))?;
-        let (view, lag) = self
-            .read(|mut con| {
-                let id = id.clone();
-                async move { read_model::promotion(&mut con, &id).await }
-            })
-            .await?;
-        Ok(match view {
-            Some(view) => Self::with_lag(json_response(StatusCode::OK, &view), lag),
-            None => Self::with_lag(
-                ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "unknown_promotion",
-                    format!("promotion {id} is not known (not started yet, or never scheduled)"),
-                )
-                .into_response(),
-                lag,
-            ),
-        })
-    }
-
-    async fn customer_coupons(
-        &self,
-        req: &ApiRequest,
-        raw: &str,
-    ) -> Result<HttpResponse, ApiError> {
-        let text = decode_segment(raw)
-            .ok_or_else(|| ApiError::invalid_request("the customerId is not valid UTF-8"))?;
-        let customer = CustomerId::parse(&text).map_err(|e| ApiError::invalid_request(e.0))?;
-        if let Some(header) = &self.options.customer_id_header {
-            let caller = req.headers.get(header).and_then(|v| v.to_str().ok());
-            match caller {
-                None => {
-                    return Err(ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthenticated",
-                        format!("the {header} header naming the calling customer is required"),
-                    ))
-                }
-                Some(caller) if caller != customer.as_str() => {
-                    return Err(ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        "forbidden",
-                        "customers may read only their own coupons",
-                    ))
-                }
-                Some(_) => {}
-            }
+        match customer_header::caller(headers, header) {
+            Ok(caller) if caller == *customer => Ok(()),
+            Ok(_) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "customers may read only their own coupons",
+            )),
+            // Absent, empty or not one valid id: nobody is authenticated.
+            Err(e) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                e.to_string(),
+            )),
         }
-        let (items, lag) = self
-            .read(|mut con| {
-                let customer = customer.clone();
-                async move { read_model::customer_coupons(&mut con, &customer).await }
-            })
-            .await?;
-        let body: Items<CustomerCoupon> = Items { items };
-        Ok(Self::with_lag(json_response(StatusCode::OK, &body), lag))
     }
 }
 
-impl Api for QueryApi {
-    fn handle<'a>(&'a self, req: &'a ApiRequest) -> BoxFuture<'a, Option<HttpResponse>> {
-        Box::pin(async move {
-            if req.method != Method::GET {
-                return None;
-            }
-            let result = match route_of(&req.path)? {
-                Route::Promotions => self.promotions().await,
-                Route::Promotion(ns, name) => self.promotion(&ns, &name).await,
-                Route::CustomerCoupons(c) => self.customer_coupons(req, &c).await,
-            };
-            Some(result.unwrap_or_else(ApiError::into_response))
-        })
-    }
+/// The answer with the lag header.
+fn with_lag(mut response: Response, lag: i64) -> Response {
+    response
+        .headers_mut()
+        .insert(HeaderName::from_static(LAG_HEADER), HeaderValue::from(lag));
+    response
+}
 
-    fn routes(&self) -> Vec<(Method, &'static str)> {
-        vec![
-            (Method::GET, PROMOTIONS_ROUTE),
-            (Method::GET, PROMOTION_ROUTE),
-            (Method::GET, CUSTOMER_COUPONS_ROUTE),
-        ]
-    }
+/// `GET /api/v1/promotions`: the active promotions.
+pub async fn promotions(State(api): State<Arc<QueryApi>>) -> Result<Response, ApiError> {
+    let (items, lag) = api
+        .read(|mut con| async move { read_model::active_promotions(&mut con).await })
+        .await?;
+    let body: Items<ActivePromotion> = Items { items };
+    Ok(with_lag(json(StatusCode::OK, &body), lag))
+}
+
+/// `GET /api/v1/promotions/{namespace}/{name}`: one promotion; 404
+/// `unknown_promotion`.
+pub async fn promotion(
+    State(api): State<Arc<QueryApi>>,
+    path: PromotionPath,
+) -> Result<Response, ApiError> {
+    let id = path.id()?;
+    let (view, lag) = api
+        .read(|mut con| {
+            let id = id.clone();
+            async move { read_model::promotion(&mut con, &id).await }
+        })
+        .await?;
+    let response = match view {
+        Some(view) => json(StatusCode::OK, &view),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_promotion",
+            format!("promotion {id} is not known (not started yet, or never scheduled)"),
+        )
+        .into_response(),
+    };
+    Ok(with_lag(response, lag))
+}
+
+/// `GET /api/v1/customers/{customerId}/coupons`: the coupons a customer
+/// holds (the path segment is percent-decoded: `@` and `:` may come
+/// encoded).
+pub async fn customer_coupons(
+    State(api): State<Arc<QueryApi>>,
+    customer: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path(customer) = customer.map_err(|e| ApiError::invalid_request(e.body_text()))?;
+    let customer = CustomerId::parse(&customer).map_err(|e| ApiError::invalid_request(e.0))?;
+    api.authorize(&headers, &customer)?;
+    let (items, lag) = api
+        .read(|mut con| {
+            let customer = customer.clone();
+            async move { read_model::customer_coupons(&mut con, &customer).await }
+        })
+        .await?;
+    let body: Items<CustomerCoupon> = Items { items };
+    Ok(with_lag(json(StatusCode::OK, &body), lag))
 }
 
 /// Runs the role until SIGTERM.
 pub async fn run(args: QueryArgs) -> Result<(), QueryError> {
     let con = args.redis.connect_read_models()?;
     let metrics = WorkerMetrics::new();
-    let options = QueryOptions::from_flags(args.customer_id_header.as_deref(), &args.redis)?;
-    let query = QueryApi::new(con.clone(), options).with_redis_metrics(metrics.redis.clone());
+    let query =
+        QueryApi::new(con.clone(), args.options()).with_redis_metrics(metrics.redis.clone());
     let health = HealthApi::new(con, args.redis.timeout(), metrics.registry.clone())
         .with_redis_metrics(metrics.redis.clone());
-    let listener = http::bind(&args.listen).await?;
     let limits = args.limits.limits(
         Duration::from_secs(args.drain_timeout_secs),
         Some(metrics.http.clone()),
     );
-    let shutdown = http::shutdown_on_signal();
-    http::serve(
-        listener,
-        vec![Arc::new(query), Arc::new(health)],
-        limits,
-        shutdown,
-    )
-    .await?;
+    let app = Apis {
+        command: None,
+        query: Some(query),
+        health,
+    }
+    .router(&limits);
+    let listener = http::bind(&args.listen).await?;
+    http::serve(listener, app, &limits, http::shutdown_on_signal()).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn path_segments_are_percent_decoded() {
-        assert_eq!(decode_segment("a%40b").as_deref(), Some("a@b"));
-        assert_eq!(decode_segment("plain").as_deref(), Some("plain"));
-        assert_eq!(decode_segment("bad%zz").as_deref(), Some("bad%zz"));
-        assert_eq!(decode_segment("end%4").as_deref(), Some("end%4"));
-        assert_eq!(decode_segment("%ff"), None);
-    }
-
-    #[test]
-    fn routes_split_into_their_parameters() {
-        assert!(matches!(
-            route_of("/api/v1/promotions"),
-            Some(Route::Promotions)
-        ));
-        assert!(
-            matches!(route_of("/api/v1/promotions/a/b"), Some(Route::Promotion(a, b)) if a == "a" && b == "b")
-        );
-        assert!(
-            matches!(route_of("/api/v1/customers/x/coupons"), Some(Route::CustomerCoupons(c)) if c == "x")
-        );
-        assert!(route_of("/api/v1/promotions/a/b/grab").is_none());
-        assert!(route_of("/api/v1/promotions//b").is_none());
-        assert!(route_of("/api/v1/customers//coupons").is_none());
-    }
 }

@@ -547,3 +547,48 @@ async fn sigterm_finishes_the_in_flight_grab_then_exits_0() {
     assert!(status.success(), "exit status {status:?}");
     assert!(granted_in_stream(&mut con, &id).await.contains(&coupon));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_customer_id_header_an_empty_or_repeated_value_names_no_one_and_grants_nothing() {
+    let server = redis();
+    let mut con = connect(&server);
+    let id = schedule(&mut con, "sale", 10, -1000).await;
+    let worker = Worker::command(&server.url(), &["--customer-id-header", "X-Customer-Id"]).await;
+    let path = grab_path("shop", "sale");
+
+    // Empty: the same answer as an absent header (the header is required).
+    let empty = call(
+        worker.port,
+        "POST",
+        &path,
+        &[("x-customer-id", ""), ("content-type", JSON)],
+        body("mallory"),
+    )
+    .await
+    .unwrap();
+    let absent = call(
+        worker.port,
+        "POST",
+        &path,
+        &[("content-type", JSON)],
+        body("mallory"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(empty.status, 400, "{empty:?}");
+    assert_eq!(empty.error(), "invalid_request");
+    assert_eq!(empty.json, absent.json, "empty is absent");
+    // Twice: which value the gateway set cannot be told.
+    let twice = call(
+        worker.port,
+        "POST",
+        &path,
+        &[("x-customer-id", "carol"), ("x-customer-id", "dave")],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(twice.status, 400, "{twice:?}");
+    assert_eq!(twice.error(), "invalid_request");
+    assert!(granted_in_stream(&mut con, &id).await.is_empty());
+}

@@ -545,3 +545,41 @@ async fn two_thousand_idle_connections_are_shed_and_legitimate_grabs_go_on() {
     let answers = legit.stop().await + 1;
     only_legit_granted(&mut con, &id, answers).await;
 }
+
+/// The request head is bounded (16 KiB): a grab with a 64 KiB header is
+/// answered 431 and the connection closed, without a grant; one whose head
+/// fits is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grab_with_a_64_kib_header_is_431_and_grants_nothing_while_one_that_fits_is_served() {
+    let (_server, mut con, id, worker) = setup(&[]).await;
+    let port = worker.port;
+    let grab = |customer: &str, header_bytes: usize| {
+        let body = format!(r#"{{"customerId":"{customer}"}}"#);
+        format!(
+            "POST {GRAB} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Big: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "h".repeat(header_bytes),
+            body.len()
+        )
+        .into_bytes()
+    };
+    // (A guard against a hang, not a bound: the 431 closes at once.)
+    let big = raw(
+        port,
+        &grab("big-header", 64 * 1024),
+        Duration::from_secs(60),
+    )
+    .await;
+    eprintln!(
+        "[abuse] 64 KiB header: status {:?}, closed {}",
+        big.status, big.closed
+    );
+    assert_eq!(big.status, Some(431), "{big:?}");
+    assert!(big.closed, "{big:?}");
+    let fits = raw(port, &grab("legit-15k", 15 * 1024), Duration::from_secs(60)).await;
+    assert_eq!(fits.status, Some(200), "{fits:?}");
+    only_legit_granted(&mut con, &id, 1).await;
+    assert_eq!(
+        granted_customers(&mut con, &id).await,
+        vec!["legit-15k".to_owned()]
+    );
+}

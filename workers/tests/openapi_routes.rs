@@ -1,38 +1,50 @@
 //! docs/openapi.yaml documents exactly the routes the workers serve: every
-//! `routes()` of the command, query and health APIs is in the document, and
-//! every operation of the document is served by one of them.
+//! route of the route table, with the command, query and health APIs all
+//! mounted, is in the document, and every operation of the document is
+//! served by one of them.
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use seckill_workers::command::{CommandApi, CommandOptions};
-use seckill_workers::http::{Api, HealthApi};
+use clap::Parser;
+use seckill_workers::command::{CommandApi, CommandArgs};
+use seckill_workers::http::{Apis, HealthApi};
 use seckill_workers::metrics::MetricsRegistry;
-use seckill_workers::query::{QueryApi, QueryOptions};
+use seckill_workers::query::{QueryApi, QueryArgs};
 use seckill_workers::redis_connection::RedisArgs;
 
 const METHODS: [&str; 8] = [
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
 
+/// The flags of each role, parsed as its binary parses them (defaults from clap).
+#[derive(Parser)]
+struct CommandRole {
+    #[command(flatten)]
+    command: CommandArgs,
+}
+
+#[derive(Parser)]
+struct QueryRole {
+    #[command(flatten)]
+    query: QueryArgs,
+}
+
 fn served_routes() -> BTreeSet<(String, String)> {
+    let url = "redis://127.0.0.1:1/";
+    let command = CommandRole::parse_from(["command", "--redis-url", url]).command;
+    let query = QueryRole::parse_from(["query", "--redis-url", url]).query;
     // Connections are lazy: nothing is dialled to list routes.
-    let redis = RedisArgs::for_url("redis://127.0.0.1:1/")
-        .connect()
-        .unwrap();
-    let apis: Vec<Box<dyn Api>> = vec![
-        Box::new(CommandApi::new(redis.clone(), CommandOptions::default())),
-        Box::new(QueryApi::new(redis.clone(), QueryOptions::default())),
-        Box::new(HealthApi::new(
-            redis,
-            Duration::from_secs(1),
-            MetricsRegistry::new(),
-        )),
-    ];
-    apis.iter()
-        .flat_map(|a| a.routes())
+    let redis = RedisArgs::for_url(url).connect().unwrap();
+    let apis = Apis {
+        command: Some(CommandApi::new(redis.clone(), command.options().unwrap())),
+        query: Some(QueryApi::new(redis.clone(), query.options())),
+        health: HealthApi::new(redis, Duration::from_secs(1), MetricsRegistry::new()),
+    };
+    apis.routes()
+        .into_iter()
         .map(|(m, p)| (m.as_str().to_ascii_lowercase(), p.to_owned()))
         .collect()
 }

@@ -4,11 +4,11 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use seckill_workers::command::{CommandApi, CommandOptions};
-use seckill_workers::http::{self, Api, ServerLimits};
+use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
+use seckill_workers::metrics::MetricsRegistry;
 use seckill_workers::projector::{Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{self, FinishReason, PromotionId};
 use seckill_workers::query::{QueryApi, QueryOptions};
@@ -52,19 +52,30 @@ async fn stack(customer_header: Option<&str>) -> Stack {
         CommandOptions {
             customer_id_header: None,
             redis_timeout: Duration::from_millis(500),
-            redis_metrics: None,
+            durability: None,
         },
     );
-    let apis: Vec<Arc<dyn Api>> = vec![Arc::new(command), Arc::new(query)];
+    let health = HealthApi::new(
+        con.clone(),
+        Duration::from_millis(500),
+        MetricsRegistry::new(),
+    );
+    let limits = ServerLimitArgs::from_env_or_defaults()
+        .unwrap()
+        .limits(Duration::from_secs(1), None);
+    let app = Apis {
+        command: Some(command),
+        query: Some(query),
+        health,
+    }
+    .router(&limits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    tokio::spawn(http::serve(
-        listener,
-        apis,
-        ServerLimits::default(),
-        shutdown.clone(),
-    ));
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { http::serve(listener, app, &limits, shutdown).await });
+    }
     Stack {
         redis,
         con,
@@ -299,4 +310,63 @@ async fn redis_down_answers_503_unavailable_with_retry_after_then_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(ok, "queries did not recover after Redis came back");
+}
+
+#[tokio::test]
+async fn with_a_customer_header_an_empty_repeated_or_invalid_value_is_401_like_an_absent_one() {
+    let s = stack(Some("x-customer-id")).await;
+    let path = "/api/v1/customers/alice/coupons";
+    for headers in [
+        &[("X-Customer-Id", "")][..],
+        &[("X-Customer-Id", "alice"), ("X-Customer-Id", "alice")][..],
+        &[("X-Customer-Id", "al ice")][..],
+    ] {
+        let r = call(s.addr, "GET", path, headers, None).await;
+        assert_eq!(
+            (r.status, r.body["error"].as_str()),
+            (401, Some("unauthenticated")),
+            "{headers:?}: {}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn promotion_ids_are_taken_as_sent_and_customer_ids_percent_decoded() {
+    let mut s = stack(None).await;
+    let id = PromotionId::new("shop", "sale").unwrap();
+    start_promotion(&mut s.con, &id, 10).await;
+    project(&s).await;
+    assert_eq!(get(&s, "/api/v1/promotions/shop/sale").await.status, 200);
+    // `sh%6Fp` means `shop`, but a DNS name needs no encoding: refused, as
+    // the grab endpoint refuses it.
+    let encoded = get(&s, "/api/v1/promotions/sh%6Fp/sale").await;
+    assert_eq!(
+        (encoded.status, encoded.body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{}",
+        encoded.body
+    );
+    let grab = call(
+        s.addr,
+        "POST",
+        "/api/v1/promotions/sh%6Fp/sale/grab",
+        &[],
+        Some(json!({"customerId": "a@b"})),
+    )
+    .await;
+    assert_eq!(grab.status, 400, "{}", grab.body);
+    let grab = call(
+        s.addr,
+        "POST",
+        "/api/v1/promotions/shop/sale/grab",
+        &[],
+        Some(json!({"customerId": "a@b"})),
+    )
+    .await;
+    assert_eq!(grab.status, 200, "{}", grab.body);
+    project(&s).await;
+    let mine = get(&s, "/api/v1/customers/a%40b/coupons").await;
+    assert_eq!(mine.status, 200, "{}", mine.body);
+    assert_eq!(mine.body["items"][0]["couponId"], grab.body["couponId"]);
 }

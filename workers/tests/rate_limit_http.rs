@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use seckill_workers::protocol;
 use seckill_workers::redis_connection::RedisConnection;
@@ -68,16 +68,14 @@ async fn a_customer_over_the_limit_gets_429_before_redis_while_others_are_served
         assert_eq!(r.status, 200, "{c}: {r:?}");
     }
 
-    // The 429 is decided before any Redis call: with Redis stalled it still
-    // comes at once (a Redis call would wait for the 500 ms timeout, then 503).
+    // The 429 is decided before any Redis call: with Redis stalled it is
+    // still a 429 (a grab that asks Redis waits for the 500 ms timeout and
+    // is answered 503, as dave's shows).
     server.pause();
-    let started = Instant::now();
     let limited = worker.grab("shop", "sale", "alice").await;
-    let took = started.elapsed();
     let stalled = worker.grab("shop", "sale", "dave").await;
     server.resume();
     assert_eq!(limited.status, 429, "{limited:?}");
-    assert!(took < Duration::from_millis(300), "429 took {took:?}");
     assert_eq!(
         stalled.status, 503,
         "a served grab does ask Redis: {stalled:?}"

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator core on manifest files plus the workers, in one process.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Send a flash crowd at a promotion and verify the outcome.
     Load(load::LoadArgs),
 }
@@ -48,7 +48,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match cli.command {
-        Command::Up(args) => match runtime.block_on(up::run(args)) {
+        Command::Up(args) => match runtime.block_on(up::run(*args)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("seckill up: {e}");

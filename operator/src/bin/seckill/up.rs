@@ -7,14 +7,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use seckill_operator::lifecycle::{self, Driven};
 use seckill_operator::metrics::Metrics as OperatorMetrics;
 use seckill_operator::promotion::PromotionStatus;
 use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs};
-use seckill_workers::http::{self, Api, HealthApi, ServerLimitArgs};
+use seckill_workers::http::customer_header::CustomerIdHeaderArgs;
+use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::{CommandMetrics, WorkerMetrics};
 use seckill_workers::projector::{Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{self, PromotionId};
@@ -54,9 +54,8 @@ pub struct UpArgs {
     #[arg(long, env = "SECKILL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
 
-    /// Take the customer id from this request header only.
-    #[arg(long, env = "SECKILL_CUSTOMER_ID_HEADER")]
-    pub customer_id_header: Option<String>,
+    #[command(flatten)]
+    pub customer: CustomerIdHeaderArgs,
 
     /// How often manifest files are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
@@ -88,8 +87,6 @@ pub enum UpError {
     Http(#[from] http::HttpError),
     #[error(transparent)]
     Command(#[from] seckill_workers::command::CommandError),
-    #[error(transparent)]
-    Query(#[from] seckill_workers::query::QueryError),
     #[error("cannot create the data directory {path:?}: {source}")]
     DataDir {
         path: PathBuf,
@@ -186,28 +183,31 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     let mut tasks = Vec::new();
 
     // HTTP: command and query APIs with health and metrics.
-    let mut apis: Vec<Arc<dyn Api>> = Vec::new();
-    if has("command") {
-        let header = CommandOptions::customer_id_header(args.customer_id_header.as_deref())?;
+    let header = args.customer.customer_id_header.clone();
+    let command = if has("command") {
         let options = CommandOptions {
-            customer_id_header: header,
+            customer_id_header: header.clone(),
             redis_timeout: timeout,
-            redis_metrics: Some(metrics.redis.clone()),
+            durability: args.durable.durability(timeout)?,
         };
-        let durability = args.durable.durability(timeout)?;
-        apis.push(Arc::new(
+        Some(
             CommandApi::new(redis.clone(), options)
                 .with_rate_limit(&args.rate_limit)
-                .with_durability(durability)
-                .with_metrics(CommandMetrics::register(&metrics.registry)),
-        ));
-    }
-    if has("query") {
-        let options = QueryOptions::from_flags(args.customer_id_header.as_deref(), &redis_args)?;
-        apis.push(Arc::new(
-            QueryApi::new(read_models.clone(), options).with_redis_metrics(metrics.redis.clone()),
-        ));
-    }
+                .with_metrics(
+                    metrics.redis.clone(),
+                    CommandMetrics::register(&metrics.registry),
+                ),
+        )
+    } else {
+        None
+    };
+    let query = has("query").then(|| {
+        let options = QueryOptions {
+            customer_id_header: header,
+            redis_timeout: timeout,
+        };
+        QueryApi::new(read_models.clone(), options).with_redis_metrics(metrics.redis.clone())
+    });
     let listener = http::bind(&args.listen).await?;
     println!(
         "{} serving {} on http://{} (/healthz, /readyz, /metrics)",
@@ -215,17 +215,21 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         args.roles.join(", "),
         args.listen
     );
-    apis.push(Arc::new(
-        HealthApi::new(redis.clone(), timeout, metrics.registry.clone())
-            .with_redis_metrics(metrics.redis.clone()),
-    ));
+    let health = HealthApi::new(redis.clone(), timeout, metrics.registry.clone())
+        .with_redis_metrics(metrics.redis.clone());
     {
         let shutdown = shutdown.clone();
         let limits = args
             .limits
             .limits(Duration::from_secs(5), Some(metrics.http.clone()));
+        let app = Apis {
+            command,
+            query,
+            health,
+        }
+        .router(&limits);
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = http::serve(listener, apis, limits, shutdown).await {
+            if let Err(e) = http::serve(listener, app, &limits, shutdown).await {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         }));

@@ -1,0 +1,337 @@
+//! The grab handler and its state, [`CommandApi`]: what a grab costs, from
+//! the cheapest answer to the dearest.
+//!
+//! 1. By IP, the rate limit runs before the handler (a layer on the route).
+//! 2. A promotion remembered over is answered its prepared 410 at once,
+//!    without reading the body or asking Redis (most of the load after a
+//!    sale), unless the rate limit by customer needs the customer id.
+//! 3. Otherwise the request is read and parsed ([`parse_grab`]), the rate
+//!    limit by customer applies, a promotion remembered unknown (or over)
+//!    is answered from memory, and anything else is one Redis round trip.
+//!
+//! The handler never answers 200 unless the grab script said `granted` or
+//! `already_granted`, i.e. the coupon is in the stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::memory::{Known, PromotionMemory};
+use super::request::{parse_grab, GrabRequest};
+use crate::http::extract::{read_body, PromotionPath};
+use crate::http::{json, ApiError, Outcome};
+use crate::metrics::{CommandMetrics, RedisMetrics};
+use crate::protocol::{
+    self, Coupon, CustomerId, Durability, DurableGrabError, FinishReason, GrabOutcome, PromotionId,
+    ScriptError,
+};
+use crate::rate_limit::{self, ClientLimiter, IpRateLimit, RateLimitArgs, RateLimitKey};
+use crate::redis_connection::RedisConnection;
+
+/// How a [`CommandApi`] behaves.
+#[derive(Debug, Clone)]
+pub struct CommandOptions {
+    /// Take the customer id from this header only, ignoring the body.
+    pub customer_id_header: Option<HeaderName>,
+    /// Bound on one grab round trip; past it the answer is 503.
+    pub redis_timeout: Duration,
+    /// Answer grants 200 only once replicas hold them
+    /// (`protocol::grab_durable`); `None` is the plain grab.
+    pub durability: Option<Durability>,
+}
+
+/// The rate limit of the grab path, by what it tells clients apart.
+enum GrabRateLimit {
+    ByIp {
+        limiter: Arc<ClientLimiter<std::net::IpAddr>>,
+        trust_forwarded_for: bool,
+    },
+    ByCustomer(Arc<ClientLimiter<CustomerId>>),
+}
+
+/// The grab endpoint's state: the route table mounts [`grab`] with it.
+pub struct CommandApi {
+    redis: RedisConnection,
+    options: CommandOptions,
+    memory: PromotionMemory,
+    rate_limit: Option<GrabRateLimit>,
+    redis_metrics: Option<RedisMetrics>,
+    metrics: Option<CommandMetrics>,
+}
+
+impl CommandApi {
+    pub fn new(redis: RedisConnection, options: CommandOptions) -> Self {
+        Self {
+            redis,
+            options,
+            memory: PromotionMemory::default(),
+            rate_limit: None,
+            redis_metrics: None,
+            metrics: None,
+        }
+    }
+
+    /// Limits grabs per client as `args` say (nothing when they turn it
+    /// off): a client over its rate is answered 429 with `Retry-After`
+    /// before any Redis call. Call within a tokio runtime (see
+    /// [`ClientLimiter::new`]).
+    pub fn with_rate_limit(mut self, args: &RateLimitArgs) -> Self {
+        self.rate_limit = args.quota().map(|quota| match args.rate_limit_key {
+            RateLimitKey::Ip => GrabRateLimit::ByIp {
+                limiter: ClientLimiter::new(quota),
+                trust_forwarded_for: args.trust_forwarded_for,
+            },
+            RateLimitKey::Customer => GrabRateLimit::ByCustomer(ClientLimiter::new(quota)),
+        });
+        self
+    }
+
+    /// Counts failed Redis calls (operation `grab`), and rate-limited and
+    /// unreplicated grabs.
+    pub fn with_metrics(mut self, redis: RedisMetrics, command: CommandMetrics) -> Self {
+        self.redis_metrics = Some(redis);
+        self.metrics = Some(command);
+        self
+    }
+
+    /// The state of the by-IP rate limit layer of the grab route, when the
+    /// limit is by IP.
+    pub fn ip_rate_limit(&self) -> Option<Arc<IpRateLimit>> {
+        match &self.rate_limit {
+            Some(GrabRateLimit::ByIp {
+                limiter,
+                trust_forwarded_for,
+            }) => Some(Arc::new(IpRateLimit {
+                limiter: limiter.clone(),
+                trust_forwarded_for: *trust_forwarded_for,
+                metrics: self.metrics.clone(),
+            })),
+            _ => None,
+        }
+    }
+
+    fn by_customer(&self) -> Option<&ClientLimiter<CustomerId>> {
+        match &self.rate_limit {
+            Some(GrabRateLimit::ByCustomer(limiter)) => Some(limiter),
+            _ => None,
+        }
+    }
+
+    /// Reads and parses the request, then applies the rate limit by
+    /// customer. The body is not read when the customer id comes from a
+    /// header.
+    async fn parse(&self, path: &PromotionPath, request: Request) -> Result<GrabRequest, ApiError> {
+        let header = self.options.customer_id_header.as_ref();
+        let (parts, body) = request.into_parts();
+        let body = match header {
+            Some(_) => Default::default(),
+            None => read_body(body).await?,
+        };
+        let grab = parse_grab(path.namespace(), path.name(), &parts.headers, &body, header)?;
+        if let Some(limiter) = self.by_customer() {
+            limiter.check(&grab.customer).map_err(|wait| {
+                rate_limit::refusal(RateLimitKey::Customer, wait, self.metrics.as_ref())
+            })?;
+        }
+        Ok(grab)
+    }
+
+    /// One Redis round trip, its answer mapped to HTTP and remembered when
+    /// it is final.
+    async fn grab_in_redis(&self, grab: &GrabRequest) -> Response {
+        let GrabRequest {
+            promotion,
+            customer,
+        } = grab;
+        let mut con = self.redis.clone();
+        let call = async {
+            match self.options.durability {
+                None => protocol::grab(&mut con, promotion, customer)
+                    .await
+                    .map_err(DurableGrabError::from),
+                Some(durability) => {
+                    protocol::grab_durable(&mut con, promotion, customer, durability).await
+                }
+            }
+        };
+        let outcome = match tokio::time::timeout(self.options.redis_timeout, call).await {
+            Err(_) => {
+                return self.redis_failed(
+                    "timeout",
+                    promotion,
+                    format!("no answer within {:?}", self.options.redis_timeout),
+                )
+            }
+            Ok(Err(DurableGrabError::Script(ScriptError::Redis(e)))) => {
+                let kind = if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "connection"
+                };
+                return self.redis_failed(kind, promotion, e.to_string());
+            }
+            Ok(Err(DurableGrabError::Script(e @ ScriptError::BadReply(_)))) => {
+                if let Some(m) = &self.redis_metrics {
+                    m.error("grab", "reply");
+                }
+                tracing::error!(%promotion, error = %e, "grab script answered unexpectedly");
+                return ApiError::internal(
+                    "the coupon store answered unexpectedly, so whether this grab was recorded is \
+                     unknown; a retry is safe and answers your coupon if you got one",
+                )
+                .into_response();
+            }
+            Ok(Err(e @ DurableGrabError::NotReplicated { .. })) => {
+                return self.not_replicated(promotion, &e);
+            }
+            Ok(Ok(outcome)) => outcome,
+        };
+        match outcome {
+            GrabOutcome::Granted { coupon, sold_out } => {
+                if sold_out {
+                    self.memory.finished(promotion, FinishReason::SoldOut);
+                }
+                grabbed(&coupon, false)
+            }
+            GrabOutcome::AlreadyGranted { coupon } => grabbed(&coupon, true),
+            GrabOutcome::UnknownPromotion => {
+                self.memory.unknown(promotion);
+                unknown(promotion.namespace(), promotion.name())
+            }
+            GrabOutcome::NotStarted {
+                opens_in_ms,
+                publish_time,
+            } => {
+                self.memory.forget_unknown(promotion);
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "not_started",
+                    format!("promotion {promotion} opens at {publish_time}, in {opens_in_ms} ms"),
+                )
+                .retry_after(opens_in_ms.div_ceil(1000).max(1))
+                .into_response()
+            }
+            GrabOutcome::SoldOut => self
+                .memory
+                .finished(promotion, FinishReason::SoldOut)
+                .response(),
+            GrabOutcome::Finished { reason } => self.memory.finished(promotion, reason).response(),
+        }
+    }
+
+    fn redis_failed(
+        &self,
+        kind: &'static str,
+        promotion: &PromotionId,
+        detail: String,
+    ) -> Response {
+        if let Some(m) = &self.redis_metrics {
+            m.error("grab", kind);
+        }
+        // One line per failed request would flood the log during an outage;
+        // the redis_errors metric and /readyz tell the story at warn level.
+        tracing::debug!(%promotion, kind, error = %detail, "grab failed on Redis");
+        ApiError::unavailable(
+            "the coupon store did not answer in time, so whether this grab was recorded is \
+             unknown; retry in a moment: a retry is safe and answers your coupon if you got one",
+        )
+        .into_response()
+    }
+
+    /// 503 for a grant the master holds but too few replicas confirmed: it
+    /// may be lost in a failover, so it is not promised; the retry finds it
+    /// (same coupon) or, if a failover lost it, grabs again.
+    fn not_replicated(&self, promotion: &PromotionId, e: &DurableGrabError) -> Response {
+        if let Some(m) = &self.metrics {
+            m.not_replicated();
+        }
+        tracing::debug!(%promotion, error = %e, "grant not confirmed by the replicas");
+        let mut response = ApiError::unavailable(
+            "the grab may have been recorded but is not yet confirmed by the coupon store's \
+             replicas; retry in a moment: a retry returns the same coupon if it was recorded, \
+             and never a second one",
+        )
+        .into_response();
+        response.extensions_mut().insert(Outcome("not_replicated"));
+        response
+    }
+}
+
+/// `POST /api/v1/promotions/{namespace}/{name}/grab`.
+pub async fn grab(
+    State(api): State<Arc<CommandApi>>,
+    path: PromotionPath,
+    request: Request,
+) -> Response {
+    let known = api.memory.get(path.namespace(), path.name());
+    // A promotion that is over answers the same 410 to everyone, so the
+    // body is not even read: the one path a sold-out grab takes, unless the
+    // rate limit by customer needs the customer id first.
+    if let Some(Known::Finished(closed)) = &known {
+        if api.by_customer().is_none() {
+            return closed.response();
+        }
+    }
+    // The rest is boxed: its state (a body read, a Redis call) is large,
+    // and the future of every request, sold-out ones included, would
+    // otherwise carry it.
+    Box::pin(async move {
+        let grab = match api.parse(&path, request).await {
+            Ok(grab) => grab,
+            Err(e) => return e.into_response(),
+        };
+        match known {
+            Some(Known::Finished(closed)) => closed.response(),
+            Some(Known::Unknown { .. }) => unknown(path.namespace(), path.name()),
+            None => api.grab_in_redis(&grab).await,
+        }
+    })
+    .await
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GrabbedBody<'a> {
+    coupon_id: &'a str,
+    customer_id: &'a str,
+    promotion: &'a str,
+    discount: f64,
+    granted_at: &'a str,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    already_granted: bool,
+}
+
+fn grabbed(coupon: &Coupon, already_granted: bool) -> Response {
+    let mut response = json(
+        StatusCode::OK,
+        &GrabbedBody {
+            coupon_id: &coupon.coupon_id,
+            customer_id: &coupon.customer_id,
+            promotion: &coupon.promotion,
+            discount: coupon.discount,
+            granted_at: &coupon.granted_at,
+            already_granted,
+        },
+    );
+    response
+        .extensions_mut()
+        .insert(Outcome(if already_granted {
+            "already_granted"
+        } else {
+            "granted"
+        }));
+    response
+}
+
+fn unknown(namespace: &str, name: &str) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_promotion",
+        format!("promotion {namespace}/{name} does not exist"),
+    )
+    .into_response()
+}

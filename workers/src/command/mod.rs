@@ -1,0 +1,174 @@
+//! The command side: `POST /api/v1/promotions/{namespace}/{name}/grab`.
+//!
+//! A grab is one Redis round trip (the `grab` script), which decides
+//! everything atomically on Redis' clock: stock, one coupon per customer,
+//! the window. The worker only validates input, maps the script's answer to
+//! HTTP, and remembers what saves Redis a round trip.
+//!
+//! | module | holds |
+//! |---|---|
+//! | [`request`] | parsing a grab (pure, property-tested and fuzzed) |
+//! | [`memory`] | the promotions remembered over or unknown, and the 410 |
+//! | [`handler`] | [`CommandApi`] and the [`grab`] handler |
+//! | this one | the flags of `seckill-worker command` and [`run`] |
+//!
+//! Optional, off by default: a rate limit per client (429 before any Redis
+//! call, see [`crate::rate_limit`]) and durable grabs
+//! (`--durable-replicas`: a grant is answered 200 only once replicas hold
+//! it, else 503 "maybe recorded, retry").
+
+pub mod handler;
+pub mod memory;
+pub mod request;
+
+use std::time::Duration;
+
+pub use handler::{grab, CommandApi, CommandOptions};
+pub use request::{grab_customer, parse_grab, GrabRequest};
+
+use crate::http::customer_header::CustomerIdHeaderArgs;
+use crate::http::{self, Apis, HealthApi, ServerLimitArgs};
+use crate::metrics::{CommandMetrics, WorkerMetrics};
+use crate::protocol::Durability;
+use crate::query::{QueryApi, QueryOptions};
+use crate::rate_limit::RateLimitArgs;
+use crate::redis_connection::{RedisArgs, RedisSetupError};
+
+/// Flags of `seckill-worker command`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommandArgs {
+    /// Address to serve HTTP on (API, /healthz, /readyz, /metrics).
+    #[arg(long, env = "SECKILL_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+
+    #[command(flatten)]
+    pub customer: CustomerIdHeaderArgs,
+
+    /// Do not mount the query endpoints on this server.
+    #[arg(long, env = "SECKILL_NO_QUERY")]
+    pub no_query: bool,
+
+    /// After SIGTERM, in-flight requests get this many seconds to finish.
+    #[arg(long, env = "SECKILL_DRAIN_TIMEOUT_SECS", default_value_t = 20)]
+    pub drain_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub durable: DurableGrabArgs,
+
+    #[command(flatten)]
+    pub rate_limit: RateLimitArgs,
+
+    #[command(flatten)]
+    pub limits: ServerLimitArgs,
+}
+
+impl CommandArgs {
+    /// How the grab endpoint behaves, as these flags say.
+    pub fn options(&self) -> Result<CommandOptions, CommandError> {
+        let redis_timeout = self.redis.timeout();
+        Ok(CommandOptions {
+            customer_id_header: self.customer.customer_id_header.clone(),
+            redis_timeout,
+            durability: self.durable.durability(redis_timeout)?,
+        })
+    }
+}
+
+/// Flags of durable grabs on replicated Redis (see `protocol::grab_durable`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DurableGrabArgs {
+    /// Answer a grant 200 only once this many replicas of the promotion's
+    /// master hold it (Redis WAIT); a grant not confirmed in time is answered
+    /// 503 and its retry returns the same coupon. 0 = plain grab.
+    #[arg(long, env = "SECKILL_DURABLE_REPLICAS", default_value_t = 0)]
+    pub durable_replicas: u32,
+
+    /// Longest wait for those replicas, in milliseconds; must be below
+    /// --redis-timeout-ms.
+    #[arg(long, env = "SECKILL_DURABLE_TIMEOUT_MS", default_value_t = 200)]
+    pub durable_timeout_ms: u64,
+}
+
+impl DurableGrabArgs {
+    /// The durability asked for, `None` for plain grabs. Refused when the
+    /// replica wait does not fit in the Redis timeout: the pipeline would be
+    /// abandoned before `WAIT` answers, turning every grab into a 503.
+    pub fn durability(&self, redis_timeout: Duration) -> Result<Option<Durability>, CommandError> {
+        if self.durable_replicas == 0 {
+            return Ok(None);
+        }
+        let timeout = Duration::from_millis(self.durable_timeout_ms.max(1));
+        if timeout >= redis_timeout {
+            return Err(CommandError::DurableTimeout {
+                durable_ms: self.durable_timeout_ms,
+                redis_ms: redis_timeout.as_millis() as u64,
+            });
+        }
+        Ok(Some(Durability {
+            replicas: self.durable_replicas,
+            timeout,
+        }))
+    }
+}
+
+/// The command role could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Redis(#[from] RedisSetupError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error(
+        "--durable-timeout-ms {durable_ms} must be below --redis-timeout-ms {redis_ms}: \
+         the replica wait has to fit in the Redis response timeout"
+    )]
+    DurableTimeout { durable_ms: u64, redis_ms: u64 },
+}
+
+/// Runs the command role until SIGTERM or Ctrl-C, then drains and returns.
+pub async fn run(args: CommandArgs) -> Result<(), CommandError> {
+    let redis = args.redis.connect()?;
+    let metrics = WorkerMetrics::new();
+    tracing::info!(redis = %args.redis.describe(), listen = %args.listen, "starting the command role");
+
+    let options = args.options()?;
+    if let Some(d) = options.durability {
+        tracing::info!(replicas = d.replicas, timeout = ?d.timeout, "durable grabs: a grant is answered only once replicas hold it");
+    }
+    let command = CommandApi::new(redis.clone(), options)
+        .with_rate_limit(&args.rate_limit)
+        .with_metrics(
+            metrics.redis.clone(),
+            CommandMetrics::register(&metrics.registry),
+        );
+    let query = if args.no_query {
+        None
+    } else {
+        let options = QueryOptions {
+            customer_id_header: args.customer.customer_id_header.clone(),
+            redis_timeout: args.redis.timeout(),
+        };
+        let read_models = args.redis.connect_read_models()?;
+        Some(QueryApi::new(read_models, options).with_redis_metrics(metrics.redis.clone()))
+    };
+    let health = HealthApi::new(redis, args.redis.timeout(), metrics.registry.clone())
+        .with_redis_metrics(metrics.redis.clone());
+    let limits = args.limits.limits(
+        Duration::from_secs(args.drain_timeout_secs),
+        Some(metrics.http),
+    );
+    let app = Apis {
+        command: Some(command),
+        query,
+        health,
+    }
+    .router(&limits);
+
+    let listener = http::bind(&args.listen).await?;
+    http::serve(listener, app, &limits, http::shutdown_on_signal()).await?;
+    tracing::info!("command role stopped");
+    Ok(())
+}

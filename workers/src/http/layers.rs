@@ -1,0 +1,387 @@
+//! The layers every endpoint is served in ([`Layers::around`]), outermost
+//! first: [`Observe`], which gives the layers' bare error answers the
+//! envelope and counts every request by route template ([`MatchedPath`]),
+//! status and outcome; then the request-body bounds of tower-http (a
+//! declared length over [`MAX_BODY_BYTES`] is 413 before the handler runs,
+//! a longer chunked body fails while read, and the whole body must arrive
+//! within the header read timeout). The 404 and 405 answers are endpoints
+//! in the same layers ([`Layers::router`], [`Layers::endpoint`]).
+//!
+//! Each endpoint gets its own copy of the stack, rather than
+//! `Router::layer` wrapping the routes once more: axum boxes each layer of
+//! a router, and one box and one indirection less per request is a tenth
+//! of the work of a sold-out answer.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use std::time::Duration;
+
+use axum::body::{Body, HttpBody};
+use axum::extract::{MatchedPath, Request};
+use axum::handler::HandlerWithoutStateExt;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter};
+use axum::Router;
+use bytes::Bytes;
+use pin_project_lite::pin_project;
+use tower::{Layer, Service, ServiceBuilder};
+use tower_http::limit::{RequestBodyLimit, RequestBodyLimitLayer};
+use tower_http::timeout::{RequestBodyDeadline, RequestBodyDeadlineLayer};
+
+use crate::http::error::{method_not_allowed, no_route};
+use crate::http::{ApiError, Outcome, ServerLimits, MAX_BODY_BYTES};
+use crate::metrics::{HttpMetrics, RouteMetrics};
+
+/// The `route` label of requests no route matched.
+pub const UNMATCHED: &str = "unmatched";
+
+/// A service in the layers of [`Layers::around`].
+pub type Layered<S> = Observe<RequestBodyLimit<RequestBodyDeadline<S>>>;
+
+/// The layers of every endpoint of a server.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    observe: ObserveLayer,
+    body_deadline: Duration,
+}
+
+impl Layers {
+    /// The layers of a server of the path templates `templates` (its
+    /// routes) with `limits`.
+    pub fn new(templates: &[&'static str], limits: &ServerLimits) -> Self {
+        Self {
+            observe: ObserveLayer::new(templates, limits.metrics.as_ref()),
+            body_deadline: limits.header_read_timeout,
+        }
+    }
+
+    /// `service` inside the layers.
+    pub fn around<S>(&self, service: S) -> Layered<S> {
+        ServiceBuilder::new()
+            .layer(self.observe.clone())
+            .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+            .layer(RequestBodyDeadlineLayer::new(self.body_deadline))
+            .service(service)
+    }
+
+    /// An endpoint: `service` answers the method of `filter`, other methods
+    /// are answered 405 (with `Allow`), both inside the layers.
+    pub fn endpoint<S>(&self, filter: MethodFilter, service: S) -> MethodRouter
+    where
+        Layered<S>: Service<Request, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <Layered<S> as Service<Request>>::Future: Send + 'static,
+    {
+        MethodRouter::new()
+            .on_service(filter, self.around(service))
+            .fallback_service(self.around(method_not_allowed.into_service()))
+    }
+
+    /// `router` with the 404 of paths no route matches, inside the layers.
+    pub fn router(&self, router: Router) -> Router {
+        router.fallback_service(self.around(no_route.into_service()))
+    }
+}
+
+/// The metrics of each route template, looked up by the request's
+/// [`MatchedPath`]; the last entry is [`UNMATCHED`].
+#[derive(Debug)]
+struct RouteTable {
+    templates: Vec<&'static str>,
+    metrics: Vec<RouteMetrics>,
+}
+
+impl RouteTable {
+    fn new(templates: &[&'static str], http: &HttpMetrics) -> Self {
+        let mut all: Vec<&'static str> = Vec::with_capacity(templates.len() + 1);
+        for t in templates.iter().chain([&UNMATCHED]) {
+            if !all.contains(t) {
+                all.push(t);
+            }
+        }
+        Self {
+            metrics: all.iter().map(|t| http.route(t)).collect(),
+            templates: all,
+        }
+    }
+
+    /// The index of the metrics of `matched` (a path template of the
+    /// router; `None` when no route matched).
+    fn index_of(&self, matched: Option<&MatchedPath>) -> usize {
+        let unmatched = self.metrics.len() - 1;
+        matched
+            .and_then(|m| self.templates.iter().position(|t| *t == m.as_str()))
+            .unwrap_or(unmatched)
+    }
+}
+
+/// Adds [`Observe`] to a service.
+#[derive(Debug, Clone)]
+pub struct ObserveLayer {
+    routes: Option<Arc<RouteTable>>,
+}
+
+impl ObserveLayer {
+    /// Counts requests into `metrics` by the templates of `templates` (and
+    /// [`UNMATCHED`]); counts nothing when `metrics` is `None`.
+    pub fn new(templates: &[&'static str], metrics: Option<&HttpMetrics>) -> Self {
+        Self {
+            routes: metrics.map(|m| Arc::new(RouteTable::new(templates, m))),
+        }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+/// Gives an error answer that carries no [`Outcome`] (a layer's, such as
+/// tower-http's 413, which has a status and no envelope) the envelope of
+/// its status, and records every request: its route template, status,
+/// outcome (the [`Outcome`], else `ok` or `error`) and latency.
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    routes: Option<Arc<RouteTable>>,
+}
+
+impl<S, B> Service<Request> for Observe<S>
+where
+    S: Service<Request, Response = Response<B>, Error = Infallible>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let started = Instant::now();
+        let route = self.routes.as_ref().map(|routes| {
+            let index = routes.index_of(request.extensions().get::<MatchedPath>());
+            (routes.clone(), index)
+        });
+        ObserveFuture {
+            inner: self.inner.call(request),
+            started,
+            route,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Observe`].
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        started: Instant,
+        route: Option<(Arc<RouteTable>, usize)>,
+    }
+}
+
+impl<F, B> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(response) = ready!(this.inner.poll(cx));
+        let status = response.status();
+        let outcome = response.extensions().get::<Outcome>().copied();
+        let (response, outcome) = match outcome {
+            Some(Outcome(o)) => (response.map(Body::new), o),
+            None if status.is_client_error() || status.is_server_error() => {
+                // Its own body and headers (a text body, its length) go.
+                let error = ApiError::for_status(status);
+                let code = error.code;
+                (error.into_response(), code)
+            }
+            None if status.is_success() => (response.map(Body::new), "ok"),
+            None => (response.map(Body::new), "error"),
+        };
+        if let Some((routes, index)) = this.route.take() {
+            if let Some(metrics) = routes.metrics.get(index) {
+                metrics.observe(status.as_u16(), outcome, this.started.elapsed());
+            }
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::test_server::{ask, default_limits, exchange, start};
+    use crate::http::ServerLimits;
+    use crate::metrics::MetricsRegistry;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    fn body_of(answer: &str) -> serde_json::Value {
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"))
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_other_methods_and_large_bodies_get_the_envelope() {
+        let server = start(default_limits(), Duration::ZERO).await;
+        let nope = ask(
+            server.addr,
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(nope.starts_with("HTTP/1.1 404"), "{nope}");
+        assert_eq!(body_of(&nope)["error"], "not_found");
+        let post = ask(
+            server.addr,
+            b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(post.to_ascii_lowercase().contains("allow: get"), "{post}");
+        assert_eq!(body_of(&post)["error"], "method_not_allowed");
+        // A GET route answers HEAD too, as axum serves GET routes.
+        let head = ask(
+            server.addr,
+            b"HEAD /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
+        // Declared: refused before the handler, by tower-http, enveloped.
+        let big = ask(
+            server.addr,
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n{}",
+                "x".repeat(5000)
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(big.starts_with("HTTP/1.1 413"), "{big}");
+        assert_eq!(body_of(&big)["error"], "payload_too_large");
+        // Chunked, so the size is only known while reading.
+        let chunked = ask(
+            server.addr,
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1388\r\n{}\r\n0\r\n\r\n",
+                "x".repeat(5000)
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
+        assert_eq!(body_of(&chunked)["error"], "payload_too_large");
+        // At the limit, a body is read.
+        let fits = ask(
+            server.addr,
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BODY_BYTES}\r\nConnection: close\r\n\r\n{}",
+                "x".repeat(MAX_BODY_BYTES)
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(fits.starts_with("HTTP/1.1 200"), "{fits}");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_arrive_within_the_header_timeout_is_408_in_the_envelope() {
+        let limits = ServerLimits {
+            header_read_timeout: Duration::from_millis(200),
+            ..default_limits()
+        };
+        let server = start(limits, Duration::ZERO).await;
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        // Half the declared body, then nothing.
+        let answer = exchange(
+            &mut stream,
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert_eq!(body_of(&answer)["error"], "request_timeout");
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_takes_no_body_answers_without_waiting_for_it_and_is_counted() {
+        let registry = MetricsRegistry::new();
+        // A body deadline far past the guard of `exchange`: an answer that
+        // waited for the body would never come in time.
+        let limits = ServerLimits {
+            header_read_timeout: Duration::from_secs(3600),
+            metrics: Some(HttpMetrics::register(&registry)),
+            ..default_limits()
+        };
+        let server = start(limits, Duration::ZERO).await;
+        // The body in the same packet: discarded, and the connection serves
+        // the next request.
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let answers = exchange(
+            &mut stream,
+            b"POST /gone/a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789\
+              GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answers.starts_with("HTTP/1.1 410"), "{answers}");
+        assert!(answers.contains("HTTP/1.1 200"), "{answers}");
+        // A declared body that never comes: answered, then the connection
+        // is closed (its body was never read).
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream
+            .write_all(b"POST /gone/a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = crate::http::test_server::read_until_closed(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 410"), "{answer}");
+        // A declared body over the limit is still 413, on every route.
+        let big = ask(
+            server.addr,
+            b"POST /gone/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(big.starts_with("HTTP/1.1 413"), "{big}");
+        ask(
+            server.addr,
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let text = registry.encode().unwrap();
+        let counted = |route: &str, status: u16, outcome: &str, count: u32| {
+            text.contains(&format!(
+                "seckill_http_requests_total{{route=\"{route}\",status=\"{status}\",outcome=\"{outcome}\"}} {count}"
+            ))
+        };
+        // The route label is the matched template, the outcome what the
+        // handler said (a success without one is `ok`); a layer's 413 gets
+        // the code of its envelope.
+        assert!(counted("/gone/{id}", 410, "gone", 2), "{text}");
+        assert!(counted("/gone/{id}", 413, "payload_too_large", 1), "{text}");
+        assert!(counted("/hello", 200, "ok", 1), "{text}");
+        assert!(counted(UNMATCHED, 404, "not_found", 1), "{text}");
+    }
+}

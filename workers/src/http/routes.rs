@@ -1,0 +1,140 @@
+//! The route table: every endpoint a worker process can serve, each with
+//! its method, its path template (axum's `{param}` syntax is OpenAPI's, so
+//! the template is also the metrics' `route` label and the key of
+//! docs/openapi.yaml) and its handler. [`Apis`] says which APIs a process
+//! mounts: `seckill-worker command` the grab endpoint and, unless
+//! `--no-query`, the query endpoints; `seckill-worker query` the query
+//! endpoints; `seckill up` both; every process the probes and `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::Request;
+use axum::handler::{Handler, HandlerService};
+use axum::http::Method;
+use axum::response::Response;
+use axum::routing::{MethodFilter, MethodRouter};
+use axum::Router;
+use tower::Service;
+
+use crate::command::{self, CommandApi};
+use crate::http::health::{self, HealthApi};
+use crate::http::layers::{Layered, Layers};
+use crate::http::ServerLimits;
+use crate::query::{self, QueryApi};
+
+/// The APIs one server mounts.
+pub struct Apis {
+    /// `POST /api/v1/promotions/{namespace}/{name}/grab`.
+    pub command: Option<CommandApi>,
+    /// The read endpoints under `/api/v1/promotions` and `/api/v1/customers`.
+    pub query: Option<QueryApi>,
+    /// `/healthz`, `/readyz` and `/metrics`, always mounted.
+    pub health: HealthApi,
+}
+
+/// One line of the table: a method, a path template, and how to build
+/// the endpoint in the server's layers (known once the whole table is, as
+/// the metrics are kept per template).
+struct Route {
+    method: Method,
+    template: &'static str,
+    endpoint: Box<dyn FnOnce(&Layers) -> MethodRouter>,
+}
+
+impl Route {
+    /// `GET template`, answered by `handler` with `state`.
+    fn get<H, T, S>(template: &'static str, handler: H, state: &Arc<S>) -> Self
+    where
+        H: Handler<T, Arc<S>>,
+        T: 'static,
+        S: Send + Sync + 'static,
+        Layered<HandlerService<H, T, Arc<S>>>: Service<Request, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <Layered<HandlerService<H, T, Arc<S>>> as Service<Request>>::Future: Send + 'static,
+    {
+        let state = state.clone();
+        Self {
+            method: Method::GET,
+            template,
+            endpoint: Box::new(move |layers| {
+                layers.endpoint(MethodFilter::GET, handler.with_state(state))
+            }),
+        }
+    }
+}
+
+impl Apis {
+    /// Only the probes and `/metrics` (the operator, the projector).
+    pub fn health(health: HealthApi) -> Self {
+        Self {
+            command: None,
+            query: None,
+            health,
+        }
+    }
+
+    /// Every route these APIs serve: (method, path template).
+    pub fn routes(self) -> Vec<(Method, &'static str)> {
+        table(self)
+            .into_iter()
+            .map(|r| (r.method, r.template))
+            .collect()
+    }
+
+    /// The router of these APIs, every endpoint in the [`Layers`] of
+    /// `limits`.
+    pub fn router(self, limits: &ServerLimits) -> Router {
+        let table = table(self);
+        let templates: Vec<&'static str> = table.iter().map(|r| r.template).collect();
+        let layers = Layers::new(&templates, limits);
+        let router = table.into_iter().fold(Router::new(), |router, r| {
+            router.route(r.template, (r.endpoint)(&layers))
+        });
+        layers.router(router)
+    }
+}
+
+/// The table itself: the routes of the APIs `apis` mounts.
+fn table(apis: Apis) -> Vec<Route> {
+    let mut table = Vec::new();
+    if let Some(api) = apis.command {
+        let limit_by_ip = api.ip_rate_limit();
+        let grab = command::grab.with_state(Arc::new(api));
+        table.push(Route {
+            method: Method::POST,
+            template: "/api/v1/promotions/{namespace}/{name}/grab",
+            endpoint: Box::new(move |layers| match limit_by_ip {
+                // Before anything is parsed; a 405 is not counted against it.
+                Some(limit) => layers.endpoint(MethodFilter::POST, limit.layer(grab)),
+                None => layers.endpoint(MethodFilter::POST, grab),
+            }),
+        });
+    }
+    if let Some(api) = apis.query {
+        let api = Arc::new(api);
+        table.extend([
+            Route::get("/api/v1/promotions", query::promotions, &api),
+            Route::get(
+                "/api/v1/promotions/{namespace}/{name}",
+                query::promotion,
+                &api,
+            ),
+            Route::get(
+                "/api/v1/customers/{customerId}/coupons",
+                query::customer_coupons,
+                &api,
+            ),
+        ]);
+    }
+    let health = Arc::new(apis.health);
+    table.extend([
+        Route::get("/healthz", health::healthz, &health),
+        Route::get("/readyz", health::readyz, &health),
+        Route::get("/metrics", health::metrics, &health),
+    ]);
+    table
+}
