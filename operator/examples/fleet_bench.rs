@@ -19,41 +19,43 @@
 //!
 //! Usage: fleet_bench OPERATOR_BIN KUBECONFIG REDIS_URL [QUIET_SECS] [GRAB_SECS]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{ListParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use futures::StreamExt;
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, Config, ResourceExt};
-use seckill_operator::promotion::{Phase, Promotion, PromotionSpec};
+use kube::{Api, ResourceExt};
+use seckill_operator::promotion::Promotion;
 use seckill_workers::protocol::{self, CustomerId, PromotionId};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::free_port;
 
+#[path = "../tests/kube_apiserver/mod.rs"]
+mod kube_apiserver;
+
+use kube_apiserver::{
+    create_all, create_namespaces, delta, expected_phase, phase_of, request_totals, wait_for,
+    Process,
+};
+
 const NAMESPACES: usize = 10;
+/// Never sold out within the bench.
+const COUPONS: u64 = 100_000_000;
 
-type Totals = BTreeMap<(String, String, String, String), f64>;
-
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn promotion(ns: &str, name: &str, publish: DateTime<Utc>, finish: DateTime<Utc>) -> Promotion {
+    kube_apiserver::promotion(ns, name, publish, finish, COUPONS)
 }
+
+struct Operator(Process);
 
 impl Operator {
     /// utime + stime in seconds, and the resident set in MiB (now, peak).
     fn usage(&self) -> (f64, f64, f64) {
-        let pid = self.0.id();
+        let pid = self.0 .0.id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the command name (which may hold spaces) in parentheses.
         let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
@@ -87,69 +89,6 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-async fn request_totals(client: &Client) -> Totals {
-    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(request).await.unwrap();
-    let mut totals = BTreeMap::new();
-    for line in text.lines() {
-        let Some((labels, value)) = line
-            .strip_prefix("apiserver_request_total{")
-            .and_then(|rest| rest.split_once("} "))
-        else {
-            continue;
-        };
-        let labels: HashMap<&str, &str> = labels
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
-        let key = ["group", "resource", "subresource", "verb"]
-            .map(|k| labels.get(k).copied().unwrap_or_default().to_owned());
-        *totals.entry(key.into()).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
-    }
-    totals
-}
-
-fn delta(
-    before: &Totals,
-    after: &Totals,
-    keep: impl Fn(&(String, String, String, String)) -> bool,
-) -> f64 {
-    after
-        .iter()
-        .filter(|(k, _)| keep(k))
-        .map(|(k, n)| n - before.get(k).copied().unwrap_or(0.0))
-        .sum()
-}
-
-fn promotion(ns: &str, name: &str, publish: DateTime<Utc>, finish: DateTime<Utc>) -> Promotion {
-    let mut p = Promotion::new(
-        name,
-        PromotionSpec {
-            publish_time: publish.trunc_subsecs(0),
-            finish_time: finish.trunc_subsecs(0),
-            number_of_coupons: 100_000_000,
-            discount: 0.2,
-            description: None,
-        },
-    );
-    p.metadata.namespace = Some(ns.into());
-    p
-}
-
-async fn create_all(client: &Client, promotions: &[Promotion]) {
-    futures::stream::iter(promotions.iter().cloned())
-        .map(|p| {
-            let api: Api<Promotion> =
-                Api::namespaced(client.clone(), p.metadata.namespace.as_deref().unwrap());
-            async move { api.create(&PostParams::default(), &p).await.map(|_| ()) }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<()>>()
-        .await
-        .expect("promotions created");
-}
-
 fn id_of(p: &Promotion) -> PromotionId {
     PromotionId::new(&p.namespace().unwrap(), &p.name_any()).unwrap()
 }
@@ -178,13 +117,7 @@ async fn main() {
     let quiet = Duration::from_secs(args.get(4).and_then(|s| s.parse().ok()).unwrap_or(30));
     let grab_span = Duration::from_secs(args.get(5).and_then(|s| s.parse().ok()).unwrap_or(30));
 
-    let config = Config::from_custom_kubeconfig(
-        Kubeconfig::read_from(&kubeconfig).unwrap(),
-        &KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    let client = Client::try_from(config).unwrap();
+    let client = kube_apiserver::client(&kubeconfig).await;
     let con: RedisConnection = RedisArgs::for_url(redis_url.clone()).connect().unwrap();
 
     // The API server alone, before anything of ours: its own background.
@@ -194,33 +127,8 @@ async fn main() {
     let background = delta(&before, &after, |_| true) / 10.0;
     println!("apiserver_background_rps {background:.2}");
 
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    for n in 0..NAMESPACES {
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": format!("shop-{n}")}}))
-                .unwrap();
-        namespaces
-            .create(&PostParams::default(), &ns)
-            .await
-            .unwrap();
-    }
-    let now = Utc::now();
-    let hour = chrono::Duration::hours(1);
-    let fleet: Vec<Promotion> = (0..1000)
-        .map(|i| {
-            let ns = format!("shop-{}", i % NAMESPACES);
-            match i {
-                0..300 => promotion(&ns, &format!("pending-{i}"), now + hour, now + hour * 2),
-                300..900 => promotion(
-                    &ns,
-                    &format!("active-{i}"),
-                    now - chrono::Duration::minutes(1),
-                    now + hour,
-                ),
-                _ => promotion(&ns, &format!("finished-{i}"), now - hour * 2, now - hour),
-            }
-        })
-        .collect();
+    create_namespaces(&client, NAMESPACES).await;
+    let fleet = kube_apiserver::fleet(1000, NAMESPACES, COUPONS);
     let created = Instant::now();
     create_all(&client, &fleet).await;
     println!("fleet_created_secs {:.1}", created.elapsed().as_secs_f64());
@@ -230,7 +138,7 @@ async fn main() {
         std::env::var("FLEET_BENCH_LOG").unwrap_or_else(|_| "/dev/null".into()),
     )
     .unwrap();
-    let operator = Operator(
+    let operator = Operator(Process(
         Command::new(&operator_bin)
             .args(["run", "--redis-url", &redis_url])
             .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
@@ -242,33 +150,16 @@ async fn main() {
             .stdin(Stdio::null())
             .spawn()
             .expect("operator starts"),
-    );
+    ));
     let all: Api<Promotion> = Api::all(client.clone());
-    let expected = |p: &Promotion| {
-        let name = p.name_any();
-        if name.starts_with("pending") {
-            Phase::Pending
-        } else if name.starts_with("active") {
-            Phase::Active
-        } else {
-            Phase::Finished
-        }
-    };
     let started = Instant::now();
-    loop {
-        let list = all.list(&ListParams::default()).await.unwrap().items;
-        if list
-            .iter()
-            .all(|p| p.status.as_ref().and_then(|s| s.phase) == Some(expected(p)))
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "fleet not reported in 5 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_for(
+        &all,
+        Duration::from_secs(300),
+        "every status reported",
+        |list| list.iter().all(|p| phase_of(p) == Some(expected_phase(p))),
+    )
+    .await;
     println!("fleet_reported_secs {:.1}", started.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(5)).await;
 

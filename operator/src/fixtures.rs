@@ -600,41 +600,65 @@ mod running_sales {
         p
     }
 
+    /// Registers each promotion in Redis, running, and watches its sale as
+    /// reported long ago (no quiet time left).
+    async fn running(con: &mut RedisConnection, promotions: &[&Promotion]) -> Arc<RunningSales> {
+        let sales = Arc::new(RunningSales::default());
+        for p in promotions {
+            let id = PromotionId::new(NS, &p.name_any()).unwrap();
+            let driven = lifecycle::drive(con, &id, &p.spec, Some(1), None)
+                .await
+                .unwrap();
+            assert_eq!(driven.status.phase, Some(Phase::Active));
+            sales.watch(
+                ObjectRef::from_obj(*p),
+                id,
+                Reported::new(&driven.status, Instant::now()),
+            );
+        }
+        sales
+    }
+
+    /// The first promotion the poll (every 50 ms, over a store holding
+    /// `present`) yields.
+    async fn first_yielded(
+        sales: &Arc<RunningSales>,
+        con: &RedisConnection,
+        present: &[&Promotion],
+        metrics: &Metrics,
+    ) -> ObjectRef<Promotion> {
+        let mut moved = Box::pin(sales::changes(
+            sales.clone(),
+            con.clone(),
+            Duration::from_millis(50),
+            store_of(present),
+            metrics.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(10), moved.next())
+            .await
+            .expect("the poll yielded within 10 s")
+            .unwrap()
+    }
+
+    fn grab(con: &RedisConnection, name: &str) -> impl std::future::Future<Output = ()> {
+        let mut con = con.clone();
+        let id = PromotionId::new(NS, name).unwrap();
+        async move {
+            let ann = protocol::CustomerId::parse("ann").unwrap();
+            protocol::grab(&mut con, &id, &ann).await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn the_poll_yields_the_running_sale_whose_numbers_moved_and_no_other() {
         let (_server, mut con) = redis();
         let template = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60));
         let busy = named("busy", &template);
         let calm = named("calm", &template);
-        let sales = Arc::new(RunningSales::default());
-        for p in [&busy, &calm] {
-            let id = PromotionId::new(NS, &p.name_any()).unwrap();
-            let driven = lifecycle::drive(&mut con, &id, &p.spec, Some(1), None)
-                .await
-                .unwrap();
-            // Written long ago: no quiet time left.
-            sales.watch(
-                ObjectRef::from_obj(p),
-                id,
-                Reported::new(&driven.status, Instant::now()),
-            );
-        }
+        let sales = running(&mut con, &[&busy, &calm]).await;
+        grab(&con, "busy").await;
         let metrics = Metrics::register(&MetricsRegistry::new());
-        let mut moved = Box::pin(sales::changes(
-            sales.clone(),
-            con.clone(),
-            Duration::from_millis(50),
-            store_of(&[&busy, &calm]),
-            metrics.clone(),
-        ));
-        let busy_id = PromotionId::new(NS, "busy").unwrap();
-        let ann = protocol::CustomerId::parse("ann").unwrap();
-        protocol::grab(&mut con, &busy_id, &ann).await.unwrap();
-
-        let first = tokio::time::timeout(Duration::from_secs(10), moved.next())
-            .await
-            .expect("the poll yielded within 10 s")
-            .unwrap();
+        let first = first_yielded(&sales, &con, &[&busy, &calm], &metrics).await;
         assert_eq!(first, ObjectRef::from_obj(&busy));
         assert_eq!(metrics.poll_triggers.get(), 1);
         assert_eq!(metrics.watched_sales.get(), 2);
@@ -645,51 +669,22 @@ mod running_sales {
         let (_server, mut con) = redis();
         let p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60));
         let gone = named("gone", &p);
-        let sales = RunningSales::default();
-        let mut ids = Vec::new();
-        for p in [&p, &gone] {
-            let id = PromotionId::new(NS, &p.name_any()).unwrap();
-            lifecycle::drive(&mut con, &id, &p.spec, Some(1), None)
-                .await
-                .unwrap();
-            ids.push(id);
-        }
+        let sales = running(&mut con, &[&p, &gone]).await;
         redis::cmd("SCRIPT")
             .arg("FLUSH")
             .query_async::<()>(&mut con)
             .await
             .unwrap();
+        let ids = [id(), PromotionId::new(NS, "gone").unwrap()];
         let read = sales::read(&mut con, &ids).await.unwrap();
         assert_eq!(read.len(), 2);
         assert!(read.iter().all(|s| s.phase.as_deref() == Some("Active")));
 
         // A watched sale whose object left the store is not read again.
-        let sales = Arc::new(sales);
-        for (p, id) in [&p, &gone].into_iter().zip(&ids) {
-            let driven = lifecycle::drive(&mut con, id, &p.spec, Some(1), None)
-                .await
-                .unwrap();
-            sales.watch(
-                ObjectRef::from_obj(p),
-                id.clone(),
-                Reported::new(&driven.status, Instant::now()),
-            );
-        }
+        grab(&con, "gone").await;
+        grab(&con, NAME).await;
         let metrics = Metrics::register(&MetricsRegistry::new());
-        let mut moved = Box::pin(sales::changes(
-            sales.clone(),
-            con.clone(),
-            Duration::from_millis(50),
-            store_of(&[&p]),
-            metrics.clone(),
-        ));
-        let ann = protocol::CustomerId::parse("ann").unwrap();
-        protocol::grab(&mut con, &ids[1], &ann).await.unwrap();
-        protocol::grab(&mut con, &ids[0], &ann).await.unwrap();
-        let first = tokio::time::timeout(Duration::from_secs(10), moved.next())
-            .await
-            .expect("the poll yielded within 10 s")
-            .unwrap();
+        let first = first_yielded(&sales, &con, &[&p], &metrics).await;
         assert_eq!(first, ObjectRef::from_obj(&p));
         assert_eq!(sales.len(), 1);
     }

@@ -15,37 +15,30 @@
 //! fields `reason` and `fieldPath` (1.28+) and drops them (the rule itself is
 //! enforced), whereas a server-side apply of the CRD would be refused.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::{Api, Client};
 use seckill_operator::crdgen;
-use seckill_operator::promotion::{Phase, Promotion, PromotionSpec};
+use seckill_operator::promotion::{Phase, Promotion};
 use seckill_workers::protocol::{self, CustomerId, FinishReason, PromotionId};
 use seckill_workers::redis_connection::RedisArgs;
 use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
 
+mod kube_apiserver;
+
+use kube_apiserver::{
+    create_all, create_namespaces, delta, expected_phase, phase_of, request_totals, wait_for,
+    Process, Totals,
+};
+
 const OPERATOR: &str = env!("CARGO_BIN_EXE_seckill-operator");
 const TOKEN: &str = "seckill-test-token";
 const NAMESPACES: usize = 5;
-
-/// A child process killed and reaped when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// etcd and kube-apiserver on loopback, in a temporary directory.
 struct ControlPlane {
@@ -172,11 +165,7 @@ current-context: local
     }
 
     async fn client(&self) -> Client {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).unwrap();
-        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-            .await
-            .unwrap();
-        Client::try_from(config).unwrap()
+        kube_apiserver::client(&self.kubeconfig).await
     }
 
     fn log_tail(&self) -> String {
@@ -207,47 +196,20 @@ current-context: local
     }
 }
 
-/// `apiserver_request_total`, summed by (group, resource, subresource, verb).
-async fn request_totals(client: &Client) -> BTreeMap<(String, String, String, String), f64> {
-    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(request).await.unwrap();
-    let mut totals = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.split_once("} ") else {
-            continue;
-        };
-        let labels: BTreeMap<&str, &str> = labels
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k, v.trim_matches('"')))
-            .collect();
-        let key = ["group", "resource", "subresource", "verb"]
-            .map(|k| labels.get(k).copied().unwrap_or_default().to_owned());
-        *totals.entry(key.into()).or_insert(0.0) += value.trim().parse::<f64>().unwrap_or(0.0);
-    }
-    totals
-}
-
 /// What the operator costs the server between two readings: requests on
-/// Promotions (any verb) and on events.k8s.io Events.
+/// Promotions and on events.k8s.io Events, of one verb and subresource when
+/// given.
 fn operator_requests(
-    before: &BTreeMap<(String, String, String, String), f64>,
-    after: &BTreeMap<(String, String, String, String), f64>,
+    before: &Totals,
+    after: &Totals,
     only_verb: Option<&str>,
     only_subresource: Option<&str>,
 ) -> f64 {
-    after
-        .iter()
-        .filter(|((group, _, subresource, verb), _)| {
-            (group == "seckill.io" || group == "events.k8s.io")
-                && only_verb.is_none_or(|v| v == verb)
-                && only_subresource.is_none_or(|s| s == subresource)
-        })
-        .map(|(key, n)| n - before.get(key).copied().unwrap_or(0.0))
-        .sum()
+    delta(before, after, |(group, _, subresource, verb)| {
+        (group == "seckill.io" || group == "events.k8s.io")
+            && only_verb.is_none_or(|v| v == verb)
+            && only_subresource.is_none_or(|s| s == subresource)
+    })
 }
 
 fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
@@ -255,40 +217,7 @@ fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
 }
 
 fn promotion(ns: &str, name: &str, publish: DateTime<Utc>, finish: DateTime<Utc>) -> Promotion {
-    let mut p = Promotion::new(
-        name,
-        PromotionSpec {
-            publish_time: whole_seconds(publish),
-            finish_time: whole_seconds(finish),
-            number_of_coupons: 1_000_000,
-            discount: 0.25,
-            description: None,
-        },
-    );
-    p.metadata.namespace = Some(ns.into());
-    p
-}
-
-/// Polls the Promotions until `done` holds for the list (at most `limit`).
-async fn wait_for(
-    api: &Api<Promotion>,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&[Promotion]) -> bool,
-) -> Vec<Promotion> {
-    let started = Instant::now();
-    loop {
-        let list = api.list(&ListParams::default()).await.unwrap().items;
-        if done(&list) {
-            return list;
-        }
-        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-fn phase_of(p: &Promotion) -> Option<Phase> {
-    p.status.as_ref().and_then(|s| s.phase)
+    kube_apiserver::promotion(ns, name, publish, finish, 1_000_000)
 }
 
 fn kubectl() -> Option<PathBuf> {
@@ -330,33 +259,8 @@ async fn a_fleet_on_a_real_api_server_stays_within_the_request_budget_and_reads_
     let con = RedisArgs::for_url(redis.url()).connect().unwrap();
 
     // 45 Pending, 90 Active (30 of them about to get grabs), 15 Finished.
-    let now = Utc::now();
-    let hour = chrono::Duration::hours(1);
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    for n in 0..NAMESPACES {
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({"metadata": {"name": format!("shop-{n}")}}))
-                .unwrap();
-        namespaces
-            .create(&PostParams::default(), &ns)
-            .await
-            .unwrap();
-    }
-    let mut fleet = Vec::new();
-    for i in 0..150 {
-        let ns = format!("shop-{}", i % NAMESPACES);
-        let p = match i {
-            0..45 => promotion(&ns, &format!("pending-{i}"), now + hour, now + hour * 2),
-            45..135 => promotion(
-                &ns,
-                &format!("active-{i}"),
-                now - chrono::Duration::minutes(1),
-                now + hour,
-            ),
-            _ => promotion(&ns, &format!("finished-{i}"), now - hour * 2, now - hour),
-        };
-        fleet.push(p);
-    }
+    create_namespaces(&client, NAMESPACES).await;
+    let fleet = kube_apiserver::fleet(150, NAMESPACES, 1_000_000);
     let busy: Vec<PromotionId> = fleet[45..75]
         .iter()
         .map(|p| {
@@ -367,16 +271,7 @@ async fn a_fleet_on_a_real_api_server_stays_within_the_request_budget_and_reads_
             .unwrap()
         })
         .collect();
-    futures::stream::iter(fleet.iter().cloned())
-        .map(|p| {
-            let api: Api<Promotion> =
-                Api::namespaced(client.clone(), p.metadata.namespace.as_deref().unwrap());
-            async move { api.create(&PostParams::default(), &p).await.map(|_| ()) }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<()>>()
-        .await
-        .unwrap();
+    create_all(&client, &fleet).await;
 
     let metrics_port = free_port().unwrap();
     let _operator = Process(
@@ -392,16 +287,11 @@ async fn a_fleet_on_a_real_api_server_stays_within_the_request_budget_and_reads_
     );
 
     // Every promotion reported in its phase.
-    let expected = |p: &Promotion| match p.metadata.name.as_deref().unwrap_or_default() {
-        n if n.starts_with("pending") => Some(Phase::Pending),
-        n if n.starts_with("active") => Some(Phase::Active),
-        _ => Some(Phase::Finished),
-    };
     wait_for(
         &all,
         Duration::from_secs(60),
         "every promotion reported",
-        |list| list.len() == 150 && list.iter().all(|p| phase_of(p) == expected(p)),
+        |list| list.len() == 150 && list.iter().all(|p| phase_of(p) == Some(expected_phase(p))),
     )
     .await;
 
