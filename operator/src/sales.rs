@@ -4,11 +4,13 @@
 //! a sell-out) in Redis, and Kubernetes hears nothing of it. Rather than a
 //! timer per promotion, the controller registers every running sale here with
 //! what its status reports, and [`changes`] reads all of them at once every
-//! poll interval: one pipeline on a standalone Redis; on a Redis Cluster every
-//! read in flight at once, multiplexed over the connection to each node. It
-//! yields only the promotions whose numbers moved, which the controller feeds
-//! to `Controller::reconcile_on`. A quiet fleet costs one read per interval
-//! and no request to the API server.
+//! poll interval: the length of each one's event stream (every grab, start
+//! and finish appends to it), then the state of those whose stream grew.
+//! Each is one pipeline on a standalone Redis; on a Redis Cluster every read
+//! in flight at once, multiplexed over the connection to each node. It yields
+//! only the promotions whose numbers moved, which the controller feeds to
+//! `Controller::reconcile_on`. A quiet fleet costs one cheap read per
+//! interval and no request to the API server.
 //!
 //! When numbers alone moved (granted, remaining), a sale is yielded once its
 //! status interval since the last write is over, so a busy sale's status is
@@ -119,79 +121,173 @@ pub fn is_due(reported: &Reported, seen: Seen, now: Instant) -> bool {
 struct Watched {
     id: PromotionId,
     reported: Reported,
+    /// The length of the promotion's event stream when its state was last
+    /// read here; `None`: not read since the last reconcile.
+    length: Option<u64>,
+    /// That read found numbers the status does not show yet (held for the
+    /// quiet time).
+    moved: bool,
+}
+
+/// The watched sales in a fixed order, with the command that reads the
+/// length of each one's event stream: rebuilt only when sales come or go.
+#[derive(Default)]
+struct Batch {
+    order: Vec<ObjectRef<Promotion>>,
+    lengths: Vec<redis::Cmd>,
+}
+
+#[derive(Default)]
+struct State {
+    watched: HashMap<ObjectRef<Promotion>, Watched>,
+    batch: Option<Arc<Batch>>,
 }
 
 /// The running sales the controller watches, shared between the reconciles
 /// (which register and forget) and the poll (which reads them).
 #[derive(Default)]
 pub struct RunningSales {
-    watched: Mutex<HashMap<ObjectRef<Promotion>, Watched>>,
+    state: Mutex<State>,
 }
 
 impl RunningSales {
-    fn lock(&self) -> MutexGuard<'_, HashMap<ObjectRef<Promotion>, Watched>> {
-        self.watched.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Watches (or updates) the sale of `promotion`, whose status now says
-    /// what `reported` holds.
+    /// what `reported` holds. The next poll reads its state again.
     pub fn watch(&self, promotion: ObjectRef<Promotion>, id: PromotionId, reported: Reported) {
-        self.lock().insert(promotion, Watched { id, reported });
+        let mut state = self.lock();
+        if let Some(w) = state.watched.get_mut(&promotion) {
+            w.reported = reported;
+            w.length = None;
+            w.moved = false;
+            return;
+        }
+        state.watched.insert(
+            promotion,
+            Watched {
+                id,
+                reported,
+                length: None,
+                moved: false,
+            },
+        );
+        state.batch = None;
     }
 
     /// Records what the status of a watched `promotion` now reports (a
     /// failed reconcile); a promotion not watched stays so.
     pub fn reported(&self, promotion: &ObjectRef<Promotion>, reported: Reported) {
-        if let Some(w) = self.lock().get_mut(promotion) {
+        if let Some(w) = self.lock().watched.get_mut(promotion) {
             w.reported = reported;
+            w.length = None;
         }
     }
 
     /// Stops watching `promotion` (not running, or gone).
     pub fn forget(&self, promotion: &ObjectRef<Promotion>) {
-        self.lock().remove(promotion);
+        let mut state = self.lock();
+        if state.watched.remove(promotion).is_some() {
+            state.batch = None;
+        }
     }
 
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut state = self.lock();
+        state.watched.clear();
+        state.batch = None;
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().watched.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().watched.is_empty()
     }
 
     /// The sales to read, forgetting those whose object left the store.
-    fn to_read(
-        &self,
-        present: impl Fn(&ObjectRef<Promotion>) -> bool,
-    ) -> Vec<(ObjectRef<Promotion>, PromotionId)> {
-        let mut watched = self.lock();
-        watched.retain(|promotion, _| present(promotion));
-        watched
+    fn batch(&self, present: impl Fn(&ObjectRef<Promotion>) -> bool) -> Arc<Batch> {
+        let mut state = self.lock();
+        let before = state.watched.len();
+        state.watched.retain(|promotion, _| present(promotion));
+        if state.watched.len() != before {
+            state.batch = None;
+        }
+        let State { watched, batch } = &mut *state;
+        batch
+            .get_or_insert_with(|| {
+                let (order, lengths) = watched
+                    .iter()
+                    .map(|(promotion, w)| {
+                        let mut xlen = redis::cmd("XLEN");
+                        xlen.arg(PromotionKeys::new(&w.id).events);
+                        (promotion.clone(), xlen)
+                    })
+                    .unzip();
+                Arc::new(Batch { order, lengths })
+            })
+            .clone()
+    }
+
+    /// The sales of `batch` whose event stream is not as long as when their
+    /// state was last read: their state is to be read again.
+    fn grown(&self, batch: &Batch, lengths: &[u64]) -> Vec<(usize, PromotionId)> {
+        let state = self.lock();
+        batch
+            .order
             .iter()
-            .map(|(promotion, w)| (promotion.clone(), w.id.clone()))
+            .zip(lengths)
+            .enumerate()
+            .filter_map(|(i, (promotion, length))| {
+                let w = state.watched.get(promotion)?;
+                (w.length != Some(*length)).then(|| (i, w.id.clone()))
+            })
             .collect()
     }
 
-    /// The sales due for a reconcile given what one read found.
+    /// The sales due for a reconcile after one poll: `lengths` of every
+    /// sale's stream (`None`: Redis could not be read), `read` the state of
+    /// those whose stream grew (by index in the batch).
     fn due(
         &self,
-        seen: Vec<(ObjectRef<Promotion>, Seen)>,
+        batch: &Batch,
+        lengths: Option<&[u64]>,
+        read: &HashMap<usize, Tally>,
+        recovered: bool,
         now: Instant,
     ) -> Vec<ObjectRef<Promotion>> {
-        let watched = self.lock();
-        seen.into_iter()
-            .filter(|(promotion, seen)| {
-                watched
-                    .get(promotion)
-                    .is_some_and(|w| is_due(&w.reported, *seen, now))
-            })
-            .map(|(promotion, _)| promotion)
-            .collect()
+        let mut state = self.lock();
+        let mut due = Vec::new();
+        for (i, promotion) in batch.order.iter().enumerate() {
+            let Some(w) = state.watched.get_mut(promotion) else {
+                continue;
+            };
+            let is = match (lengths, read.get(&i)) {
+                (None, _) => is_due(&w.reported, Seen::Unreachable, now),
+                (Some(lengths), Some(tally)) => {
+                    w.length = Some(lengths[i]);
+                    w.moved = *tally != w.reported.tally;
+                    let seen = Seen::Tally {
+                        tally: *tally,
+                        recovered,
+                    };
+                    is_due(&w.reported, seen, now)
+                }
+                // Nothing new in Redis: due only when Redis is back for a
+                // status that says it was not, or when held numbers have
+                // waited out their quiet time.
+                (Some(_), None) => {
+                    (recovered && !w.reported.ready) || (w.moved && now >= w.reported.quiet_until)
+                }
+            };
+            if is {
+                due.push(promotion.clone());
+            }
+        }
+        due
     }
 }
 
@@ -231,11 +327,63 @@ pub async fn read(
         .collect()
 }
 
+/// One poll: the length of every watched sale's event stream (every grab,
+/// start and finish appends to it), in one batch; then the state of those
+/// whose stream grew, in a second batch; compared with what their status
+/// reports ([`is_due`]). A quiet fleet costs one cheap read (XLEN).
+async fn poll(
+    sales: &RunningSales,
+    redis: &mut RedisConnection,
+    store: &Store<Promotion>,
+    metrics: &Metrics,
+    last_ok: &mut bool,
+) -> Vec<ObjectRef<Promotion>> {
+    let batch = sales.batch(|p| store.get(p).is_some());
+    metrics.watched_sales.set(batch.order.len() as i64);
+    if batch.order.is_empty() {
+        return Vec::new();
+    }
+    let _poll = metrics.redis_poll_started();
+    let result = async {
+        let lengths: Vec<u64> = redis.query_each(batch.lengths.clone()).await?;
+        let grown = sales.grown(&batch, &lengths);
+        let ids: Vec<PromotionId> = grown.iter().map(|(_, id)| id.clone()).collect();
+        let snapshots = if ids.is_empty() {
+            Vec::new()
+        } else {
+            read(redis, &ids).await?
+        };
+        let read: HashMap<usize, Tally> = grown
+            .iter()
+            .zip(&snapshots)
+            .map(|((i, _), snap)| (*i, Tally::seen(snap)))
+            .collect();
+        Ok::<_, ScriptError>((lengths, read))
+    }
+    .await;
+    let now = Instant::now();
+    match result {
+        Ok((lengths, read)) => {
+            let recovered = !*last_ok;
+            *last_ok = true;
+            sales.due(&batch, Some(&lengths), &read, recovered, now)
+        }
+        Err(e) => {
+            if *last_ok {
+                tracing::warn!(error = %e, sales = batch.order.len(), "cannot read the running sales from Redis");
+            }
+            metrics.redis_poll_failed();
+            *last_ok = false;
+            sales.due(&batch, None, &HashMap::new(), false, now)
+        }
+    }
+}
+
 /// The promotions to reconcile because Redis moved their numbers: every
-/// `every`, the watched sales are read (see [`read`]) and compared with what
-/// their status reports ([`is_due`]). A sale whose object left `store` is
-/// forgotten. Runs as long as the stream is polled: the controller polls it
-/// with its other triggers and drops it when it stops.
+/// `every`, the watched sales are read ([`poll`]) and compared with what
+/// their status reports. A sale whose object left `store` is forgotten. Runs
+/// as long as the stream is polled: the controller polls it with its other
+/// triggers and drops it when it stops.
 pub fn changes(
     sales: Arc<RunningSales>,
     redis: RedisConnection,
@@ -252,42 +400,7 @@ pub fn changes(
         let metrics = metrics.clone();
         async move {
             ticks.tick().await;
-            let watched = sales.to_read(|p| store.get(p).is_some());
-            metrics.watched_sales.set(watched.len() as i64);
-            if watched.is_empty() {
-                return Some((Vec::new(), (ticks, redis, last_ok)));
-            }
-            let ids: Vec<PromotionId> = watched.iter().map(|(_, id)| id.clone()).collect();
-            let result = {
-                let _poll = metrics.redis_poll_started();
-                read(&mut redis, &ids).await
-            };
-            let seen: Vec<(ObjectRef<Promotion>, Seen)> = match result {
-                Ok(snapshots) => {
-                    let recovered = !last_ok;
-                    last_ok = true;
-                    watched
-                        .into_iter()
-                        .zip(snapshots.iter())
-                        .map(|((promotion, _), snap)| {
-                            let tally = Tally::seen(snap);
-                            (promotion, Seen::Tally { tally, recovered })
-                        })
-                        .collect()
-                }
-                Err(e) => {
-                    if last_ok {
-                        tracing::warn!(error = %e, sales = watched.len(), "cannot read the running sales from Redis");
-                    }
-                    metrics.redis_poll_failed();
-                    last_ok = false;
-                    watched
-                        .into_iter()
-                        .map(|(promotion, _)| (promotion, Seen::Unreachable))
-                        .collect()
-                }
-            };
-            let due = sales.due(seen, Instant::now());
+            let due = poll(&sales, &mut redis, &store, &metrics, &mut last_ok).await;
             metrics.poll_triggers.inc_by(due.len() as u64);
             Some((due, (ticks, redis, last_ok)))
         }
@@ -321,6 +434,50 @@ mod tests {
             tally: tally(phase, granted),
             recovered: false,
         }
+    }
+
+    #[test]
+    fn a_sale_is_read_again_only_when_its_stream_grew_and_held_numbers_wait_out_the_quiet_time() {
+        let now = Instant::now();
+        let sales = RunningSales::default();
+        let sale = ObjectRef::<Promotion>::new("sale").within("shop");
+        let id = PromotionId::new("shop", "sale").unwrap();
+        sales.watch(
+            sale.clone(),
+            id.clone(),
+            reported(3, true, Duration::from_secs(1), now),
+        );
+        let batch = sales.batch(|_| true);
+        assert_eq!(batch.order, std::slice::from_ref(&sale));
+        // Never read: read, whatever the length.
+        assert_eq!(sales.grown(&batch, &[7]), [(0, id.clone())]);
+        let read = HashMap::from([(0, tally(Phase::Active, 4))]);
+        // New numbers in the quiet time: held.
+        assert!(sales.due(&batch, Some(&[7]), &read, false, now).is_empty());
+        // The stream did not grow: not read again, and due once the quiet
+        // time is over.
+        assert!(sales.grown(&batch, &[7]).is_empty());
+        let none = HashMap::new();
+        assert!(sales.due(&batch, Some(&[7]), &none, false, now).is_empty());
+        assert_eq!(
+            sales.due(
+                &batch,
+                Some(&[7]),
+                &none,
+                false,
+                now + Duration::from_secs(1)
+            ),
+            std::slice::from_ref(&sale)
+        );
+        // A reconcile reported it: read again at the next poll.
+        sales.watch(
+            sale.clone(),
+            id.clone(),
+            reported(4, true, Duration::from_secs(2), now),
+        );
+        assert_eq!(sales.grown(&batch, &[7]), [(0, id)]);
+        // Redis unreachable: due, since the status says Ready.
+        assert_eq!(sales.due(&batch, None, &none, false, now), [sale]);
     }
 
     #[test]
