@@ -246,6 +246,13 @@ async fn main() {
             }
         }
     });
+    // The Instant of a wall-clock time (this host's clock is Redis' clock),
+    // by one reading of both clocks taken before anything can be slow.
+    let (wall, mono) = (Utc::now(), Instant::now());
+    let instant_of = |t: DateTime<Utc>| {
+        let ahead = (t - wall).to_std().expect("a time after the reading");
+        mono + ahead
+    };
     let opens = (Utc::now() + chrono::Duration::seconds(8)).trunc_subsecs(0);
     let closes = opens + chrono::Duration::seconds(8);
     let deadline: Vec<Promotion> = (0..20)
@@ -259,11 +266,6 @@ async fn main() {
         })
         .collect();
     create_all(&client, &deadline).await;
-    // The Instant of a wall-clock time (this host's clock is Redis' clock).
-    let instant_of = |t: DateTime<Utc>| {
-        let ahead = (t - Utc::now()).to_std().unwrap_or_default();
-        Instant::now() + ahead
-    };
     let (open_at, close_at) = (instant_of(opens), instant_of(closes));
     let waited = Instant::now();
     loop {
