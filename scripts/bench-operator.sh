@@ -42,6 +42,8 @@ if [ -n "$BASE" ]; then
   git archive "$base_rev" | tar -x -C "$work/base-src"
   (cd "$work/base-src" && CARGO_TARGET_DIR="$target" cargo build --release --quiet -p seckill-operator --bin seckill-operator)
   cp "$target/release/seckill-operator" "$work/seckill-operator.before"
+  # Leave target/release/seckill-operator this tree's build, not the base's.
+  cp "$work/seckill-operator.after" "$target/release/seckill-operator"
   labels=(before after)
 fi
 head_rev=$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- operator || echo "+changes")
