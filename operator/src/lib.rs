@@ -6,7 +6,8 @@
 //! (the CRD YAML), [`admission`] (checking a raw manifest as the API server
 //! would), [`lifecycle`] (the pure decisions and the kube-free executor that
 //! `seckill up` shares), [`controller`] (the Kubernetes controller),
-//! [`metrics`], and [`leader`] (leader election on a Lease).
+//! [`sales`] (the running sales, read from Redis in batches), [`metrics`],
+//! and [`leader`] (leader election on a Lease).
 
 pub mod admission;
 pub mod controller;
@@ -17,6 +18,7 @@ pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod promotion;
+pub mod sales;
 
 use promotion::FieldError;
 use seckill_workers::http::HttpError;

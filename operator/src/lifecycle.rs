@@ -24,8 +24,11 @@ use seckill_workers::redis_connection::RedisConnection;
 use crate::promotion::{validate, Condition, Phase, PromotionSpec, PromotionStatus};
 use crate::Error;
 
-/// How often an Active promotion's status is refreshed, so that coupons
-/// granted and a sell-out show in the status within two seconds.
+/// How often `seckill up`, which has nothing but its own timers, looks at an
+/// Active promotion again, so that coupons granted and a sell-out show on its
+/// board within a second. The Kubernetes controller does not refresh on a
+/// timer: it reads the running sales from Redis in one batch per interval
+/// and reconciles those whose numbers moved (see [`crate::sales`]).
 pub const ACTIVE_REFRESH: Duration = Duration::from_secs(1);
 
 /// Condition type: the status reflects Redis as of the last reconcile.
@@ -63,10 +66,16 @@ pub struct Decision {
     pub status: PromotionStatus,
     /// Announcements: what changed since `previous`.
     pub transitions: Vec<Transition>,
-    /// When to decide again: exactly at the next deadline (publishTime, then
-    /// finishTime), at most [`ACTIVE_REFRESH`] while Active, never once
-    /// Finished (only a change of the object brings it back).
+    /// When to decide again without outside news: exactly at the next
+    /// deadline (publishTime, then finishTime), at most [`ACTIVE_REFRESH`]
+    /// while Active, never once Finished (only a change of the object brings
+    /// it back). For a driver that has no other way to see grabs.
     pub requeue_after: Option<Duration>,
+    /// Exactly the time until the next deadline: publishTime while Pending,
+    /// finishTime while Active, none once Finished. The controller requeues
+    /// on this alone, and learns about grabs and sell-outs from
+    /// [`crate::sales`].
+    pub deadline: Option<Duration>,
 }
 
 fn millis(t: DateTime<Utc>) -> i64 {
@@ -95,7 +104,9 @@ fn differs(spec: &PromotionSpec, snap: &Snapshot) -> bool {
         || snap.finish_ms != Some(millis(spec.finish_time))
 }
 
-fn phase_of(snap: &Snapshot) -> Phase {
+/// The phase Redis' state says the promotion is in (Pending when Redis does
+/// not know it).
+pub fn phase_of(snap: &Snapshot) -> Phase {
     if !snap.exists {
         return Phase::Pending;
     }
@@ -181,23 +192,37 @@ pub fn decide(
 
     let status = status_of(spec, generation, previous, snap, locked, now);
     let transitions = transitions(previous, &status);
-    let requeue_after = match phase {
-        _ if !snap.exists => Some(until(now, millis(spec.publish_time))),
-        Phase::Finished => None,
-        Phase::Pending if !snap.started => Some(until(
-            now,
-            snap.publish_ms.unwrap_or(millis(spec.publish_time)),
-        )),
-        _ => {
-            let to_finish = until(now, snap.finish_ms.unwrap_or(millis(spec.finish_time)));
-            Some(to_finish.min(ACTIVE_REFRESH))
-        }
+    // `running`: Active (or a Pending state with the started flag, which the
+    // scripts never leave behind), where grabs move the numbers.
+    let (deadline, running) = match phase {
+        _ if !snap.exists => (Some(until(now, millis(spec.publish_time))), false),
+        Phase::Finished => (None, false),
+        Phase::Pending if !snap.started => (
+            Some(until(
+                now,
+                snap.publish_ms.unwrap_or(millis(spec.publish_time)),
+            )),
+            false,
+        ),
+        _ => (
+            Some(until(
+                now,
+                snap.finish_ms.unwrap_or(millis(spec.finish_time)),
+            )),
+            true,
+        ),
+    };
+    let requeue_after = if running {
+        deadline.map(|d| d.min(ACTIVE_REFRESH))
+    } else {
+        deadline
     };
     Decision {
         actions,
         status,
         transitions,
         requeue_after,
+        deadline,
     }
 }
 
@@ -295,6 +320,58 @@ pub fn unavailable_status(
     status
 }
 
+/// Whether a status just decided goes to the API server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusWrite {
+    /// The same content as reported: nothing to write.
+    Unchanged,
+    /// Write it now.
+    Now,
+    /// Only the running numbers moved (granted, remaining and the Ready
+    /// message that counts them) and the last write is more recent than the
+    /// status interval: keep the reported status for this much longer.
+    Hold(Duration),
+}
+
+/// Decides [`StatusWrite`] for `status` given the one `reported` (on the
+/// object), how long ago this process last wrote the promotion's status, and
+/// the `interval` below which numbers alone do not justify a write. Anything
+/// else (phase, times, finish reason, conditions, observedGeneration) is
+/// written at once: those are the changes people and tools wait for.
+pub fn status_write(
+    reported: Option<&PromotionStatus>,
+    status: &PromotionStatus,
+    since_last_write: Option<Duration>,
+    interval: Duration,
+) -> StatusWrite {
+    let Some(reported) = reported else {
+        return StatusWrite::Now;
+    };
+    if reported == status {
+        return StatusWrite::Unchanged;
+    }
+    match since_last_write {
+        Some(since) if since < interval && only_numbers_differ(reported, status) => {
+            StatusWrite::Hold(interval - since)
+        }
+        _ => StatusWrite::Now,
+    }
+}
+
+/// Whether `a` and `b` differ in the running numbers only.
+fn only_numbers_differ(a: &PromotionStatus, b: &PromotionStatus) -> bool {
+    let mut b = b.clone();
+    b.granted = a.granted;
+    b.remaining = a.remaining;
+    if let (Some(ready_a), Some(ready_b)) = (
+        a.condition(READY),
+        b.conditions.iter_mut().find(|c| c.type_ == READY),
+    ) {
+        ready_b.message.clone_from(&ready_a.message);
+    }
+    *a == b
+}
+
 fn transitions(previous: Option<&PromotionStatus>, status: &PromotionStatus) -> Vec<Transition> {
     let before = previous.cloned().unwrap_or_default();
     let mut out = Vec::new();
@@ -359,7 +436,10 @@ fn transitions(previous: Option<&PromotionStatus>, status: &PromotionStatus) -> 
 pub struct Driven {
     pub status: PromotionStatus,
     pub transitions: Vec<Transition>,
+    /// See [`Decision::requeue_after`].
     pub requeue_after: Option<Duration>,
+    /// See [`Decision::deadline`].
+    pub deadline: Option<Duration>,
     /// The last state read from or written to Redis.
     pub snapshot: Snapshot,
 }
@@ -392,11 +472,18 @@ pub async fn drive(
         let decision = decide(spec, generation, previous, &snap, now);
         rounds += 1;
         if decision.actions.is_empty() || rounds >= MAX_ROUNDS {
+            // Writes still wanted after the last round: look again soon.
+            let settled = decision.actions.is_empty();
             return Ok(Driven {
                 status: decision.status,
                 transitions: decision.transitions,
-                requeue_after: if decision.actions.is_empty() {
+                requeue_after: if settled {
                     decision.requeue_after
+                } else {
+                    Some(ACTIVE_REFRESH)
+                },
+                deadline: if settled {
+                    decision.deadline
                 } else {
                     Some(ACTIVE_REFRESH)
                 },
@@ -679,6 +766,113 @@ mod tests {
         assert_eq!(ready.last_transition_time, at(T0 + 9));
         assert_eq!(down.granted, second.status.granted);
         assert_eq!(down.conditions.len(), 2);
+    }
+
+    #[test]
+    fn the_deadline_is_exactly_publish_time_then_finish_time_then_none() {
+        assert_eq!(
+            decide_at(&unknown(T0 - 5_000), None).deadline,
+            Some(Duration::from_millis(5_000))
+        );
+        assert_eq!(
+            decide_at(&registered(T0 - 1_234, "Pending"), None).deadline,
+            Some(Duration::from_millis(1_234))
+        );
+        // Active: the finish time, not a refresh a second later.
+        let d = decide_at(&registered(T0 + 10, "Active"), None);
+        assert_eq!(
+            d.deadline,
+            Some(Duration::from_millis((T1 - T0 - 10) as u64))
+        );
+        assert_eq!(d.requeue_after, Some(ACTIVE_REFRESH));
+        assert_eq!(
+            decide_at(&finished(T0 + 20, FinishReason::SoldOut, 10), None).deadline,
+            None
+        );
+    }
+
+    fn active_with(granted: u64, previous: Option<&PromotionStatus>) -> PromotionStatus {
+        let mut snap = registered(T0 + 10, "Active");
+        snap.granted = granted;
+        decide_at(&snap, previous).status
+    }
+
+    const INTERVAL: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn a_status_equal_to_the_reported_one_is_not_written() {
+        let reported = active_with(3, None);
+        let again = active_with(3, Some(&reported));
+        assert_eq!(
+            status_write(Some(&reported), &again, None, INTERVAL),
+            StatusWrite::Unchanged
+        );
+        assert_eq!(
+            status_write(
+                Some(&reported),
+                &again,
+                Some(Duration::from_millis(1)),
+                INTERVAL
+            ),
+            StatusWrite::Unchanged
+        );
+    }
+
+    #[test]
+    fn new_numbers_wait_for_the_status_interval_since_the_last_write() {
+        let reported = active_with(3, None);
+        let moved = active_with(5, Some(&reported));
+        assert_eq!(
+            status_write(
+                Some(&reported),
+                &moved,
+                Some(Duration::from_millis(500)),
+                INTERVAL
+            ),
+            StatusWrite::Hold(Duration::from_millis(1_500))
+        );
+        assert_eq!(
+            status_write(Some(&reported), &moved, Some(INTERVAL), INTERVAL),
+            StatusWrite::Now
+        );
+        // Nothing written by this process yet (a restart): written at once.
+        assert_eq!(
+            status_write(Some(&reported), &moved, None, INTERVAL),
+            StatusWrite::Now
+        );
+        assert_eq!(status_write(None, &moved, None, INTERVAL), StatusWrite::Now);
+    }
+
+    #[test]
+    fn a_new_phase_or_condition_is_written_at_once_even_within_the_interval() {
+        let just = Some(Duration::from_millis(1));
+        let reported = active_with(9, None);
+        let sold_out = decide_at(
+            &finished(T0 + 20, FinishReason::SoldOut, 10),
+            Some(&reported),
+        )
+        .status;
+        assert_eq!(
+            status_write(Some(&reported), &sold_out, just, INTERVAL),
+            StatusWrite::Now
+        );
+        let down = unavailable_status(
+            Some(&reported),
+            Some(1),
+            "RedisUnavailable",
+            "down".into(),
+            at(T0 + 30),
+        );
+        assert_eq!(
+            status_write(Some(&reported), &down, just, INTERVAL),
+            StatusWrite::Now
+        );
+        let mut new_generation = reported.clone();
+        new_generation.observed_generation = Some(2);
+        assert_eq!(
+            status_write(Some(&reported), &new_generation, just, INTERVAL),
+            StatusWrite::Now
+        );
     }
 
     #[test]

@@ -33,6 +33,16 @@ pub struct PromotionLabels {
     pub promotion: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkLabels {
+    pub work: String,
+}
+
 /// Counters and gauges of the controller; clones share the same values.
 #[derive(Clone)]
 pub struct Metrics {
@@ -48,6 +58,18 @@ pub struct Metrics {
     pub active_finish_time: Family<PromotionLabels, Gauge>,
     /// 1 while this replica runs the controller (holds the Lease), else 0.
     pub leader: Gauge,
+    /// Statuses decided, by what became of them: written, unchanged (equal to
+    /// the reported one) or held (new numbers within the status interval).
+    pub status_updates: Family<OutcomeLabels, Counter>,
+    /// Reads of the running sales from Redis, and how long each took.
+    pub redis_polls: Histogram,
+    pub redis_poll_failures: Counter,
+    /// Reconciles the reads of the running sales asked for.
+    pub poll_triggers: Counter,
+    /// Running sales watched in Redis.
+    pub watched_sales: Gauge,
+    /// Reconciles and Redis reads under way.
+    pub in_flight: Family<WorkLabels, Gauge>,
     /// The last phase seen of every promotion, from which the gauge is
     /// recomputed (so a deleted or re-phased promotion is not counted twice).
     phases: std::sync::Arc<Mutex<HashMap<String, Phase>>>,
@@ -64,6 +86,12 @@ impl Metrics {
             coupons_remaining: Family::default(),
             active_finish_time: Family::default(),
             leader: Gauge::default(),
+            status_updates: Family::default(),
+            redis_polls: Histogram::new(exponential_buckets(0.0005, 2.0, 12)),
+            redis_poll_failures: Counter::default(),
+            poll_triggers: Counter::default(),
+            watched_sales: Gauge::default(),
+            in_flight: Family::default(),
             phases: Default::default(),
         };
         registry.register(
@@ -100,6 +128,36 @@ impl Metrics {
             "operator_leader",
             "1 while this replica holds the Lease and runs the controller, else 0",
             metrics.leader.clone(),
+        );
+        registry.register(
+            "operator_status_updates",
+            "Promotion statuses decided, by outcome: written to the API server, unchanged, or held (new numbers within --status-interval)",
+            metrics.status_updates.clone(),
+        );
+        registry.register(
+            "operator_redis_poll_duration_seconds",
+            "Time one read of every running sale from Redis took",
+            metrics.redis_polls.clone(),
+        );
+        registry.register(
+            "operator_redis_poll_failures",
+            "Reads of the running sales from Redis that failed",
+            metrics.redis_poll_failures.clone(),
+        );
+        registry.register(
+            "operator_poll_triggers",
+            "Reconciles asked for by the reads of the running sales (numbers or phase moved in Redis)",
+            metrics.poll_triggers.clone(),
+        );
+        registry.register(
+            "operator_watched_sales",
+            "Running sales read from Redis every --redis-poll-interval",
+            metrics.watched_sales.clone(),
+        );
+        registry.register(
+            "operator_in_flight",
+            "Work under way, by kind: reconcile, redis_poll",
+            metrics.in_flight.clone(),
         );
         metrics
     }
@@ -140,13 +198,50 @@ impl Metrics {
         }
     }
 
+    fn in_flight(&self, work: &str) -> Gauge {
+        self.in_flight
+            .get_or_create(&WorkLabels {
+                work: work.to_owned(),
+            })
+            .clone()
+    }
+
     /// Counts a reconciliation and times it until the guard is dropped.
-    pub fn reconcile_started(&self) -> ReconcileTimer<'_> {
+    pub fn reconcile_started(&self) -> WorkTimer<'_> {
         self.reconciles.inc();
-        ReconcileTimer {
-            histogram: &self.duration,
-            started: Instant::now(),
-        }
+        WorkTimer::start(&self.duration, self.in_flight("reconcile"))
+    }
+
+    /// Times one read of the running sales until the guard is dropped.
+    pub fn redis_poll_started(&self) -> WorkTimer<'_> {
+        WorkTimer::start(&self.redis_polls, self.in_flight("redis_poll"))
+    }
+
+    pub fn redis_poll_failed(&self) {
+        self.redis_poll_failures.inc();
+    }
+
+    /// Reconciles and Redis reads under way now.
+    pub fn work_in_flight(&self) -> i64 {
+        self.in_flight("reconcile").get() + self.in_flight("redis_poll").get()
+    }
+
+    /// Counts a status decided: `written`, `unchanged` or `held`.
+    pub fn status_update(&self, outcome: &str) {
+        self.status_updates
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// How many statuses had `outcome` so far.
+    pub fn status_updates(&self, outcome: &str) -> u64 {
+        self.status_updates
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_owned(),
+            })
+            .get()
     }
 
     pub fn failed(&self, error: &Error) {
@@ -205,14 +300,28 @@ impl Drop for Leading {
     }
 }
 
-/// Observes the duration of one reconciliation when dropped.
-pub struct ReconcileTimer<'a> {
+/// Counts a piece of work as under way, and observes its duration, until
+/// dropped.
+pub struct WorkTimer<'a> {
     histogram: &'a Histogram,
+    in_flight: Gauge,
     started: Instant,
 }
 
-impl Drop for ReconcileTimer<'_> {
+impl<'a> WorkTimer<'a> {
+    fn start(histogram: &'a Histogram, in_flight: Gauge) -> Self {
+        in_flight.inc();
+        Self {
+            histogram,
+            in_flight,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for WorkTimer<'_> {
     fn drop(&mut self) {
+        self.in_flight.dec();
         self.histogram.observe(self.started.elapsed().as_secs_f64());
     }
 }

@@ -21,7 +21,10 @@ pub const FINISH_AFTER_PUBLISH_RULE: &str =
 /// A flash sale: from `publishTime` to `finishTime`, customers may grab one
 /// coupon each, `numberOfCoupons` in total, each worth `discount` off.
 // clippy reads the repeated `type_ = ...` of the printer columns as duplicated
-// attributes; they are arguments of distinct columns.
+// attributes; they are arguments of distinct columns. PUBLISH and FINISH are
+// strings, the timestamps as declared: a `date` column renders an age, and a
+// time in the future has none (kubectl prints `<invalid>` for it, just when
+// people look most: before the sale). AGE stays the object's age.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -42,8 +45,8 @@ pub const FINISH_AFTER_PUBLISH_RULE: &str =
     ),
     printcolumn(name = "Granted", type_ = "integer", json_path = ".status.granted"),
     printcolumn(name = "Remaining", type_ = "integer", json_path = ".status.remaining"),
-    printcolumn(name = "Publish", type_ = "date", json_path = ".spec.publishTime"),
-    printcolumn(name = "Finish", type_ = "date", json_path = ".spec.finishTime"),
+    printcolumn(name = "Publish", type_ = "string", json_path = ".spec.publishTime"),
+    printcolumn(name = "Finish", type_ = "string", json_path = ".spec.finishTime"),
     printcolumn(
         name = "Age",
         type_ = "date",
