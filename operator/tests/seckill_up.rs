@@ -258,6 +258,34 @@ fn an_invalid_manifest_is_reported_by_field_while_valid_ones_run_and_removal_fin
 }
 
 #[test]
+fn a_misspelt_field_is_refused_naming_it_as_the_api_server_does_and_the_promotion_never_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let misspelt = manifest("shop", "typo", -1, 5, 0.5).replace(
+        "  numberOfCoupons: 5\n",
+        "  numberOfCoupons: 5\n  coupns: 500\n",
+    );
+    assert!(misspelt.contains("coupns: 500"), "{misspelt}");
+    std::fs::write(dir.path().join("typo.yaml"), misspelt).unwrap();
+    std::fs::write(
+        dir.path().join("good.yaml"),
+        manifest("shop", "good", -1, 5, 0.5),
+    )
+    .unwrap();
+    let up = Up::start(dir.path(), &[]);
+    up.wait_for(Duration::from_secs(5), || up.said("INVALID"));
+    let out = up.output();
+    assert!(
+        out.contains("typo.yaml") && out.contains(r#"unknown field "spec.coupns""#),
+        "{out}"
+    );
+    up.wait_for(Duration::from_secs(10), || {
+        up.get("/api/v1/promotions/shop/good").1["phase"] == "Active"
+    });
+    assert_eq!(up.get("/api/v1/promotions/shop/typo").0, 404);
+    assert!(up.stop().success());
+}
+
+#[test]
 fn roles_are_checked_and_a_missing_redis_server_is_explained() {
     let out = Command::new(SECKILL)
         .args([
