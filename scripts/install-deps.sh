@@ -5,9 +5,12 @@
 # (PyPI) in a virtualenv under .tools/, promtool (Debian package prometheus)
 # for the chart's alerting rules, and etcd (Debian's etcd-server) for the tests
 # and benchmarks that run a real kube-apiserver: asked for as `kube`, and
-# whenever SECKILL_KUBE_APISERVER is set. Idempotent and quiet when all is there.
+# whenever SECKILL_KUBE_APISERVER is set; chromium (Debian) to look at the HTML
+# load report as a person would: the test that needs it is skipped, with a
+# message, when it cannot be installed, so a failed install only warns.
+# Idempotent and quiet when all is there.
 #
-# Usage: scripts/install-deps.sh [redis] [helm] [python] [prometheus] [bench] [kube]
+# Usage: scripts/install-deps.sh [redis] [helm] [python] [prometheus] [bench] [kube] [chromium]
 #        (default: redis helm python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +51,13 @@ for w in "${want[@]}"; do
     prometheus)
       # promtool checks and unit-tests the chart's PrometheusRule.
       command -v promtool >/dev/null || apt_install prometheus
+      ;;
+    chromium)
+      # Headless, for the load report's rendering test (cli/tests/load_report.rs).
+      if ! command -v chromium >/dev/null; then
+        apt_install chromium fonts-dejavu-core \
+          || echo "install-deps: WARNING: chromium could not be installed; the load report's rendering test will be skipped" >&2
+      fi
       ;;
     kube)
       command -v etcd >/dev/null || apt_install etcd-server

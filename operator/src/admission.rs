@@ -12,6 +12,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{json, Map, Value};
 
+use seckill_workers::protocol::PromotionId;
+
 use crate::crdgen;
 use crate::promotion::{validate, FieldError, Promotion};
 
@@ -237,12 +239,21 @@ pub fn check_manifest(manifest: &Value) -> Result<Promotion, Vec<FieldError>> {
     if manifest.get("kind").and_then(Value::as_str) != Some("Promotion") {
         errors.push(error("kind", "must be Promotion"));
     }
-    if manifest
-        .pointer("/metadata/name")
+    match manifest.pointer("/metadata/name").and_then(Value::as_str) {
+        None | Some("") => errors.push(error("metadata.name", "is required")),
+        Some(name) => {
+            if let Err(e) = PromotionId::new("default", name) {
+                errors.push(error("metadata.name", e.0));
+            }
+        }
+    }
+    if let Some(namespace) = manifest
+        .pointer("/metadata/namespace")
         .and_then(Value::as_str)
-        .is_none_or(str::is_empty)
     {
-        errors.push(error("metadata.name", "is required"));
+        if let Err(e) = PromotionId::new(namespace, "x") {
+            errors.push(error("metadata.namespace", e.0));
+        }
     }
     check_schema(&object_schema(), manifest, "", &mut errors);
     if let Some(metadata) = manifest.get("metadata") {
@@ -323,6 +334,18 @@ mod tests {
             ),
             ["spec"]
         );
+    }
+
+    #[test]
+    fn a_name_or_namespace_kubernetes_would_refuse_is_refused_naming_it() {
+        let mut object = manifest(good());
+        object["metadata"]["name"] = json!("Black_Friday");
+        assert_eq!(fields(object.clone()), ["metadata.name"]);
+        object["metadata"]["name"] = json!("black-friday.2026");
+        object["metadata"]["namespace"] = json!("shop.eu");
+        assert_eq!(fields(object.clone()), ["metadata.namespace"]);
+        object["metadata"]["namespace"] = json!("shop");
+        assert_eq!(fields(object), Vec::<String>::new());
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `seckill`: the all-in-one binary. `seckill up` runs the operator core on
 //! Promotion manifest files plus command, query and projector workers in one
-//! process; `seckill load` is the flash-crowd load generator.
+//! process; `seckill load` is the flash-crowd load generator; `seckill new
+//! promotion` prints a manifest that opens a given time from now.
 
 mod load;
 mod manifests;
+mod new;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,9 @@ enum Command {
     Up(Box<up::UpArgs>),
     /// Send a flash crowd at a promotion and verify the outcome.
     Load(load::LoadArgs),
+    /// Print a manifest for `kubectl apply -f -` (or `seckill up -f`).
+    #[command(subcommand)]
+    New(new::NewCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +44,15 @@ fn main() -> std::process::ExitCode {
             std::env::set_var("RUST_LOG", "warn");
         }
         seckill_workers::telemetry::init(&cli.telemetry);
+    }
+    if let Command::New(new) = &cli.command {
+        return match new::run(new) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("seckill new: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -63,5 +77,6 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(2)
             }
         },
+        Command::New(_) => std::process::ExitCode::SUCCESS,
     }
 }
