@@ -6,6 +6,10 @@
 mod load;
 mod manifests;
 mod new;
+#[allow(dead_code)] // wired into `seckill load --report` next
+mod report;
+#[allow(dead_code)] // wired into `seckill load --report` next
+mod timeline;
 mod up;
 
 use clap::{Parser, Subcommand};
