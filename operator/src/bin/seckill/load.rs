@@ -5,10 +5,16 @@
 //! equal min(coupons, distinct customers), no customer holds two coupons of the
 //! promotion, no coupon went to two customers, and every 200 shows up in the
 //! read model within a bounded wait.
+//!
+//! With `--report FILE.html` it also samples the run (answers by outcome and
+//! latency per interval, see [`crate::timeline`]; the promotion as the query
+//! API reports it, polled at the same interval) and writes the page of
+//! [`crate::report`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +28,9 @@ use hyper_util::rt::TokioExecutor;
 use seckill_workers::protocol::PromotionId;
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::report::{self, LoadReport, Marker, OutcomeSeries, Percentiles};
+use crate::timeline::{self, Timeline};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -55,6 +64,12 @@ pub struct LoadArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also write a self-contained HTML report to this file: requests/s by
+    /// outcome, latency percentiles and coupons remaining over the run's
+    /// time (sampled about 300 times, at least every 100 ms), the publish and
+    /// sell-out instants, and the verification verdict.
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -121,6 +136,16 @@ pub struct Summary {
 
 /// Tiny deterministic PRNG (splitmix64): the crowd's order and retries.
 struct SplitMix(u64);
+
+impl Outcome {
+    /// The outcome as the summary names it (its JSON name).
+    fn label(self) -> String {
+        serde_json::to_string(&self)
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_owned()
+    }
+}
 
 impl SplitMix {
     fn next(&mut self) -> u64 {
@@ -218,6 +243,58 @@ struct Shared {
     grants: Mutex<HashMap<usize, HashSet<String>>>,
     attempted: Mutex<HashSet<usize>>,
     requests: AtomicUsize,
+    /// With `--report`: the answers per interval, and the first and last
+    /// `granted` answer (microseconds since the start; 0 = none yet).
+    timeline: Option<Timeline<Outcome>>,
+    first_grant_micros: AtomicU64,
+    last_grant_micros: AtomicU64,
+}
+
+/// The promotion as the query API answered it during the run.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Poll {
+    /// Seconds since the start.
+    at_secs: f64,
+    remaining: Option<u64>,
+    number_of_coupons: Option<u64>,
+    publish_time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Poll {
+    fn from_answer(at_secs: f64, body: &Value) -> Self {
+        Self {
+            at_secs,
+            remaining: body.get("remaining").and_then(Value::as_u64),
+            number_of_coupons: body.get("numberOfCoupons").and_then(Value::as_u64),
+            publish_time: body
+                .get("publishTime")
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse().ok()),
+        }
+    }
+}
+
+/// Polls `url` (the promotion on the query API) every `every` until
+/// `stop`: what the report's coupons-remaining plot shows beside the
+/// answers, and where it learns publishTime.
+async fn poll_promotion(
+    client: HttpClient,
+    url: String,
+    started: Instant,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> Vec<Poll> {
+    let mut polls = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        if let Ok((StatusCode::OK, _, body)) = send(&client, Method::GET, &url, None).await {
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            polls.push(Poll::from_answer(started.elapsed().as_secs_f64(), &body));
+        }
+    }
+    polls
 }
 
 /// Runs the load, prints the summary; Ok(false) when the verification failed.
@@ -244,6 +321,9 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
 
     let order = Arc::new(crowd(args.customers, args.repeat_ratio, 0x5EC_C111));
     let next = Arc::new(AtomicUsize::new(0));
+    let started_at = chrono::Utc::now();
+    let started = Instant::now();
+    let bucket = timeline::bucket_for(*args.duration);
     let shared = Arc::new(Shared {
         histogram: Mutex::new(
             hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
@@ -253,6 +333,12 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
         grants: Mutex::new(HashMap::new()),
         attempted: Mutex::new(HashSet::new()),
         requests: AtomicUsize::new(0),
+        timeline: args
+            .report
+            .is_some()
+            .then(|| Timeline::new(started, bucket)),
+        first_grant_micros: AtomicU64::new(0),
+        last_grant_micros: AtomicU64::new(0),
     });
     let deadline = Instant::now() + *args.duration;
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -269,7 +355,21 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
         None
     };
 
-    let started = Instant::now();
+    let stop_polling = Arc::new(AtomicBool::new(false));
+    let poller = args.report.is_some().then(|| {
+        let url = format!(
+            "{base}/api/v1/promotions/{}/{}",
+            promotion.namespace(),
+            promotion.name()
+        );
+        tokio::spawn(poll_promotion(
+            client.clone(),
+            url,
+            started,
+            bucket,
+            stop_polling.clone(),
+        ))
+    });
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
         let (client, order, next, shared, url, prefix, timed_out, bar) = (
@@ -296,7 +396,21 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
                     }
                     let t0 = Instant::now();
                     let answer = grab(&client, &url, &customer).await;
-                    let micros = t0.elapsed().as_micros() as u64;
+                    let done = Instant::now();
+                    let micros = done.duration_since(t0).as_micros() as u64;
+                    if let Some(timeline) = &shared.timeline {
+                        timeline.record(done, answer.outcome, done.duration_since(t0));
+                        if answer.outcome == Outcome::Granted {
+                            let at = (done.duration_since(started).as_micros() as u64).max(1);
+                            let _ = shared.first_grant_micros.compare_exchange(
+                                0,
+                                at,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            );
+                            shared.last_grant_micros.fetch_max(at, Ordering::Relaxed);
+                        }
+                    }
                     shared.requests.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut h) = shared.histogram.lock() {
                         let _ = h.record(micros.max(1));
@@ -336,6 +450,11 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
         let _ = w.await;
     }
     let elapsed = started.elapsed();
+    stop_polling.store(true, Ordering::Relaxed);
+    let polls = match poller {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -385,7 +504,205 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
     } else {
         print_summary(&summary);
     }
+    if let (Some(path), Some(timeline)) = (&args.report, &shared.timeline) {
+        let grants = GrantInstants {
+            first: micros_to_secs(shared.first_grant_micros.load(Ordering::Relaxed)),
+            last: micros_to_secs(shared.last_grant_micros.load(Ordering::Relaxed)),
+        };
+        let page = report::render(&load_report(
+            &summary, timeline, &polls, grants, started_at,
+        ));
+        std::fs::write(path, page)
+            .map_err(|e| format!("cannot write the report {}: {e}", path.display()))?;
+        // stderr: with --json, stdout is the summary alone.
+        eprintln!("seckill load: report written to {}", path.display());
+    }
     Ok(passed)
+}
+
+/// Seconds from microseconds since the start; `None` for 0 (never).
+fn micros_to_secs(micros: u64) -> Option<f64> {
+    (micros > 0).then(|| micros as f64 / 1e6)
+}
+
+/// When the first and the last `granted` answer came, in seconds since
+/// the start.
+#[derive(Debug, Clone, Copy, Default)]
+struct GrantInstants {
+    first: Option<f64>,
+    last: Option<f64>,
+}
+
+/// What the report shows of a run: its summary, its timeline, the polls of
+/// the query API and the grant instants.
+fn load_report(
+    summary: &Summary,
+    timeline: &Timeline<Outcome>,
+    polls: &[Poll],
+    grants: GrantInstants,
+    started_at: chrono::DateTime<chrono::Utc>,
+) -> LoadReport {
+    let bucket_secs = timeline.bucket().as_secs_f64();
+    let duration_secs = summary.duration_secs;
+    let n = timeline
+        .len()
+        .max((duration_secs / bucket_secs).ceil() as usize);
+    let v = &summary.verification;
+    let coupons = polls
+        .iter()
+        .rev()
+        .find_map(|p| p.number_of_coupons)
+        .or((v.number_of_coupons > 0).then_some(v.number_of_coupons));
+
+    // Coupons remaining as the answers tell it: every `granted` answer is
+    // one coupon fewer.
+    let mut remaining_by_answers = Vec::new();
+    if let Some(total) = coupons {
+        let mut left = total as f64;
+        remaining_by_answers.push((0.0, left));
+        for (i, granted) in timeline.counts(Outcome::Granted, n).iter().enumerate() {
+            left -= *granted as f64;
+            remaining_by_answers.push(((i + 1) as f64 * bucket_secs, left.max(0.0)));
+        }
+    }
+    let remaining_by_query: Vec<(f64, f64)> = polls
+        .iter()
+        .filter_map(|p| p.remaining.map(|r| (p.at_secs, r as f64)))
+        .collect();
+
+    let publish = polls.iter().find_map(|p| p.publish_time);
+    let opened_at = match publish {
+        Some(t) => {
+            let secs = (t - started_at).num_milliseconds() as f64 / 1000.0;
+            (secs >= 0.0).then(|| Marker {
+                at_secs: secs,
+                label: "publishTime".into(),
+            })
+        }
+        None => grants.first.map(|at| Marker {
+            at_secs: at,
+            label: "first grant".into(),
+        }),
+    };
+    let sold_out_by_answers = coupons.is_some_and(|c| c > 0 && v.granted_by_responses as u64 == c);
+    let sold_out_at = match grants.last {
+        Some(at) if sold_out_by_answers => Some(Marker {
+            at_secs: at,
+            label: "sold out (last coupon granted)".into(),
+        }),
+        _ => polls
+            .iter()
+            .find(|p| p.remaining == Some(0))
+            .map(|p| Marker {
+                at_secs: p.at_secs,
+                label: "sold out (query API)".into(),
+            }),
+    };
+
+    let quantiles = timeline.quantiles(n);
+    let pick = |k: usize| quantiles.iter().map(|q| q.map(|q| q[k])).collect();
+    let latency = Percentiles {
+        p50: pick(0),
+        p90: pick(1),
+        p99: pick(2),
+    };
+    let throughput = timeline
+        .rates(n)
+        .into_iter()
+        .map(|(outcome, per_sec)| OutcomeSeries {
+            outcome: outcome.label(),
+            per_sec,
+        })
+        .collect();
+
+    let outcomes: Vec<String> = summary
+        .outcomes
+        .iter()
+        .map(|(k, n)| format!("{} {n}", k.label()))
+        .collect();
+    let mut figures = vec![
+        (
+            "requests".to_owned(),
+            format!(
+                "{} in {:.2} s ({:.0}/s)",
+                summary.requests, summary.duration_secs, summary.requests_per_sec
+            ),
+        ),
+        (
+            "latency p50 / p90 / p99 / max".to_owned(),
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2} ms",
+                summary.latency_ms.p50,
+                summary.latency_ms.p90,
+                summary.latency_ms.p99,
+                summary.latency_ms.max
+            ),
+        ),
+        ("answers".to_owned(), outcomes.join(" · ")),
+        (
+            "granted".to_owned(),
+            format!(
+                "{} by answers, {} in the read model, of {} coupons; {} distinct customers{}",
+                v.granted_by_responses,
+                v.granted_in_read_model,
+                v.number_of_coupons,
+                v.distinct_customers,
+                if v.complete {
+                    ""
+                } else {
+                    " (stopped by --duration)"
+                }
+            ),
+        ),
+    ];
+    if let Some(t) = publish {
+        figures.push((
+            "publishTime".to_owned(),
+            format!(
+                "{} ({:+.1} s from the start)",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                (t - started_at).num_milliseconds() as f64 / 1000.0
+            ),
+        ));
+    }
+    let reasons = if v.passed {
+        let mut proven = vec![
+            format!(
+                "no oversell: {} granted of {} coupons",
+                v.granted_in_read_model, v.number_of_coupons
+            ),
+            "no customer got two coupons, no coupon went to two customers".to_owned(),
+            "every 200 answered is in the read model".to_owned(),
+        ];
+        if let Some(expected) = v.expected_granted {
+            proven.insert(
+                1,
+                format!("exactly min(coupons, customers) = {expected} granted"),
+            );
+        }
+        proven
+    } else {
+        v.problems.clone()
+    };
+    LoadReport {
+        promotion: summary.promotion.clone(),
+        target: summary.target.clone(),
+        started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        bucket_secs,
+        duration_secs,
+        figures,
+        throughput,
+        latency,
+        remaining_by_answers,
+        remaining_by_query,
+        number_of_coupons: coupons,
+        opened_at,
+        sold_out_at,
+        verdict: report::Verdict {
+            passed: v.passed,
+            reasons,
+        },
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -556,14 +873,7 @@ fn print_summary(s: &Summary) {
     let outcomes: Vec<String> = s
         .outcomes
         .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}: {v}",
-                serde_json::to_string(k)
-                    .unwrap_or_default()
-                    .trim_matches('"')
-            )
-        })
+        .map(|(k, v)| format!("{}: {v}", k.label()))
         .collect();
     println!("  outcomes: {}", outcomes.join(", "));
     let v = &s.verification;

@@ -6,9 +6,7 @@
 mod load;
 mod manifests;
 mod new;
-#[allow(dead_code)] // wired into `seckill load --report` next
 mod report;
-#[allow(dead_code)] // wired into `seckill load --report` next
 mod timeline;
 mod up;
 
