@@ -10,9 +10,13 @@
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::redis_server::{free_port, Fsync, RedisServer, RedisServerError, RedisServerOptions};
+use seckill_workers::redis_server::{
+    free_port, Fsync, RedisServer, RedisServerError, RedisServerOptions,
+};
+
+use crate::eventually::eventually_blocking;
 
 /// Why the cluster could not be started or asked.
 #[derive(Debug, thiserror::Error)]
@@ -153,16 +157,8 @@ impl RedisCluster {
     /// masters serve slots as the cluster was made with, and every other live
     /// node is a replica whose link to its master is up.
     pub fn wait_until_ready(&self, waited: Duration) -> Result<(), RedisClusterError> {
-        let started = Instant::now();
-        let mut detail = String::new();
-        while started.elapsed() < waited {
-            match self.readiness() {
-                Ok(()) => return Ok(()),
-                Err(d) => detail = d,
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Err(RedisClusterError::NotReady { waited, detail })
+        eventually_blocking(waited, || self.readiness())
+            .map_err(|detail| RedisClusterError::NotReady { waited, detail })
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -368,19 +364,15 @@ impl RedisCluster {
         old_master: &str,
         waited: Duration,
     ) -> Result<String, RedisClusterError> {
-        let started = Instant::now();
-        while started.elapsed() < waited {
-            if let Ok(master) = self.master_for_slot(slot) {
-                if master != old_master && self.readiness().is_ok() {
-                    return Ok(master);
-                }
+        eventually_blocking(waited, || {
+            let master = self.master_for_slot(slot).map_err(|e| e.to_string())?;
+            if master == old_master {
+                return Err(format!("slot {slot} still on {old_master}"));
             }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Err(RedisClusterError::NotReady {
-            waited,
-            detail: format!("slot {slot} still on {old_master} or cluster not ok"),
+            self.readiness()?;
+            Ok(master)
         })
+        .map_err(|detail| RedisClusterError::NotReady { waited, detail })
     }
 }
 
