@@ -55,3 +55,4 @@ bench:
 	bash scripts/bench.sh
 	bash scripts/bench-read-side.sh
 	bash scripts/bench-cluster.sh
+	bash scripts/bench-leader.sh
