@@ -479,6 +479,38 @@ async fn verify_stream(
     facts
 }
 
+/// The grants of the stream whose customer was never answered 200: each
+/// must belong to a customer who got an answer that left the outcome open
+/// (a lost connection, or 503 "may have been recorded"). Such a customer's
+/// retry is answered alreadyGranted, unless the worker has seen the
+/// promotion sold out meanwhile: then it answers 410 from memory (by design,
+/// see "Known issues" in docs/RELIABILITY.md). Returns how many there were.
+fn unanswered_grants(facts: &StreamFacts, sale: &SaleLog) -> usize {
+    let answered = sale.granted();
+    let logs: HashMap<&str, &CustomerLog> = sale
+        .customers
+        .iter()
+        .map(|c| (c.customer.as_str(), c))
+        .collect();
+    let unanswered: Vec<&str> = facts
+        .grabs
+        .iter()
+        .map(|(_, g)| g.customer_id.as_str())
+        .filter(|c| !answered.contains_key(*c))
+        .collect();
+    for customer in &unanswered {
+        let log = logs
+            .get(customer)
+            .unwrap_or_else(|| panic!("{customer} was granted but never asked"));
+        assert!(
+            log.answers.iter().any(|a| matches!(a.status, 0 | 503)),
+            "{customer} holds a grant but was never told its outcome was open: {:?}",
+            log.answers.iter().map(|a| a.status).collect::<Vec<_>>()
+        );
+    }
+    unanswered.len()
+}
+
 /// Waits until the read model of `server` shows every grant of the stream
 /// (a projector must be running), then checks each customer answered 200
 /// holds that coupon there.
@@ -617,10 +649,11 @@ async fn kill_9_of_one_of_three_command_workers_mid_sale_fails_over_and_sells_ex
             sale.statuses()
         );
         assert_eq!(facts.grabs.len() as u64, coupons, "not sold out exactly");
+        let unanswered = unanswered_grants(&facts, &sale);
         assert_eq!(
-            sale.granted().len() as u64,
-            coupons,
-            "every grant was answered 200 to its customer"
+            sale.granted().len() + unanswered,
+            coupons as usize,
+            "every grant was answered 200 to its customer, or its answer died with the worker"
         );
         assert_eq!(facts.finished.len(), 1);
         verify_read_model(&server, &id, &facts, &sale, WITHIN).await;
@@ -845,7 +878,8 @@ async fn redis_kill_9_with_appendfsync_always_loses_no_answered_grant() {
         let facts = verify_stream(&mut con, &r.id, r.coupons, &r.sale).await;
         assert!(r.sale.count(503) > 0, "no 503 while Redis was down");
         assert_eq!(facts.grabs.len() as u64, r.coupons);
-        assert_eq!(r.sale.granted().len() as u64, r.coupons);
+        let unanswered = unanswered_grants(&facts, &r.sale);
+        assert_eq!(r.sale.granted().len() + unanswered, r.coupons as usize);
         verify_read_model(&r.server, &r.id, &facts, &r.sale, WITHIN).await;
     }
 }
@@ -899,7 +933,8 @@ async fn redis_kill_9_with_appendfsync_everysec_keeps_every_grant_whose_aof_writ
         assert_eq!(facts.grabs.len() as u64, r.coupons);
         if r.lost.is_empty() {
             let facts = verify_stream(&mut con, &r.id, r.coupons, &r.sale).await;
-            assert_eq!(r.sale.granted().len() as u64, r.coupons);
+            let unanswered = unanswered_grants(&facts, &r.sale);
+            assert_eq!(r.sale.granted().len() + unanswered, r.coupons as usize);
             verify_read_model(&r.server, &r.id, &facts, &r.sale, WITHIN).await;
         }
     }
