@@ -415,12 +415,20 @@ async fn durable_grab_never_answers_a_grant_its_replica_lacks_while_plain_grab_l
         .unwrap();
     let (slot, master, m, r) = master_and_replica(&c, &p);
 
-    let first = protocol::grab_durable(&mut con, &p, &customer(0), durability())
-        .await
-        .unwrap();
-    let GrabOutcome::Granted { coupon: kept, .. } = first else {
-        panic!("{first:?}");
-    };
+    // Confirmed by the healthy replica: retried, as a client retries a 503,
+    // while the replica's acknowledgement is slower than the WAIT timeout.
+    let kept = eventually(WITHIN, || {
+        let (mut con, p) = (con.clone(), &p);
+        async move {
+            match protocol::grab_durable(&mut con, p, &customer(0), durability()).await? {
+                GrabOutcome::Granted { coupon, .. } | GrabOutcome::AlreadyGranted { coupon } => {
+                    Ok::<_, DurableGrabError>(coupon)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
 
     // Cut replication: stop the replica and drop its link, so the master
     // keeps accepting writes that no replica has.
