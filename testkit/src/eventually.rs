@@ -16,19 +16,30 @@ pub const POLL_EVERY: Duration = Duration::from_millis(10);
 /// Polls `probe` until it answers `Ok(value)` and returns the value; panics
 /// with the last `Err` (which should say what was seen) once `within` has
 /// passed.
-pub async fn eventually<T, E, F, Fut>(within: Duration, mut probe: F) -> T
+pub async fn eventually<T, E, F, Fut>(within: Duration, probe: F) -> T
 where
     E: Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    match try_eventually(within, probe).await {
+        Ok(value) => value,
+        Err(last) => panic!("not within {within:?}; last seen: {last:?}"),
+    }
+}
+
+/// [`eventually`], returning the last `Err` once `within` has passed instead
+/// of panicking, for a test that gathers more facts before it fails.
+pub async fn try_eventually<T, E, F, Fut>(within: Duration, mut probe: F) -> Result<T, E>
+where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
     let deadline = Instant::now() + within;
     loop {
         match probe().await {
-            Ok(value) => return value,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("not within {within:?}; last seen: {last:?}")
-            }
+            Ok(value) => return Ok(value),
+            Err(last) if Instant::now() >= deadline => return Err(last),
             Err(_) => tokio::time::sleep(POLL_EVERY).await,
         }
     }

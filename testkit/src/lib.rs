@@ -28,5 +28,5 @@ pub mod up;
 pub mod worker;
 
 pub use client::{Reply, JSON};
-pub use eventually::{eventually, eventually_blocking};
+pub use eventually::{eventually, eventually_blocking, try_eventually};
 pub use worker::{CommandOptions, Worker};

@@ -103,8 +103,9 @@ impl Worker {
     }
 
     /// `seckill-worker projector --redis-url <url> --consumer-name
-    /// <consumer> <extra>`, metrics on a free port, `RUST_LOG=warn`. Does
-    /// not wait for it.
+    /// <consumer> <extra>`, metrics on a free port, `RUST_LOG` from
+    /// `SECKILL_TEST_PROJECTOR_LOG` (default `warn`: set it to see what a
+    /// projector did in a failing test). Does not wait for it.
     pub fn projector(redis_url: &str, consumer: &str, extra: &[&str]) -> Self {
         let port = free_port().expect("a free port");
         let metrics = format!("127.0.0.1:{port}");
@@ -120,7 +121,8 @@ impl Worker {
             "1000",
         ];
         args.extend(extra);
-        Self::spawn(&args, Some("warn"), None, port)
+        let log = std::env::var("SECKILL_TEST_PROJECTOR_LOG").unwrap_or_else(|_| "warn".into());
+        Self::spawn(&args, Some(&log), None, port)
     }
 
     /// Waits until /readyz answers 200 (the worker reached Redis).

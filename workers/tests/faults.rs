@@ -26,7 +26,7 @@ use seckill_testkit::process::long;
 use seckill_testkit::promotions::{index_for_projectors, redis_now_ms, spec_between};
 use seckill_testkit::redis::{connect, connect_read_models, free_port, info_field, redis_with};
 use seckill_testkit::stream::{pending_of, pending_total, stream_facts, StreamFacts};
-use seckill_testkit::{eventually, CommandOptions, Reply, Worker, JSON};
+use seckill_testkit::{eventually, try_eventually, CommandOptions, Reply, Worker, JSON};
 use seckill_workers::protocol::{
     self, CouponGrabbed, CustomerId, Phase, PromotionId, PromotionKeys,
 };
@@ -511,6 +511,30 @@ fn unanswered_grants(facts: &StreamFacts, sale: &SaleLog) -> usize {
     unanswered.len()
 }
 
+/// What the projector group and the streams' database say, for a failure
+/// message: the consumers and their pending entries, and any read-model key
+/// in the streams' database (where none belongs).
+async fn projection_facts(server: &RedisServer, id: &PromotionId) -> String {
+    let mut con = connect(server);
+    let stream = PromotionKeys::new(id).events;
+    let consumers: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&stream)
+        .arg(protocol::PROJECTOR_GROUP)
+        .query_async(&mut con)
+        .await;
+    let groups: redis::RedisResult<redis::Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&stream)
+        .query_async(&mut con)
+        .await;
+    let misplaced: redis::RedisResult<Vec<String>> = redis::cmd("KEYS")
+        .arg(format!("{}*", protocol::read_model::PREFIX))
+        .query_async(&mut con)
+        .await;
+    format!("groups: {groups:?}\nconsumers: {consumers:?}\nread-model keys in the streams' database: {misplaced:?}")
+}
+
 /// Waits until the read model of `server` shows every grant of the stream
 /// (a projector must be running), then checks each customer answered 200
 /// holds that coupon there.
@@ -528,7 +552,7 @@ async fn verify_read_model(
         Phase::Finished
     };
     let grants = facts.grabs.len() as u64;
-    eventually(within, || {
+    let caught_up = try_eventually(within, || {
         let mut con = con.clone();
         async move {
             let view = read_model::promotion(&mut con, id).await.unwrap();
@@ -539,6 +563,12 @@ async fn verify_read_model(
         }
     })
     .await;
+    if let Err(last) = caught_up {
+        panic!(
+            "the read model did not catch up within {within:?}: {last}\n{}",
+            projection_facts(server, id).await
+        );
+    }
     // Caught up: every customer answered 200 holds that coupon there.
     let granted = sale.granted();
     let promotion = id.to_string();
