@@ -104,7 +104,8 @@ async fn up_then_load_of_10000_customers_for_1000_coupons_verifies_and_stops_cle
                 "--repeat-ratio",
                 "0.2",
             ])
-            .args(["--duration", "120s", "--json"])
+            // Hang bounds, not speed requirements: how fast is make bench's.
+            .args(["--duration", "120s", "--verify-timeout", "60s", "--json"])
             .output()
             .expect("seckill load runs")
     })

@@ -316,8 +316,8 @@ async fn sold_out_and_finished_promotions_answer_410_and_sold_out_needs_no_redis
     assert_eq!(granted_in_stream(&mut con, &small).await.len(), 2);
 
     // Redis stalls: the sold-out answer still comes, from memory; a grab
-    // that needs Redis is 503 once the Redis timeout (the worker's default,
-    // 1 s) has passed.
+    // that needs Redis is 503 once the Redis timeout (the test kit's 5 s)
+    // has passed.
     server.pause();
     let fast = worker.grab("shop", "small", "d").await;
     assert_eq!(fast.status, 410, "{fast:?}");

@@ -10,7 +10,9 @@ use redis::streams::StreamId;
 use seckill_testkit::client::{metric_value, metrics_of};
 use seckill_testkit::process::{binary, WORKER};
 use seckill_testkit::promotions::id as promotion;
-use seckill_testkit::redis::{connect, connect_read_models, redis_with, RedisServer};
+use seckill_testkit::redis::{
+    connect, connect_read_models, redis_with, RedisServer, TEST_COMMAND_TIMEOUT_MS,
+};
 use seckill_testkit::stream::{events_of, pending_of, pending_total};
 use seckill_testkit::{eventually, Worker};
 use seckill_workers::metrics::MetricsRegistry;
@@ -35,9 +37,18 @@ async fn start_promotion(con: &mut RedisConnection, id: &PromotionId, coupons: u
     seckill_testkit::promotions::start_promotion(con, id, 0.75, coupons).await;
 }
 
-/// `seckill-worker <args>`, as a command.
-fn worker_command() -> Command {
-    Command::new(binary(WORKER))
+/// `seckill-worker projector --rebuild --redis-url <url>`, as a command
+/// (more flags may follow). Its Redis timeout is the test kit's hang bound:
+/// a rebuild's big pipelines, FLUSHDB and SWAPDB may take a busy machine
+/// longer than the worker's default second, and that is not what these
+/// tests are about.
+fn rebuild_command(url: &str) -> Command {
+    let timeout = TEST_COMMAND_TIMEOUT_MS.to_string();
+    let mut command = Command::new(binary(WORKER));
+    command
+        .args(["projector", "--rebuild", "--redis-url", url])
+        .args(["--redis-timeout-ms", &timeout]);
+    command
 }
 
 /// Starts each of `ids` with `coupons` coupons and has customers `c-0` ..
@@ -475,11 +486,7 @@ async fn live_then_rebuild(
     assert_ne!(dump(&mut rm).await, live_models);
 
     let started = Instant::now();
-    let status = worker_command()
-        .args(["projector", "--rebuild", "--redis-url", &s.url()])
-        .args(extra)
-        .status()
-        .unwrap();
+    let status = rebuild_command(&s.url()).args(extra).status().unwrap();
     assert!(status.success());
     let rebuilt_in = started.elapsed();
     let rebuilt = dump(&mut rm).await;
@@ -567,14 +574,9 @@ async fn a_rebuild_while_grabs_and_a_live_projector_run_swaps_in_complete_read_m
         })
     };
     let url = s.url();
-    let out = tokio::task::spawn_blocking(move || {
-        worker_command()
-            .args(["projector", "--rebuild", "--redis-url", &url])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = tokio::task::spawn_blocking(move || rebuild_command(&url).output().unwrap())
+        .await
+        .unwrap();
     rebuilding.store(false, std::sync::atomic::Ordering::Relaxed);
     let customers = grabbing.await.unwrap() as u64;
     assert!(
@@ -614,10 +616,7 @@ async fn a_rebuild_while_grabs_and_a_live_projector_run_swaps_in_complete_read_m
     // Two promotions, the active set, one key per customer.
     assert_eq!(after_live.len(), 2 + 1 + customers as usize);
     // And they equal a rebuild on a quiet system, key by key.
-    let status = worker_command()
-        .args(["projector", "--rebuild", "--redis-url", &s.url()])
-        .status()
-        .unwrap();
+    let status = rebuild_command(&s.url()).status().unwrap();
     assert!(status.success());
     assert_eq!(dump(&mut rm).await, after_live);
 }
@@ -648,8 +647,7 @@ async fn a_rebuild_killed_halfway_leaves_the_live_read_models_as_they_were() {
         .connect_database(2)
         .unwrap()
         .unwrap();
-    let mut rebuild = worker_command()
-        .args(["projector", "--rebuild", "--redis-url", &s.url()])
+    let mut rebuild = rebuild_command(&s.url())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -671,10 +669,7 @@ async fn a_rebuild_killed_halfway_leaves_the_live_read_models_as_they_were() {
     assert_eq!(dump(&mut rm).await, before);
 
     // The next rebuild starts from a clean scratch database and completes.
-    let out = worker_command()
-        .args(["projector", "--rebuild", "--redis-url", &s.url()])
-        .output()
-        .unwrap();
+    let out = rebuild_command(&s.url()).output().unwrap();
     assert!(out.status.success());
     assert!(rebuild_report_line(&out.stderr).contains("swapped: true"));
     assert_eq!(dump(&mut rm).await, before);
@@ -715,15 +710,8 @@ async fn rebuild_refuses_to_empty_a_read_model_database_holding_other_data() {
     start_promotion(&mut con, &id, 10).await;
     grab_many(&mut con, &id, 0, 3).await;
     // A rebuild database that is the read models' own is refused at once.
-    let out = worker_command()
-        .args([
-            "projector",
-            "--rebuild",
-            "--rebuild-db",
-            "1",
-            "--redis-url",
-            &s.url(),
-        ])
+    let out = rebuild_command(&s.url())
+        .args(["--rebuild-db", "1"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -740,10 +728,7 @@ async fn rebuild_refuses_to_empty_a_read_model_database_holding_other_data() {
         .query_async(&mut rm)
         .await
         .unwrap();
-    let out = worker_command()
-        .args(["projector", "--rebuild", "--redis-url", &s.url()])
-        .output()
-        .unwrap();
+    let out = rebuild_command(&s.url()).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
