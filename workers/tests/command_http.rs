@@ -11,7 +11,7 @@ use chrono::Utc;
 use seckill_testkit::client::{body, call, get, grab_path};
 use seckill_testkit::process::unread_bytes;
 use seckill_testkit::promotions::{id, spec_from_now};
-use seckill_testkit::redis::{connect, redis};
+use seckill_testkit::redis::{connect, redis, redis_with, Fsync};
 use seckill_testkit::stream::{grants_of, stream_facts};
 use seckill_testkit::{eventually, Reply, Worker, JSON};
 use seckill_workers::protocol::{self, FinishReason, PromotionId};
@@ -467,7 +467,9 @@ async fn with_a_customer_id_header_the_id_comes_from_the_header_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_under_load_yields_only_200_or_503_and_every_200_is_in_the_stream() {
-    let mut server = redis();
+    // appendfsync always: only then does every answered grant survive a
+    // kill -9 (with everysec the last ~2 s may not; docs/RELIABILITY.md).
+    let mut server = redis_with(Some(Fsync::Always));
     let mut con = connect(&server);
     let id = schedule(&mut con, "big", 1_000_000, -1000).await;
     let worker = Arc::new(Worker::command(&server.url(), &[]).await);
