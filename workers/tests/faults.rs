@@ -786,6 +786,9 @@ struct KillRound {
     /// aof_pending_bio_fsync, aof_delayed_fsync), `None` where a busy Redis
     /// did not answer in time.
     aof_at_kill: (Option<u64>, Option<u64>, Option<u64>),
+    /// The projector and the command workers, alive until the round's
+    /// checks are done (the read model is checked after the round).
+    _processes: Vec<Worker>,
 }
 
 /// Scenario 3: redis-server is killed -9 mid-sale and restarted on the same
@@ -800,7 +803,7 @@ async fn redis_kill_9_round(fsync: Fsync, name: &str, customers: usize) -> KillR
     let mut con = connect(&server);
     let coupons = (SETTLED_CUSTOMERS + customers * 3 / 4) as u64;
     let id = open_now(&mut con, name, coupons).await;
-    let _projector = Worker::projector(&url, "p1", &[]);
+    let projector = Worker::projector(&url, "p1", &[]);
     let w1 = command_worker(&url, None, &[]).await;
     let w2 = command_worker(&url, None, &[]).await;
     let ports = vec![w1.port, w2.port];
@@ -884,6 +887,7 @@ async fn redis_kill_9_round(fsync: Fsync, name: &str, customers: usize) -> KillR
         settled,
         lost,
         aof_at_kill,
+        _processes: vec![projector, w1, w2],
     }
 }
 
