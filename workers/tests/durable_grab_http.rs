@@ -13,7 +13,7 @@ use seckill_testkit::process::{binary, WORKER};
 use seckill_testkit::promotions::{id, spec_from_now};
 use seckill_testkit::redis::{connect, redis, RedisServer};
 use seckill_testkit::stream::grants_of;
-use seckill_testkit::{eventually, Worker};
+use seckill_testkit::{eventually, Reply, Worker};
 use seckill_workers::protocol::{self, PromotionId};
 use seckill_workers::redis_connection::RedisConnection;
 
@@ -72,6 +72,27 @@ async fn grants_in_stream(con: &mut RedisConnection, id: &PromotionId) -> Vec<(S
         .collect()
 }
 
+/// `customer`'s grab of shop/sale, retried as a client retries a 503 until
+/// it is answered 200; each 503 is counted in `not_replicated`.
+async fn granted_after_retries(
+    worker: &Worker,
+    customer: &str,
+    not_replicated: &AtomicU64,
+) -> Reply {
+    eventually(WITHIN, || async {
+        let r = worker.grab("shop", "sale", customer).await;
+        match r.status {
+            200 => Ok(r),
+            503 => {
+                not_replicated.fetch_add(1, Ordering::Relaxed);
+                Err(r)
+            }
+            _ => panic!("{r:?}"),
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_same_coupon() {
     let (master, replica, mut con) = master_and_replica().await;
@@ -94,18 +115,7 @@ async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_sam
     let not_replicated = AtomicU64::new(0);
     // Replica healthy: granted, 200 (retried, as a client retries a 503,
     // while the replica's acknowledgement is slower than the 200 ms wait).
-    let alice = eventually(WITHIN, || async {
-        let r = worker.grab("shop", "sale", "alice").await;
-        match r.status {
-            200 => Ok(r),
-            503 => {
-                not_replicated.fetch_add(1, Ordering::Relaxed);
-                Err(r)
-            }
-            _ => panic!("{r:?}"),
-        }
-    })
-    .await;
+    let alice = granted_after_retries(&worker, "alice", &not_replicated).await;
     assert_eq!(alice.status, 200, "{alice:?}");
 
     // Replica stalled: the master grants but WAIT times out: 503, never 200.
@@ -143,18 +153,7 @@ async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_sam
     // Retried as a client would: answered 503 (not replicated) again until
     // the resumed replica has caught up.
     not_replicated.fetch_add(2, Ordering::Relaxed);
-    let retry = eventually(WITHIN, || async {
-        let r = worker.grab("shop", "sale", "bob").await;
-        match r.status {
-            200 => Ok(r),
-            503 => {
-                not_replicated.fetch_add(1, Ordering::Relaxed);
-                Err(r)
-            }
-            _ => panic!("{r:?}"),
-        }
-    })
-    .await;
+    let retry = granted_after_retries(&worker, "bob", &not_replicated).await;
     assert_eq!(retry.status, 200, "{retry:?}");
     assert_eq!(retry.json["alreadyGranted"], true, "{retry:?}");
     assert_eq!(retry.json["couponId"], bob_coupon.as_str(), "{retry:?}");
