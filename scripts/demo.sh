@@ -12,7 +12,7 @@ COUPONS=${COUPONS:-1000}
 OPENS_IN=${OPENS_IN:-5}
 
 echo "==> building (release)"
-cargo build --release --quiet -p seckill-operator --bin seckill
+cargo build --release --quiet -p seckill-cli --bin seckill
 
 bin="${CARGO_TARGET_DIR:-target}/release"
 work=$(mktemp -d -t seckill-demo-XXXXXX)

@@ -1,6 +1,13 @@
 //! `seckill`: the all-in-one binary. `seckill up` runs the operator core on
 //! Promotion manifest files plus command, query and projector workers in one
-//! process; `seckill load` is the flash-crowd load generator.
+//! process; `seckill load` is the flash-crowd load generator. Built on the
+//! `seckill-operator` and `seckill-workers` libraries; nothing of it runs in
+//! the cluster.
+//!
+//! Module map:
+//! - [`up`]: `seckill up`, the whole system in one process, with its live table.
+//! - [`manifests`]: Promotion manifests read from files, checked as the CRD would.
+//! - [`load`]: `seckill load`, a flash crowd and the verification of its outcome.
 
 mod load;
 mod manifests;
