@@ -22,6 +22,10 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY workers workers
 COPY operator operator
+# Workspace members cargo must see to resolve the lock file; nothing of
+# them is built (the `seckill` CLI and the test kit are not in the image).
+COPY cli cli
+COPY testkit testkit
 # Cache mounts keep the registry and the build directory between builds; the
 # binaries are copied out of the cached target directory.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

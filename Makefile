@@ -59,3 +59,4 @@ bench:
 	bash scripts/bench-read-side.sh
 	bash scripts/bench-cluster.sh
 	bash scripts/bench-operator.sh
+	bash scripts/bench-leader.sh

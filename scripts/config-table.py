@@ -41,7 +41,10 @@ def options(binary, args):
         text = e["text"]
         env = re.search(r"\[env: (\w+)=?[^\]]*\]", text)
         default = re.search(r"\[default: ([^\]]*)\]", text)
+        choices = re.search(r"\[possible values: ([^\]]*)\]", text)
         desc = re.sub(r"\s*\[(env|default|possible values): [^\]]*\]", "", text).strip()
+        if choices:
+            desc = f"{desc} (values: {choices.group(1)})"
         rows.append((e["flag"], env.group(1) if env else "", default.group(1) if default else "", desc))
     return rows
 

@@ -15,7 +15,7 @@ OPENS_IN=${OPENS_IN:-5}
 REPORT=${REPORT:-${CARGO_TARGET_DIR:-target}/demo/load-report.html}
 
 echo "==> building (release)"
-cargo build --release --quiet -p seckill-operator --bin seckill
+cargo build --release --quiet -p seckill-cli --bin seckill
 
 bin="${CARGO_TARGET_DIR:-target}/release"
 work=$(mktemp -d -t seckill-demo-XXXXXX)

@@ -30,7 +30,7 @@ run() {
 # One scenario at a time: they start several processes each and measure latencies.
 run worker-faults cargo test -p seckill-workers --test faults -- --test-threads=1 --nocapture
 run http-abuse cargo test -p seckill-workers --test http_abuse -- --test-threads=1 --nocapture
-run operator-faults cargo test -p seckill-operator --test operator_faults -- --test-threads=1 --nocapture
+run operator-faults cargo test -p seckill-cli --test operator_faults -- --test-threads=1 --nocapture
 run cluster-failover env SECKILL_CLUSTER_FAILOVER_ROUNDS="${SECKILL_CLUSTER_FAILOVER_ROUNDS:-3}" \
   cargo test -p seckill-workers --test cluster -- kill_9 --nocapture
 if [ -f scripts/fuzz.sh ] && [ "${SKIP_FUZZ:-0}" != 1 ]; then

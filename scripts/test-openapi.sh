@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Contract test of docs/openapi.yaml against running workers (`make api-test`):
-# builds seckill-worker, starts a private redis-server, a projector and a
-# command worker (plus a query worker), schedules and starts the example
-# promotion shop/sale, and lets schemathesis run every one of its checks
-# (`--checks all`) on every documented operation, in every phase: examples,
-# coverage (boundary and pattern-violating values), fuzzing (valid and
-# invalid data) and stateful (the document's links: a grab, then its
+# builds seckill-worker and seckill, starts a private redis-server, the
+# operator core (`seckill up --roles operator`) on a manifest of the example
+# promotion shop/sale (open since a minute ago), a projector and a command
+# worker (plus a query worker), and lets schemathesis run every one of its
+# checks (`--checks all`) on every documented operation, in every phase:
+# examples, coverage (boundary and pattern-violating values), fuzzing (valid
+# and invalid data) and stateful (the document's links: a grab, then its
 # promotion and its customer's coupons). Bounded in examples and time; stops
 # everything; exits non-zero on any failure.
 set -euo pipefail
@@ -45,10 +46,10 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-echo "api-test: building seckill-worker and the fixture"
-cargo build -q -p seckill-workers --bin seckill-worker
-cargo test -q -p seckill-workers --test openapi_routes --no-run 2>/dev/null
+echo "api-test: building seckill-worker and seckill"
+cargo build -q -p seckill-workers --bin seckill-worker -p seckill-cli --bin seckill
 worker="${CARGO_TARGET_DIR:-target}/debug/seckill-worker"
+seckill="${CARGO_TARGET_DIR:-target}/debug/seckill"
 
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
@@ -57,10 +58,25 @@ pids+=($!)
 for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
 redis_url="redis://127.0.0.1:$redis_port/"
 
-SECKILL_FIXTURE_REDIS_URL="$redis_url" cargo test -q -p seckill-workers --test openapi_routes -- \
-  --ignored --exact fixture_schedule_example_promotion >"$work/fixture.log" 2>&1
+# The document's example promotion, started by the operator core as in a
+# cluster: open since a minute ago, for an hour.
+mkdir -p "$work/promotions"
+cat > "$work/promotions/sale.yaml" <<YAML
+apiVersion: seckill.io/v1
+kind: Promotion
+metadata:
+  name: sale
+  namespace: shop
+spec:
+  publishTime: "$(date -u -d '-1 minute' +%Y-%m-%dT%H:%M:%SZ)"
+  finishTime: "$(date -u -d '+1 hour' +%Y-%m-%dT%H:%M:%SZ)"
+  numberOfCoupons: 100000
+  discount: 0.8
+YAML
 
 export SECKILL_REDIS_URL="$redis_url" RUST_LOG=warn
+"$seckill" up --roles operator -f "$work/promotions" --listen "127.0.0.1:$(free_port)" >"$work/operator.log" 2>&1 &
+pids+=($!)
 "$worker" projector --metrics-listen "127.0.0.1:$(free_port)" --consumer-name api-test >"$work/projector.log" 2>&1 &
 pids+=($!)
 command_port=$(free_port)
@@ -80,7 +96,8 @@ wait_ready() {
 }
 wait_ready "$command_port"
 wait_ready "$query_port"
-# The projector has applied PromotionStarted once shop/sale reads back.
+# The operator started shop/sale and the projector applied PromotionStarted
+# once shop/sale reads back.
 promotion_status=000
 for _ in $(seq 100); do
   promotion_status=$(http_status "http://127.0.0.1:$query_port/api/v1/promotions/shop/sale")

@@ -11,10 +11,12 @@ use http::{Request, Response};
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::{Client, Resource};
+use seckill_testkit::promotions::move_window;
+use seckill_testkit::redis::{redis_args, RedisServer};
+use seckill_testkit::stream::events_of;
 use seckill_workers::metrics::MetricsRegistry;
-use seckill_workers::protocol::{self, Event, FinishReason, PromotionId, PromotionKeys};
+use seckill_workers::protocol::{self, Event, FinishReason, PromotionId};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
 use serde_json::{json, Value};
 use tower_test::mock::{Handle, SendResponse};
 
@@ -70,12 +72,19 @@ fn id() -> PromotionId {
     PromotionId::new(NS, NAME).unwrap()
 }
 
+/// A private redis-server, and a test's connection to it.
 fn redis() -> (RedisServer, RedisConnection) {
-    let server = RedisServer::start(RedisServerOptions::default()).expect("redis-server");
-    let mut args = RedisArgs::for_url(server.url());
-    args.redis_timeout_ms = 300;
-    let con = args.connect().unwrap();
+    let server = seckill_testkit::redis::redis();
+    let con = seckill_testkit::redis::connect(&server);
     (server, con)
+}
+
+/// The Redis flags of `server` with a `timeout_ms` command timeout.
+fn with_timeout(server: &RedisServer, timeout_ms: u64) -> RedisArgs {
+    RedisArgs {
+        redis_timeout_ms: timeout_ms,
+        ..redis_args(server)
+    }
 }
 
 /// The mocked API server's side of the client.
@@ -136,9 +145,10 @@ async fn body_json(request: Request<Body>) -> Value {
 
 impl ApiServerVerifier {
     async fn next(&mut self) -> (Request<Body>, SendResponse<Response<Body>>) {
-        tokio::time::timeout(Duration::from_secs(10), self.0.next_request())
+        // Only a hang bound: the reconcile under test always sends one.
+        tokio::time::timeout(Duration::from_secs(60), self.0.next_request())
             .await
-            .expect("no request to the API server within 10 s")
+            .expect("no request to the API server within a minute")
             .expect("the client was dropped")
     }
 
@@ -244,17 +254,7 @@ impl ApiServerVerifier {
 
 /// The promotion's stream, decoded.
 async fn stream(con: &mut RedisConnection) -> Vec<Event> {
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(PromotionKeys::new(&id()).events)
-        .arg("-")
-        .arg("+")
-        .query_async(con)
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .map(|(_, fields)| Event::decode(fields[1].as_bytes()).unwrap())
-        .collect()
+    events_of(con, &id()).await
 }
 
 fn count(events: &[Event], type_name: &str) -> usize {
@@ -284,24 +284,29 @@ async fn a_new_promotion_gets_the_finalizer_before_anything_touches_redis() {
 async fn a_pending_promotion_is_scheduled_indexed_reported_and_requeued_at_publish_time() {
     let (_server, mut con) = redis();
     let (ctx, mut api) = test_context(con.clone());
-    let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120)).finalized();
+    let publish = Utc::now() + secs(60);
+    let p = Promotion::test(publish, publish + secs(60)).finalized();
+    let before = Utc::now();
     let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
     let status = api.status_applied(&p).await;
     api.events_posted(&["Scheduled"]).await;
     let action = task.await.unwrap().unwrap();
+    let after = Utc::now();
 
     assert_eq!(status.phase, Some(Phase::Pending));
     assert_eq!((status.granted, status.remaining), (0, 3));
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.condition("Ready").unwrap().status, "True");
     assert_eq!(status.condition("SpecLocked").unwrap().status, "False");
-    // Requeued at publishTime: a minute, minus the time the test took.
-    let in_range = (55_000..=60_000)
-        .map(|ms| requeue(Duration::from_millis(ms)))
+    // Requeued at publishTime, from Redis' clock when it reconciled (which
+    // read between `before` and `after`).
+    let left = |at: DateTime<Utc>| (publish - at).num_milliseconds();
+    let in_range = (left(after)..=left(before))
+        .map(|ms| requeue(Duration::from_millis(ms as u64)))
         .any(|a| a == action);
     assert!(in_range, "{action:?}");
     let snap = protocol::snapshot(&mut con, &id()).await.unwrap();
-    assert_eq!(snap.phase.as_deref(), Some("Pending"));
+    assert_eq!(snap.phase, Some(Phase::Pending));
     let indexed: bool = redis::cmd("SISMEMBER")
         .arg(protocol::PROMOTION_INDEX_KEY)
         .arg("shop/sale")
@@ -366,8 +371,8 @@ async fn a_sell_out_shows_in_the_status_and_is_announced() {
 
 #[tokio::test]
 async fn an_operator_restarted_between_publish_time_and_the_first_reconcile_starts_once() {
-    let (_server, mut con) = redis();
-    let publish = Utc::now() + chrono::Duration::milliseconds(1500);
+    let (server, mut con) = redis();
+    let publish = Utc::now() + secs(3600);
     let mut p = Promotion::test(publish, publish + secs(60)).finalized();
     {
         let (ctx, mut api) = test_context(con.clone());
@@ -376,21 +381,30 @@ async fn an_operator_restarted_between_publish_time_and_the_first_reconcile_star
         api.events_posted(&["Scheduled"]).await;
         task.await.unwrap().unwrap();
     } // the first operator is gone: its Context, client and Redis handle
-    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert_eq!(p.status.as_ref().unwrap().phase, Some(Phase::Pending));
 
-    let mut args = RedisArgs::for_url(_server.url());
-    args.redis_timeout_ms = 300;
-    let (ctx, mut api) = test_context(args.connect().unwrap());
+    // Its requeue at publishTime is lost with it, and the publish time
+    // passes: the registered window (and the promotion's spec) now opened a
+    // second ago, with no operator running.
+    let publish = Utc::now() - secs(1);
+    p.spec.publish_time = publish;
+    p.spec.finish_time = publish + secs(60);
+    move_window(
+        &mut con,
+        &id(),
+        publish.timestamp_millis(),
+        p.spec.finish_time.timestamp_millis(),
+    )
+    .await;
+
+    let (ctx, mut api) = test_context(seckill_testkit::redis::connect(&server));
     let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
     let status = api.status_applied(&p).await;
     api.events_posted(&["Started"]).await;
     task.await.unwrap().unwrap();
     assert_eq!(status.phase, Some(Phase::Active));
     let started_at = status.started_at.unwrap();
-    assert!(
-        started_at >= publish - chrono::Duration::milliseconds(5),
-        "{started_at} before {publish}"
-    );
+    assert!(started_at >= publish, "{started_at} before {publish}");
     assert_eq!(count(&stream(&mut con).await, "PromotionStarted"), 1);
 }
 
@@ -465,9 +479,7 @@ async fn deleting_a_promotion_unknown_to_redis_just_removes_the_finalizer() {
 #[tokio::test]
 async fn redis_down_reports_ready_false_and_backs_off_exponentially() {
     let (mut server, _con) = redis();
-    let mut args = RedisArgs::for_url(server.url());
-    args.redis_timeout_ms = 200;
-    let (ctx, mut api) = test_context(args.connect().unwrap());
+    let (ctx, mut api) = test_context(with_timeout(&server, 200).connect().unwrap());
     server.kill();
 
     let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120)).finalized();
@@ -678,7 +690,7 @@ mod running_sales {
         let ids = [id(), PromotionId::new(NS, "gone").unwrap()];
         let read = sales::read(&mut con, &ids).await.unwrap();
         assert_eq!(read.len(), 2);
-        assert!(read.iter().all(|s| s.phase.as_deref() == Some("Active")));
+        assert!(read.iter().all(|s| s.phase == Some(Phase::Active)));
 
         // A watched sale whose object left the store is not read again.
         grab(&con, "gone").await;

@@ -1,13 +1,20 @@
 //! The seckill operator: reconciles `Promotion` custom resources against the
-//! Redis protocol of `seckill_workers`.
+//! Redis protocol of `seckill_workers`. Only what runs in the cluster; the
+//! `seckill` CLI (`seckill up`, `seckill load`) is the `seckill-cli` package.
 //!
-//! One module per concern, in the style of kube-rs' controller-rs:
-//! [`promotion`] (the CRD types and [`promotion::validate`]), [`crdgen`]
-//! (the CRD YAML), [`admission`] (checking a raw manifest as the API server
-//! would), [`lifecycle`] (the pure decisions and the kube-free executor that
-//! `seckill up` shares), [`controller`] (the Kubernetes controller),
-//! [`sales`] (the running sales, read from Redis in batches), [`metrics`],
-//! and [`leader`] (leader election on a Lease).
+//! Module map, one concern each in the style of kube-rs' controller-rs:
+//! - [`promotion`]: the CRD types (spec, status) and [`promotion::validate`].
+//! - [`crdgen`]: the CRD YAML (`seckill-operator crd`, `crds/`).
+//! - [`admission`]: checking a raw manifest as the API server would.
+//! - [`lifecycle`]: the pure decisions, and the kube-free executor that
+//!   `seckill up` shares.
+//! - [`controller`]: the Kubernetes controller (reconcile, error policy,
+//!   finalizer, status, events).
+//! - [`sales`]: the running sales, read from Redis in batches (what
+//!   moved triggers a reconcile).
+//! - [`metrics`]: what the operator reports to Prometheus.
+//! - [`leader`]: leader election on a Lease.
+//! - `fixtures` (tests only): the controller's test scenarios.
 
 pub mod admission;
 pub mod controller;

@@ -110,10 +110,7 @@ pub fn phase_of(snap: &Snapshot) -> Phase {
     if !snap.exists {
         return Phase::Pending;
     }
-    snap.phase
-        .as_deref()
-        .and_then(Phase::parse)
-        .unwrap_or(Phase::Pending)
+    snap.phase.unwrap_or(Phase::Pending)
 }
 
 fn parse_time(s: Option<&str>) -> Option<DateTime<Utc>> {
@@ -570,7 +567,7 @@ mod tests {
         let started = phase != "Pending";
         Snapshot {
             exists: true,
-            phase: Some(phase.into()),
+            phase: Phase::parse(phase),
             started,
             discount: Some(0.2),
             number_of_coupons: Some(10),

@@ -13,6 +13,10 @@ use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use seckill_workers::protocol::{self, FinishReason};
 use serde::{Deserialize, Serialize};
 
+/// The status' phase is the Redis data model's own (one definition, in
+/// `seckill_workers::protocol`); only its schema is the CRD's (see `phase`).
+pub use seckill_workers::protocol::Phase;
+
 /// The CEL rule the API server evaluates on every spec; [`validate`] is its
 /// Rust twin.
 pub const FINISH_AFTER_PUBLISH_RULE: &str =
@@ -86,43 +90,13 @@ pub struct PromotionSpec {
     pub description: Option<String>,
 }
 
-/// Where a promotion is in its life.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum Phase {
-    /// Registered, waiting for publishTime.
-    Pending,
-    /// Coupons can be grabbed.
-    Active,
-    /// Over: sold out, expired or deleted (see finishReason).
-    Finished,
-}
-
-impl Phase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Active => "Active",
-            Self::Finished => "Finished",
-        }
-    }
-
-    /// The phase the Lua scripts write into the state hash.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "Pending" => Some(Self::Pending),
-            "Active" => Some(Self::Active),
-            "Finished" => Some(Self::Finished),
-            _ => None,
-        }
-    }
-}
-
 /// What the operator observed, from the promotion's state in Redis.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PromotionStatus {
-    /// Pending, Active or Finished.
+    /// Where a promotion is in its life.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "phase")]
     pub phase: Option<Phase>,
 
     /// Coupons granted so far.
@@ -201,6 +175,13 @@ fn optional_date_time(_: &mut SchemaGenerator) -> Schema {
 
 fn coupon_count(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "integer", "format": "int64", "minimum": 1 })
+}
+
+/// The phases of the Redis data model ([`Phase::ALL`]), as the status shows
+/// them.
+fn phase(_: &mut SchemaGenerator) -> Schema {
+    let phases: Vec<&str> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+    json_schema!({ "type": "string", "enum": phases, "nullable": true })
 }
 
 fn count(_: &mut SchemaGenerator) -> Schema {

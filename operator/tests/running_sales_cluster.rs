@@ -8,8 +8,8 @@ use chrono::{Duration as Span, Utc};
 use seckill_operator::lifecycle::drive;
 use seckill_operator::promotion::PromotionSpec;
 use seckill_operator::sales;
+use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_workers::protocol::{self, CustomerId, PromotionId};
-use seckill_workers::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_workers::redis_connection::RedisArgs;
 
 #[tokio::test]
@@ -61,5 +61,7 @@ async fn the_running_sales_are_read_in_one_batch_across_the_masters_of_a_cluster
     let granted: Vec<u64> = read.iter().map(|s| s.granted).collect();
     let expected: Vec<u64> = (0..40).map(|i| (i % 3) as u64).collect();
     assert_eq!(granted, expected);
-    assert!(read.iter().all(|s| s.phase.as_deref() == Some("Active")));
+    assert!(read
+        .iter()
+        .all(|s| s.phase == Some(seckill_workers::protocol::Phase::Active)));
 }

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
+use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_workers::protocol::{
     self, CustomerId, Durability, GrabOutcome, PromotionId, PromotionSpec,
 };
-use seckill_workers::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::{RedisServer, RedisServerOptions};
 

@@ -27,7 +27,7 @@ use chrono::SecondsFormat;
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{self, read_model as keys, CustomerId, Event, PromotionId};
+use crate::protocol::{self, read_model as keys, CustomerId, Event, Phase, PromotionId};
 
 /// How long a projector's progress report counts as live; older reports are
 /// from a replica that stopped, and are used only when no live one exists.
@@ -42,25 +42,6 @@ pub enum ReadModelError {
     BadData(String),
     #[error("the read-model database {db} holds {key:?}, which is not a read model: refusing to empty it (give --redis-read-model-db a database of its own, or empty it yourself)")]
     ForeignKey { db: i64, key: String },
-}
-
-/// Phase of a promotion as the read model knows it; ordered as phases rise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Phase {
-    Pending,
-    Active,
-    Finished,
-}
-
-impl Phase {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "Pending" => Some(Self::Pending),
-            "Active" => Some(Self::Active),
-            "Finished" => Some(Self::Finished),
-            _ => None,
-        }
-    }
 }
 
 /// `GET /api/v1/promotions/{ns}/{name}`.

@@ -14,7 +14,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, TlsCertificates, Value};
 
 /// Redis flags shared by every binary.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct RedisArgs {
     /// Standalone Redis: redis://[user:password@]host:port/[db], or rediss:// for TLS.
     #[arg(long, env = "SECKILL_REDIS_URL")]
@@ -83,12 +83,18 @@ pub enum RedisSetupError {
 /// not given.
 pub const DEFAULT_READ_MODEL_DB: i64 = 1;
 
+/// The flags' own defaults (see [`crate::flags`]).
+impl Default for RedisArgs {
+    fn default() -> Self {
+        crate::flags::defaults()
+    }
+}
+
 impl RedisArgs {
     /// Args for one standalone server URL with the defaults otherwise.
     pub fn for_url(url: impl Into<String>) -> Self {
         Self {
             redis_url: Some(url.into()),
-            redis_timeout_ms: 1000,
             ..Self::default()
         }
     }
@@ -97,7 +103,6 @@ impl RedisArgs {
     pub fn for_cluster(nodes: Vec<String>) -> Self {
         Self {
             redis_cluster_nodes: nodes,
-            redis_timeout_ms: 1000,
             ..Self::default()
         }
     }
@@ -330,5 +335,28 @@ impl ConnectionLike for RedisConnection {
             Self::Single(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_built_in_code_take_the_flags_defaults() {
+        let args = RedisArgs::for_url("redis://127.0.0.1:1/");
+        assert_eq!(args.redis_timeout_ms, 1000);
+        assert_eq!(args.timeout(), Duration::from_secs(1));
+        assert_eq!(args.read_model_db(), Some(DEFAULT_READ_MODEL_DB));
+        assert!(!args.redis_tls);
+        let cluster = RedisArgs::for_cluster(vec!["127.0.0.1:1".into()]);
+        assert_eq!(cluster.redis_timeout_ms, 1000);
+        assert_eq!(cluster.read_model_db(), None);
+    }
+
+    #[test]
+    fn a_password_is_not_shown_in_descriptions() {
+        let args = RedisArgs::for_url("redis://user:secret@example:6379/0");
+        assert_eq!(args.describe(), "redis://***@example:6379/0");
     }
 }

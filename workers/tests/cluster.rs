@@ -5,22 +5,26 @@
 //! `SECKILL_CLUSTER_FAILOVER_ROUNDS=N` (used by `make faults`) repeats the
 //! failover during a sale N times, restarting the killed node each round.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::AsyncCommands;
+use seckill_testkit::concurrent::{count, finish_at_once, schedule_at_once};
+use seckill_testkit::promotions::{customer, id, spec_from_now};
+use seckill_testkit::redis::Fsync;
+use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+use seckill_testkit::stream::events_of;
+use seckill_testkit::{client, eventually, Worker};
 use seckill_workers::protocol::{
     self, read_model, replication_probe_key, CustomerId, Durability, DurableGrabError, Event,
     FinishReason, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec, ScheduleResult, PROJECT,
 };
-use seckill_workers::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::Fsync;
-use support::{customer, id};
+
+/// Bounds every wait for something that must happen.
+const WITHIN: Duration = Duration::from_secs(60);
 
 fn cluster(masters: usize, replicas: usize) -> RedisCluster {
     RedisCluster::start(RedisClusterOptions {
@@ -47,11 +51,11 @@ fn connect(c: &RedisCluster) -> RedisConnection {
 
 /// A promotion open since a second ago for `length_ms` more.
 fn open_spec(coupons: u64, length_ms: i64) -> PromotionSpec {
-    support::spec_from_now(0.7, coupons, -1000, length_ms + 1000)
+    spec_from_now(0.7, coupons, -1000, length_ms + 1000)
 }
 
 async fn events(con: &mut RedisConnection, id: &PromotionId) -> Vec<Event> {
-    support::events_of(con, id).await
+    events_of(con, id).await
 }
 
 /// Checks the stream of a sold-out promotion: Started, `coupons` grabs by
@@ -234,54 +238,32 @@ async fn grab_race_on_three_masters_grants_exactly_the_stock_once_per_customer()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_start_and_finish_happen_once_under_concurrent_calls_on_a_cluster() {
     let c = cluster(3, 0);
-    let con = connect(&c);
+    let mut con = connect(&c);
     let p = id("once");
-    let spec = open_spec(5, 120_000);
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let (mut con, p, spec) = (con.clone(), p.clone(), spec.clone());
-        tasks.push(tokio::spawn(async move {
-            protocol::schedule(&mut con, &p, &spec)
-                .await
-                .unwrap()
-                .result
-        }));
-    }
-    let mut started = 0;
-    for t in tasks {
-        let r = t.await.unwrap();
-        assert!(
-            matches!(
-                r,
-                ScheduleResult::Started | ScheduleResult::Unchanged | ScheduleResult::Scheduled
-            ),
-            "{r:?}"
-        );
-        if r == ScheduleResult::Started {
-            started += 1;
-        }
-    }
-    assert_eq!(started, 1, "exactly one schedule call started it");
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let (mut con, p) = (con.clone(), p.clone());
-        tasks.push(tokio::spawn(async move {
-            protocol::finish(&mut con, &p, FinishReason::Deleted)
-                .await
-                .unwrap()
-                .result
-        }));
-    }
-    let mut finished = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            ScheduleResult::Finished => finished += 1,
-            ScheduleResult::AlreadyFinished => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(finished, 1, "exactly one finish call finished it");
-    let mut con = con;
+    let started = schedule_at_once(&con, &p, &open_spec(5, 120_000), 32).await;
+    assert!(
+        started.iter().all(|r| matches!(
+            r,
+            ScheduleResult::Started | ScheduleResult::Unchanged | ScheduleResult::Scheduled
+        )),
+        "{started:?}"
+    );
+    assert_eq!(
+        count(&started, ScheduleResult::Started),
+        1,
+        "exactly one schedule call started it"
+    );
+    let finished = finish_at_once(&con, &p, FinishReason::Deleted, 32).await;
+    assert_eq!(
+        count(&finished, ScheduleResult::Finished),
+        1,
+        "exactly one finish call finished it: {finished:?}"
+    );
+    assert_eq!(
+        count(&finished, ScheduleResult::AlreadyFinished),
+        31,
+        "{finished:?}"
+    );
     let ev = events(&mut con, &p).await;
     assert_eq!(ev.len(), 2, "{ev:?}");
     assert!(matches!(ev[0], Event::PromotionStarted(_)));
@@ -405,21 +387,22 @@ fn durability() -> Durability {
 }
 
 /// Durable grab through a failover: retries unknown outcomes (Redis errors)
-/// until `deadline`; returns grants, refusals and `NotReplicated`.
+/// until an answer; returns grants, refusals and `NotReplicated`.
 async fn grab_with_retries(
-    con: &mut RedisConnection,
+    con: &RedisConnection,
     p: &PromotionId,
     who: &CustomerId,
-    deadline: Instant,
 ) -> Result<GrabOutcome, DurableGrabError> {
-    loop {
-        match protocol::grab_durable(con, p, who, durability()).await {
-            Err(DurableGrabError::Script(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(WITHIN, || {
+        let mut con = con.clone();
+        async move {
+            match protocol::grab_durable(&mut con, p, who, durability()).await {
+                Err(DurableGrabError::Script(e)) => Err(e),
+                answered => Ok(answered),
             }
-            other => return other,
         }
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,12 +415,20 @@ async fn durable_grab_never_answers_a_grant_its_replica_lacks_while_plain_grab_l
         .unwrap();
     let (slot, master, m, r) = master_and_replica(&c, &p);
 
-    let first = protocol::grab_durable(&mut con, &p, &customer(0), durability())
-        .await
-        .unwrap();
-    let GrabOutcome::Granted { coupon: kept, .. } = first else {
-        panic!("{first:?}");
-    };
+    // Confirmed by the healthy replica: retried, as a client retries a 503,
+    // while the replica's acknowledgement is slower than the WAIT timeout.
+    let kept = eventually(WITHIN, || {
+        let (mut con, p) = (con.clone(), &p);
+        async move {
+            match protocol::grab_durable(&mut con, p, &customer(0), durability()).await? {
+                GrabOutcome::Granted { coupon, .. } | GrabOutcome::AlreadyGranted { coupon } => {
+                    Ok::<_, DurableGrabError>(coupon)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+    .await;
 
     // Cut replication: stop the replica and drop its link, so the master
     // keeps accepting writes that no replica has.
@@ -493,20 +484,16 @@ async fn durable_grab_never_answers_a_grant_its_replica_lacks_while_plain_grab_l
             .unwrap();
     assert_eq!(c.node_index(&new_master), Some(r));
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let ev = loop {
-        match con
-            .xrange_all::<_, redis::streams::StreamRangeReply>(PromotionKeys::new(&p).events)
-            .await
-        {
-            Ok(_) => break events(&mut con, &p).await,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("stream unreadable after failover: {e}"),
+    eventually(WITHIN, || {
+        let (mut con, stream) = (con.clone(), PromotionKeys::new(&p).events);
+        async move {
+            con.xrange_all::<_, redis::streams::StreamRangeReply>(stream)
+                .await
+                .map(drop)
         }
-    };
+    })
+    .await;
+    let ev = events(&mut con, &p).await;
     let in_stream: BTreeMap<String, String> = ev
         .iter()
         .filter_map(|e| match e {
@@ -522,8 +509,7 @@ async fn durable_grab_never_answers_a_grant_its_replica_lacks_while_plain_grab_l
 
     // Its only replica gone, the new master cannot confirm a grant: the
     // durable grab grants but answers "not replicated" (503, retry).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let alone = grab_with_retries(&mut con, &p, &customer(2), deadline).await;
+    let alone = grab_with_retries(&con, &p, &customer(2)).await;
     let Err(DurableGrabError::NotReplicated {
         outcome: GrabOutcome::Granted { coupon, .. },
         acked: 0,
@@ -538,9 +524,13 @@ async fn durable_grab_never_answers_a_grant_its_replica_lacks_while_plain_grab_l
         c.restart(m).unwrap();
         c.wait_until_ready(Duration::from_secs(30)).unwrap();
     });
-    let retry = protocol::grab_durable(&mut con, &p, &customer(2), durability())
-        .await
-        .unwrap();
+    // A retry answered "not replicated" (503) while the replica's link
+    // comes back is retried, as a client would.
+    let retry = eventually(WITHIN, || {
+        let (mut con, p) = (con.clone(), &p);
+        async move { protocol::grab_durable(&mut con, p, &customer(2), durability()).await }
+    })
+    .await;
     assert_eq!(
         retry,
         GrabOutcome::AlreadyGranted {
@@ -620,13 +610,14 @@ async fn kill_9_of_the_promotion_master_mid_sale_loses_no_answered_grant_and_ove
 
     let wait_answers = |at_least: usize| {
         let answered = answered.clone();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while answered.lock().unwrap().len() < at_least {
-                assert!(Instant::now() < deadline, "grants stalled below {at_least}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        eventually(WITHIN, move || {
+            let have = answered.lock().unwrap().len();
+            async move {
+                (have >= at_least)
+                    .then_some(())
+                    .ok_or(format!("grants stalled at {have}, below {at_least}"))
             }
-        }
+        })
     };
     for round in 0..rounds {
         let before = answered.lock().unwrap().len();
@@ -649,7 +640,7 @@ async fn kill_9_of_the_promotion_master_mid_sale_loses_no_answered_grant_and_ove
     }
     // The sale runs on to its end.
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(30), t)
+        tokio::time::timeout(WITHIN, t)
             .await
             .expect("the sale sells out")
             .unwrap();
@@ -758,39 +749,6 @@ async fn grabs_follow_a_promotion_whose_slot_moves_to_another_master_mid_sale() 
     );
 }
 
-/// Kills the child process when the test ends, however it ends.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One HTTP/1.1 request over a fresh connection; (status, body).
-async fn http(addr: &str, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seckill_worker_command_on_a_cluster_answers_200_exactly_for_the_stock() {
     let c = cluster(3, 0);
@@ -799,34 +757,21 @@ async fn seckill_worker_command_on_a_cluster_answers_200_exactly_for_the_stock()
     protocol::schedule(&mut con, &p, &open_spec(40, 120_000))
         .await
         .unwrap();
-    let port = seckill_workers::redis_server::free_port().unwrap();
-    let addr = format!("127.0.0.1:{port}");
-    let _worker = ChildGuard(
-        std::process::Command::new(env!("CARGO_BIN_EXE_seckill-worker"))
-            .arg("command")
-            .arg("--listen")
-            .arg(&addr)
-            .arg("--redis-cluster-nodes")
-            .arg(c.seed_nodes().join(","))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("seckill-worker starts"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http(&addr, "GET", "/readyz", "").await, Ok((200, _))) {
-        assert!(Instant::now() < deadline, "worker not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let nodes = c.seed_nodes().join(",");
+    let worker = Worker::serving(
+        "command",
+        &["--redis-cluster-nodes", &nodes],
+        Some("warn"),
+        None,
+    )
+    .await;
     let mut tasks = Vec::new();
     for n in 0..100 {
-        let addr = addr.clone();
+        let port = worker.port;
         tasks.push(tokio::spawn(async move {
-            let body = format!(r#"{{"customerId":"c-{n}"}}"#);
-            let (status, _) = http(&addr, "POST", "/api/v1/promotions/shop/http/grab", &body)
-                .await
-                .unwrap();
-            (format!("c-{n}"), status)
+            let who = format!("c-{n}");
+            let reply = client::grab(port, "shop", "http", &who).await.unwrap();
+            (who, reply.status)
         }));
     }
     let mut ok = BTreeSet::new();

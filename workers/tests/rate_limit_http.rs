@@ -4,14 +4,14 @@
 //! served meanwhile, the client is served again after waiting, and with
 //! limiting off (the default) nobody is ever answered 429.
 
-mod support;
-
 use std::time::Duration;
 
+use seckill_testkit::client::call;
+use seckill_testkit::promotions::{id, spec_from_now};
+use seckill_testkit::redis::{connect, redis, RedisServer};
+use seckill_testkit::{CommandOptions, Worker, JSON};
 use seckill_workers::protocol;
 use seckill_workers::redis_connection::RedisConnection;
-use seckill_workers::redis_server::RedisServer;
-use support::{call, connect, id, redis, spec_from_now, CommandOptions, Worker, JSON};
 
 /// A `seckill-worker command` with a 500 ms Redis timeout.
 async fn start_worker(redis_url: &str, extra: &[&str]) -> Worker {

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::process::Command;
 
 use chrono::{Duration, Utc};
+use seckill_testkit::redis::{RedisServer, RedisServerOptions, TlsFiles};
 use seckill_workers::projector::{self, Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{self, CustomerId, GrabOutcome, PromotionId, PromotionSpec};
 use seckill_workers::read_model;
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
-use seckill_workers::redis_server::{RedisServer, RedisServerOptions, TlsFiles};
 
 fn spec() -> PromotionSpec {
     PromotionSpec {

@@ -18,6 +18,7 @@ mod durability;
 mod events;
 mod ids;
 mod keys;
+mod phase;
 mod projection;
 mod scripts;
 
@@ -28,6 +29,7 @@ pub use events::{
 };
 pub use ids::{CustomerId, IdError, PromotionId};
 pub use keys::{read_model, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY};
+pub use phase::Phase;
 pub use projection::{PROJECT, PROJECT_SOURCE};
 pub use scripts::{
     finish, grab, schedule, snapshot, Coupon, GrabOutcome, PromotionSpec, ScheduleResult,

@@ -10,7 +10,7 @@ use redis::aio::ConnectionLike;
 use redis::Script;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{CustomerId, FinishReason, PromotionId, PromotionKeys};
+use super::{CustomerId, FinishReason, Phase, PromotionId, PromotionKeys};
 
 macro_rules! script {
     ($file:literal) => {
@@ -151,7 +151,7 @@ pub struct Snapshot {
     /// Redis' clock, epoch milliseconds.
     pub now: i64,
     #[serde(default)]
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
     #[serde(default)]
     pub started: bool,
     #[serde(default)]
@@ -174,7 +174,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn is_finished(&self) -> bool {
-        self.phase.as_deref() == Some("Finished")
+        self.phase == Some(Phase::Finished)
     }
 
     pub fn remaining(&self) -> u64 {

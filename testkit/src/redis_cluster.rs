@@ -10,9 +10,13 @@
 
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::redis_server::{free_port, Fsync, RedisServer, RedisServerError, RedisServerOptions};
+use seckill_workers::redis_server::{
+    free_port, Fsync, RedisServer, RedisServerError, RedisServerOptions,
+};
+
+use crate::eventually::eventually_blocking;
 
 /// Why the cluster could not be started or asked.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,13 @@ impl Default for RedisClusterOptions {
     }
 }
 
+/// How many times [`RedisCluster::start`] creates a cluster on fresh ports.
+const CREATE_ATTEMPTS: usize = 3;
+
+/// How long `redis-cli --cluster create` may take (it normally takes about a
+/// second).
+const CREATE_WITHIN: Duration = Duration::from_secs(60);
+
 /// A running cluster; every node is killed when dropped.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
@@ -98,7 +109,27 @@ impl RedisCluster {
     /// Starts the nodes, creates the cluster and waits until every node says
     /// `cluster_state:ok`, knows every other node, and every replica's link
     /// to its master is up.
+    ///
+    /// Each node's ports are found free and released before the node binds
+    /// them, so on a machine where other tests start servers at the same
+    /// time a port can be taken in between, and the nodes then never meet
+    /// (`redis-cli --cluster create` waits for them forever). Creation is
+    /// therefore bounded, and retried on fresh ports a few times.
     pub fn start(options: RedisClusterOptions) -> Result<Self, RedisClusterError> {
+        let mut last = None;
+        for _ in 0..CREATE_ATTEMPTS {
+            match Self::try_start(&options) {
+                Ok(cluster) => return Ok(cluster),
+                Err(e @ (RedisClusterError::NotReady { .. } | RedisClusterError::Create(_))) => {
+                    last = Some(e)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(RedisClusterError::NoLiveNode))
+    }
+
+    fn try_start(options: &RedisClusterOptions) -> Result<Self, RedisClusterError> {
         let total = options.masters * (1 + options.replicas_per_master);
         let mut nodes = Vec::with_capacity(total);
         for _ in 0..total {
@@ -135,9 +166,23 @@ impl RedisCluster {
             .arg("--cluster-replicas")
             .arg(options.replicas_per_master.to_string())
             .arg("--cluster-yes")
-            .stdin(Stdio::null());
-        let out = create.output()?;
-        if !out.status.success() {
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = create.spawn()?;
+        // Ok(Some(status)) once it exited, Ok(None) when it could not be
+        // asked, Err while it is still running.
+        let exited = eventually_blocking(CREATE_WITHIN, || match child.try_wait() {
+            Ok(None) => Err(()),
+            Ok(status) => Ok(status),
+            Err(_) => Ok(None),
+        });
+        let succeeded = matches!(exited, Ok(Some(status)) if status.success());
+        if exited.is_err() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output()?;
+        if !succeeded {
             return Err(RedisClusterError::Create(format!(
                 "{}{}",
                 String::from_utf8_lossy(&out.stdout),
@@ -153,16 +198,8 @@ impl RedisCluster {
     /// masters serve slots as the cluster was made with, and every other live
     /// node is a replica whose link to its master is up.
     pub fn wait_until_ready(&self, waited: Duration) -> Result<(), RedisClusterError> {
-        let started = Instant::now();
-        let mut detail = String::new();
-        while started.elapsed() < waited {
-            match self.readiness() {
-                Ok(()) => return Ok(()),
-                Err(d) => detail = d,
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Err(RedisClusterError::NotReady { waited, detail })
+        eventually_blocking(waited, || self.readiness())
+            .map_err(|detail| RedisClusterError::NotReady { waited, detail })
     }
 
     fn readiness(&self) -> Result<(), String> {
@@ -368,19 +405,15 @@ impl RedisCluster {
         old_master: &str,
         waited: Duration,
     ) -> Result<String, RedisClusterError> {
-        let started = Instant::now();
-        while started.elapsed() < waited {
-            if let Ok(master) = self.master_for_slot(slot) {
-                if master != old_master && self.readiness().is_ok() {
-                    return Ok(master);
-                }
+        eventually_blocking(waited, || {
+            let master = self.master_for_slot(slot).map_err(|e| e.to_string())?;
+            if master == old_master {
+                return Err(format!("slot {slot} still on {old_master}"));
             }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Err(RedisClusterError::NotReady {
-            waited,
-            detail: format!("slot {slot} still on {old_master} or cluster not ok"),
+            self.readiness()?;
+            Ok(master)
         })
+        .map_err(|detail| RedisClusterError::NotReady { waited, detail })
     }
 }
 

@@ -1,7 +1,17 @@
 //! `seckill`: the all-in-one binary. `seckill up` runs the operator core on
 //! Promotion manifest files plus command, query and projector workers in one
 //! process; `seckill load` is the flash-crowd load generator; `seckill new
-//! promotion` prints a manifest that opens a given time from now.
+//! promotion` prints a manifest that opens a given time from now. Built on
+//! the `seckill-operator` and `seckill-workers` libraries; nothing of it runs
+//! in the cluster.
+//!
+//! Module map:
+//! - [`up`]: `seckill up`, the whole system in one process, with its live table.
+//! - [`manifests`]: Promotion manifests read from files, checked as the CRD would.
+//! - [`load`]: `seckill load`, a flash crowd and the verification of its outcome.
+//! - [`timeline`]: what `seckill load` saw, per interval, for its report.
+//! - [`report`]: `seckill load --report`, that timeline as one HTML page of SVG plots.
+//! - [`new`]: `seckill new promotion`, a manifest checked by the CRD's rules.
 
 mod load;
 mod manifests;

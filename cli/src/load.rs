@@ -66,7 +66,7 @@ pub struct LoadArgs {
     pub json: bool,
     /// Also write a self-contained HTML report to this file: requests/s by
     /// outcome, latency percentiles and coupons remaining over the run's
-    /// time (sampled about 300 times, at least every 100 ms), the publish and
+    /// time (in about 300 intervals, none shorter than 100 ms), the publish and
     /// sell-out instants, and the verification verdict.
     #[arg(long, value_name = "FILE.html")]
     pub report: Option<PathBuf>,
@@ -509,9 +509,7 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
             first: micros_to_secs(shared.first_grant_micros.load(Ordering::Relaxed)),
             last: micros_to_secs(shared.last_grant_micros.load(Ordering::Relaxed)),
         };
-        let page = report::render(&load_report(
-            &summary, timeline, &polls, grants, started_at,
-        ));
+        let page = report::render(&load_report(&summary, timeline, &polls, grants, started_at));
         std::fs::write(path, page)
             .map_err(|e| format!("cannot write the report {}: {e}", path.display()))?;
         // stderr: with --json, stdout is the summary alone.

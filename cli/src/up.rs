@@ -26,8 +26,29 @@ use tokio_util::sync::CancellationToken;
 
 use crate::manifests::{self, Declared};
 
-/// The parts `--roles` can choose.
-const ROLES: [&str; 4] = ["operator", "command", "query", "projector"];
+/// A part of the system `seckill up` can run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The operator's reconcile core, on the manifest files.
+    Operator,
+    /// The grab endpoint.
+    Command,
+    /// The query endpoints.
+    Query,
+    /// The projector, into the read models.
+    Projector,
+}
+
+impl std::fmt::Display for Role {
+    /// Its name, as `--roles` spells it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum;
+        match self.to_possible_value() {
+            Some(value) => f.write_str(value.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
+}
 
 /// Flags of `seckill up`.
 #[derive(clap::Args, Debug, Clone)]
@@ -40,14 +61,15 @@ pub struct UpArgs {
     #[arg(long, env = "SECKILL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
 
-    /// Parts to run here: operator, command, query, projector.
+    /// Parts to run here, comma-separated.
     #[arg(
         long,
         env = "SECKILL_ROLES",
+        value_enum,
         value_delimiter = ',',
         default_value = "operator,command,query,projector"
     )]
-    pub roles: Vec<String>,
+    pub roles: Vec<Role>,
 
     /// Data directory of the private redis-server (default: a new one under
     /// the system's temporary directory). Unused with --redis-url.
@@ -77,8 +99,6 @@ pub struct UpArgs {
 /// `seckill up` could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
-    #[error("unknown role {0:?}; the roles are operator, command, query and projector")]
-    UnknownRole(String),
     #[error(transparent)]
     RedisServer(#[from] seckill_workers::redis_server::RedisServerError),
     #[error(transparent)]
@@ -126,12 +146,7 @@ fn stamp() -> String {
 }
 
 pub async fn run(args: UpArgs) -> Result<(), UpError> {
-    for role in &args.roles {
-        if !ROLES.contains(&role.as_str()) {
-            return Err(UpError::UnknownRole(role.clone()));
-        }
-    }
-    let has = |r: &str| args.roles.iter().any(|x| x == r);
+    let has = |r: Role| args.roles.contains(&r);
     let live = std::io::stdout().is_terminal();
     let mut board = Board {
         live,
@@ -178,13 +193,14 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     let metrics = WorkerMetrics::new();
     // The operator role reports as the operator does (seckill_operator_*),
     // leading for as long as it runs: it is the only one reconciling.
-    let operator_metrics = has("operator").then(|| OperatorMetrics::register(&metrics.registry));
+    let operator_metrics =
+        has(Role::Operator).then(|| OperatorMetrics::register(&metrics.registry));
     let _leading = operator_metrics.as_ref().map(OperatorMetrics::leading);
     let mut tasks = Vec::new();
 
     // HTTP: command and query APIs with health and metrics.
     let header = args.customer.customer_id_header.clone();
-    let command = if has("command") {
+    let command = if has(Role::Command) {
         let options = CommandOptions {
             customer_id_header: header.clone(),
             redis_timeout: timeout,
@@ -201,7 +217,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     } else {
         None
     };
-    let query = has("query").then(|| {
+    let query = has(Role::Query).then(|| {
         let options = QueryOptions {
             customer_id_header: header,
             redis_timeout: timeout,
@@ -212,7 +228,11 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
     println!(
         "{} serving {} on http://{} (/healthz, /readyz, /metrics)",
         stamp(),
-        args.roles.join(", "),
+        args.roles
+            .iter()
+            .map(Role::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
         args.listen
     );
     let health = HealthApi::new(redis.clone(), timeout, metrics.registry.clone())
@@ -235,7 +255,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         }));
     }
 
-    if has("projector") {
+    if has(Role::Projector) {
         let projector = Projector::new(
             redis.clone(),
             read_models.clone(),
@@ -461,10 +481,7 @@ fn draw(
     ));
     for (id, t) in tracked {
         let s = t.status.clone().unwrap_or_default();
-        let phase = s
-            .phase
-            .map(|p| format!("{p:?}"))
-            .unwrap_or_else(|| "-".into());
+        let phase = s.phase.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         let reason = s.finish_reason.map(|r| r.as_str()).unwrap_or("");
         let rate = rates.get(id).map_or(0.0, |r| r.2);
         out.push_str(&format!(
@@ -485,4 +502,30 @@ fn draw(
     let mut stdout = std::io::stdout().lock();
     let _ = stdout.write_all(out.as_bytes());
     let _ = stdout.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    #[test]
+    fn every_role_runs_by_default_and_is_named_as_the_flag_spells_it() {
+        let cli = Cli::parse_from(["up"]);
+        assert_eq!(
+            cli.up.roles,
+            [Role::Operator, Role::Command, Role::Query, Role::Projector]
+        );
+        let names: Vec<String> = cli.up.roles.iter().map(Role::to_string).collect();
+        assert_eq!(names, ["operator", "command", "query", "projector"]);
+        let some = Cli::parse_from(["up", "--roles", "command,projector"]);
+        assert_eq!(some.up.roles, [Role::Command, Role::Projector]);
+        assert!(Cli::try_parse_from(["up", "--roles", "frobnicator"]).is_err());
+    }
 }

@@ -10,14 +10,11 @@
 //! which `make test` runs), or the binary `SECKILL_CHROMIUM` names; without
 //! one the test says so and is skipped.
 
-mod support;
-
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-use seckill_workers::redis_server::free_port;
-use support::{Up, SECKILL};
+use seckill_testkit::process::{binary, SECKILL};
+use seckill_testkit::up::Up;
 
 /// The Chromium to render with, or why there is none.
 fn chromium() -> Result<PathBuf, String> {
@@ -71,32 +68,16 @@ fn render(chromium: &Path, page: &Path, extra: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `seckill up -f dir` on a free port, once it answers /readyz.
-fn up(dir: &Path) -> Up {
-    let port = free_port().unwrap();
-    let mut command = Command::new(SECKILL);
-    command
-        .args(["up", "-f"])
-        .arg(dir)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--watch-interval-ms", "100"])
-        .stderr(Stdio::null());
-    let up = Up::spawn(command, port);
-    wait(&up, "serving operator");
-    up
-}
-
-/// Waits until `seckill up` printed `text` (within 30 s).
-fn wait(up: &Up, text: &str) {
-    let start = Instant::now();
-    while !up.said(text) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "seckill up never said {text:?}:\n{}",
-            up.output()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// `seckill <args>` run to its end, off the async runtime.
+async fn seckill(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(binary(SECKILL))
+            .args(args)
+            .output()
+            .expect("seckill runs")
+    })
+    .await
+    .expect("seckill's task")
 }
 
 /// The decoded PNG: width, height and RGB pixels.
@@ -120,7 +101,11 @@ fn pixels(png_file: &Path) -> (u32, u32, Vec<[u8; 3]>) {
 /// Whether pixel `p` is within a small distance of the colour `hex` (#rrggbb).
 fn near(p: &[u8; 3], hex: &str) -> bool {
     let c = u32::from_str_radix(hex.trim_start_matches('#'), 16).unwrap();
-    let want = [(c >> 16) as i32, ((c >> 8) & 0xff) as i32, (c & 0xff) as i32];
+    let want = [
+        (c >> 16) as i32,
+        ((c >> 8) & 0xff) as i32,
+        (c & 0xff) as i32,
+    ];
     (0..3).map(|i| (p[i] as i32 - want[i]).abs()).sum::<i32>() <= 24
 }
 
@@ -129,8 +114,8 @@ fn count_near(pixels: &[[u8; 3]], hex: &str) -> usize {
     pixels.iter().filter(|p| near(p, hex)).count()
 }
 
-#[test]
-fn the_load_report_of_a_real_sale_renders_in_chromium_with_its_plots_markers_and_verdict() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_report_of_a_real_sale_renders_in_chromium_with_its_plots_markers_and_verdict() {
     let chromium = match chromium() {
         Ok(path) => path,
         Err(why) => {
@@ -140,34 +125,66 @@ fn the_load_report_of_a_real_sale_renders_in_chromium_with_its_plots_markers_and
     };
     let files = tempfile::tempdir().unwrap();
     let out = tempfile::tempdir().unwrap();
-    let up = up(files.path());
+    let up = Up::start(&["-f", files.path().to_str().unwrap()], None).await;
 
     // A sale that opens three to four seconds from now, printed by
     // `seckill new` and picked up by `seckill up` from its files.
-    let manifest = Command::new(SECKILL)
-        .args(["new", "promotion", "report", "--namespace", "demo"])
-        .args(["--opens-in", "4s", "--lasts", "10m"])
-        .args(["--coupons", "300", "--discount", "0.5"])
-        .output()
-        .unwrap();
+    let manifest = seckill(
+        [
+            "new",
+            "promotion",
+            "report",
+            "--namespace",
+            "demo",
+            "--opens-in",
+            "4s",
+            "--lasts",
+            "10m",
+            "--coupons",
+            "300",
+            "--discount",
+            "0.5",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await;
     assert!(manifest.status.success(), "{manifest:?}");
     std::fs::write(files.path().join("report.yaml"), &manifest.stdout).unwrap();
-    wait(&up, "demo/report: Scheduled");
+    up.wait_said("demo/report: Scheduled").await;
 
     let page = out.path().join("report.html");
-    let load = Command::new(SECKILL)
-        .args(["load", "--target", &format!("http://127.0.0.1:{}", up.port)])
-        .args(["--promotion", "demo/report", "--customers", "3000"])
-        .args(["--concurrency", "32", "--duration", "60s", "--report"])
-        .arg(&page)
-        .output()
-        .unwrap();
+    let mut load = vec![
+        "load".to_owned(),
+        "--target".to_owned(),
+        up.url(),
+        "--report".to_owned(),
+        page.to_str().unwrap().to_owned(),
+    ];
+    // --duration bounds a hang; how fast is make bench's business.
+    load.extend(
+        [
+            "--promotion",
+            "demo/report",
+            "--customers",
+            "3000",
+            "--concurrency",
+            "32",
+            "--duration",
+            "120s",
+        ]
+        .map(String::from),
+    );
+    let load = seckill(load).await;
     let said = String::from_utf8_lossy(&load.stdout);
     assert!(load.status.success(), "{said}\n{load:?}");
     assert!(said.contains("verification: PASSED"), "{said}");
     let html = std::fs::read_to_string(&page).unwrap();
     for forbidden in ["<script", "src=", "href=", "url("] {
-        assert!(!html.contains(forbidden), "the page fetches or runs something: {forbidden}");
+        assert!(
+            !html.contains(forbidden),
+            "the page fetches or runs something: {forbidden}"
+        );
     }
 
     // What the browser built from it.
@@ -178,7 +195,10 @@ fn the_load_report_of_a_real_sale_renders_in_chromium_with_its_plots_markers_and
             .unwrap_or_else(|| panic!("no <svg id={id}> in the DOM:\n{dom}"));
         let plot = &dom[at..at + dom[at..].find("</svg>").unwrap()];
         assert!(plot.contains("<polyline"), "{id} draws no line");
-        assert!(plot.contains("time since the load started (s)"), "{id}: x axis");
+        assert!(
+            plot.contains("time since the load started (s)"),
+            "{id}: x axis"
+        );
         assert!(
             plot.contains(">publishTime<") && plot.contains(">sold out (last coupon granted)<"),
             "{id}: the publish and sell-out markers"

@@ -1,0 +1,145 @@
+//! Reading a promotion's stream, the source of truth every test checks its
+//! answers against: every entry decoded ([`stream_events`]), sorted into
+//! [`StreamFacts`], and the projector group's pending entries.
+
+use std::collections::HashMap;
+
+use redis::streams::{StreamId, StreamRangeReply};
+use seckill_workers::protocol::{
+    CouponGrabbed, Event, PromotionFinished, PromotionId, PromotionKeys, PromotionStarted,
+    EVENT_FIELD, PROJECTOR_GROUP,
+};
+use seckill_workers::redis_connection::RedisConnection;
+
+/// Every entry of `id`'s stream (XRANGE - +).
+pub async fn stream_entries(con: &mut RedisConnection, id: &PromotionId) -> Vec<StreamId> {
+    let page: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(PromotionKeys::new(id).events)
+        .arg("-")
+        .arg("+")
+        .query_async(con)
+        .await
+        .expect("XRANGE answers");
+    page.ids
+}
+
+/// Every event of `id`'s stream with its entry id, in stream order. Each
+/// entry holds the event field only, and every event decodes.
+pub async fn stream_events(con: &mut RedisConnection, id: &PromotionId) -> Vec<(String, Event)> {
+    stream_entries(con, id)
+        .await
+        .iter()
+        .map(|entry| {
+            for field in entry.map.keys() {
+                assert_eq!(field, EVENT_FIELD, "{entry:?}");
+            }
+            let raw: Vec<u8> = entry.get(EVENT_FIELD).expect("event field");
+            let event = Event::decode(&raw).expect("every event decodes");
+            (entry.id.clone(), event)
+        })
+        .collect()
+}
+
+/// Every event of `id`'s stream, in stream order.
+pub async fn events_of(con: &mut RedisConnection, id: &PromotionId) -> Vec<Event> {
+    stream_events(con, id)
+        .await
+        .into_iter()
+        .map(|(_, event)| event)
+        .collect()
+}
+
+/// The type names of `events`, to compare with a list.
+pub fn types(events: &[Event]) -> Vec<&'static str> {
+    events.iter().map(Event::type_name).collect()
+}
+
+/// The CouponGrabbed events of `id`'s stream, in stream order.
+pub async fn grants_of(con: &mut RedisConnection, id: &PromotionId) -> Vec<CouponGrabbed> {
+    events_of(con, id)
+        .await
+        .into_iter()
+        .filter_map(|event| match event {
+            Event::CouponGrabbed(g) => Some(g),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A promotion's stream sorted by event type, each event with the time of
+/// its entry id (XADD's reading of Redis' clock, epoch ms).
+#[derive(Debug, Default)]
+pub struct StreamFacts {
+    pub started: Vec<(i64, PromotionStarted)>,
+    pub grabs: Vec<(i64, CouponGrabbed)>,
+    pub finished: Vec<(i64, PromotionFinished)>,
+}
+
+impl StreamFacts {
+    /// customer -> coupon id of every grant.
+    pub fn coupons(&self) -> HashMap<String, String> {
+        self.grabs
+            .iter()
+            .map(|(_, g)| (g.customer_id.clone(), g.coupon_id.clone()))
+            .collect()
+    }
+}
+
+/// The facts of `id`'s stream.
+pub async fn stream_facts(con: &mut RedisConnection, id: &PromotionId) -> StreamFacts {
+    let mut facts = StreamFacts::default();
+    for (entry_id, event) in stream_events(con, id).await {
+        let ms: i64 = entry_id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse().ok())
+            .expect("an entry id starts with its time");
+        match event {
+            Event::PromotionStarted(s) => facts.started.push((ms, s)),
+            Event::CouponGrabbed(g) => facts.grabs.push((ms, g)),
+            Event::PromotionFinished(f) => facts.finished.push((ms, f)),
+        }
+    }
+    facts
+}
+
+/// XPENDING's summary: count, smallest id, greatest id, (consumer, count).
+type PendingSummary = (
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<Vec<(String, String)>>,
+);
+
+async fn pending_summary(
+    con: &mut RedisConnection,
+    id: &PromotionId,
+) -> redis::RedisResult<PendingSummary> {
+    redis::cmd("XPENDING")
+        .arg(PromotionKeys::new(id).events)
+        .arg(PROJECTOR_GROUP)
+        .query_async(con)
+        .await
+}
+
+/// Pending entries of the projector group on `id`'s stream.
+pub async fn pending_total(con: &mut RedisConnection, id: &PromotionId) -> i64 {
+    pending_summary(con, id).await.expect("XPENDING answers").0
+}
+
+/// Entries of `id`'s stream that `consumer` of the projector group holds;
+/// an error when Redis cannot say (no group yet, Redis down).
+pub async fn pending_of(
+    con: &mut RedisConnection,
+    id: &PromotionId,
+    consumer: &str,
+) -> redis::RedisResult<i64> {
+    Ok(pending_summary(con, id)
+        .await?
+        .3
+        .unwrap_or_default()
+        .iter()
+        .filter(|(c, _)| c == consumer)
+        .filter_map(|(_, n)| n.parse::<i64>().ok())
+        .sum())
+}

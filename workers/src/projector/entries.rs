@@ -1,0 +1,201 @@
+//! Stream entries as Redis answers them, decoded without building a field
+//! map: XRANGE, XREADGROUP and XAUTOCLAIM replies (RESP2 or RESP3) into
+//! [`RawEntry`], and an entry's event field into an [`Event`], or the reason
+//! it is skipped (and left pending).
+
+use redis::Value;
+
+use crate::protocol::{DecodeError, Event, EVENT_FIELD};
+use crate::read_model::{self, ProjectionError};
+
+/// One stream entry as projectors need it: its id and the raw bytes of its
+/// event field (`None` when it has none, or was deleted while pending).
+/// Read straight from the Redis answer, without building a field map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawEntry {
+    pub id: String,
+    pub event: Option<Vec<u8>>,
+}
+
+fn unexpected(what: &'static str, value: &Value) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        what,
+        format!("{value:?}"),
+    ))
+}
+
+fn into_bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+/// The event field of an entry's field list (`[field, value, ...]`, or a
+/// map in RESP3; `Nil` for an entry deleted while pending).
+fn event_field(fields: Value) -> Option<Vec<u8>> {
+    let pairs: Vec<(Value, Value)> = match fields {
+        Value::Array(items) => {
+            let mut it = items.into_iter();
+            let mut pairs = Vec::with_capacity(1);
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                pairs.push((k, v));
+            }
+            pairs
+        }
+        Value::Map(pairs) => pairs,
+        _ => return None,
+    };
+    pairs.into_iter().find_map(|(k, v)| {
+        let is_event = match &k {
+            Value::BulkString(b) => b == EVENT_FIELD.as_bytes(),
+            Value::SimpleString(s) => s == EVENT_FIELD,
+            _ => false,
+        };
+        if is_event {
+            into_bytes(v)
+        } else {
+            None
+        }
+    })
+}
+
+/// The entries of an XRANGE answer, or of one stream in an XREADGROUP or
+/// XAUTOCLAIM answer: `[[id, fields], ...]`.
+pub fn entries_of(value: Value) -> redis::RedisResult<Vec<RawEntry>> {
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Nil => return Ok(Vec::new()),
+        other => return Err(unexpected("stream entries are not an array", &other)),
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::Array(pair) if pair.len() == 2 => {
+                let mut pair = pair.into_iter();
+                let id = pair.next().and_then(into_bytes);
+                let fields = pair.next().unwrap_or(Value::Nil);
+                let id = id
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| unexpected("stream entry id is not a string", &fields))?;
+                Ok(RawEntry {
+                    id,
+                    event: event_field(fields),
+                })
+            }
+            other => Err(unexpected("stream entry is not [id, fields]", &other)),
+        })
+        .collect()
+}
+
+/// The entries of an XREADGROUP answer on one stream (`Nil` when none).
+pub(super) fn read_group_entries(value: Value) -> redis::RedisResult<Vec<RawEntry>> {
+    let streams: Vec<Value> = match value {
+        Value::Nil => return Ok(Vec::new()),
+        // RESP2: [[name, entries]]; RESP3: {name: entries}.
+        Value::Array(streams) => streams
+            .into_iter()
+            .map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop().unwrap_or(Value::Nil),
+                other => other,
+            })
+            .collect(),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, v)| v).collect(),
+        other => return Err(unexpected("XREADGROUP answer", &other)),
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        out.extend(entries_of(entries)?);
+    }
+    Ok(out)
+}
+
+/// An XAUTOCLAIM answer: `[next cursor, entries, deleted ids]`.
+pub(super) fn auto_claim_of(value: Value) -> redis::RedisResult<(String, Vec<RawEntry>)> {
+    match value {
+        Value::Array(items) if items.len() >= 2 => {
+            let mut it = items.into_iter();
+            let next = it
+                .next()
+                .and_then(into_bytes)
+                .and_then(|b| String::from_utf8(b).ok())
+                .unwrap_or_else(|| "0-0".to_owned());
+            let entries = entries_of(it.next().unwrap_or(Value::Nil))?;
+            Ok((next, entries))
+        }
+        other => Err(unexpected("XAUTOCLAIM answer", &other)),
+    }
+}
+
+/// Decodes one entry as the projector needs it.
+pub(super) fn decode_entry(entry: &RawEntry) -> Result<Event, SkipReason> {
+    let bytes = entry
+        .event
+        .as_deref()
+        .ok_or(SkipReason::Decode(DecodeError::MissingField))?;
+    let event = Event::decode(bytes).map_err(SkipReason::Decode)?;
+    read_model::check(&event).map_err(SkipReason::Project)?;
+    Ok(event)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SkipReason {
+    #[error("{0}")]
+    Decode(DecodeError),
+    #[error("{0}")]
+    Project(ProjectionError),
+}
+
+impl SkipReason {
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Self::Decode(e) => e.kind(),
+            Self::Project(e) => e.kind(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_without_the_event_field_is_skipped_as_missing_field() {
+        let entry = RawEntry::default();
+        assert_eq!(decode_entry(&entry).unwrap_err().kind(), "missing_field");
+    }
+
+    #[test]
+    fn entries_are_read_from_resp2_arrays_and_resp3_maps() {
+        let field = |k: &str, v: &str| {
+            (
+                Value::BulkString(k.as_bytes().to_vec()),
+                Value::BulkString(v.as_bytes().to_vec()),
+            )
+        };
+        let (k, v) = field(EVENT_FIELD, "e1");
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"1-0".to_vec()),
+            Value::Array(vec![k, v]),
+        ])]);
+        let resp3 = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"2-0".to_vec()),
+            Value::Map(vec![field("other", "x"), field(EVENT_FIELD, "e2")]),
+        ])]);
+        assert_eq!(
+            entries_of(resp2).unwrap(),
+            [RawEntry {
+                id: "1-0".into(),
+                event: Some(b"e1".to_vec())
+            }]
+        );
+        assert_eq!(
+            entries_of(resp3).unwrap()[0].event.as_deref(),
+            Some(&b"e2"[..])
+        );
+        assert!(entries_of(Value::Nil).unwrap().is_empty());
+        assert!(entries_of(Value::Int(3)).is_err());
+    }
+}

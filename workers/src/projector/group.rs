@@ -1,0 +1,667 @@
+//! One replica of the consumer group: each step discovers new streams,
+//! claims what other replicas left idle, reads the next batch of every
+//! stream while applying the current one, and acknowledges what it applied
+//! together with its progress report.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::args::ProjectorOptions;
+use super::entries::{auto_claim_of, decode_entry, read_group_entries, RawEntry};
+use super::metrics::{EventTypeLabels, ProjectorMetrics, SkipKindLabels};
+use super::ProjectorError;
+use crate::protocol::{
+    Event, Phase, PromotionId, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
+};
+use crate::read_model::{self, ReadModelError};
+use crate::redis_connection::RedisConnection;
+
+/// Where this replica stands on one stream.
+#[derive(Debug)]
+struct StreamCursor {
+    id: PromotionId,
+    stream: String,
+    /// The consumer group is known to exist.
+    group_ready: bool,
+    /// While `Some`, this replica re-reads its own pending entries from that
+    /// id (after a restart under the same name, or a failed apply) before
+    /// taking new ones with `>`.
+    own_pending_from: Option<String>,
+    /// XAUTOCLAIM cursor, so that entries left pending on purpose
+    /// (undecodable) do not hide the ones behind them.
+    claim_from: String,
+    /// The phase this replica last wrote into the active index for this
+    /// promotion; the index is written again only when the phase the read
+    /// model answers differs (phases only rise, so that is at most twice per
+    /// promotion and process, not once per batch).
+    indexed: Option<Phase>,
+}
+
+/// What one [`Projector::step`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StepReport {
+    /// Entries applied and acknowledged.
+    pub applied: usize,
+    /// Entries skipped and left pending.
+    pub skipped: usize,
+    /// Entries read by XREADGROUP (own pending re-reads included).
+    pub read: usize,
+    /// Entries claimed from other consumers (not counting ones already
+    /// known to be unappliable).
+    pub claimed: usize,
+}
+
+/// The entries read from one stream, for one promotion.
+type Batch = (PromotionId, Vec<RawEntry>);
+
+/// XREADGROUP of the next batch of every stream, started while the previous
+/// batch is applied so that Redis reads while this process decodes.
+struct ReadAhead {
+    /// Promotions in the order of the answers.
+    ids: Vec<PromotionId>,
+    answers: redis::RedisResult<Vec<Value>>,
+}
+
+/// One projector replica.
+pub struct Projector {
+    /// The command side: streams, consumer groups, the promotion index.
+    con: RedisConnection,
+    /// The read models (their own database on a standalone Redis).
+    models: RedisConnection,
+    options: ProjectorOptions,
+    metrics: ProjectorMetrics,
+    streams: BTreeMap<PromotionId, StreamCursor>,
+    /// Entries already reported as skipped by this process (reported once).
+    skipped: HashSet<(String, String)>,
+    last_discovery: Option<Instant>,
+    last_claim: Option<Instant>,
+    last_progress: Option<Instant>,
+    /// Redis' clock minus this host's, in ms, measured at each discovery:
+    /// lags are on Redis' clock without a TIME round trip per step.
+    clock_offset_ms: i64,
+    read_ahead: Option<ReadAhead>,
+    ready: Arc<AtomicBool>,
+}
+
+/// An entry id's XADD time, epoch ms.
+fn entry_ms(id: &str) -> Option<i64> {
+    id.split_once('-').map_or(id, |(ms, _)| ms).parse().ok()
+}
+
+/// This host's clock, epoch ms.
+fn local_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn code_of(e: &redis::RedisError) -> Option<&str> {
+    e.code()
+}
+
+/// The XREADGROUP of one stream: this replica's own pending entries from
+/// `from` when it has to re-read them, new entries (`>`) otherwise.
+fn read_group_cmd(consumer: &str, count: usize, stream: &str, from: Option<&str>) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(PROJECTOR_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count.max(1))
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(from.unwrap_or(">"));
+    cmd
+}
+
+impl Projector {
+    /// A replica reading the streams through `con` and writing the read
+    /// models through `models` (see [`crate::redis_connection::RedisArgs::connect_read_models`]).
+    pub fn new(
+        con: RedisConnection,
+        models: RedisConnection,
+        options: ProjectorOptions,
+        metrics: ProjectorMetrics,
+    ) -> Self {
+        Self {
+            con,
+            models,
+            options,
+            metrics,
+            streams: BTreeMap::new(),
+            skipped: HashSet::new(),
+            last_discovery: None,
+            last_claim: None,
+            last_progress: None,
+            clock_offset_ms: 0,
+            read_ahead: None,
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// True once the last step reached Redis.
+    pub fn ready_flag(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.options.consumer
+    }
+
+    /// Runs until `shutdown` is cancelled. Redis failures are logged and
+    /// retried with a pause; the projector never gives up on its own.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        tracing::info!(consumer = %self.options.consumer, "projector started");
+        let mut backoff = self.options.poll_interval;
+        while !shutdown.is_cancelled() {
+            let pause = match self.step().await {
+                Ok(report) => {
+                    self.ready.store(true, Ordering::Relaxed);
+                    backoff = self.options.poll_interval;
+                    // Claimed entries already known to be unappliable are
+                    // not progress: do not spin on them.
+                    if report.read + report.claimed > 0 {
+                        Duration::ZERO
+                    } else {
+                        self.options.poll_interval
+                    }
+                }
+                Err(e) => {
+                    self.ready.store(false, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "projection step failed; retrying");
+                    self.forget_groups();
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff
+                }
+            };
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+        let _ = read_model::forget_progress(&mut self.models, &self.options.consumer).await;
+        tracing::info!(consumer = %self.options.consumer, "projector stopped");
+    }
+
+    /// After an error (Redis restarted, a stream deleted) the groups may be
+    /// gone and entries may have been delivered but not applied: recreate
+    /// the groups, re-read this replica's own pending entries (a read-ahead
+    /// batch included) and rewrite the active index.
+    fn forget_groups(&mut self) {
+        self.read_ahead = None;
+        for cursor in self.streams.values_mut() {
+            cursor.group_ready = false;
+            cursor.own_pending_from = Some("0".to_owned());
+            cursor.indexed = None;
+        }
+    }
+
+    /// Applies whatever is waiting until a step finds nothing; for tests and
+    /// tools. Returns the totals. Discovery and claiming run on the first
+    /// step and again once nothing is left, not on every step.
+    pub async fn run_until_idle(&mut self) -> Result<StepReport, ProjectorError> {
+        let mut total = StepReport::default();
+        let mut force = true;
+        loop {
+            if force {
+                self.last_discovery = None;
+                self.last_claim = None;
+            }
+            let rereading = self.streams.is_empty()
+                || self.streams.values().any(|c| c.own_pending_from.is_some());
+            let r = match self.step().await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.forget_groups();
+                    return Err(e);
+                }
+            };
+            total.applied += r.applied;
+            total.skipped += r.skipped;
+            total.claimed += r.claimed;
+            total.read += r.read;
+            let rereading = rereading
+                || self.streams.values().any(|c| c.own_pending_from.is_some())
+                || self.read_ahead.is_some();
+            let idle = r.read == 0 && r.claimed == 0 && r.applied == 0 && !rereading;
+            if idle && force {
+                return Ok(total);
+            }
+            force = idle;
+        }
+    }
+
+    /// One round: discover new streams (at most once per discovery
+    /// interval), claim idle entries of others (at most every claim check),
+    /// take a batch per stream (read ahead by the previous step, or read
+    /// now), read the next batches while applying this one, acknowledge and
+    /// report progress in one round trip.
+    pub async fn step(&mut self) -> Result<StepReport, ProjectorError> {
+        let due =
+            |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
+        if due(self.last_discovery, self.options.discovery_interval) {
+            self.discover().await?;
+            self.last_discovery = Some(Instant::now());
+        }
+        self.ensure_groups().await?;
+        let mut report = StepReport::default();
+        let mut done = Applied::default();
+        let claim_every =
+            (self.options.claim_idle / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        if due(self.last_claim, claim_every) {
+            let (claimed, fresh) = self.claim().await?;
+            self.last_claim = Some(Instant::now());
+            report.claimed += fresh;
+            for (id, entries) in claimed {
+                self.apply_entries(&id, entries, &mut done).await?;
+            }
+        }
+        let batches = match self.read_ahead.take() {
+            Some(ahead) => self.take_read(ahead)?,
+            None => Vec::new(),
+        };
+        let batches = if batches.is_empty() {
+            let ahead = self.start_read().await;
+            self.take_read(ahead)?
+        } else {
+            batches
+        };
+        if !batches.is_empty() && !self.options.apply_delay.is_zero() {
+            tokio::time::sleep(self.options.apply_delay).await;
+        }
+        if !batches.is_empty() {
+            // Read the next batches while this one is decoded and applied:
+            // Redis works on the read while this process decodes.
+            let read_next = self.start_read();
+            let (ahead, applied) = {
+                let apply = self.apply_batches(batches, &mut done);
+                tokio::join!(read_next, apply)
+            };
+            // Keep what was read ahead only when the batch was applied:
+            // after a failure the entries are re-read from the pending list.
+            match applied {
+                Ok(()) => self.read_ahead = Some(ahead),
+                Err(e) => {
+                    self.forget_groups();
+                    return Err(e);
+                }
+            }
+        }
+        report.read += done.read;
+        report.applied += done.acks.iter().map(|(_, ids)| ids.len()).sum::<usize>();
+        report.skipped += done.skipped;
+        self.acknowledge(done).await?;
+        Ok(report)
+    }
+
+    /// Sends the XREADGROUP of every stream; the answers are taken by
+    /// [`Self::take_read`].
+    fn start_read(&self) -> impl std::future::Future<Output = ReadAhead> + 'static {
+        let mut con = self.con.clone();
+        let ids: Vec<PromotionId> = self.streams.keys().cloned().collect();
+        let commands: Vec<redis::Cmd> = self
+            .streams
+            .values()
+            .map(|c| {
+                read_group_cmd(
+                    &self.options.consumer,
+                    self.options.batch_size,
+                    &c.stream,
+                    c.own_pending_from.as_deref(),
+                )
+            })
+            .collect();
+        async move {
+            let answers = if commands.is_empty() {
+                Ok(Vec::new())
+            } else {
+                con.query_each(commands).await
+            };
+            ReadAhead { ids, answers }
+        }
+    }
+
+    /// The batches of a read; moves each cursor re-reading its own pending
+    /// entries past what it got (back to `>` once there is none left).
+    fn take_read(&mut self, ahead: ReadAhead) -> Result<Vec<Batch>, ProjectorError> {
+        let answers = match ahead.answers {
+            Ok(a) => a,
+            Err(e) if code_of(&e) == Some("NOGROUP") => {
+                tracing::warn!(error = %e, "a consumer group is gone (Redis lost data?); recreating");
+                self.forget_groups();
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for (id, answer) in ahead.ids.into_iter().zip(answers) {
+            let entries = read_group_entries(answer)?;
+            let Some(cursor) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            if cursor.own_pending_from.is_some() {
+                cursor.own_pending_from = entries.last().map(|e| e.id.clone());
+            }
+            if !entries.is_empty() {
+                out.push((id, entries));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn apply_batches(
+        &mut self,
+        batches: Vec<Batch>,
+        done: &mut Applied,
+    ) -> Result<(), ProjectorError> {
+        for (id, entries) in batches {
+            done.read += entries.len();
+            self.apply_entries(&id, entries, done).await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges what the step applied (each stream's entries after their
+    /// writes succeeded) together with this replica's progress report, in
+    /// one round trip; then observes the lags.
+    async fn acknowledge(&mut self, done: Applied) -> Result<(), ProjectorError> {
+        let applied: usize = done.acks.iter().map(|(_, ids)| ids.len()).sum();
+        let now_ms = local_now_ms() + self.clock_offset_ms;
+        let mut max_lag_ms = 0i64;
+        for (_, ids) in &done.acks {
+            for ms in ids.iter().filter_map(|id| entry_ms(id)) {
+                max_lag_ms = max_lag_ms.max(now_ms - ms);
+            }
+        }
+        let idle_report_due = self
+            .last_progress
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        let mut acks: Vec<redis::Cmd> = done
+            .acks
+            .iter()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(stream, ids)| {
+                let mut xack = redis::cmd("XACK");
+                xack.arg(stream).arg(PROJECTOR_GROUP).arg(ids);
+                xack
+            })
+            .collect();
+        let progress = (applied > 0 || idle_report_due).then(|| {
+            self.last_progress = Some(Instant::now());
+            read_model::progress_write(&self.options.consumer, max_lag_ms, now_ms)
+        });
+        if self.models.other_database_than(&self.con) {
+            // Two databases, two connections: both at once.
+            let mut models = self.models.clone();
+            let report = async move {
+                match progress {
+                    Some(p) => p.exec_async(&mut models).await,
+                    None => Ok(()),
+                }
+            };
+            let mut con = self.con.clone();
+            let ack = async move {
+                if acks.is_empty() {
+                    return Ok(Vec::new());
+                }
+                con.query_each::<Value>(acks).await
+            };
+            futures::try_join!(ack, report)?;
+        } else {
+            acks.extend(progress);
+            if !acks.is_empty() {
+                let _: Vec<Value> = self.con.query_each(acks).await?;
+            }
+        }
+        // Observed once acknowledged: the lag is XADD to applied and acked.
+        let now_ms = local_now_ms() + self.clock_offset_ms;
+        for (events, (_, ids)) in done.types.iter().zip(&done.acks) {
+            for (kind, id) in events.iter().zip(ids) {
+                self.metrics
+                    .applied
+                    .get_or_create(&EventTypeLabels { r#type: kind })
+                    .inc();
+                if let Some(ms) = entry_ms(id) {
+                    self.metrics
+                        .lag
+                        .observe((now_ms - ms).max(0) as f64 / 1000.0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the promotion index; a new promotion gets a cursor. Also
+    /// measures the offset of Redis' clock.
+    async fn discover(&mut self) -> Result<(), ProjectorError> {
+        let before = local_now_ms();
+        let mut members = redis::cmd("SMEMBERS");
+        members.arg(PROMOTION_INDEX_KEY);
+        let mut answers: Vec<Value> = self
+            .con
+            .query_each(vec![members, redis::cmd("TIME")])
+            .await?;
+        let after = local_now_ms();
+        let time = answers.pop().unwrap_or(Value::Nil);
+        let ids: Vec<String> = redis::from_redis_value(answers.pop().unwrap_or(Value::Nil))
+            .map_err(redis::RedisError::from)?;
+        let (secs, micros): (i64, i64) =
+            redis::from_redis_value(time).map_err(redis::RedisError::from)?;
+        self.clock_offset_ms = secs * 1000 + micros / 1000 - (before + after) / 2;
+        for raw in ids {
+            let Ok(id) = PromotionId::parse(&raw) else {
+                tracing::warn!(promotion = %raw, "promotion index holds an invalid id; ignored");
+                continue;
+            };
+            if !self.streams.contains_key(&id) {
+                tracing::info!(promotion = %id, "projecting a new promotion stream");
+                let stream = PromotionKeys::new(&id).events;
+                self.streams.insert(
+                    id.clone(),
+                    StreamCursor {
+                        id,
+                        stream,
+                        group_ready: false,
+                        own_pending_from: Some("0".to_owned()),
+                        claim_from: "0-0".to_owned(),
+                        indexed: None,
+                    },
+                );
+            }
+        }
+        self.update_pending_gauge().await
+    }
+
+    async fn update_pending_gauge(&mut self) -> Result<(), ProjectorError> {
+        let ready: Vec<&StreamCursor> = self.streams.values().filter(|c| c.group_ready).collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let commands = ready
+            .iter()
+            .map(|c| {
+                let mut cmd = redis::cmd("XPENDING");
+                cmd.arg(&c.stream).arg(PROJECTOR_GROUP);
+                cmd
+            })
+            .collect();
+        let summaries: Vec<Value> = self.con.query_each(commands).await?;
+        let total: i64 = summaries
+            .iter()
+            .map(|v| match v {
+                Value::Array(items) => match items.first() {
+                    Some(Value::Int(n)) => *n,
+                    _ => 0,
+                },
+                _ => 0,
+            })
+            .sum();
+        self.metrics.pending.set(total);
+        Ok(())
+    }
+
+    /// Creates the consumer group of every stream not known to have one
+    /// (from 0, so nothing appended before is missed; an existing group is
+    /// left as it is).
+    async fn ensure_groups(&mut self) -> Result<(), ProjectorError> {
+        for cursor in self.streams.values_mut().filter(|c| !c.group_ready) {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&cursor.stream)
+                .arg(PROJECTOR_GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .exec_async(&mut self.con)
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(e) if code_of(&e) == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+            cursor.group_ready = true;
+        }
+        Ok(())
+    }
+
+    /// XAUTOCLAIM on every stream: entries idle past `claim_idle` become
+    /// ours. Returns them with how many were not already known to be
+    /// unappliable (those keep being claimed back and forth, harmlessly).
+    async fn claim(&mut self) -> Result<(Vec<Batch>, usize), ProjectorError> {
+        if self.streams.is_empty() {
+            return Ok((Vec::new(), 0));
+        }
+        let commands = self
+            .streams
+            .values()
+            .map(|c| {
+                let mut cmd = redis::cmd("XAUTOCLAIM");
+                cmd.arg(&c.stream)
+                    .arg(PROJECTOR_GROUP)
+                    .arg(&self.options.consumer)
+                    .arg(self.options.claim_idle.as_millis() as u64)
+                    .arg(&c.claim_from)
+                    .arg("COUNT")
+                    .arg(self.options.batch_size.max(1));
+                cmd
+            })
+            .collect();
+        let replies: Vec<Value> = self.con.query_each(commands).await?;
+        let mut out = Vec::new();
+        let mut total_fresh = 0;
+        for (cursor, reply) in self.streams.values_mut().zip(replies) {
+            let (next, claimed) = auto_claim_of(reply)?;
+            cursor.claim_from = next;
+            let fresh = claimed
+                .iter()
+                .filter(|e| {
+                    !self
+                        .skipped
+                        .contains(&(cursor.stream.clone(), e.id.clone()))
+                })
+                .count();
+            if fresh > 0 {
+                total_fresh += fresh;
+                self.metrics.reclaimed.inc_by(fresh as u64);
+                tracing::info!(promotion = %cursor.id, entries = fresh, consumer = %self.options.consumer,
+                    "claimed entries another projector held idle");
+            }
+            if !claimed.is_empty() {
+                out.push((cursor.id.clone(), claimed));
+            }
+        }
+        Ok((out, total_fresh))
+    }
+
+    /// Decodes and applies the entries of one stream, and notes them for
+    /// acknowledgement; the undecodable ones are reported and left pending.
+    async fn apply_entries(
+        &mut self,
+        id: &PromotionId,
+        entries: Vec<RawEntry>,
+        done: &mut Applied,
+    ) -> Result<(), ProjectorError> {
+        let Some(stream) = self.streams.get(id).map(|c| c.stream.clone()) else {
+            return Ok(());
+        };
+        let mut events = Vec::with_capacity(entries.len());
+        let mut ack = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match decode_entry(&entry) {
+                Ok(event) => {
+                    events.push(event);
+                    ack.push(entry.id);
+                }
+                Err(reason) => {
+                    done.skipped += 1;
+                    if self.skipped.insert((stream.clone(), entry.id.clone())) {
+                        self.metrics
+                            .decode_failures
+                            .get_or_create(&SkipKindLabels {
+                                kind: reason.kind(),
+                            })
+                            .inc();
+                        tracing::warn!(promotion = %id, entry = %entry.id, kind = reason.kind(), error = %reason,
+                            "skipping an entry this projector cannot apply; it stays pending");
+                    }
+                }
+            }
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        let written = async {
+            let phase = read_model::apply_to_models(&mut self.models, id, &events).await?;
+            let indexed = self.streams.get(id).and_then(|c| c.indexed);
+            if let Some(phase) = phase.filter(|p| Some(*p) != indexed) {
+                read_model::index_phase(&mut self.models, id, phase).await?;
+                if let Some(c) = self.streams.get_mut(id) {
+                    c.indexed = Some(phase);
+                }
+            }
+            Ok::<(), ReadModelError>(())
+        }
+        .await;
+        if let Err(e) = written {
+            // Nothing acknowledged: re-read our own pending entries next time.
+            if let Some(c) = self.streams.get_mut(id) {
+                c.own_pending_from = Some("0".to_owned());
+            }
+            return Err(e.into());
+        }
+        done.types
+            .push(events.iter().map(Event::type_name).collect());
+        done.acks.push((stream, ack));
+        Ok(())
+    }
+}
+
+/// What a step applied, to acknowledge.
+#[derive(Debug, Default)]
+struct Applied {
+    /// Entries read (XREADGROUP).
+    read: usize,
+    /// Entries skipped and left pending.
+    skipped: usize,
+    /// Per stream: the ids of the entries applied.
+    acks: Vec<(String, Vec<String>)>,
+    /// Per stream, parallel to `acks`: the event type of each entry.
+    types: Vec<Vec<&'static str>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_carry_their_xadd_time() {
+        assert_eq!(entry_ms("1700000000123-4"), Some(1_700_000_000_123));
+        assert_eq!(entry_ms("garbage"), None);
+    }
+}
