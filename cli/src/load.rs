@@ -911,4 +911,180 @@ mod tests {
         assert_eq!(distinct.len(), 1_000);
         assert_ne!(&c[..10], &(0..10).collect::<Vec<_>>()[..], "shuffled");
     }
+
+    /// A run of 4 s against 3 coupons, 5 customers: 2 s of notStarted,
+    /// then the 3 grants at 2.05, 2.15 and 2.25 s, then soldOut.
+    fn sale(passed: bool, granted_by_responses: usize) -> (Summary, Timeline<Outcome>) {
+        let started = Instant::now();
+        let timeline = Timeline::new(started, Duration::from_millis(100));
+        let at = |ms: u64| started + Duration::from_millis(ms);
+        for ms in [500, 1_000, 1_500] {
+            timeline.record(at(ms), Outcome::NotStarted, Duration::from_millis(1));
+        }
+        for ms in [2_050, 2_150, 2_250] {
+            timeline.record(at(ms), Outcome::Granted, Duration::from_millis(4));
+        }
+        for ms in [2_300, 3_950] {
+            timeline.record(at(ms), Outcome::SoldOut, Duration::from_millis(2));
+        }
+        let summary = Summary {
+            target: "http://127.0.0.1:1".into(),
+            promotion: "demo/sale".into(),
+            requests: 8,
+            duration_secs: 4.0,
+            requests_per_sec: 2.0,
+            latency_ms: Latency {
+                p50: 2.0,
+                p90: 4.0,
+                p99: 4.0,
+                max: 4.0,
+            },
+            outcomes: [
+                (Outcome::NotStarted, 3),
+                (Outcome::Granted, 3),
+                (Outcome::SoldOut, 2),
+            ]
+            .into(),
+            verification: Verification {
+                passed,
+                complete: true,
+                number_of_coupons: 3,
+                distinct_customers: 5,
+                expected_granted: Some(3),
+                granted_by_responses,
+                granted_in_read_model: 3,
+                customers_with_two_coupons: 0,
+                coupons_given_twice: 0,
+                missing_in_read_model: 0,
+                problems: if passed {
+                    vec![]
+                } else {
+                    vec!["1 granted in the read model without a 200".into()]
+                },
+            },
+        };
+        (summary, timeline)
+    }
+
+    fn started_at() -> chrono::DateTime<chrono::Utc> {
+        "2026-12-01T14:00:00Z".parse().unwrap()
+    }
+
+    fn polls() -> Vec<Poll> {
+        let body = |remaining: u64| {
+            serde_json::json!({"remaining": remaining, "numberOfCoupons": 3,
+                               "publishTime": "2026-12-01T14:00:02Z"})
+        };
+        vec![
+            Poll::from_answer(1.0, &body(3)),
+            Poll::from_answer(2.2, &body(1)),
+            Poll::from_answer(2.4, &body(0)),
+        ]
+    }
+
+    #[test]
+    fn the_report_of_a_sale_marks_its_publish_time_and_the_last_grant_as_the_sell_out() {
+        let (summary, timeline) = sale(true, 3);
+        let grants = GrantInstants {
+            first: Some(2.05),
+            last: Some(2.25),
+        };
+        let r = load_report(&summary, &timeline, &polls(), grants, started_at());
+        assert_eq!(r.bucket_secs, 0.1);
+        assert_eq!(r.number_of_coupons, Some(3));
+        assert_eq!(
+            r.opened_at,
+            Some(Marker {
+                at_secs: 2.0,
+                label: "publishTime".into()
+            })
+        );
+        assert_eq!(
+            r.sold_out_at,
+            Some(Marker {
+                at_secs: 2.25,
+                label: "sold out (last coupon granted)".into()
+            })
+        );
+        // 40 buckets of 100 ms; the grants answered take the stock down.
+        let remaining: Vec<f64> = r.remaining_by_answers.iter().map(|p| p.1).collect();
+        assert_eq!(remaining.len(), 41);
+        assert_eq!(remaining[..=20], [3.0; 21]);
+        assert_eq!(remaining[21..24], [2.0, 1.0, 0.0]);
+        assert_eq!(remaining[24..], [0.0; 17]);
+        let times: Vec<f64> = r.remaining_by_answers.iter().map(|p| p.0).collect();
+        assert!(
+            times
+                .iter()
+                .enumerate()
+                .all(|(i, t)| (t - i as f64 * 0.1).abs() < 1e-9),
+            "{times:?}"
+        );
+        assert_eq!(r.remaining_by_query, [(1.0, 3.0), (2.2, 1.0), (2.4, 0.0)]);
+        let granted = r.throughput.iter().find(|s| s.outcome == "granted");
+        let granted = granted.expect("a granted series");
+        assert_eq!(granted.per_sec.len(), 40);
+        assert_eq!(
+            granted.per_sec.iter().sum::<f64>(),
+            30.0,
+            "3 answers in 0.1 s buckets"
+        );
+        let outcomes: Vec<&str> = r.throughput.iter().map(|s| s.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["granted", "notStarted", "soldOut"]);
+        let p50 = r.latency.p50[20].expect("answers in 2.0-2.1 s");
+        assert!(
+            (p50 - 4.0).abs() < 0.05,
+            "p50 {p50} ms, recorded 4 ms (2 digits kept)"
+        );
+        assert_eq!(r.latency.p50[11], None, "no answer in 1.1-1.2 s");
+        assert!(r.verdict.passed);
+        assert!(
+            r.verdict
+                .reasons
+                .contains(&"exactly min(coupons, customers) = 3 granted".to_owned()),
+            "{:?}",
+            r.verdict.reasons
+        );
+    }
+
+    #[test]
+    fn without_every_grant_answered_the_sell_out_is_where_the_query_api_said_zero() {
+        let (summary, timeline) = sale(false, 2);
+        let grants = GrantInstants {
+            first: Some(2.05),
+            last: Some(2.15),
+        };
+        let r = load_report(&summary, &timeline, &polls(), grants, started_at());
+        assert_eq!(
+            r.sold_out_at,
+            Some(Marker {
+                at_secs: 2.4,
+                label: "sold out (query API)".into()
+            })
+        );
+        assert!(!r.verdict.passed);
+        assert_eq!(
+            r.verdict.reasons,
+            ["1 granted in the read model without a 200"]
+        );
+    }
+
+    #[test]
+    fn without_the_query_api_the_first_grant_stands_for_the_opening() {
+        let (summary, timeline) = sale(true, 3);
+        let grants = GrantInstants {
+            first: Some(2.05),
+            last: Some(2.25),
+        };
+        let r = load_report(&summary, &timeline, &[], grants, started_at());
+        assert_eq!(
+            r.opened_at,
+            Some(Marker {
+                at_secs: 2.05,
+                label: "first grant".into()
+            })
+        );
+        assert!(r.remaining_by_query.is_empty());
+        assert_eq!(r.remaining_by_answers.last(), Some(&(4.0, 0.0)));
+    }
 }
