@@ -363,9 +363,12 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused_at_the_root_in_metadata_and_in_status_all_at_once() {
-        // The fields the API server v1.26 names for this object under
-        // strict field validation (see the kube-apiserver test in
-        // cli/tests), in the same notation.
+        // The fields kube-apiserver v1.26.1 names for this very object
+        // (`kubectl create --dry-run=server --validate=strict`, run by hand
+        // against ../shared/kube): "strict decoding error: unknown field
+        // "metadata.foo", unknown field "metadata.ownerReferences[0].bogus",
+        // unknown field "bogus", unknown field "status.bogus", unknown field
+        // "status.conditions[0].extra"".
         let object = json!({
             "apiVersion": "seckill.io/v1",
             "kind": "Promotion",
