@@ -134,6 +134,25 @@ pub struct Summary {
     verification: Verification,
 }
 
+impl Verification {
+    /// The grants counted both ways, against the stock and the crowd: one
+    /// line of the printed summary and of the report.
+    fn granted_counts(&self) -> String {
+        format!(
+            "{} by responses, {} in the read model, {} coupons, {} distinct customers{}",
+            self.granted_by_responses,
+            self.granted_in_read_model,
+            self.number_of_coupons,
+            self.distinct_customers,
+            if self.complete {
+                ""
+            } else {
+                " (stopped by --duration)"
+            }
+        )
+    }
+}
+
 /// Tiny deterministic PRNG (splitmix64): the crowd's order and retries.
 struct SplitMix(u64);
 
@@ -637,21 +656,7 @@ fn load_report(
             ),
         ),
         ("answers".to_owned(), outcomes.join(" · ")),
-        (
-            "granted".to_owned(),
-            format!(
-                "{} by answers, {} in the read model, of {} coupons; {} distinct customers{}",
-                v.granted_by_responses,
-                v.granted_in_read_model,
-                v.number_of_coupons,
-                v.distinct_customers,
-                if v.complete {
-                    ""
-                } else {
-                    " (stopped by --duration)"
-                }
-            ),
-        ),
+        ("granted".to_owned(), v.granted_counts()),
     ];
     if let Some(t) = publish {
         figures.push((
@@ -875,18 +880,7 @@ fn print_summary(s: &Summary) {
         .collect();
     println!("  outcomes: {}", outcomes.join(", "));
     let v = &s.verification;
-    println!(
-        "  granted: {} by responses, {} in the read model, {} coupons, {} distinct customers{}",
-        v.granted_by_responses,
-        v.granted_in_read_model,
-        v.number_of_coupons,
-        v.distinct_customers,
-        if v.complete {
-            ""
-        } else {
-            " (stopped by --duration)"
-        }
-    );
+    println!("  granted: {}", v.granted_counts());
     if v.passed {
         println!(
             "  verification: PASSED (no oversell, no customer twice, every 200 in the read model)"
