@@ -317,10 +317,12 @@ async fn operate(
         if last_files.elapsed() >= watch {
             last_files = Instant::now();
             let now_print = manifests::fingerprint(&args.files);
-            // Read only files that stood still for a whole interval: one
-            // caught between an editor's truncate and its write reads as
-            // empty, and its promotions would be finished as removed.
-            let settled = looked.as_ref() == Some(&now_print);
+            // Once something was read, read again only files that stood
+            // still for a whole interval: one caught between an editor's
+            // truncate and its write reads as empty, and its promotions
+            // would be finished as removed. The first read is at once
+            // (nothing can be removed yet).
+            let settled = fingerprint.is_none() || looked.as_ref() == Some(&now_print);
             looked = Some(now_print.clone());
             if settled && fingerprint.as_ref() != Some(&now_print) {
                 fingerprint = Some(now_print);
