@@ -85,6 +85,8 @@ spec:
               value: {{ $v.drainTimeoutSeconds | int64 | quote }}
             - name: SECKILL_MAX_CONNECTIONS
               value: {{ $v.maxConnections | int64 | quote }}
+            - name: SECKILL_MAX_IN_FLIGHT
+              value: {{ $v.maxInFlight | int64 | quote }}
             - name: SECKILL_HEADER_READ_TIMEOUT_MS
               value: {{ $v.headerReadTimeoutMs | int64 | quote }}
             {{- if $command }}

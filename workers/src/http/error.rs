@@ -112,6 +112,20 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
     }
 
+    /// The answer of an API request past the server's `--max-in-flight`:
+    /// 503 `unavailable` with `Retry-After: 1`, nothing attempted (the
+    /// handler never ran). Counted under the outcome `overloaded`, apart
+    /// from the 503s of a Redis that does not answer.
+    pub fn overloaded() -> Response {
+        let mut response = Self::unavailable(
+            "this worker is handling as many requests as it may at once (--max-in-flight); \
+             nothing was attempted, retry after Retry-After seconds",
+        )
+        .into_response();
+        response.extensions_mut().insert(Outcome("overloaded"));
+        response
+    }
+
     /// 429 `rate_limited` with `Retry-After`: this client sent more than its
     /// share; nothing was attempted.
     pub fn rate_limited(retry_after_secs: u64) -> Self {

@@ -5,7 +5,12 @@
 //! declared length over [`MAX_BODY_BYTES`] is 413 before the handler runs,
 //! a longer chunked body fails while read, and the whole body must arrive
 //! within the header read timeout). The 404 and 405 answers are endpoints
-//! in the same layers ([`Layers::router`], [`Layers::endpoint`]).
+//! in the same layers ([`Layers::router`], [`Layers::endpoint`]). The API
+//! endpoints (grab, queries; [`Layers::api_endpoint`]) sit inside one more:
+//! at most [`ServerLimits::max_in_flight`] of them run at once, shared by
+//! the whole server (tower's global concurrency limit), and one past it is
+//! shed at once with a 503 ([`ApiError::overloaded`]) instead of waiting in
+//! a queue behind a slow Redis; probes and `/metrics` are never shed.
 //!
 //! Each endpoint gets its own copy of the stack, rather than
 //! `Router::layer` wrapping the routes once more: axum boxes each layer of
@@ -22,6 +27,7 @@ use std::time::Instant;
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
+use axum::error_handling::{HandleError, HandleErrorLayer};
 use axum::extract::{MatchedPath, Request};
 use axum::handler::HandlerWithoutStateExt;
 use axum::response::{IntoResponse, Response};
@@ -29,7 +35,10 @@ use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 use bytes::Bytes;
 use pin_project_lite::pin_project;
-use tower::{Layer, Service, ServiceBuilder};
+use tokio::sync::Semaphore;
+use tower::limit::{ConcurrencyLimit, GlobalConcurrencyLimitLayer};
+use tower::load_shed::{LoadShed, LoadShedLayer};
+use tower::{BoxError, Layer, Service, ServiceBuilder};
 use tower_http::limit::{RequestBodyLimit, RequestBodyLimitLayer};
 use tower_http::timeout::{RequestBodyDeadline, RequestBodyDeadlineLayer};
 
@@ -43,11 +52,26 @@ pub const UNMATCHED: &str = "unmatched";
 /// A service in the layers of [`Layers::around`].
 pub type Layered<S> = Observe<RequestBodyLimit<RequestBodyDeadline<S>>>;
 
+/// The answer of a request shed by [`Admitted`].
+type ShedAnswer = fn(BoxError) -> std::future::Ready<Response>;
+
+/// An API service admitted only while fewer than the server's
+/// `max_in_flight` API requests run; else answered 503 at once.
+pub type Admitted<S> = HandleError<LoadShed<ConcurrencyLimit<S>>, ShedAnswer, ()>;
+
+/// The only error of [`Admitted`]'s inner layers is the shed one (the
+/// services inside are infallible).
+fn shed(_: BoxError) -> std::future::Ready<Response> {
+    std::future::ready(ApiError::overloaded())
+}
+
 /// The layers of every endpoint of a server.
 #[derive(Debug, Clone)]
 pub struct Layers {
     observe: ObserveLayer,
     body_deadline: Duration,
+    /// Permits of the API requests in flight, one set for the server.
+    in_flight: Arc<Semaphore>,
 }
 
 impl Layers {
@@ -57,7 +81,33 @@ impl Layers {
         Self {
             observe: ObserveLayer::new(templates, limits.metrics.as_ref()),
             body_deadline: limits.header_read_timeout,
+            in_flight: Arc::new(Semaphore::new(limits.max_in_flight)),
         }
+    }
+
+    /// `service`, an API endpoint, behind the server's in-flight limit.
+    pub fn admitted<S>(&self, service: S) -> Admitted<S> {
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(shed as ShedAnswer))
+            .layer(LoadShedLayer::new())
+            .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+                self.in_flight.clone(),
+            ))
+            .service(service)
+    }
+
+    /// [`Layers::endpoint`] of an API endpoint: `service` also behind the
+    /// in-flight limit (a 405 is not counted against it).
+    pub fn api_endpoint<S>(&self, filter: MethodFilter, service: S) -> MethodRouter
+    where
+        Layered<Admitted<S>>: Service<Request, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <Layered<Admitted<S>> as Service<Request>>::Future: Send + 'static,
+    {
+        self.endpoint(filter, self.admitted(service))
     }
 
     /// `service` inside the layers.
@@ -383,5 +433,48 @@ mod tests {
         assert!(counted("/gone/{id}", 413, "payload_too_large", 1), "{text}");
         assert!(counted("/hello", 200, "ok", 1), "{text}");
         assert!(counted(UNMATCHED, 404, "not_found", 1), "{text}");
+    }
+
+    #[tokio::test]
+    async fn an_api_request_past_max_in_flight_is_shed_with_503_while_probes_still_answer() {
+        let registry = MetricsRegistry::new();
+        let limits = ServerLimits {
+            max_in_flight: 1,
+            metrics: Some(HttpMetrics::register(&registry)),
+            ..default_limits()
+        };
+        let server = start(limits, Duration::ZERO).await;
+        const HELD: &[u8] = b"GET /held HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        // The one permit, taken by a request that waits for the test.
+        let started = server.hello.started.notified();
+        let first = tokio::spawn(ask(server.addr, HELD));
+        started.await;
+        let shed = ask(server.addr, HELD).await;
+        assert!(shed.starts_with("HTTP/1.1 503"), "{shed}");
+        assert!(
+            shed.to_ascii_lowercase().contains("retry-after: 1"),
+            "{shed}"
+        );
+        assert_eq!(body_of(&shed)["error"], "unavailable");
+        // A route outside the API (as the probes are) is never shed.
+        let hello = ask(
+            server.addr,
+            b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(hello.starts_with("HTTP/1.1 200"), "{hello}");
+        // Once the first answers, its permit is back for the next one.
+        server.hello.release.add_permits(1);
+        let first = first.await.unwrap();
+        assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+        let again = ask(server.addr, HELD).await;
+        assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+        let text = registry.encode().unwrap();
+        assert!(
+            text.contains(
+                "seckill_http_requests_total{route=\"/held\",status=\"503\",outcome=\"overloaded\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

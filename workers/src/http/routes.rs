@@ -19,7 +19,7 @@ use tower::Service;
 
 use crate::command::{self, CommandApi};
 use crate::http::health::{self, HealthApi};
-use crate::http::layers::{Layered, Layers};
+use crate::http::layers::{Admitted, Layered, Layers};
 use crate::http::ServerLimits;
 use crate::query::{self, QueryApi};
 
@@ -43,8 +43,9 @@ struct Route {
 }
 
 impl Route {
-    /// `GET template`, answered by `handler` with `state`.
-    fn get<H, T, S>(template: &'static str, handler: H, state: &Arc<S>) -> Self
+    /// `GET template` of a probe (or `/metrics`), answered by `handler`
+    /// with `state`, never shed.
+    fn probe<H, T, S>(template: &'static str, handler: H, state: &Arc<S>) -> Self
     where
         H: Handler<T, Arc<S>>,
         T: 'static,
@@ -62,6 +63,31 @@ impl Route {
             template,
             endpoint: Box::new(move |layers| {
                 layers.endpoint(MethodFilter::GET, handler.with_state(state))
+            }),
+        }
+    }
+
+    /// `GET template` of the query API, answered by `handler` with `state`
+    /// behind the in-flight limit.
+    fn query<H, T, S>(template: &'static str, handler: H, state: &Arc<S>) -> Self
+    where
+        H: Handler<T, Arc<S>>,
+        T: 'static,
+        S: Send + Sync + 'static,
+        Layered<Admitted<HandlerService<H, T, Arc<S>>>>: Service<Request, Response = Response, Error = Infallible>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        <Layered<Admitted<HandlerService<H, T, Arc<S>>>> as Service<Request>>::Future:
+            Send + 'static,
+    {
+        let state = state.clone();
+        Self {
+            method: Method::GET,
+            template,
+            endpoint: Box::new(move |layers| {
+                layers.api_endpoint(MethodFilter::GET, handler.with_state(state))
             }),
         }
     }
@@ -109,21 +135,24 @@ fn table(apis: Apis) -> Vec<Route> {
             template: "/api/v1/promotions/{namespace}/{name}/grab",
             endpoint: Box::new(move |layers| match limit_by_ip {
                 // Before anything is parsed; a 405 is not counted against it.
-                Some(limit) => layers.endpoint(MethodFilter::POST, limit.layer(grab)),
-                None => layers.endpoint(MethodFilter::POST, grab),
+                // A client past its rate is refused before taking a permit.
+                Some(limit) => {
+                    layers.endpoint(MethodFilter::POST, limit.layer(layers.admitted(grab)))
+                }
+                None => layers.api_endpoint(MethodFilter::POST, grab),
             }),
         });
     }
     if let Some(api) = apis.query {
         let api = Arc::new(api);
         table.extend([
-            Route::get("/api/v1/promotions", query::promotions, &api),
-            Route::get(
+            Route::query("/api/v1/promotions", query::promotions, &api),
+            Route::query(
                 "/api/v1/promotions/{namespace}/{name}",
                 query::promotion,
                 &api,
             ),
-            Route::get(
+            Route::query(
                 "/api/v1/customers/{customerId}/coupons",
                 query::customer_coupons,
                 &api,
@@ -132,9 +161,9 @@ fn table(apis: Apis) -> Vec<Route> {
     }
     let health = Arc::new(apis.health);
     table.extend([
-        Route::get("/healthz", health::healthz, &health),
-        Route::get("/readyz", health::readyz, &health),
-        Route::get("/metrics", health::metrics, &health),
+        Route::probe("/healthz", health::healthz, &health),
+        Route::probe("/readyz", health::readyz, &health),
+        Route::probe("/metrics", health::metrics, &health),
     ]);
     table
 }

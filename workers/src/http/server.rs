@@ -37,6 +37,10 @@ pub struct ServerLimits {
     /// Time a client has to send a request head, and then its body; past
     /// it the connection is closed (head) or the request answered 408 (body).
     pub header_read_timeout: Duration,
+    /// API requests (grabs, queries) handled at once; one past it is
+    /// answered 503 at once without being attempted. Probes and `/metrics`
+    /// are not counted, so a busy worker still reports itself alive.
+    pub max_in_flight: usize,
     /// After shutdown is asked, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
     /// Where request counts and latencies go; none recorded when `None`.
@@ -55,6 +59,12 @@ pub struct ServerLimitArgs {
     /// body); past it the connection is closed.
     #[arg(long, env = "SECKILL_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
+
+    /// API requests (grabs and queries) handled at once; one past it is
+    /// answered 503 with Retry-After at once, nothing attempted, rather
+    /// than queued behind a slow Redis. Probes and /metrics are not counted.
+    #[arg(long, env = "SECKILL_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
 }
 
 /// The flags of [`ServerLimitArgs`] alone, to read them where a role has
@@ -81,6 +91,7 @@ impl ServerLimitArgs {
         ServerLimits {
             max_connections: self.max_connections.clamp(1, Semaphore::MAX_PERMITS),
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms.max(1)),
+            max_in_flight: self.max_in_flight.clamp(1, Semaphore::MAX_PERMITS),
             drain_timeout,
             metrics,
         }

@@ -2,7 +2,9 @@
 //! the unit tests of the server and its layers. The routes:
 //! `GET /hello` (answers after the delay given, telling the test when it
 //! started), `POST /gone/{id}` (410, outcome `gone`, without reading the
-//! body, as the sold-out answer does) and `POST /echo` (reads the body, answers it).
+//! body, as the sold-out answer does), `POST /echo` (reads the body, answers
+//! it) and `GET /held`, an API endpoint (behind the in-flight limit) that
+//! answers once the test opens [`Hello::release`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +33,7 @@ use crate::http::{serve, Outcome, ServerLimitArgs, ServerLimits};
 pub const HANG: Duration = Duration::from_secs(60);
 
 /// The routes' templates, as the route table would list them.
-pub const TEMPLATES: [&str; 3] = ["/hello", "/gone/{id}", "/echo"];
+pub const TEMPLATES: [&str; 4] = ["/hello", "/gone/{id}", "/echo", "/held"];
 
 /// The limits of the flags' defaults, with a drain timeout of 20 s.
 pub fn default_limits() -> ServerLimits {
@@ -43,8 +45,16 @@ pub fn default_limits() -> ServerLimits {
 /// What `GET /hello` does.
 pub struct Hello {
     pub delay: Duration,
-    /// Notified when a `/hello` request has started.
+    /// Notified when a `/hello` or `/held` request has started.
     pub started: Notify,
+    /// `/held` answers once this has a permit (none at first).
+    pub release: tokio::sync::Semaphore,
+}
+
+async fn held(State(hello): State<Arc<Hello>>) -> Response {
+    hello.started.notify_one();
+    let _open = hello.release.acquire().await;
+    (StatusCode::OK, "released").into_response()
 }
 
 async fn say_hello(State(hello): State<Arc<Hello>>) -> Response {
@@ -86,6 +96,7 @@ pub async fn start(limits: ServerLimits, delay: Duration) -> TestServer {
     let hello = Arc::new(Hello {
         delay,
         started: Notify::new(),
+        release: tokio::sync::Semaphore::new(0),
     });
     let layers = Layers::new(&TEMPLATES, &limits);
     let router = Router::new()
@@ -100,6 +111,10 @@ pub async fn start(limits: ServerLimits, delay: Duration) -> TestServer {
         .route(
             "/echo",
             layers.endpoint(MethodFilter::POST, echo.into_service()),
+        )
+        .route(
+            "/held",
+            layers.api_endpoint(MethodFilter::GET, held.with_state(hello.clone())),
         );
     let app = layers.router(router);
     let token = shutdown.clone();
