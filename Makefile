@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.tools/venv/bin:$(HOME)/.cargo/bin
 all: test
 
 deps:
-	@bash scripts/install-deps.sh redis helm python prometheus
+	@bash scripts/install-deps.sh redis helm python prometheus chromium
 
 build:
 	cargo build --workspace --all-targets

@@ -18,6 +18,7 @@ COMMANDS = [
     ("seckill-operator", ["run"]),
     ("seckill", ["up"]),
     ("seckill", ["load"]),
+    ("seckill", ["new", "promotion"]),
 ]
 BEGIN, END = "<!-- config:begin -->", "<!-- config:end -->"
 

@@ -51,7 +51,8 @@ declare -A RENDERS=(
     --set query.maxConnections=1000 --set query.headerReadTimeoutMs=3000
     --set prometheusRule.enabled=true --set prometheusRule.labels.release=kube-prometheus-stack
     --set prometheusRule.alertLabels.team=sales
-    --set grafanaDashboard.enabled=true --set grafanaDashboard.annotations.grafana_folder=Sales"
+    --set grafanaDashboard.enabled=true --set grafanaDashboard.annotations.grafana_folder=Sales
+    --set operator.statusInterval=5s --set operator.redisPollInterval=250ms"
   [watch-namespace]="--set redis.url=rediss://redis.example:6380/0 --set redis.existingSecret=redis-auth
     --set redis.tls.caSecret=redis-ca --set operator.watchNamespace=shop --set admissionPolicy.enabled=true
     --set-json networkPolicy.externalRedisTo=[{\"ipBlock\":{\"cidr\":\"10.20.0.0/16\"}}]
@@ -177,6 +178,8 @@ expect default 'all(s["topologySpreadConstraints"][0]["topologyKey"] == "kuberne
 expect default '[o["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] for o in by("Deployment") if o["metadata"]["name"].endswith("-command")] == [30] and env("-command", "SECKILL_DRAIN_TIMEOUT_SECS") == "20"' "command pods: grace 30 s, drain 20 s, preStop sleep"
 expect default 'env("-operator", "POD_NAME") == {"fieldRef": {"fieldPath": "metadata.name"}} and env("-operator", "POD_NAMESPACE") == {"fieldRef": {"fieldPath": "metadata.namespace"}} and [o["spec"]["replicas"] for o in by("Deployment") if o["metadata"]["name"].endswith("-operator")] == [2]' "operator: 2 replicas, POD_NAME/POD_NAMESPACE from the downward API"
 expect default 'len(by("ClusterRole")) == 1 and {r["apiGroups"][0] + "/" + r["resources"][0]: r["verbs"] for r in by("ClusterRole")[0]["rules"]} == {"seckill.io/promotions": ["get", "list", "watch", "patch"], "seckill.io/promotions/status": ["patch"], "seckill.io/promotions/finalizers": ["update"], "events.k8s.io/events": ["create", "patch"], "/events": ["create", "patch"]} and all(o["metadata"]["namespace"] == "seckill" for o in by("Role"))' "ClusterRole with exactly the needed verbs; Lease Role in the release namespace"
+expect default '[env("-operator", n) for n in ("SECKILL_STATUS_INTERVAL", "SECKILL_REDIS_POLL_INTERVAL")] == ["2s", "500ms"] and [o["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"] for o in by("Deployment") if o["metadata"]["name"].endswith("-operator")] == ["128Mi"]' "operator: status and Redis poll intervals at the binary defaults, memory request 128Mi (above the measured 75-90 MiB)"
+expect all-optional '[env("-operator", n) for n in ("SECKILL_STATUS_INTERVAL", "SECKILL_REDIS_POLL_INTERVAL")] == ["5s", "250ms"] and not [o["metadata"]["name"] for o in by("Deployment") if not o["metadata"]["name"].endswith("-operator") for c in o["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if e["name"] in ("SECKILL_STATUS_INTERVAL", "SECKILL_REDIS_POLL_INTERVAL")]' "operator: status and Redis poll intervals from the values, on the operator only"
 expect watch-namespace 'not by("ClusterRole") and sorted(o["metadata"]["namespace"] for o in by("Role")) == ["seckill", "shop"] and env("-operator", "SECKILL_NAMESPACE") == "shop"' "watchNamespace: Role+RoleBinding in it, no ClusterRole"
 expect default '{o["kind"] for o in objs} >= {"HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"} and not by("Ingress") and not by("StatefulSet")' "defaults: HPA, PDBs, NetworkPolicies on; Ingress and bundled Redis off"
 expect all-optional 'env("-command", "SECKILL_NO_QUERY") == "true" and [p["backend"]["service"]["name"] for p in by("Ingress")[0]["spec"]["rules"][0]["http"]["paths"]] == ["flash-seckill-query", "flash-seckill-command"]' "separate query: command runs SECKILL_NO_QUERY, Ingress sends /api/v1/customers to query"
@@ -283,6 +286,8 @@ reject "a fractional rate given by --set (a string)" "/commandWorker/rateLimit/p
 reject "zero connections on the query pods" "/query/maxConnections.*minimum" "${EXTERNAL[@]}" --set query.separate=true --set query.maxConnections=0
 reject "a 5xx ratio above 1" "/prometheusRule/http5xxRatio.*maximum" "${EXTERNAL[@]}" --set prometheusRule.enabled=true --set-json prometheusRule.http5xxRatio=5
 reject "a runbook URL that is no URL" "/prometheusRule/runbookBaseUrl.*does not match" "${EXTERNAL[@]}" --set prometheusRule.enabled=true --set prometheusRule.runbookBaseUrl=docs/RUNBOOK.md
+reject "a zero status interval" "/operator/statusInterval.*does not match" "${EXTERNAL[@]}" --set operator.statusInterval=0s
+reject "a Redis poll interval without a unit" "/operator/redisPollInterval.*does not match" "${EXTERNAL[@]}" --set-string operator.redisPollInterval=500
 reject "an empty dashboard label" "/grafanaDashboard/label.*" "${EXTERNAL[@]}" --set grafanaDashboard.enabled=true --set grafanaDashboard.label=
 if helm template "$RELEASE" "$CHART" -n "$NAMESPACE" --kube-version "$KUBE_VERSION" "${EXTERNAL[@]}" --set redis.timeoutMs=100 >/dev/null 2>&1; then
   pass "durable grab off: a Redis timeout below durable.timeoutMs is accepted (the workers ignore it then)"

@@ -3,16 +3,18 @@
 # builds seckill-worker and seckill, starts a private redis-server, the
 # operator core (`seckill up --roles operator`) on a manifest of the example
 # promotion shop/sale (open since a minute ago), a projector and a command
-# worker (plus a query worker), and lets schemathesis check every documented
-# operation (no server errors, documented statuses, content types, headers
-# and response schemas). Bounded in examples and time; stops everything;
-# exits non-zero on any failure.
+# worker (plus a query worker), and lets schemathesis run every one of its
+# checks (`--checks all`) on every documented operation, in every phase:
+# examples, coverage (boundary and pattern-violating values), fuzzing (valid
+# and invalid data) and stateful (the document's links: a grab, then its
+# promotion and its customer's coupons). Bounded in examples and time; stops
+# everything; exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.tools/bin:$PWD/.tools/venv/bin:$HOME/.cargo/bin:$PATH"
 
 SCHEMATHESIS="$PWD/.tools/venv/bin/schemathesis"
-[ -x "$SCHEMATHESIS" ] || bash scripts/install-deps.sh python
+bash scripts/install-deps.sh python  # the pinned schemathesis
 command -v redis-server >/dev/null || bash scripts/install-deps.sh redis
 
 # HTTP status of a GET (000 when nothing answers); python3 rather than curl,
@@ -104,12 +106,29 @@ for _ in $(seq 100); do
 done
 [ "$promotion_status" = 200 ] || { echo "api-test: shop/sale never reached the read model" >&2; exit 1; }
 
-checks=not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance
+# Every check schemathesis has, checked with schemathesis 4.32.5 (the
+# version scripts/install-deps.sh pins): not_a_server_error,
+# status_code_conformance, content_type_conformance,
+# response_headers_conformance, response_schema_conformance,
+# negative_data_rejection, positive_data_acceptance (so the patterns and
+# lengths of docs/openapi.yaml must be exactly what the server accepts),
+# missing_required_header, unsupported_method, allow_header_conformance
+# (405 with Allow on every route), use_after_free,
+# ensure_resource_availability, ignored_auth and object_level_authorization.
+# None is skipped or reconfigured. Five have little to bite on in this API
+# today and pass because there is nothing to violate, not because they are
+# off: use_after_free needs a DELETE (there is none);
+# ensure_resource_availability a POST that creates a resource under its own
+# path (a grab creates none at a URL); ignored_auth and
+# object_level_authorization declared security schemes (the workers trust a
+# gateway's --customer-id-header instead, not run here);
+# missing_required_header a required header parameter (none).
+checks=all
 run() {
   local url=$1; shift
-  echo "api-test: schemathesis against $url $*"
-  timeout 150 "$SCHEMATHESIS" run docs/openapi.yaml --url "$url" \
-    --checks "$checks" --phases examples,coverage,fuzzing --max-examples 25 --seed 1 \
+  echo "api-test: $("$SCHEMATHESIS" --version) against $url --checks $checks $*"
+  timeout 240 "$SCHEMATHESIS" run docs/openapi.yaml --url "$url" \
+    --checks "$checks" --phases examples,coverage,fuzzing,stateful --max-examples 50 --seed 1 \
     --workers 2 --request-timeout 5 --no-color "$@"
 }
 

@@ -5,10 +5,16 @@
 //! equal min(coupons, distinct customers), no customer holds two coupons of the
 //! promotion, no coupon went to two customers, and every 200 shows up in the
 //! read model within a bounded wait.
+//!
+//! With `--report FILE.html` it also samples the run (answers by outcome and
+//! latency per interval, see [`crate::timeline`]; the promotion as the query
+//! API reports it, polled at the same interval) and writes the page of
+//! [`crate::report`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +28,9 @@ use hyper_util::rt::TokioExecutor;
 use seckill_workers::protocol::PromotionId;
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::report::{self, LoadReport, Marker, OutcomeSeries, Percentiles};
+use crate::timeline::{self, Timeline};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
@@ -55,6 +64,12 @@ pub struct LoadArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Also write a self-contained HTML report to this file: requests/s by
+    /// outcome, latency percentiles and coupons remaining over the run's
+    /// time (in about 300 intervals, none shorter than 100 ms), the publish and
+    /// sell-out instants, and the verification verdict.
+    #[arg(long, value_name = "FILE.html")]
+    pub report: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -119,8 +134,37 @@ pub struct Summary {
     verification: Verification,
 }
 
+impl Verification {
+    /// The grants counted both ways, against the stock and the crowd: one
+    /// line of the printed summary and of the report.
+    fn granted_counts(&self) -> String {
+        format!(
+            "{} by responses, {} in the read model, {} coupons, {} distinct customers{}",
+            self.granted_by_responses,
+            self.granted_in_read_model,
+            self.number_of_coupons,
+            self.distinct_customers,
+            if self.complete {
+                ""
+            } else {
+                " (stopped by --duration)"
+            }
+        )
+    }
+}
+
 /// Tiny deterministic PRNG (splitmix64): the crowd's order and retries.
 struct SplitMix(u64);
+
+impl Outcome {
+    /// The outcome as the summary names it (its JSON name).
+    fn label(self) -> String {
+        serde_json::to_string(&self)
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_owned()
+    }
+}
 
 impl SplitMix {
     fn next(&mut self) -> u64 {
@@ -218,6 +262,58 @@ struct Shared {
     grants: Mutex<HashMap<usize, HashSet<String>>>,
     attempted: Mutex<HashSet<usize>>,
     requests: AtomicUsize,
+    /// With `--report`: the answers per interval, and the first and last
+    /// `granted` answer (microseconds since the start; 0 = none yet).
+    timeline: Option<Timeline<Outcome>>,
+    first_grant_micros: AtomicU64,
+    last_grant_micros: AtomicU64,
+}
+
+/// The promotion as the query API answered it during the run.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Poll {
+    /// Seconds since the start.
+    at_secs: f64,
+    remaining: Option<u64>,
+    number_of_coupons: Option<u64>,
+    publish_time: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Poll {
+    fn from_answer(at_secs: f64, body: &Value) -> Self {
+        Self {
+            at_secs,
+            remaining: body.get("remaining").and_then(Value::as_u64),
+            number_of_coupons: body.get("numberOfCoupons").and_then(Value::as_u64),
+            publish_time: body
+                .get("publishTime")
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse().ok()),
+        }
+    }
+}
+
+/// Polls `url` (the promotion on the query API) every `every` until
+/// `stop`: what the report's coupons-remaining plot shows beside the
+/// answers, and where it learns publishTime.
+async fn poll_promotion(
+    client: HttpClient,
+    url: String,
+    started: Instant,
+    every: Duration,
+    stop: Arc<AtomicBool>,
+) -> Vec<Poll> {
+    let mut polls = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        if let Ok((StatusCode::OK, _, body)) = send(&client, Method::GET, &url, None).await {
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            polls.push(Poll::from_answer(started.elapsed().as_secs_f64(), &body));
+        }
+    }
+    polls
 }
 
 /// Runs the load, prints the summary; Ok(false) when the verification failed.
@@ -244,6 +340,9 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
 
     let order = Arc::new(crowd(args.customers, args.repeat_ratio, 0x5EC_C111));
     let next = Arc::new(AtomicUsize::new(0));
+    let started_at = chrono::Utc::now();
+    let started = Instant::now();
+    let bucket = timeline::bucket_for(*args.duration);
     let shared = Arc::new(Shared {
         histogram: Mutex::new(
             hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
@@ -253,6 +352,12 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
         grants: Mutex::new(HashMap::new()),
         attempted: Mutex::new(HashSet::new()),
         requests: AtomicUsize::new(0),
+        timeline: args
+            .report
+            .is_some()
+            .then(|| Timeline::new(started, bucket)),
+        first_grant_micros: AtomicU64::new(0),
+        last_grant_micros: AtomicU64::new(0),
     });
     let deadline = Instant::now() + *args.duration;
     let timed_out = Arc::new(AtomicBool::new(false));
@@ -269,7 +374,21 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
         None
     };
 
-    let started = Instant::now();
+    let stop_polling = Arc::new(AtomicBool::new(false));
+    let poller = args.report.is_some().then(|| {
+        let url = format!(
+            "{base}/api/v1/promotions/{}/{}",
+            promotion.namespace(),
+            promotion.name()
+        );
+        tokio::spawn(poll_promotion(
+            client.clone(),
+            url,
+            started,
+            bucket,
+            stop_polling.clone(),
+        ))
+    });
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
         let (client, order, next, shared, url, prefix, timed_out, bar) = (
@@ -296,7 +415,21 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
                     }
                     let t0 = Instant::now();
                     let answer = grab(&client, &url, &customer).await;
-                    let micros = t0.elapsed().as_micros() as u64;
+                    let done = Instant::now();
+                    let micros = done.duration_since(t0).as_micros() as u64;
+                    if let Some(timeline) = &shared.timeline {
+                        timeline.record(done, answer.outcome, done.duration_since(t0));
+                        if answer.outcome == Outcome::Granted {
+                            let at = (done.duration_since(started).as_micros() as u64).max(1);
+                            let _ = shared.first_grant_micros.compare_exchange(
+                                0,
+                                at,
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                            );
+                            shared.last_grant_micros.fetch_max(at, Ordering::Relaxed);
+                        }
+                    }
                     shared.requests.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut h) = shared.histogram.lock() {
                         let _ = h.record(micros.max(1));
@@ -336,6 +469,11 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
         let _ = w.await;
     }
     let elapsed = started.elapsed();
+    stop_polling.store(true, Ordering::Relaxed);
+    let polls = match poller {
+        Some(task) => task.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -385,7 +523,189 @@ pub async fn run(args: LoadArgs) -> Result<bool, String> {
     } else {
         print_summary(&summary);
     }
+    if let (Some(path), Some(timeline)) = (&args.report, &shared.timeline) {
+        let grants = GrantInstants {
+            first: micros_to_secs(shared.first_grant_micros.load(Ordering::Relaxed)),
+            last: micros_to_secs(shared.last_grant_micros.load(Ordering::Relaxed)),
+        };
+        let page = report::render(&load_report(&summary, timeline, &polls, grants, started_at));
+        std::fs::write(path, page)
+            .map_err(|e| format!("cannot write the report {}: {e}", path.display()))?;
+        // stderr: with --json, stdout is the summary alone.
+        eprintln!("seckill load: report written to {}", path.display());
+    }
     Ok(passed)
+}
+
+/// Seconds from microseconds since the start; `None` for 0 (never).
+fn micros_to_secs(micros: u64) -> Option<f64> {
+    (micros > 0).then(|| micros as f64 / 1e6)
+}
+
+/// When the first and the last `granted` answer came, in seconds since
+/// the start.
+#[derive(Debug, Clone, Copy, Default)]
+struct GrantInstants {
+    first: Option<f64>,
+    last: Option<f64>,
+}
+
+/// What the report shows of a run: its summary, its timeline, the polls of
+/// the query API and the grant instants.
+fn load_report(
+    summary: &Summary,
+    timeline: &Timeline<Outcome>,
+    polls: &[Poll],
+    grants: GrantInstants,
+    started_at: chrono::DateTime<chrono::Utc>,
+) -> LoadReport {
+    let bucket_secs = timeline.bucket().as_secs_f64();
+    let duration_secs = summary.duration_secs;
+    let n = timeline
+        .len()
+        .max((duration_secs / bucket_secs).ceil() as usize);
+    let v = &summary.verification;
+    let coupons = polls
+        .iter()
+        .rev()
+        .find_map(|p| p.number_of_coupons)
+        .or((v.number_of_coupons > 0).then_some(v.number_of_coupons));
+
+    // Coupons remaining as the answers tell it: every `granted` answer is
+    // one coupon fewer.
+    let mut remaining_by_answers = Vec::new();
+    if let Some(total) = coupons {
+        let mut left = total as f64;
+        remaining_by_answers.push((0.0, left));
+        for (i, granted) in timeline.counts(Outcome::Granted, n).iter().enumerate() {
+            left -= *granted as f64;
+            remaining_by_answers.push(((i + 1) as f64 * bucket_secs, left.max(0.0)));
+        }
+    }
+    let remaining_by_query: Vec<(f64, f64)> = polls
+        .iter()
+        .filter_map(|p| p.remaining.map(|r| (p.at_secs, r as f64)))
+        .collect();
+
+    let publish = polls.iter().find_map(|p| p.publish_time);
+    let opened_at = match publish {
+        Some(t) => {
+            let secs = (t - started_at).num_milliseconds() as f64 / 1000.0;
+            (secs >= 0.0).then(|| Marker {
+                at_secs: secs,
+                label: "publishTime".into(),
+            })
+        }
+        None => grants.first.map(|at| Marker {
+            at_secs: at,
+            label: "first grant".into(),
+        }),
+    };
+    let sold_out_by_answers = coupons.is_some_and(|c| c > 0 && v.granted_by_responses as u64 == c);
+    let sold_out_at = match grants.last {
+        Some(at) if sold_out_by_answers => Some(Marker {
+            at_secs: at,
+            label: "sold out (last coupon granted)".into(),
+        }),
+        _ => polls
+            .iter()
+            .find(|p| p.remaining == Some(0))
+            .map(|p| Marker {
+                at_secs: p.at_secs,
+                label: "sold out (query API)".into(),
+            }),
+    };
+
+    let quantiles = timeline.quantiles(n);
+    let pick = |k: usize| quantiles.iter().map(|q| q.map(|q| q[k])).collect();
+    let latency = Percentiles {
+        p50: pick(0),
+        p90: pick(1),
+        p99: pick(2),
+    };
+    let throughput = timeline
+        .rates(n)
+        .into_iter()
+        .map(|(outcome, per_sec)| OutcomeSeries {
+            outcome: outcome.label(),
+            per_sec,
+        })
+        .collect();
+
+    let outcomes: Vec<String> = summary
+        .outcomes
+        .iter()
+        .map(|(k, n)| format!("{} {n}", k.label()))
+        .collect();
+    let mut figures = vec![
+        (
+            "requests".to_owned(),
+            format!(
+                "{} in {:.2} s ({:.0}/s)",
+                summary.requests, summary.duration_secs, summary.requests_per_sec
+            ),
+        ),
+        (
+            "latency p50 / p90 / p99 / max".to_owned(),
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2} ms",
+                summary.latency_ms.p50,
+                summary.latency_ms.p90,
+                summary.latency_ms.p99,
+                summary.latency_ms.max
+            ),
+        ),
+        ("answers".to_owned(), outcomes.join(" · ")),
+        ("granted".to_owned(), v.granted_counts()),
+    ];
+    if let Some(t) = publish {
+        figures.push((
+            "publishTime".to_owned(),
+            format!(
+                "{} ({:+.1} s from the start)",
+                t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                (t - started_at).num_milliseconds() as f64 / 1000.0
+            ),
+        ));
+    }
+    let reasons = if v.passed {
+        let mut proven = vec![
+            format!(
+                "no oversell: {} granted of {} coupons",
+                v.granted_in_read_model, v.number_of_coupons
+            ),
+            "no customer got two coupons, no coupon went to two customers".to_owned(),
+            "every 200 answered is in the read model".to_owned(),
+        ];
+        if let Some(expected) = v.expected_granted {
+            proven.insert(
+                1,
+                format!("exactly min(coupons, customers) = {expected} granted"),
+            );
+        }
+        proven
+    } else {
+        v.problems.clone()
+    };
+    LoadReport {
+        promotion: summary.promotion.clone(),
+        target: summary.target.clone(),
+        started_at: started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        bucket_secs,
+        duration_secs,
+        figures,
+        throughput,
+        latency,
+        remaining_by_answers,
+        remaining_by_query,
+        number_of_coupons: coupons,
+        opened_at,
+        sold_out_at,
+        verdict: report::Verdict {
+            passed: v.passed,
+            reasons,
+        },
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -556,29 +876,11 @@ fn print_summary(s: &Summary) {
     let outcomes: Vec<String> = s
         .outcomes
         .iter()
-        .map(|(k, v)| {
-            format!(
-                "{}: {v}",
-                serde_json::to_string(k)
-                    .unwrap_or_default()
-                    .trim_matches('"')
-            )
-        })
+        .map(|(k, v)| format!("{}: {v}", k.label()))
         .collect();
     println!("  outcomes: {}", outcomes.join(", "));
     let v = &s.verification;
-    println!(
-        "  granted: {} by responses, {} in the read model, {} coupons, {} distinct customers{}",
-        v.granted_by_responses,
-        v.granted_in_read_model,
-        v.number_of_coupons,
-        v.distinct_customers,
-        if v.complete {
-            ""
-        } else {
-            " (stopped by --duration)"
-        }
-    );
+    println!("  granted: {}", v.granted_counts());
     if v.passed {
         println!(
             "  verification: PASSED (no oversell, no customer twice, every 200 in the read model)"
@@ -602,5 +904,181 @@ mod tests {
         let distinct: HashSet<_> = c.iter().collect();
         assert_eq!(distinct.len(), 1_000);
         assert_ne!(&c[..10], &(0..10).collect::<Vec<_>>()[..], "shuffled");
+    }
+
+    /// A run of 4 s against 3 coupons, 5 customers: 2 s of notStarted,
+    /// then the 3 grants at 2.05, 2.15 and 2.25 s, then soldOut.
+    fn sale(passed: bool, granted_by_responses: usize) -> (Summary, Timeline<Outcome>) {
+        let started = Instant::now();
+        let timeline = Timeline::new(started, Duration::from_millis(100));
+        let at = |ms: u64| started + Duration::from_millis(ms);
+        for ms in [500, 1_000, 1_500] {
+            timeline.record(at(ms), Outcome::NotStarted, Duration::from_millis(1));
+        }
+        for ms in [2_050, 2_150, 2_250] {
+            timeline.record(at(ms), Outcome::Granted, Duration::from_millis(4));
+        }
+        for ms in [2_300, 3_950] {
+            timeline.record(at(ms), Outcome::SoldOut, Duration::from_millis(2));
+        }
+        let summary = Summary {
+            target: "http://127.0.0.1:1".into(),
+            promotion: "demo/sale".into(),
+            requests: 8,
+            duration_secs: 4.0,
+            requests_per_sec: 2.0,
+            latency_ms: Latency {
+                p50: 2.0,
+                p90: 4.0,
+                p99: 4.0,
+                max: 4.0,
+            },
+            outcomes: [
+                (Outcome::NotStarted, 3),
+                (Outcome::Granted, 3),
+                (Outcome::SoldOut, 2),
+            ]
+            .into(),
+            verification: Verification {
+                passed,
+                complete: true,
+                number_of_coupons: 3,
+                distinct_customers: 5,
+                expected_granted: Some(3),
+                granted_by_responses,
+                granted_in_read_model: 3,
+                customers_with_two_coupons: 0,
+                coupons_given_twice: 0,
+                missing_in_read_model: 0,
+                problems: if passed {
+                    vec![]
+                } else {
+                    vec!["1 granted in the read model without a 200".into()]
+                },
+            },
+        };
+        (summary, timeline)
+    }
+
+    fn started_at() -> chrono::DateTime<chrono::Utc> {
+        "2026-12-01T14:00:00Z".parse().unwrap()
+    }
+
+    fn polls() -> Vec<Poll> {
+        let body = |remaining: u64| {
+            serde_json::json!({"remaining": remaining, "numberOfCoupons": 3,
+                               "publishTime": "2026-12-01T14:00:02Z"})
+        };
+        vec![
+            Poll::from_answer(1.0, &body(3)),
+            Poll::from_answer(2.2, &body(1)),
+            Poll::from_answer(2.4, &body(0)),
+        ]
+    }
+
+    #[test]
+    fn the_report_of_a_sale_marks_its_publish_time_and_the_last_grant_as_the_sell_out() {
+        let (summary, timeline) = sale(true, 3);
+        let grants = GrantInstants {
+            first: Some(2.05),
+            last: Some(2.25),
+        };
+        let r = load_report(&summary, &timeline, &polls(), grants, started_at());
+        assert_eq!(r.bucket_secs, 0.1);
+        assert_eq!(r.number_of_coupons, Some(3));
+        assert_eq!(
+            r.opened_at,
+            Some(Marker {
+                at_secs: 2.0,
+                label: "publishTime".into()
+            })
+        );
+        assert_eq!(
+            r.sold_out_at,
+            Some(Marker {
+                at_secs: 2.25,
+                label: "sold out (last coupon granted)".into()
+            })
+        );
+        // 40 buckets of 100 ms; the grants answered take the stock down.
+        let remaining: Vec<f64> = r.remaining_by_answers.iter().map(|p| p.1).collect();
+        assert_eq!(remaining.len(), 41);
+        assert_eq!(remaining[..=20], [3.0; 21]);
+        assert_eq!(remaining[21..24], [2.0, 1.0, 0.0]);
+        assert_eq!(remaining[24..], [0.0; 17]);
+        let times: Vec<f64> = r.remaining_by_answers.iter().map(|p| p.0).collect();
+        assert!(
+            times
+                .iter()
+                .enumerate()
+                .all(|(i, t)| (t - i as f64 * 0.1).abs() < 1e-9),
+            "{times:?}"
+        );
+        assert_eq!(r.remaining_by_query, [(1.0, 3.0), (2.2, 1.0), (2.4, 0.0)]);
+        let granted = r.throughput.iter().find(|s| s.outcome == "granted");
+        let granted = granted.expect("a granted series");
+        assert_eq!(granted.per_sec.len(), 40);
+        assert_eq!(
+            granted.per_sec.iter().sum::<f64>(),
+            30.0,
+            "3 answers in 0.1 s buckets"
+        );
+        let outcomes: Vec<&str> = r.throughput.iter().map(|s| s.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["granted", "notStarted", "soldOut"]);
+        let p50 = r.latency.p50[20].expect("answers in 2.0-2.1 s");
+        assert!(
+            (p50 - 4.0).abs() < 0.05,
+            "p50 {p50} ms, recorded 4 ms (2 digits kept)"
+        );
+        assert_eq!(r.latency.p50[11], None, "no answer in 1.1-1.2 s");
+        assert!(r.verdict.passed);
+        assert!(
+            r.verdict
+                .reasons
+                .contains(&"exactly min(coupons, customers) = 3 granted".to_owned()),
+            "{:?}",
+            r.verdict.reasons
+        );
+    }
+
+    #[test]
+    fn without_every_grant_answered_the_sell_out_is_where_the_query_api_said_zero() {
+        let (summary, timeline) = sale(false, 2);
+        let grants = GrantInstants {
+            first: Some(2.05),
+            last: Some(2.15),
+        };
+        let r = load_report(&summary, &timeline, &polls(), grants, started_at());
+        assert_eq!(
+            r.sold_out_at,
+            Some(Marker {
+                at_secs: 2.4,
+                label: "sold out (query API)".into()
+            })
+        );
+        assert!(!r.verdict.passed);
+        assert_eq!(
+            r.verdict.reasons,
+            ["1 granted in the read model without a 200"]
+        );
+    }
+
+    #[test]
+    fn without_the_query_api_the_first_grant_stands_for_the_opening() {
+        let (summary, timeline) = sale(true, 3);
+        let grants = GrantInstants {
+            first: Some(2.05),
+            last: Some(2.25),
+        };
+        let r = load_report(&summary, &timeline, &[], grants, started_at());
+        assert_eq!(
+            r.opened_at,
+            Some(Marker {
+                at_secs: 2.05,
+                label: "first grant".into()
+            })
+        );
+        assert!(r.remaining_by_query.is_empty());
+        assert_eq!(r.remaining_by_answers.last(), Some(&(4.0, 0.0)));
     }
 }

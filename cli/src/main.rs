@@ -1,16 +1,23 @@
 //! `seckill`: the all-in-one binary. `seckill up` runs the operator core on
 //! Promotion manifest files plus command, query and projector workers in one
-//! process; `seckill load` is the flash-crowd load generator. Built on the
-//! `seckill-operator` and `seckill-workers` libraries; nothing of it runs in
-//! the cluster.
+//! process; `seckill load` is the flash-crowd load generator; `seckill new
+//! promotion` prints a manifest that opens a given time from now. Built on
+//! the `seckill-operator` and `seckill-workers` libraries; nothing of it runs
+//! in the cluster.
 //!
 //! Module map:
 //! - [`up`]: `seckill up`, the whole system in one process, with its live table.
 //! - [`manifests`]: Promotion manifests read from files, checked as the CRD would.
 //! - [`load`]: `seckill load`, a flash crowd and the verification of its outcome.
+//! - [`timeline`]: what `seckill load` saw, per interval, for its report.
+//! - [`report`]: `seckill load --report`, that timeline as one HTML page of SVG plots.
+//! - [`new`]: `seckill new promotion`, a manifest checked by the CRD's rules.
 
 mod load;
 mod manifests;
+mod new;
+mod report;
+mod timeline;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +41,9 @@ enum Command {
     Up(Box<up::UpArgs>),
     /// Send a flash crowd at a promotion and verify the outcome.
     Load(load::LoadArgs),
+    /// Print a manifest for `kubectl apply -f -` (or `seckill up -f`).
+    #[command(subcommand)]
+    New(new::NewCommand),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +56,15 @@ fn main() -> std::process::ExitCode {
             std::env::set_var("RUST_LOG", "warn");
         }
         seckill_workers::telemetry::init(&cli.telemetry);
+    }
+    if let Command::New(new) = &cli.command {
+        return match new::run(new) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("seckill new: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -70,5 +89,6 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(2)
             }
         },
+        Command::New(_) => std::process::ExitCode::SUCCESS,
     }
 }

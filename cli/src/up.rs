@@ -79,7 +79,8 @@ pub struct UpArgs {
     #[command(flatten)]
     pub customer: CustomerIdHeaderArgs,
 
-    /// How often manifest files are checked for changes, in milliseconds.
+    /// How often manifest files are checked for changes, in milliseconds; a
+    /// changed file is read once it stood still for one interval.
     #[arg(long, default_value_t = 500)]
     pub watch_interval_ms: u64,
 
@@ -304,7 +305,9 @@ async fn operate(
     shutdown: CancellationToken,
 ) {
     let watch = Duration::from_millis(args.watch_interval_ms.max(50));
+    // The files as last read, and as they looked at the previous check.
     let mut fingerprint = None;
+    let mut looked = None;
     let mut tracked: BTreeMap<PromotionId, Tracked> = BTreeMap::new();
     let mut rates: HashMap<PromotionId, (Instant, u64, f64)> = HashMap::new();
     let mut last_files = Instant::now() - watch;
@@ -314,7 +317,14 @@ async fn operate(
         if last_files.elapsed() >= watch {
             last_files = Instant::now();
             let now_print = manifests::fingerprint(&args.files);
-            if fingerprint.as_ref() != Some(&now_print) {
+            // Once something was read, read again only files that stood
+            // still for a whole interval: one caught between an editor's
+            // truncate and its write reads as empty, and its promotions
+            // would be finished as removed. The first read is at once
+            // (nothing can be removed yet).
+            let settled = fingerprint.is_none() || looked.as_ref() == Some(&now_print);
+            looked = Some(now_print.clone());
+            if settled && fingerprint.as_ref() != Some(&now_print) {
                 fingerprint = Some(now_print);
                 let declared = manifests::load(&args.files);
                 for refused in &declared.refused {

@@ -225,6 +225,37 @@ async fn an_invalid_manifest_is_reported_by_field_while_valid_ones_run_and_remov
     assert!(up.stop().await.success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelt_field_is_refused_naming_it_as_the_api_server_does_and_the_promotion_never_runs()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let misspelt = manifest("shop", "typo", -1, 5, 0.5).replace(
+        "  numberOfCoupons: 5\n",
+        "  numberOfCoupons: 5\n  coupns: 500\n",
+    );
+    assert!(misspelt.contains("coupns: 500"), "{misspelt}");
+    std::fs::write(dir.path().join("typo.yaml"), misspelt).unwrap();
+    std::fs::write(
+        dir.path().join("good.yaml"),
+        manifest("shop", "good", -1, 5, 0.5),
+    )
+    .unwrap();
+    let up = up(dir.path(), &[]).await;
+    up.wait_said("INVALID").await;
+    let out = up.output();
+    assert!(
+        out.contains("typo.yaml") && out.contains(r#"unknown field "spec.coupns""#),
+        "{out}"
+    );
+    eventually(WITHIN, || async {
+        let (_, body) = read(&up, "/api/v1/promotions/shop/good").await;
+        (body["phase"] == "Active").then_some(()).ok_or(body)
+    })
+    .await;
+    assert_eq!(read(&up, "/api/v1/promotions/shop/typo").await.0, 404);
+    assert!(up.stop().await.success());
+}
+
 /// `seckill <args>` with `PATH` set to `path` when given: it must fail,
 /// and its stderr.
 fn failing_seckill(args: &[&str], path: Option<&str>) -> String {

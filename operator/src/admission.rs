@@ -2,11 +2,17 @@
 //! against the generated CRD's openAPIV3Schema (the subset of OpenAPI the
 //! schema uses: type, required, properties, items, enum, minimum/maximum
 //! with OpenAPI 3.0's boolean exclusive flags, nullable, format date-time),
-//! then the CEL rule through [`validate`]. `seckill up` uses it to report
-//! invalid manifest files by field and reason; the tests use it to prove the
+//! with strict field validation (a field the schema does not declare is
+//! refused as `unknown field "spec.coupns"`, as `kubectl apply` against a
+//! real API server refuses it), then the CEL rule through [`validate`].
+//! `seckill up` uses it to report invalid manifest files by field and
+//! reason; `seckill new` to check what it prints; the tests to prove the
 //! example manifests are accepted or refused for the field they name.
 
-use serde_json::Value;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::{json, Map, Value};
+
+use seckill_workers::protocol::PromotionId;
 
 use crate::crdgen;
 use crate::promotion::{validate, FieldError, Promotion};
@@ -54,7 +60,75 @@ fn is_date_time(s: &str) -> bool {
     chrono::DateTime::parse_from_rfc3339(s).is_ok()
 }
 
+/// The schema the API server checks a whole object against: the CRD's
+/// openAPIV3Schema, plus the fields every object has at its root
+/// (`apiVersion`, `kind`, and `metadata`, which the CRD leaves open and the
+/// server decodes as an ObjectMeta: see [`unknown_metadata_fields`]).
+fn object_schema() -> Value {
+    let mut schema = openapi_schema();
+    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        props.insert("apiVersion".into(), json!({"type": "string"}));
+        props.insert("kind".into(), json!({"type": "string"}));
+        props.insert(
+            "metadata".into(),
+            json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+        );
+    }
+    schema
+}
+
+/// The error of a field no schema declares, in the API server's words.
+fn unknown_field(path: &str) -> FieldError {
+    error(path, format!("unknown field \"{path}\""))
+}
+
+/// The keys of `metadata` that are not fields of an ObjectMeta, as
+/// `metadata.<key>` (nested, e.g. `metadata.ownerReferences[0].x`): the
+/// keys a round trip through k8s-openapi's ObjectMeta loses. A key whose
+/// value is null is not judged (a round trip drops a null known field too).
+/// Type errors are left to the schema check and the typed decoding.
+fn unknown_metadata_fields(metadata: &Value) -> Vec<FieldError> {
+    let Ok(typed) = serde_json::from_value::<ObjectMeta>(metadata.clone()) else {
+        return Vec::new();
+    };
+    let Ok(known) = serde_json::to_value(typed) else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    lost_keys(metadata, &known, "metadata", &mut errors);
+    errors
+}
+
+/// Appends, as unknown fields, the keys of `sent` (not null) that `kept`
+/// does not have, down through objects and arrays.
+fn lost_keys(sent: &Value, kept: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    match (sent, kept) {
+        (Value::Object(sent), Value::Object(kept)) => {
+            for (key, value) in sent.iter().filter(|(_, v)| !v.is_null()) {
+                let at = join(path, key);
+                match kept.get(key) {
+                    Some(k) => lost_keys(value, k, &at, errors),
+                    None => errors.push(unknown_field(&at)),
+                }
+            }
+        }
+        (Value::Array(sent), Value::Array(kept)) => {
+            for (i, (s, k)) in sent.iter().zip(kept).enumerate() {
+                lost_keys(s, k, &format!("{path}[{i}]"), errors);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether an object schema keeps fields it does not declare.
+fn preserves_unknown_fields(schema: &Value) -> bool {
+    schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true))
+}
+
 /// Checks `value` at `path` against `schema`, appending what is wrong.
+/// An object whose schema declares `properties` (and does not preserve
+/// unknown fields) may hold no other field: strict field validation.
 pub fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>) {
     if value.is_null() {
         if schema.get("nullable") != Some(&Value::Bool(true)) {
@@ -130,6 +204,9 @@ pub fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<
                     check_schema(sub, v, &join(path, key), errors);
                 }
             }
+            if !preserves_unknown_fields(schema) {
+                unknown_keys(obj, props, path, errors);
+            }
         }
     }
     if let (Some(items), Some(arr)) = (schema.get("items"), value.as_array()) {
@@ -139,8 +216,21 @@ pub fn check_schema(schema: &Value, value: &Value, path: &str, errors: &mut Vec<
     }
 }
 
-/// Checks a whole manifest (apiVersion, kind, metadata.name, the schema,
-/// then the CEL rule) and returns the typed object when it is acceptable.
+/// Appends the keys of `obj` that `props` does not declare.
+fn unknown_keys(
+    obj: &Map<String, Value>,
+    props: &Map<String, Value>,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    for key in obj.keys().filter(|k| !props.contains_key(*k)) {
+        errors.push(unknown_field(&join(path, key)));
+    }
+}
+
+/// Checks a whole manifest (apiVersion, kind, metadata.name, the schema
+/// with strict field validation, then the CEL rule) and returns the typed
+/// object when it is acceptable.
 pub fn check_manifest(manifest: &Value) -> Result<Promotion, Vec<FieldError>> {
     let mut errors = Vec::new();
     if manifest.get("apiVersion").and_then(Value::as_str) != Some("seckill.io/v1") {
@@ -149,14 +239,26 @@ pub fn check_manifest(manifest: &Value) -> Result<Promotion, Vec<FieldError>> {
     if manifest.get("kind").and_then(Value::as_str) != Some("Promotion") {
         errors.push(error("kind", "must be Promotion"));
     }
-    if manifest
-        .pointer("/metadata/name")
-        .and_then(Value::as_str)
-        .is_none_or(str::is_empty)
-    {
-        errors.push(error("metadata.name", "is required"));
+    match manifest.pointer("/metadata/name").and_then(Value::as_str) {
+        None | Some("") => errors.push(error("metadata.name", "is required")),
+        Some(name) => {
+            if let Err(e) = PromotionId::new("default", name) {
+                errors.push(error("metadata.name", e.0));
+            }
+        }
     }
-    check_schema(&openapi_schema(), manifest, "", &mut errors);
+    if let Some(namespace) = manifest
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+    {
+        if let Err(e) = PromotionId::new(namespace, "x") {
+            errors.push(error("metadata.namespace", e.0));
+        }
+    }
+    check_schema(&object_schema(), manifest, "", &mut errors);
+    if let Some(metadata) = manifest.get("metadata") {
+        errors.extend(unknown_metadata_fields(metadata));
+    }
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -232,5 +334,98 @@ mod tests {
             ),
             ["spec"]
         );
+    }
+
+    #[test]
+    fn a_name_or_namespace_kubernetes_would_refuse_is_refused_naming_it() {
+        let mut object = manifest(good());
+        object["metadata"]["name"] = json!("Black_Friday");
+        assert_eq!(fields(object.clone()), ["metadata.name"]);
+        object["metadata"]["name"] = json!("black-friday.2026");
+        object["metadata"]["namespace"] = json!("shop.eu");
+        assert_eq!(fields(object.clone()), ["metadata.namespace"]);
+        object["metadata"]["namespace"] = json!("shop");
+        assert_eq!(fields(object), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_misspelt_spec_field_is_refused_as_the_api_server_refuses_it() {
+        let mut spec = good();
+        spec["coupns"] = json!(500);
+        let errors = check_manifest(&manifest(spec)).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "spec.coupns");
+        assert_eq!(
+            errors[0].to_string(),
+            r#"spec.coupns: unknown field "spec.coupns""#
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_at_the_root_in_metadata_and_in_status_all_at_once() {
+        // The fields kube-apiserver v1.26.1 names for this very object
+        // (`kubectl create --dry-run=server --validate=strict`, run by hand
+        // against ../shared/kube): "strict decoding error: unknown field
+        // "metadata.foo", unknown field "metadata.ownerReferences[0].bogus",
+        // unknown field "bogus", unknown field "status.bogus", unknown field
+        // "status.conditions[0].extra"".
+        let object = json!({
+            "apiVersion": "seckill.io/v1",
+            "kind": "Promotion",
+            "metadata": {
+                "name": "sale",
+                "foo": "bar",
+                "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "x", "uid": "u", "bogus": 1}],
+            },
+            "spec": good(),
+            "status": {"granted": 1, "bogus": 1, "conditions": [{
+                "type": "Ready", "status": "True", "reason": "R", "message": "m",
+                "lastTransitionTime": "2026-11-26T10:00:00Z", "extra": true,
+            }]},
+            "bogus": 2,
+        });
+        let mut got = fields(object);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "bogus",
+                "metadata.foo",
+                "metadata.ownerReferences[0].bogus",
+                "status.bogus",
+                "status.conditions[0].extra",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_field_an_object_may_carry_is_known() {
+        let object = json!({
+            "apiVersion": "seckill.io/v1",
+            "kind": "Promotion",
+            "metadata": {
+                "name": "sale", "namespace": "shop", "labels": {"app": "x"},
+                "annotations": {"a": "b"}, "finalizers": ["seckill.io/x"],
+                "generateName": "sale-", "resourceVersion": "1", "uid": "u", "generation": 2,
+                "creationTimestamp": "2026-11-26T10:00:00Z", "ownerReferences": null,
+            },
+            "spec": {"description": "d", "publishTime": "2026-11-26T10:00:00Z",
+                     "finishTime": "2026-11-26T11:00:00Z", "numberOfCoupons": 1, "discount": 1},
+            "status": {"phase": "Active", "granted": 0, "remaining": 1, "observedGeneration": 2,
+                       "startedAt": "2026-11-26T10:00:00Z", "finishReason": null},
+        });
+        assert_eq!(fields(object), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_schema_that_preserves_unknown_fields_keeps_them() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "string"}},
+                            "x-kubernetes-preserve-unknown-fields": true});
+        let mut errors = Vec::new();
+        check_schema(&schema, &json!({"a": "x", "b": 1}), "spec", &mut errors);
+        assert_eq!(errors, []);
+        let strict = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        check_schema(&strict, &json!({"a": "x", "b": 1}), "spec", &mut errors);
+        assert_eq!(errors, [unknown_field("spec.b")]);
     }
 }

@@ -4,6 +4,7 @@
 //! served by one of them.
 
 use std::collections::BTreeSet;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use clap::Parser;
@@ -83,4 +84,139 @@ async fn every_served_route_is_documented_and_every_documented_route_is_served()
         "served but not in docs/openapi.yaml: {undocumented:?}; documented but not served: {unserved:?}"
     );
     assert!(served.len() >= 7, "{served:?}");
+}
+
+/// A string parameter's constraints as docs/openapi.yaml states them.
+struct Documented {
+    pattern: regex::Regex,
+    min: usize,
+    max: usize,
+}
+
+impl Documented {
+    /// The schema of `components/<section>/<name>` (a parameter's `schema`,
+    /// or the schema itself).
+    fn of(section: &str, name: &str) -> Self {
+        static DOC: LazyLock<serde_yaml::Value> = LazyLock::new(|| {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml");
+            let text = std::fs::read_to_string(path).expect("docs/openapi.yaml is readable");
+            serde_yaml::from_str(&text).expect("docs/openapi.yaml is YAML")
+        });
+        let item = &DOC["components"][section][name];
+        let schema = if section == "parameters" {
+            &item["schema"]
+        } else {
+            item
+        };
+        let field = |key: &str| {
+            schema[key]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{section}/{name} has no {key}")) as usize
+        };
+        let pattern = schema["pattern"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{section}/{name} has no pattern"));
+        Self {
+            pattern: regex::Regex::new(pattern).expect("the pattern is a regular expression"),
+            min: field("minLength"),
+            max: field("maxLength"),
+        }
+    }
+
+    /// Whether a value is valid per the document (lengths in characters, as
+    /// JSON Schema counts them).
+    fn accepts(&self, value: &str) -> bool {
+        let len = value.chars().count();
+        self.min <= len && len <= self.max && self.pattern.is_match(value)
+    }
+}
+
+mod documented_ids {
+    use super::Documented;
+    use proptest::prelude::*;
+    use seckill_workers::protocol::{CustomerId, PromotionId};
+
+    fn namespace_ok(s: &str) -> bool {
+        PromotionId::new(s, "x").is_ok()
+    }
+
+    fn name_ok(s: &str) -> bool {
+        PromotionId::new("x", s).is_ok()
+    }
+
+    #[test]
+    fn the_documented_patterns_draw_the_server_s_lines_at_the_label_and_length_limits() {
+        let namespace = Documented::of("parameters", "Namespace");
+        let name = Documented::of("parameters", "Name");
+        let customer = Documented::of("schemas", "CustomerId");
+        let label = |n: usize| "a".repeat(n);
+        // The longest subdomain: three 63-character labels and one of 61.
+        let longest = [label(63), label(63), label(63), label(61)].join(".");
+        assert_eq!(longest.len(), 253);
+        let cases: Vec<(String, bool, bool)> = vec![
+            // (value, valid namespace, valid name)
+            (label(63), true, true),
+            (label(64), false, false),
+            ("0".repeat(252), false, false),
+            (longest.clone(), false, true),
+            (format!("{longest}a"), false, false),
+            (format!("{}.{}", label(63), label(64)), false, false),
+            ("a.b".into(), false, true),
+            ("-a".into(), false, false),
+            ("a-".into(), false, false),
+            ("a..b".into(), false, false),
+            (".a".into(), false, false),
+            ("A".into(), false, false),
+            ("".into(), false, false),
+            ("a\n".into(), false, false),
+        ];
+        for (value, ns_valid, name_valid) in cases {
+            assert_eq!(
+                namespace_ok(&value),
+                ns_valid,
+                "server, namespace {value:?}"
+            );
+            assert_eq!(
+                namespace.accepts(&value),
+                ns_valid,
+                "document, namespace {value:?}"
+            );
+            assert_eq!(name_ok(&value), name_valid, "server, name {value:?}");
+            assert_eq!(name.accepts(&value), name_valid, "document, name {value:?}");
+        }
+        for (value, valid) in [
+            ("a".repeat(64), true),
+            ("a".repeat(65), false),
+            ("alice.smith_01:x@shop-1".into(), true),
+            ("a b".into(), false),
+            ("a\n".into(), false),
+            ("é".into(), false),
+        ] {
+            assert_eq!(CustomerId::parse(&value).is_ok(), valid, "server {value:?}");
+            assert_eq!(customer.accepts(&value), valid, "document {value:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_documented_promotion_id_patterns_accept_exactly_what_the_server_accepts(
+            value in prop_oneof![
+                "([a-z0-9-]{0,66}\\.){0,4}[a-z0-9-]{0,66}",
+                "[a-z0-9.A_:{}/ -]{0,260}",
+            ],
+        ) {
+            let namespace = Documented::of("parameters", "Namespace");
+            let name = Documented::of("parameters", "Name");
+            prop_assert_eq!(namespace.accepts(&value), namespace_ok(&value), "namespace {:?}", value);
+            prop_assert_eq!(name.accepts(&value), name_ok(&value), "name {:?}", value);
+        }
+
+        #[test]
+        fn the_documented_customer_id_pattern_accepts_exactly_what_the_server_accepts(
+            value in "\\PC{0,70}|[A-Za-z0-9._:@-]{0,70}",
+        ) {
+            let customer = Documented::of("schemas", "CustomerId");
+            prop_assert_eq!(customer.accepts(&value), CustomerId::parse(&value).is_ok(), "{:?}", value);
+        }
+    }
 }
