@@ -1,15 +1,59 @@
-//! The events of a promotion's stream. Each stream entry has one field,
-//! [`EVENT_FIELD`], holding a JSON object with `type` and `version`. The Lua
-//! scripts write them; these types are the schema every reader decodes with.
+//! The events of a promotion's stream, in the two entry layouts readers
+//! decode:
+//!
+//! * version 1: one field, [`EVENT_FIELD`], holding a JSON object with
+//!   `type` and `version` (PromotionStarted, PromotionFinished, and the
+//!   CouponGrabbed entries written before version 2);
+//! * CouponGrabbed version 2: plain fields ([`grab_entry`]), no JSON, so the
+//!   grab function writes it without cjson: `type CouponGrabbed version 2
+//!   customerId <id> seq <n> grantedAtMs <epoch ms>`. The promotion is the
+//!   stream's own, the couponId `<ns/name>#<seq>`, and the discount the
+//!   promotion's (not repeated in every grab).
+//!
+//! The Lua functions write them; these types are the schema every reader
+//! decodes with ([`Event::decode_entry`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// The stream entry field that holds the event JSON.
+use super::PromotionId;
+
+/// The stream entry field that holds the event JSON (version 1 entries).
 pub const EVENT_FIELD: &str = "event";
 
-/// The schema version the scripts write and readers understand.
+/// The schema version of the JSON events (the [`EVENT_FIELD`] entries).
 pub const EVENT_VERSION: u32 = 1;
+
+/// CouponGrabbed version 2: a stream entry of plain fields, named here once
+/// for the writer (the grab function) and every reader.
+pub mod grab_entry {
+    /// Field holding the event type, [`TYPE`].
+    pub const TYPE_FIELD: &str = "type";
+    /// Field holding the event version, [`VERSION`].
+    pub const VERSION_FIELD: &str = "version";
+    /// Field holding the customer id.
+    pub const CUSTOMER_ID_FIELD: &str = "customerId";
+    /// Field holding the coupon's number N (couponId `<ns/name>#N`), from 1.
+    pub const SEQ_FIELD: &str = "seq";
+    /// Field holding when the coupon was granted: Redis' clock, epoch ms.
+    pub const GRANTED_AT_MS_FIELD: &str = "grantedAtMs";
+    /// The value of [`TYPE_FIELD`].
+    pub const TYPE: &str = "CouponGrabbed";
+    /// The value of [`VERSION_FIELD`].
+    pub const VERSION: u32 = 2;
+
+    /// The fields of one entry, in the order the grab function writes them
+    /// (for tools and tests that append grabs the way it does).
+    pub fn fields(customer_id: &str, seq: u64, granted_at_ms: i64) -> [(&'static str, String); 5] {
+        [
+            (TYPE_FIELD, TYPE.to_owned()),
+            (VERSION_FIELD, VERSION.to_string()),
+            (CUSTOMER_ID_FIELD, customer_id.to_owned()),
+            (SEQ_FIELD, seq.to_string()),
+            (GRANTED_AT_MS_FIELD, granted_at_ms.to_string()),
+        ]
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -30,7 +74,11 @@ pub struct CouponGrabbed {
     pub coupon_id: String,
     pub promotion: String,
     pub customer_id: String,
-    pub discount: f64,
+    /// Carried by version 1 grabs only; a version 2 grab's discount is its
+    /// promotion's (PromotionStarted, the read model), joined by readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<f64>,
+    /// Millisecond precision in both versions.
     pub granted_at: DateTime<Utc>,
 }
 
@@ -136,11 +184,8 @@ pub enum DecodeError {
     UnknownType(String),
     #[error("unsupported version {version} of event type {kind}")]
     UnsupportedVersion { kind: String, version: u64 },
-    #[error("malformed {kind} event: {source}")]
-    Malformed {
-        kind: String,
-        source: serde_json::Error,
-    },
+    #[error("malformed {kind} event: {reason}")]
+    Malformed { kind: String, reason: String },
 }
 
 impl DecodeError {
@@ -198,9 +243,9 @@ impl Event {
                 version,
             });
         }
-        let malformed = |source| DecodeError::Malformed {
+        let malformed = |source: serde_json::Error| DecodeError::Malformed {
             kind: kind.to_owned(),
-            source,
+            reason: source.to_string(),
         };
         match kind {
             "PromotionStarted" => serde_json::from_slice(json)
@@ -215,6 +260,32 @@ impl Event {
         }
     }
 
+    /// Decodes one entry of `promotion`'s stream from its fields (name,
+    /// value), in either layout: an [`EVENT_FIELD`] holds a version 1 JSON
+    /// event ([`Event::decode`]); otherwise the plain fields of a
+    /// [`grab_entry`] (version 2). Unknown types and versions are reported
+    /// as such, so readers skip and count them.
+    pub fn decode_entry<'a>(
+        promotion: &PromotionId,
+        fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<Self, DecodeError> {
+        let mut plain = PlainGrab::default();
+        for (name, value) in fields {
+            match name {
+                n if n == EVENT_FIELD.as_bytes() => return Self::decode(value),
+                n if n == grab_entry::TYPE_FIELD.as_bytes() => plain.kind = Some(value),
+                n if n == grab_entry::VERSION_FIELD.as_bytes() => plain.version = Some(value),
+                n if n == grab_entry::CUSTOMER_ID_FIELD.as_bytes() => plain.customer = Some(value),
+                n if n == grab_entry::SEQ_FIELD.as_bytes() => plain.seq = Some(value),
+                n if n == grab_entry::GRANTED_AT_MS_FIELD.as_bytes() => {
+                    plain.granted_at_ms = Some(value)
+                }
+                _ => {}
+            }
+        }
+        plain.decode(promotion)
+    }
+
     /// Encodes as the scripts do (with `version`); used by tests and tools.
     pub fn encode(&self) -> String {
         let mut value = serde_json::to_value(self).unwrap_or_default();
@@ -222,6 +293,84 @@ impl Event {
             obj.insert("version".into(), EVENT_VERSION.into());
         }
         value.to_string()
+    }
+}
+
+/// The plain fields of an entry without [`EVENT_FIELD`], as found.
+#[derive(Default)]
+struct PlainGrab<'a> {
+    kind: Option<&'a [u8]>,
+    version: Option<&'a [u8]>,
+    customer: Option<&'a [u8]>,
+    seq: Option<&'a [u8]>,
+    granted_at_ms: Option<&'a [u8]>,
+}
+
+impl<'a> PlainGrab<'a> {
+    fn decode(self, promotion: &PromotionId) -> Result<Event, DecodeError> {
+        let Some(kind) = self.kind else {
+            return Err(DecodeError::MissingField);
+        };
+        let kind = String::from_utf8_lossy(kind);
+        let version = self
+            .version
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        match kind.as_ref() {
+            grab_entry::TYPE if version == u64::from(grab_entry::VERSION) => {}
+            // Known types in a plain-field layout this reader does not know.
+            "PromotionStarted" | "PromotionFinished" | grab_entry::TYPE => {
+                return Err(DecodeError::UnsupportedVersion {
+                    kind: kind.into_owned(),
+                    version,
+                })
+            }
+            _ => return Err(DecodeError::UnknownType(kind.into_owned())),
+        }
+        let malformed = |reason: String| DecodeError::Malformed {
+            kind: grab_entry::TYPE.to_owned(),
+            reason,
+        };
+        let text = |name: &str, value: Option<&'a [u8]>| -> Result<&'a str, DecodeError> {
+            value
+                .ok_or_else(|| malformed(format!("no {name} field")))
+                .and_then(|v| {
+                    std::str::from_utf8(v).map_err(|_| malformed(format!("{name} is not UTF-8")))
+                })
+        };
+        let customer_id = text(grab_entry::CUSTOMER_ID_FIELD, self.customer)?;
+        if customer_id.is_empty() {
+            return Err(malformed(format!(
+                "empty {}",
+                grab_entry::CUSTOMER_ID_FIELD
+            )));
+        }
+        let seq: u64 = text(grab_entry::SEQ_FIELD, self.seq)?
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                malformed(format!("{} is not a number from 1", grab_entry::SEQ_FIELD))
+            })?;
+        let granted_at = text(grab_entry::GRANTED_AT_MS_FIELD, self.granted_at_ms)?
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_millis)
+            .ok_or_else(|| {
+                malformed(format!(
+                    "{} is not epoch milliseconds",
+                    grab_entry::GRANTED_AT_MS_FIELD
+                ))
+            })?;
+        let promotion = promotion.to_string();
+        Ok(Event::CouponGrabbed(CouponGrabbed {
+            coupon_id: format!("{promotion}#{seq}"),
+            promotion,
+            customer_id: customer_id.to_owned(),
+            discount: None,
+            granted_at,
+        }))
     }
 }
 
@@ -284,7 +433,105 @@ mod tests {
         }
     }
 
+    fn promotion() -> PromotionId {
+        PromotionId::parse("a/b").unwrap()
+    }
+
+    fn decode_fields(fields: &[(&str, &str)]) -> Result<Event, DecodeError> {
+        Event::decode_entry(
+            &promotion(),
+            fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+        )
+    }
+
+    #[test]
+    fn a_version_2_grab_decodes_from_plain_fields_with_its_streams_promotion() {
+        let fields = grab_entry::fields("carol", 42, 1_764_583_200_123);
+        let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let Event::CouponGrabbed(g) = decode_fields(&pairs).unwrap() else {
+            panic!("not a grab");
+        };
+        assert_eq!(g.promotion, "a/b");
+        assert_eq!(g.coupon_id, "a/b#42");
+        assert_eq!(g.customer_id, "carol");
+        assert_eq!(g.discount, None);
+        assert_eq!(g.granted_at.timestamp_millis(), 1_764_583_200_123);
+    }
+
+    #[test]
+    fn an_entry_with_the_event_field_decodes_as_version_1_json() {
+        let json = r#"{"type":"CouponGrabbed","version":1,"couponId":"a/b#1","promotion":"a/b","customerId":"c","discount":0.8,"grantedAt":"2026-11-26T10:00:00.123Z"}"#;
+        let e = decode_fields(&[(EVENT_FIELD, json)]).unwrap();
+        assert_eq!(e, Event::decode(json.as_bytes()).unwrap());
+        let Event::CouponGrabbed(g) = e else {
+            panic!("not a grab")
+        };
+        assert_eq!(g.discount, Some(0.8));
+    }
+
+    #[test]
+    fn plain_field_entries_of_unknown_types_versions_or_shapes_are_reported() {
+        let grab = |version: &str, seq: &str| {
+            decode_fields(&[
+                ("type", "CouponGrabbed"),
+                ("version", version),
+                ("customerId", "c"),
+                ("seq", seq),
+                ("grantedAtMs", "1"),
+            ])
+        };
+        assert!(matches!(
+            decode_fields(&[("type", "CouponRefunded"), ("version", "2")]),
+            Err(DecodeError::UnknownType(t)) if t == "CouponRefunded"
+        ));
+        assert!(matches!(
+            grab("3", "1"),
+            Err(DecodeError::UnsupportedVersion { version: 3, .. })
+        ));
+        assert!(matches!(
+            grab("1", "1"),
+            Err(DecodeError::UnsupportedVersion { version: 1, .. })
+        ));
+        assert!(matches!(
+            decode_fields(&[("type", "PromotionStarted"), ("version", "2")]),
+            Err(DecodeError::UnsupportedVersion { version: 2, .. })
+        ));
+        for seq in ["0", "x", "-1"] {
+            assert!(
+                matches!(grab("2", seq), Err(DecodeError::Malformed { .. })),
+                "{seq}"
+            );
+        }
+        assert!(matches!(
+            decode_fields(&[("type", "CouponGrabbed"), ("version", "2"), ("seq", "1")]),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode_fields(&[("other", "x")]),
+            Err(DecodeError::MissingField)
+        ));
+        assert!(matches!(decode_fields(&[]), Err(DecodeError::MissingField)));
+    }
+
     proptest! {
+        #[test]
+        fn decoding_arbitrary_plain_fields_never_panics(fields in proptest::collection::vec(("(type|version|customerId|seq|grantedAtMs|x)", "\\PC{0,12}"), 0..8)) {
+            let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let _ = decode_fields(&pairs);
+        }
+
+        #[test]
+        fn every_version_2_grab_decodes_to_what_was_written(customer in "[A-Za-z0-9._:@-]{1,64}", seq in 1u64.., ms in 0i64..8_000_000_000_000) {
+            let fields = grab_entry::fields(&customer, seq, ms);
+            let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let Ok(Event::CouponGrabbed(g)) = decode_fields(&pairs) else {
+                panic!("{pairs:?} did not decode");
+            };
+            prop_assert_eq!(g.customer_id, customer);
+            prop_assert_eq!(g.coupon_id, format!("a/b#{seq}"));
+            prop_assert_eq!(g.granted_at.timestamp_millis(), ms);
+        }
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Event::decode(&bytes);

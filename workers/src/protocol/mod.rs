@@ -12,7 +12,7 @@
 //! | `seckill:{ns/name}:customers` | hash: customer id -> coupon JSON | `grab` |
 //! | `seckill:{ns/name}:events` | stream: the event log, source of truth | scripts only |
 //! | `seckill:promotions` | set of promotion ids (discovery) | operator, after `schedule` |
-//! | `seckill:rm:*` | read models | projectors only |
+//! | `seckill:rm:*` | read models ([`read_model`]) | projectors only |
 
 mod durability;
 mod events;
@@ -24,8 +24,8 @@ mod scripts;
 
 pub use durability::{grab_durable, replication_probe_key, Durability, DurableGrabError};
 pub use events::{
-    CouponGrabbed, DecodeError, Event, FinishReason, PromotionFinished, PromotionStarted,
-    EVENT_FIELD, EVENT_VERSION,
+    grab_entry, CouponGrabbed, DecodeError, Event, FinishReason, PromotionFinished,
+    PromotionStarted, EVENT_FIELD, EVENT_VERSION,
 };
 pub use ids::{CustomerId, IdError, PromotionId};
 pub use keys::{read_model, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY};
