@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use redis::streams::{StreamId, StreamRangeReply};
 use seckill_workers::protocol::{
-    CouponGrabbed, Event, PromotionFinished, PromotionId, PromotionKeys, PromotionStarted,
-    EVENT_FIELD, PROJECTOR_GROUP,
+    grab_entry, CouponGrabbed, Event, PromotionFinished, PromotionId, PromotionKeys,
+    PromotionStarted, EVENT_FIELD, PROJECTOR_GROUP,
 };
 use seckill_workers::redis_connection::RedisConnection;
 
@@ -24,17 +24,41 @@ pub async fn stream_entries(con: &mut RedisConnection, id: &PromotionId) -> Vec<
 }
 
 /// Every event of `id`'s stream with its entry id, in stream order. Each
-/// entry holds the event field only, and every event decodes.
+/// entry holds either the event field only (version 1 JSON) or exactly the
+/// plain fields of a CouponGrabbed version 2, and every event decodes.
 pub async fn stream_events(con: &mut RedisConnection, id: &PromotionId) -> Vec<(String, Event)> {
     stream_entries(con, id)
         .await
         .iter()
         .map(|entry| {
-            for field in entry.map.keys() {
-                assert_eq!(field, EVENT_FIELD, "{entry:?}");
-            }
-            let raw: Vec<u8> = entry.get(EVENT_FIELD).expect("event field");
-            let event = Event::decode(&raw).expect("every event decodes");
+            let event = if entry.map.contains_key(EVENT_FIELD) {
+                assert_eq!(entry.map.len(), 1, "{entry:?}");
+                let raw: Vec<u8> = entry.get(EVENT_FIELD).expect("event field");
+                Event::decode(&raw).expect("every event decodes")
+            } else {
+                let fields: Vec<(String, Vec<u8>)> = entry
+                    .map
+                    .keys()
+                    .map(|k| (k.clone(), entry.get(k).expect("a bulk string")))
+                    .collect();
+                let mut names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
+                names.sort_unstable();
+                let mut expected = [
+                    grab_entry::TYPE_FIELD,
+                    grab_entry::VERSION_FIELD,
+                    grab_entry::CUSTOMER_ID_FIELD,
+                    grab_entry::SEQ_FIELD,
+                    grab_entry::GRANTED_AT_MS_FIELD,
+                ];
+                expected.sort_unstable();
+                assert_eq!(names, expected, "{entry:?}");
+                let grab = grab_entry::decode(
+                    id,
+                    fields.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())),
+                )
+                .expect("every grab decodes");
+                Event::CouponGrabbed(grab)
+            };
             (entry.id.clone(), event)
         })
         .collect()

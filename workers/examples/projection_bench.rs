@@ -195,7 +195,7 @@ async fn main() -> Result<(), Error> {
             coupon_id: format!("{promotion}#{}", i + 1),
             promotion: promotion.clone(),
             customer_id: format!("c-{i}"),
-            discount: 0.8,
+            discount: Some(0.8),
             granted_at: now,
         }));
         if batch.len() == 2_000 {

@@ -144,7 +144,7 @@ fn projection_call(rm: &str, promotion: &str, event: &Event) -> redis::Cmd {
         Event::CouponGrabbed(g) => {
             call.arg(promotion)
                 .arg(coupon_sequence(&g.coupon_id).unwrap_or(0))
-                .arg(g.discount.to_string());
+                .arg(g.discount.map(|d| d.to_string()).unwrap_or_default());
         }
         Event::PromotionFinished(f) => {
             call.arg(promotion)
@@ -169,7 +169,8 @@ struct CouponRef<'a> {
 
 /// The customer's coupon write of a grab: `HSET <customer key> <promotion>
 /// <coupon JSON>`, under the customer's own hash tag.
-fn coupon_write(promotion: &str, event: &Event) -> Option<redis::Cmd> {
+/// A grab without its own discount (version 2) takes `promotion_discount`.
+fn coupon_write(promotion: &str, event: &Event, promotion_discount: f64) -> Option<redis::Cmd> {
     let Event::CouponGrabbed(g) = event else {
         return None;
     };
@@ -178,7 +179,7 @@ fn coupon_write(promotion: &str, event: &Event) -> Option<redis::Cmd> {
     let coupon = CouponRef {
         coupon_id: &g.coupon_id,
         promotion,
-        discount: g.discount,
+        discount: g.discount.unwrap_or(promotion_discount),
         granted_at: &granted_at,
     };
     let mut json = Vec::with_capacity(128);
@@ -240,12 +241,13 @@ pub async fn apply_to_models(
         .filter(|e| !matches!(e, Event::CouponGrabbed(_)))
         .chain(highest_grab)
         .collect();
+    let discount = promotion_discount(con, promotion, events).await?;
     // Customer writes first (one per grab, under each customer's hash tag),
     // then the script calls.
     let commands = || -> Vec<redis::Cmd> {
         events
             .iter()
-            .filter_map(|e| coupon_write(&id, e))
+            .filter_map(|e| coupon_write(&id, e, discount))
             .chain(scripted.iter().map(|e| projection_call(&rm, &id, e)))
             .collect()
     };
@@ -272,6 +274,40 @@ pub async fn apply_to_models(
             ReadModelError::BadData(format!("project answered {:?}", &answers[scripts_from..]))
         })?;
     Ok(Some(phase))
+}
+
+/// The discount of `promotion` for the grabs of `events` that do not carry
+/// their own (version 2): from a PromotionStarted of the batch, else from the
+/// promotion's read model. 0 when no grab needs it. A version 2 grab whose
+/// promotion's start is not projected yet fails the batch, which is then
+/// delivered again.
+async fn promotion_discount(
+    con: &mut RedisConnection,
+    promotion: &PromotionId,
+    events: &[Event],
+) -> Result<f64, ReadModelError> {
+    let needed = events
+        .iter()
+        .any(|e| matches!(e, Event::CouponGrabbed(g) if g.discount.is_none()));
+    if !needed {
+        return Ok(0.0);
+    }
+    if let Some(d) = events.iter().find_map(|e| match e {
+        Event::PromotionStarted(s) => Some(s.discount),
+        _ => None,
+    }) {
+        return Ok(d);
+    }
+    let stored: Option<String> = redis::cmd("HGET")
+        .arg(keys::promotion(promotion))
+        .arg("discount")
+        .query_async(con)
+        .await?;
+    stored.and_then(|d| d.parse().ok()).ok_or_else(|| {
+        ReadModelError::BadData(format!(
+            "the discount of {promotion} is unknown: its start is not projected yet"
+        ))
+    })
 }
 
 /// Keeps the active index in line with `phase`: an active promotion is in

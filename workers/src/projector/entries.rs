@@ -5,16 +5,19 @@
 
 use redis::Value;
 
-use crate::protocol::{DecodeError, Event, EVENT_FIELD};
+use crate::protocol::{grab_entry, DecodeError, Event, PromotionId, EVENT_FIELD};
 use crate::read_model::{self, ProjectionError};
 
 /// One stream entry as projectors need it: its id and the raw bytes of its
 /// event field (`None` when it has none, or was deleted while pending).
-/// Read straight from the Redis answer, without building a field map.
+/// Read straight from the Redis answer, without building a field map; an
+/// entry without the event field (a CouponGrabbed version 2, plain fields)
+/// keeps its fields in `plain`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawEntry {
     pub id: String,
     pub event: Option<Vec<u8>>,
+    pub plain: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 fn unexpected(what: &'static str, value: &Value) -> redis::RedisError {
@@ -34,8 +37,10 @@ fn into_bytes(value: Value) -> Option<Vec<u8>> {
 }
 
 /// The event field of an entry's field list (`[field, value, ...]`, or a
-/// map in RESP3; `Nil` for an entry deleted while pending).
-fn event_field(fields: Value) -> Option<Vec<u8>> {
+/// map in RESP3; `Nil` for an entry deleted while pending), else its plain
+/// fields.
+#[allow(clippy::type_complexity)]
+fn event_field(fields: Value) -> (Option<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>) {
     let pairs: Vec<(Value, Value)> = match fields {
         Value::Array(items) => {
             let mut it = items.into_iter();
@@ -46,20 +51,19 @@ fn event_field(fields: Value) -> Option<Vec<u8>> {
             pairs
         }
         Value::Map(pairs) => pairs,
-        _ => return None,
+        _ => return (None, Vec::new()),
     };
-    pairs.into_iter().find_map(|(k, v)| {
-        let is_event = match &k {
-            Value::BulkString(b) => b == EVENT_FIELD.as_bytes(),
-            Value::SimpleString(s) => s == EVENT_FIELD,
-            _ => false,
-        };
-        if is_event {
-            into_bytes(v)
-        } else {
-            None
+    let mut plain = Vec::new();
+    for (k, v) in pairs {
+        let Some(k) = into_bytes(k) else { continue };
+        if k == EVENT_FIELD.as_bytes() {
+            return (into_bytes(v), Vec::new());
         }
-    })
+        if let Some(v) = into_bytes(v) {
+            plain.push((k, v));
+        }
+    }
+    (None, plain)
 }
 
 /// The entries of an XRANGE answer, or of one stream in an XREADGROUP or
@@ -80,10 +84,8 @@ pub fn entries_of(value: Value) -> redis::RedisResult<Vec<RawEntry>> {
                 let id = id
                     .and_then(|b| String::from_utf8(b).ok())
                     .ok_or_else(|| unexpected("stream entry id is not a string", &fields))?;
-                Ok(RawEntry {
-                    id,
-                    event: event_field(fields),
-                })
+                let (event, plain) = event_field(fields);
+                Ok(RawEntry { id, event, plain })
             }
             other => Err(unexpected("stream entry is not [id, fields]", &other)),
         })
@@ -129,13 +131,24 @@ pub(super) fn auto_claim_of(value: Value) -> redis::RedisResult<(String, Vec<Raw
     }
 }
 
-/// Decodes one entry as the projector needs it.
-pub(super) fn decode_entry(entry: &RawEntry) -> Result<Event, SkipReason> {
-    let bytes = entry
-        .event
-        .as_deref()
-        .ok_or(SkipReason::Decode(DecodeError::MissingField))?;
-    let event = Event::decode(bytes).map_err(SkipReason::Decode)?;
+/// Decodes one entry of `promotion`'s stream as the projector needs it.
+pub(super) fn decode_entry(promotion: &PromotionId, entry: &RawEntry) -> Result<Event, SkipReason> {
+    let event = match entry.event.as_deref() {
+        Some(bytes) => Event::decode(bytes).map_err(SkipReason::Decode)?,
+        None if entry.plain.is_empty() => {
+            return Err(SkipReason::Decode(DecodeError::MissingField))
+        }
+        None => Event::CouponGrabbed(
+            grab_entry::decode(
+                promotion,
+                entry
+                    .plain
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_slice())),
+            )
+            .map_err(SkipReason::Decode)?,
+        ),
+    };
     read_model::check(&event).map_err(SkipReason::Project)?;
     Ok(event)
 }
@@ -164,7 +177,11 @@ mod tests {
     #[test]
     fn an_entry_without_the_event_field_is_skipped_as_missing_field() {
         let entry = RawEntry::default();
-        assert_eq!(decode_entry(&entry).unwrap_err().kind(), "missing_field");
+        let id = PromotionId::parse("a/b").unwrap();
+        assert_eq!(
+            decode_entry(&id, &entry).unwrap_err().kind(),
+            "missing_field"
+        );
     }
 
     #[test]
@@ -188,7 +205,8 @@ mod tests {
             entries_of(resp2).unwrap(),
             [RawEntry {
                 id: "1-0".into(),
-                event: Some(b"e1".to_vec())
+                event: Some(b"e1".to_vec()),
+                plain: Vec::new(),
             }]
         );
         assert_eq!(

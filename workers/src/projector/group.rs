@@ -593,7 +593,7 @@ impl Projector {
         let mut events = Vec::with_capacity(entries.len());
         let mut ack = Vec::with_capacity(entries.len());
         for entry in entries {
-            match decode_entry(&entry) {
+            match decode_entry(id, &entry) {
                 Ok(event) => {
                     events.push(event);
                     ack.push(entry.id);

@@ -318,7 +318,7 @@ async fn apply_page(
     let mut events = Vec::with_capacity(entries.len());
     let mut skipped = 0;
     for entry in &entries {
-        match decode_entry(entry) {
+        match decode_entry(id, entry) {
             Ok(e) => events.push(e),
             Err(reason) => {
                 skipped += 1;
@@ -372,7 +372,7 @@ async fn cluster_read_model_keys(
             let Some(last) = entries.last() else { break };
             after = Some(last.id.clone());
             for entry in &entries {
-                if let Ok(Event::CouponGrabbed(g)) = decode_entry(entry) {
+                if let Ok(Event::CouponGrabbed(g)) = decode_entry(id, entry) {
                     if let Ok(c) = protocol::CustomerId::parse(&g.customer_id) {
                         keys.insert(protocol::read_model::customer_coupons(&c));
                     }

@@ -30,7 +30,11 @@ pub struct CouponGrabbed {
     pub coupon_id: String,
     pub promotion: String,
     pub customer_id: String,
-    pub discount: f64,
+    /// Carried by version 1 grabs only; a version 2 grab's discount is its
+    /// promotion's (PromotionStarted, the read model), joined by readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<f64>,
+    /// Millisecond precision in both versions.
     pub granted_at: DateTime<Utc>,
 }
 
