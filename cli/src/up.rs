@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use seckill_operator::lifecycle::{self, Driven};
 use seckill_operator::metrics::Metrics as OperatorMetrics;
 use seckill_operator::promotion::PromotionStatus;
-use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs};
+use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs, GrabBatchArgs};
 use seckill_workers::http::customer_header::CustomerIdHeaderArgs;
 use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::{CommandMetrics, WorkerMetrics};
@@ -91,6 +91,9 @@ pub struct UpArgs {
 
     #[command(flatten)]
     pub durable: DurableGrabArgs,
+
+    #[command(flatten)]
+    pub batch: GrabBatchArgs,
 
     #[command(flatten)]
     pub limits: ServerLimitArgs,
@@ -205,6 +208,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
             customer_id_header: header.clone(),
             redis_timeout: timeout,
             durability: args.durable.durability(timeout)?,
+            batch_max: args.batch.grab_batch_max as usize,
         };
         Some(
             CommandApi::new(redis.clone(), options)

@@ -3,9 +3,9 @@
 //!
 //! - schedules `bench/http` and `bench/ceiling` (open now, `COUPONS` each),
 //! - schedules `bench/sold-out` with one coupon and takes it,
-//! - loads the grab script (SCRIPT LOAD) and prints, on one line, the
-//!   arguments of the equivalent `EVALSHA` for `bench/ceiling`:
-//!   `<sha> 3 <state> <customers> <events>`,
+//! - loads the functions library (FUNCTION LOAD) and prints, on one line,
+//!   the arguments of the grab's `FCALL` for `bench/ceiling`:
+//!   `<function> 3 <state> <customers> <events>`,
 //! - prints, on a second line, the stream key of `bench/http` (to count its
 //!   events after the run).
 //!
@@ -38,9 +38,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     protocol::schedule(&mut con, &sold_out, &spec(1)).await?;
     protocol::grab(&mut con, &sold_out, &CustomerId::parse("first")?).await?;
 
-    let sha = protocol::GRAB.load_async(&mut con).await?;
+    protocol::functions::load(&mut con).await?;
     let keys = PromotionKeys::new(&PromotionId::new("bench", "ceiling")?);
-    println!("{sha} 3 {} {} {}", keys.state, keys.customers, keys.events);
+    println!(
+        "{} 3 {} {} {}",
+        protocol::functions::GRAB.name(),
+        keys.state,
+        keys.customers,
+        keys.events
+    );
     println!(
         "{}",
         PromotionKeys::new(&PromotionId::new("bench", "http")?).events

@@ -66,25 +66,14 @@ async fn start_with_grabs(
 }
 
 /// Customers `c-{from}` .. `c-{to}` each grab one coupon of `id`, through the
-/// real `grab` script, pipelined 1000 at a time.
+/// real grab function, 1000 a batch.
 async fn grab_many(con: &mut RedisConnection, id: &PromotionId, from: usize, to: usize) {
-    protocol::GRAB
-        .prepare_invoke()
-        .load_async(con)
-        .await
-        .unwrap();
-    let keys = PromotionKeys::new(id);
     let mut n = from;
     while n < to {
-        let mut pipe = redis::pipe();
-        for c in n..(n + 1000).min(to) {
-            let mut call = protocol::GRAB.key(&keys.state);
-            call.key(&keys.customers)
-                .key(&keys.events)
-                .arg(format!("c-{c}"));
-            pipe.invoke_script(&call).ignore();
-        }
-        let _: () = pipe.query_async(con).await.unwrap();
+        let batch: Vec<CustomerId> = (n..(n + 1000).min(to))
+            .map(|c| CustomerId::parse(&format!("c-{c}")).unwrap())
+            .collect();
+        protocol::grab_batch(con, id, &batch).await.unwrap();
         n = (n + 1000).min(to);
     }
 }
