@@ -163,14 +163,17 @@ fn projection_call(rm: &str, promotion: &str, event: &Event) -> redis::Cmd {
 struct CouponRef<'a> {
     coupon_id: &'a str,
     promotion: &'a str,
-    discount: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    discount: Option<f64>,
     granted_at: &'a str,
 }
 
 /// The customer's coupon write of a grab: `HSET <customer key> <promotion>
 /// <coupon JSON>`, under the customer's own hash tag.
-/// A grab without its own discount (version 2) takes `promotion_discount`.
-fn coupon_write(promotion: &str, event: &Event, promotion_discount: f64) -> Option<redis::Cmd> {
+/// A version 2 grab carries no discount: its coupon is written without one,
+/// and [`customer_coupons`] joins the promotion's (so the write does not
+/// depend on the order events are applied in).
+fn coupon_write(promotion: &str, event: &Event) -> Option<redis::Cmd> {
     let Event::CouponGrabbed(g) = event else {
         return None;
     };
@@ -179,7 +182,7 @@ fn coupon_write(promotion: &str, event: &Event, promotion_discount: f64) -> Opti
     let coupon = CouponRef {
         coupon_id: &g.coupon_id,
         promotion,
-        discount: g.discount.unwrap_or(promotion_discount),
+        discount: g.discount,
         granted_at: &granted_at,
     };
     let mut json = Vec::with_capacity(128);
@@ -241,13 +244,12 @@ pub async fn apply_to_models(
         .filter(|e| !matches!(e, Event::CouponGrabbed(_)))
         .chain(highest_grab)
         .collect();
-    let discount = promotion_discount(con, promotion, events).await?;
     // Customer writes first (one per grab, under each customer's hash tag),
     // then the script calls.
     let commands = || -> Vec<redis::Cmd> {
         events
             .iter()
-            .filter_map(|e| coupon_write(&id, e, discount))
+            .filter_map(|e| coupon_write(&id, e))
             .chain(scripted.iter().map(|e| projection_call(&rm, &id, e)))
             .collect()
     };
@@ -274,40 +276,6 @@ pub async fn apply_to_models(
             ReadModelError::BadData(format!("project answered {:?}", &answers[scripts_from..]))
         })?;
     Ok(Some(phase))
-}
-
-/// The discount of `promotion` for the grabs of `events` that do not carry
-/// their own (version 2): from a PromotionStarted of the batch, else from the
-/// promotion's read model. 0 when no grab needs it. A version 2 grab whose
-/// promotion's start is not projected yet fails the batch, which is then
-/// delivered again.
-async fn promotion_discount(
-    con: &mut RedisConnection,
-    promotion: &PromotionId,
-    events: &[Event],
-) -> Result<f64, ReadModelError> {
-    let needed = events
-        .iter()
-        .any(|e| matches!(e, Event::CouponGrabbed(g) if g.discount.is_none()));
-    if !needed {
-        return Ok(0.0);
-    }
-    if let Some(d) = events.iter().find_map(|e| match e {
-        Event::PromotionStarted(s) => Some(s.discount),
-        _ => None,
-    }) {
-        return Ok(d);
-    }
-    let stored: Option<String> = redis::cmd("HGET")
-        .arg(keys::promotion(promotion))
-        .arg("discount")
-        .query_async(con)
-        .await?;
-    stored.and_then(|d| d.parse().ok()).ok_or_else(|| {
-        ReadModelError::BadData(format!(
-            "the discount of {promotion} is unknown: its start is not projected yet"
-        ))
-    })
 }
 
 /// Keeps the active index in line with `phase`: an active promotion is in
@@ -446,15 +414,59 @@ pub async fn customer_coupons<C: ConnectionLike>(
         .arg(keys::customer_coupons(customer))
         .query_async(con)
         .await?;
-    let mut coupons = map
+    let stored = map
         .values()
         .map(|json| {
-            serde_json::from_str::<CustomerCoupon>(json)
+            serde_json::from_str::<StoredCoupon>(json)
                 .map_err(|e| ReadModelError::BadData(format!("coupon {json:?}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut coupons = Vec::with_capacity(stored.len());
+    for c in stored {
+        let discount = match c.discount {
+            Some(d) => Some(d),
+            None => promotion_discount(con, &c.promotion).await?,
+        };
+        // A coupon whose promotion's start is not projected yet is not
+        // shown until it is (the read model lags the stream anyway).
+        if let Some(discount) = discount {
+            coupons.push(CustomerCoupon {
+                coupon_id: c.coupon_id,
+                promotion: c.promotion,
+                discount,
+                granted_at: c.granted_at,
+            });
+        }
+    }
     coupons.sort_by(|a, b| a.promotion.cmp(&b.promotion));
     Ok(coupons)
+}
+
+/// A customer's coupon as the read model stores it: version 2 grabs leave
+/// the discount to the promotion's read model.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredCoupon {
+    coupon_id: String,
+    promotion: String,
+    #[serde(default)]
+    discount: Option<f64>,
+    granted_at: String,
+}
+
+/// The discount in `promotion`'s read model, once its start is projected.
+async fn promotion_discount<C: ConnectionLike>(
+    con: &mut C,
+    promotion: &str,
+) -> Result<Option<f64>, ReadModelError> {
+    let id = PromotionId::parse(promotion)
+        .map_err(|e| ReadModelError::BadData(format!("promotion {promotion:?}: {e}")))?;
+    let discount: Option<String> = redis::cmd("HGET")
+        .arg(keys::promotion(&id))
+        .arg("discount")
+        .query_async(con)
+        .await?;
+    Ok(discount.and_then(|d| d.parse().ok()))
 }
 
 /// Records that projector `consumer` was, at Redis time `at_ms`, `lag_ms`

@@ -5,9 +5,7 @@
 //! exact; the worker's group commit that forms them is tested over HTTP in
 //! `group_commit_http.rs`.
 
-use seckill_testkit::promotions::{
-    customer, id, move_window, redis_now_ms, spec_between, spec_from_now,
-};
+use seckill_testkit::promotions::{id, move_window, redis_now_ms, spec_between, spec_from_now};
 use seckill_testkit::redis::{connect, redis, redis_with};
 use seckill_testkit::stream::{events_of, grants_of, types};
 use seckill_workers::protocol::{
@@ -21,6 +19,10 @@ async fn open(con: &mut RedisConnection, name: &str, coupons: u64) -> PromotionI
         .await
         .unwrap();
     id
+}
+
+fn one(name: &str) -> CustomerId {
+    CustomerId::parse(name).unwrap()
 }
 
 fn names(list: &[&str]) -> Vec<CustomerId> {
@@ -164,7 +166,7 @@ async fn holders_get_their_coupon_after_sold_out_expired_and_deleted_and_others_
     let mut con = connect(&server);
     // Sold out.
     let sold = open(&mut con, "sold", 1).await;
-    protocol::grab(&mut con, &sold, &customer("alice"))
+    protocol::grab(&mut con, &sold, &one("alice"))
         .await
         .unwrap();
     let out = protocol::grab_batch(&mut con, &sold, &names(&["bob", "alice"]))
@@ -176,7 +178,7 @@ async fn holders_get_their_coupon_after_sold_out_expired_and_deleted_and_others_
     );
     // Expired (by Redis' clock, the batch finishes it).
     let expired = open(&mut con, "expired", 5).await;
-    protocol::grab(&mut con, &expired, &customer("alice"))
+    protocol::grab(&mut con, &expired, &one("alice"))
         .await
         .unwrap();
     let now = redis_now_ms(&mut con).await;
@@ -199,7 +201,7 @@ async fn holders_get_their_coupon_after_sold_out_expired_and_deleted_and_others_
     ));
     // Deleted.
     let deleted = open(&mut con, "deleted", 5).await;
-    protocol::grab(&mut con, &deleted, &customer("alice"))
+    protocol::grab(&mut con, &deleted, &one("alice"))
         .await
         .unwrap();
     protocol::finish(&mut con, &deleted, FinishReason::Deleted)
@@ -232,9 +234,7 @@ async fn a_coupon_held_in_the_version_1_json_layout_is_still_answered() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let out = protocol::grab(&mut con, &p, &customer("olga"))
-        .await
-        .unwrap();
+    let out = protocol::grab(&mut con, &p, &one("olga")).await.unwrap();
     let GrabOutcome::AlreadyGranted { coupon } = out else {
         panic!("{out:?}")
     };
@@ -249,7 +249,7 @@ async fn the_library_is_loaded_again_after_a_redis_restart_without_persistence()
     let mut con = connect(&server);
     let p = open(&mut con, "sale", 5).await;
     assert!(matches!(
-        protocol::grab(&mut con, &p, &customer("a")).await.unwrap(),
+        protocol::grab(&mut con, &p, &one("a")).await.unwrap(),
         GrabOutcome::Granted { .. }
     ));
     server.restart().unwrap();
@@ -284,7 +284,7 @@ async fn the_library_is_loaded_again_after_a_redis_restart_without_persistence()
         .await
         .unwrap();
     assert!(matches!(
-        protocol::grab(&mut con, &p, &customer("a")).await.unwrap(),
+        protocol::grab(&mut con, &p, &one("a")).await.unwrap(),
         GrabOutcome::Granted { .. }
     ));
 }

@@ -87,7 +87,9 @@ async fn race_of_4000_customers_through_batches_grants_exactly_1000_in_order_of_
     let metrics = worker.metrics().await;
     let calls = metric_value(&metrics, "seckill_grab_batch_size_count");
     let customers = metric_value(&metrics, "seckill_grab_batch_size_sum");
-    assert!(calls >= 1.0 && customers >= 4000.0, "{metrics}");
+    // (Once the worker knows the sale is over, non-holders are answered
+    // from memory: not every request is in a batch.)
+    assert!(calls >= 1.0 && customers >= 1000.0, "{metrics}");
     assert!(
         customers > calls,
         "no call carried more than one customer: {calls} calls for {customers} grabs"
