@@ -959,7 +959,7 @@ async fn a_stream_mixing_v1_and_v2_grabs_projects_and_rebuilds_to_the_read_model
     // Alternating runs of versions, as a rolling upgrade of the command
     // workers writes them.
     let mixed = |i: usize| {
-        if (i / 7) % 2 == 0 {
+        if (i / 7).is_multiple_of(2) {
             GrabVersion::V1
         } else {
             GrabVersion::V2
