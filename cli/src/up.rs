@@ -190,6 +190,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         args.redis.clone()
     };
     let redis = redis_args.connect()?;
+    seckill_workers::protocol::functions::load_at_setup(redis.clone());
     let read_models = redis_args.connect_read_models()?;
     let timeout = redis_args.timeout();
     let shutdown = http::shutdown_on_signal();

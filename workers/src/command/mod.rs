@@ -151,6 +151,7 @@ pub enum CommandError {
 /// Runs the command role until SIGTERM or Ctrl-C, then drains and returns.
 pub async fn run(args: CommandArgs) -> Result<(), CommandError> {
     let redis = args.redis.connect()?;
+    crate::protocol::functions::load_at_setup(redis.clone());
     let metrics = WorkerMetrics::new();
     tracing::info!(redis = %args.redis.describe(), listen = %args.listen, "starting the command role");
 

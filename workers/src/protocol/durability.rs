@@ -73,6 +73,9 @@ pub fn replication_probe_key(id: &PromotionId) -> String {
 /// replicas acknowledged it; see the module documentation. Other outcomes
 /// (sold out, not started, ...) are returned whatever the acknowledgements,
 /// since none of them promises a coupon.
+// The outcome inside NotReplicated makes the error large; it is matched on
+// by callers (what the master said), and a grab is not a hot loop of Results.
+#[allow(clippy::result_large_err)]
 pub async fn grab_durable<C: ConnectionLike>(
     con: &mut C,
     id: &PromotionId,
@@ -89,6 +92,7 @@ pub async fn grab_durable<C: ConnectionLike>(
 /// `WAIT` for the whole batch: one answer per customer, a grant that too
 /// few replicas acknowledged as [`DurableGrabError::NotReplicated`]. The
 /// outer error is the batch's: Redis failed, nobody's outcome is known.
+#[allow(clippy::result_large_err)]
 pub async fn grab_batch_durable<C: ConnectionLike>(
     con: &mut C,
     id: &PromotionId,

@@ -76,6 +76,19 @@ pub async fn load<C: ConnectionLike>(con: &mut C) -> Result<(), RedisError> {
         .map(drop)
 }
 
+/// Loads the library when a component sets up its connection, in the
+/// background: Redis may not be up yet (components start while it is down),
+/// and then the first call loads it ([`call`]).
+pub fn load_at_setup<C: ConnectionLike + Send + 'static>(mut con: C) {
+    tokio::spawn(async move {
+        match load(&mut con).await {
+            Ok(()) => tracing::debug!(library = LIBRARY_NAME, "functions library loaded"),
+            Err(e) => tracing::info!(library = LIBRARY_NAME, error = %e,
+                "functions library not loaded at setup; the first call will load it"),
+        }
+    });
+}
+
 /// Whether `e` says the function called is not loaded on that server.
 pub fn is_not_loaded(e: &RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
