@@ -83,14 +83,20 @@ started=$(date +%s)
 echo "bench-read-side: throughput run took $(( $(date +%s) - started )) s"
 kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
 
+# A private redis-server of its own for a part, with free ports for the workers beside it: sets
+# REDIS_PORT, REDIS_URL, HTTP_PORT and METRICS_PORT.
+fresh_redis() {
+  REDIS_PORT=$(free_port)
+  HTTP_PORT=$(free_port)
+  METRICS_PORT=$(free_port)
+  REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
+  REDIS_PID=$(start_redis "$REDIS_PORT" "$work/$1")
+  pids+=("$REDIS_PID")
+  wait_redis "$REDIS_PORT"
+}
+
 # --- 2. lag under the command-path load ---------------------------------------------------------
-REDIS_PORT=$(free_port)
-HTTP_PORT=$(free_port)
-METRICS_PORT=$(free_port)
-REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
-REDIS_PID=$(start_redis "$REDIS_PORT" "$work/redis-lag")
-pids+=("$REDIS_PID")
-wait_redis "$REDIS_PORT"
+fresh_redis redis-lag
 PROMOTION=$("$SETUP" "$REDIS_URL" "$COUPONS")
 
 COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
@@ -136,13 +142,7 @@ LAG_METRICS_PORT=$METRICS_PORT
 LAG_REDIS_URL=$REDIS_URL
 
 # --- 3. memory per granted coupon ----------------------------------------------------------------
-REDIS_PORT=$(free_port)
-HTTP_PORT=$(free_port)
-METRICS_PORT=$(free_port)
-REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
-REDIS_PID=$(start_redis "$REDIS_PORT" "$work/redis-memory")
-pids+=("$REDIS_PID")
-wait_redis "$REDIS_PORT"
+fresh_redis redis-memory
 MEM_PROMOTION=$("$SETUP" "$REDIS_URL" "$MEM_COUPONS")
 MEM_COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
 MEM_PROJECTOR=("$WORKER" projector --metrics-listen "127.0.0.1:$METRICS_PORT" --redis-url "$REDIS_URL"
