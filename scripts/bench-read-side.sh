@@ -8,12 +8,18 @@
 #   2. projection lag while the command-path load runs at full speed: `seckill-worker command`
 #      under wrk (64 connections, distinct customers, bench/grab.lua) and one
 #      `seckill-worker projector`; p99 of `projector_lag_seconds` (XADD to applied and
-#      acknowledged) from its /metrics buckets, and the share of events applied within 250 ms.
+#      acknowledged) from its /metrics buckets, and the share of events applied within 250 ms;
+#   3. Redis memory per granted coupon, every key included: INFO memory used_memory before and
+#      after READ_BENCH_MEMORY_COUPONS (default 100,000) grants through `seckill-worker command`
+#      (wrk until the promotion of exactly that many coupons is sold out), measured once the grabs
+#      are in (customers hash + stream + state) and again once a `seckill-worker projector`
+#      started afterwards applied every event (the read models), so the two parts are apart.
 # Writes the numbers and the exact commands into docs/BENCHMARKS.md (between its
 # bench:read-side markers). About 2-4 minutes once built.
 #
 # Env: READ_BENCH_EVENTS (events of the throughput run, default 1000000), READ_BENCH_DURATION
-# (seconds of the wrk run, default 15), BENCH_NO_DOC=1 to leave the doc alone.
+# (seconds of the wrk run, default 15), READ_BENCH_MEMORY_COUPONS (default 100000),
+# BENCH_NO_DOC=1 to leave the doc alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS="${READ_BENCH_EVENTS:-1000000}"
@@ -23,6 +29,9 @@ CONNECTIONS=64
 COUPONS=100000000
 LAG_LIMIT=0.25
 REBUILD_TARGET=100000
+MEM_COUPONS="${READ_BENCH_MEMORY_COUPONS:-100000}"
+MEM_LIMIT=300
+PROJECT_CPU_LIMIT=4
 
 for tool in wrk redis-server redis-cli curl python3; do
   command -v "$tool" >/dev/null || { echo "bench-read-side: $tool is missing (make bench installs it)" >&2; exit 2; }
@@ -74,14 +83,20 @@ started=$(date +%s)
 echo "bench-read-side: throughput run took $(( $(date +%s) - started )) s"
 kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
 
+# A private redis-server of its own for a part, with free ports for the workers beside it: sets
+# REDIS_PORT, REDIS_URL, HTTP_PORT and METRICS_PORT.
+fresh_redis() {
+  REDIS_PORT=$(free_port)
+  HTTP_PORT=$(free_port)
+  METRICS_PORT=$(free_port)
+  REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
+  REDIS_PID=$(start_redis "$REDIS_PORT" "$work/$1")
+  pids+=("$REDIS_PID")
+  wait_redis "$REDIS_PORT"
+}
+
 # --- 2. lag under the command-path load ---------------------------------------------------------
-REDIS_PORT=$(free_port)
-HTTP_PORT=$(free_port)
-METRICS_PORT=$(free_port)
-REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
-REDIS_PID=$(start_redis "$REDIS_PORT" "$work/redis-lag")
-pids+=("$REDIS_PID")
-wait_redis "$REDIS_PORT"
+fresh_redis redis-lag
 PROMOTION=$("$SETUP" "$REDIS_URL" "$COUPONS")
 
 COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
@@ -120,14 +135,67 @@ done
 curl -fs "$METRICS" >"$work/metrics.txt"
 APPLIED=$(applied_now)
 
+# Part 2's processes stop here: part 3 starts from a Redis of its own.
+for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+pids=()
+LAG_METRICS_PORT=$METRICS_PORT
+LAG_REDIS_URL=$REDIS_URL
+
+# --- 3. memory per granted coupon ----------------------------------------------------------------
+fresh_redis redis-memory
+MEM_PROMOTION=$("$SETUP" "$REDIS_URL" "$MEM_COUPONS")
+MEM_COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
+MEM_PROJECTOR=("$WORKER" projector --metrics-listen "127.0.0.1:$METRICS_PORT" --redis-url "$REDIS_URL"
+  --consumer-name bench-memory)
+RUST_LOG=warn "${MEM_COMMAND[@]}" 2>"$work/memory-command.log" &
+pids+=($!)
+BASE="http://127.0.0.1:$HTTP_PORT"
+for _ in $(seq 100); do curl -fs "$BASE/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
+curl -fs "$BASE/readyz" >/dev/null || { echo "bench-read-side: the command worker is not ready" >&2; cat "$work/memory-command.log" >&2; exit 1; }
+used_memory() { redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
+MEM_BEFORE=$(used_memory)
+MEM_GRAB_URL="$BASE/api/v1/promotions/$MEM_PROMOTION/grab"
+# Grabs by new customers until the promotion is sold out (a new customer is told 410).
+sold_out() {
+  [ "$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+    -d "{\"customerId\":\"probe-$1\"}" "$MEM_GRAB_URL")" = 410 ]
+}
+MEM_WRK=(wrk -t"$THREADS" -c"$CONNECTIONS" -d5s -s bench/grab.lua "$MEM_GRAB_URL" -- "m<round>")
+echo "bench-read-side: memory: ${MEM_WRK[*]} until sold out"
+round=0
+until sold_out "$round"; do
+  round=$((round + 1))
+  [ "$round" -le 20 ] || { echo "bench-read-side: $MEM_PROMOTION did not sell out" >&2; exit 1; }
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d5s -s bench/grab.lua "$MEM_GRAB_URL" -- "m$round" >/dev/null
+done
+MEM_GRABBED=$(used_memory)
+RUST_LOG=warn "${MEM_PROJECTOR[@]}" 2>"$work/memory-projector.log" &
+pids+=($!)
+MEM_METRICS="http://127.0.0.1:$METRICS_PORT/metrics"
+MEM_EXPECTED=$((MEM_COUPONS + 2))  # PromotionStarted, the grants, PromotionFinished{SoldOut}
+mem_applied() {
+  curl -fs "$MEM_METRICS" 2>/dev/null | awk '/^seckill_projector_events_applied_total/ {s += $NF} END {printf "%d", s}'
+}
+for _ in $(seq 600); do
+  [ "$(mem_applied)" -ge "$MEM_EXPECTED" ] && break
+  sleep 0.1
+done
+MEM_APPLIED=$(mem_applied)
+[ "$MEM_APPLIED" -ge "$MEM_EXPECTED" ] || { echo "bench-read-side: the projector applied $MEM_APPLIED of $MEM_EXPECTED events" >&2; exit 1; }
+MEM_AFTER=$(used_memory)
+MEM_KEYS="$(redis-cli -p "$REDIS_PORT" -n 0 dbsize | tr -d '\r') / $(redis-cli -p "$REDIS_PORT" -n 1 dbsize | tr -d '\r')"
+
 python3 - "$work/throughput.json" "$work/metrics.txt" "$work/grab.txt" "$LAG_LIMIT" "$REBUILD_TARGET" \
-  "$APPLIED" "$EXPECTED" >"$work/numbers.env" <<'PY'
+  "$APPLIED" "$EXPECTED" "$MEM_COUPONS" "$MEM_BEFORE" "$MEM_GRABBED" "$MEM_AFTER" "$MEM_LIMIT" \
+  "$PROJECT_CPU_LIMIT" >"$work/numbers.env" <<'PY'
 import json, re, sys
 throughput = json.load(open(sys.argv[1]))
 metrics = open(sys.argv[2]).read()
 grab = open(sys.argv[3]).read()
 limit, target = float(sys.argv[4]), float(sys.argv[5])
 applied, expected = int(sys.argv[6]), int(sys.argv[7])
+coupons, before, grabbed, after = (int(a) for a in sys.argv[8:12])
+mem_limit, cpu_limit = float(sys.argv[12]), float(sys.argv[13])
 buckets = []
 for m in re.finditer(r'^seckill_projector_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', metrics, re.M):
     le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
@@ -170,6 +238,19 @@ values = {
     "WITHIN": f'{(within / count * 100) if count else 0:.2f}',
     "GRAB_RPS": f'{rps:.0f}', "APPLIED": applied, "EXPECTED": expected,
     "KEPT_UP": f'{applied / expected:.3f}' if expected else "0",
+    "ONE_CMD": f'{one["redisCommandMicrosPerEvent"]:.2f}',
+    "ONE_CMD_RATIO": f'{one["redisCommandMicrosPerEvent"] / cpu_limit:.2f}',
+    "ONE_CMD_MET": "met" if one["redisCommandMicrosPerEvent"] <= cpu_limit else "NOT met",
+    "ONE_CMD_SPLIT": ", ".join(f'{name} {c["usecPerEvent"]:.2f}'
+                               for name, c in sorted(one["commands"].items(), key=lambda kv: -kv[1]["usecPerEvent"])
+                               if c["usecPerEvent"] >= 0.01),
+    "TWO_CMD": f'{two["redisCommandMicrosPerEvent"]:.2f}',
+    "MEM_COMMAND_B": f'{(grabbed - before) / coupons:.0f}',
+    "MEM_RM_B": f'{(after - grabbed) / coupons:.0f}',
+    "MEM_TOTAL_B": f'{(after - before) / coupons:.0f}',
+    "MEM_RATIO": f'{(after - before) / coupons / mem_limit:.2f}',
+    "MEM_MET": "met" if (after - before) / coupons <= mem_limit else "NOT met",
+    "MEM_BEFORE": before, "MEM_GRABBED": grabbed, "MEM_AFTER": after,
 }
 for k, v in values.items():
     print(f"{k}='{v}'")
@@ -197,6 +278,11 @@ CPU is microseconds per event, this process / redis-server.
 | two projectors sharing the group | **$TWO_RATE** | **$TWO_RATIO** of XRANGE ($TWO_TO_ONE x one) | $TWO_CPU |
 | rebuild (\`projector --rebuild\`: replay into a database aside, SWAPDB, catch up, FLUSHDB ASYNC of the old) | **$REBUILD_RATE** | **$REBUILD_RATIO** of the 100,000/s target ($REBUILD_MET); $REBUILD_TO_XRANGE of XRANGE | $REBUILD_CPU |
 
+Redis CPU per projected event from Redis' own accounting (\`CONFIG RESETSTAT\` before the phase,
+\`INFO commandstats\` after it: the usec of every command but INFO/CONFIG, over the events applied):
+one projector **$ONE_CMD µs**, **$ONE_CMD_RATIO** of the 4 µs limit ($ONE_CMD_MET); two projectors $TWO_CMD µs.
+Per command, µs per event (one projector): $ONE_CMD_SPLIT.
+
 Lag while the command path runs at full speed (wrk, ${CONNECTIONS} connections, ${DURATION} s, one grab
 per new customer through \`seckill-worker command\`; one \`seckill-worker projector\`; all on this machine):
 
@@ -207,15 +293,37 @@ per new customer through \`seckill-worker command\`; one \`seckill-worker projec
 | projection lag p99 (XADD to applied and acknowledged; from \`projector_lag_seconds\`, interpolated in its bucket) | **$LAG_P99_MS ms** (p50 $LAG_P50_MS ms, $LAG_EVENTS events) | **$LAG_RATIO** of 250 ms ($LAG_MET) |
 | events applied within 250 ms | **$WITHIN %** | |
 
+Redis memory per granted coupon, every key included: \`INFO memory\` \`used_memory\` of a private
+redis-server before and after $MEM_COUPONS grants through \`seckill-worker command\` (wrk, new customers
+\`m<round>-<thread>-<n>\`, until the promotion of $MEM_COUPONS coupons answers a new customer 410),
+then after a \`seckill-worker projector\` started afterwards applied all $MEM_EXPECTED events. Keys
+afterwards (streams' database / read models'): $MEM_KEYS.
+
+| part | B per coupon | ratio to the 300 B limit (same run) |
+|---|---|---|
+| command side: customers hash + stream (+ the state) | $MEM_COMMAND_B | |
+| read models (coupon buckets, promotion hash, progress) | $MEM_RM_B | |
+| **every key** | **$MEM_TOTAL_B** | **$MEM_RATIO** ($MEM_MET) |
+
+(used_memory: $MEM_BEFORE B before, $MEM_GRABBED B after the grabs, $MEM_AFTER B after the projection.)
+
 Commands (ports are picked free at each run):
 
 \`\`\`
 ${THROUGHPUT[*]}
 ${COMMAND[*]}
 ${PROJECTOR[*]}
-${SETUP} ${REDIS_URL} ${COUPONS}
+${SETUP} ${LAG_REDIS_URL} ${COUPONS}
 ${WRK_GRAB[*]}
-curl -s http://127.0.0.1:${METRICS_PORT}/metrics   # seckill_projector_lag_seconds_bucket
+curl -s http://127.0.0.1:${LAG_METRICS_PORT}/metrics   # seckill_projector_lag_seconds_bucket
+# memory:
+${SETUP} redis://127.0.0.1:<port>/ ${MEM_COUPONS}
+${MEM_COMMAND[*]}
+redis-cli -p <port> info memory   # used_memory, before
+${MEM_WRK[*]}   # rounds until a new customer gets 410
+redis-cli -p <port> info memory   # used_memory, after the grabs
+${MEM_PROJECTOR[*]}
+redis-cli -p <port> info memory   # used_memory, once it applied ${MEM_EXPECTED} events
 \`\`\`
 <!-- bench:read-side:end -->
 EOF

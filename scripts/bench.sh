@@ -1,38 +1,49 @@
 #!/usr/bin/env bash
 # Benchmark of the command path (`make bench`), on this machine, loopback only.
-# Each round measures, one after the other:
-#   1. HTTP grabs/s through `seckill-worker command` (wrk, 64 connections, distinct customers);
-#   2. the ceiling: the same grab script straight into Redis by EVALSHA (redis-benchmark,
-#      64 connections, unpipelined), same machine, same round;
-#   3. sold-out rejections/s through the worker (its in-memory fast path);
-#   4. the yardstick of that path: nginx answering a static 410 with the same
-#      JSON body (2 worker processes, a minimal nginx.conf generated in the temp
-#      dir), same wrk command and connections, same CPU placement as the worker.
+# Each round measures, one after the other, on one Redis:
+#   1. the yardstick: ../shared/bench/ref-grab.lua (see its README; never
+#      edited) by EVALSHA through redis-benchmark, 64 connections, unpipelined,
+#      a random customer per call;
+#   2. HTTP grabs/s through one `seckill-worker command` (wrk, 64 connections,
+#      distinct customers; group commit on, --grab-batch-max default), with
+#      Redis CPU per granted grab from INFO commandstats (FCALL usec / grants),
+#      worker CPU per grab (from /proc), p50/p99, and the mean batch size
+#      (the worker's seckill_grab_batch_size histogram);
+#   3. the same through a second worker with --durable-replicas 1 (a replica
+#      of the same Redis attached): durable / plain;
+#   4. the same through `seckill up` (every role in one process);
+#   5. our grab function unbatched (one customer per FCALL) by redis-benchmark,
+#      for its Redis CPU per call beside the batched one;
+#   6. sold-out rejections/s through the worker (holders' set loaded), and the
+#      yardstick of that path: nginx answering a static 410 with the same JSON
+#      body (2 worker processes, a minimal nginx.conf generated in the temp
+#      dir), same wrk command and connections, same CPU placement.
 # Every ratio compares figures of the same round.
 #
 # CPU placement (a 2-core machine; see docs/BENCHMARKS.md): processes are pinned
-# with taskset, identically in every run: the worker alone on BENCH_WORKER_CPU
-# (default 1; nginx's master and its 2 workers there too: each of the two
-# servers is idle while the other is measured), wrk and redis-server on
-# BENCH_CLIENT_CPU (default 0), and
-# redis-benchmark on the worker's CPU (the worker is idle then), so the ceiling
-# has the same client-core / Redis-core split. The CPU time the worker and Redis
-# used in each run is read from /proc and reported beside the rates.
+# with taskset, identically in every run: the servers measured (worker, durable
+# worker, seckill up, nginx) on BENCH_WORKER_CPU (default 1; each idle while
+# another is measured), wrk and redis-server (and its replica) on
+# BENCH_CLIENT_CPU (default 0), and redis-benchmark on the worker's CPU (the
+# worker is idle then), so the yardstick has the same client-core / Redis-core
+# split.
 #
 # Writes the numbers and the exact commands into the command-path section of
-# docs/BENCHMARKS.md (between its bench:command markers). About 50 s per round.
+# docs/BENCHMARKS.md (between its bench:command markers).
 #
-# Env: BENCH_ROUNDS (default 3), BENCH_DURATION (seconds per wrk run, default 10),
+# Env: BENCH_ROUNDS (default 1), BENCH_DURATION (seconds per wrk run, default 10),
 # BENCH_CEILING_REQUESTS (redis-benchmark requests, default 300000),
-# BENCH_WORKER_CPU / BENCH_CLIENT_CPU (CPU numbers), BENCH_PIN=0 (no pinning),
-# BENCH_NO_DOC=1 to leave the doc alone.
+# BENCH_REF_GRAB (default ../shared/bench/ref-grab.lua, relative to this
+# checkout's root), BENCH_WORKER_CPU / BENCH_CLIENT_CPU (CPU numbers),
+# BENCH_PIN=0 (no pinning), BENCH_NO_DOC=1 to leave the doc alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS="${BENCH_ROUNDS:-3}"
+ROUNDS="${BENCH_ROUNDS:-1}"
 DURATION="${BENCH_DURATION:-10}"
 CEILING_REQUESTS="${BENCH_CEILING_REQUESTS:-300000}"
 WORKER_CPU="${BENCH_WORKER_CPU:-1}"
 CLIENT_CPU="${BENCH_CLIENT_CPU:-0}"
+REF_GRAB="${BENCH_REF_GRAB:-../shared/bench/ref-grab.lua}"
 COUPONS=10000000
 # wrk runs on one CPU, so one wrk thread (a second would only time-share it).
 THREADS=1
@@ -41,10 +52,11 @@ CONNECTIONS=64
 for tool in wrk redis-benchmark redis-server redis-cli curl python3 nginx; do
   command -v "$tool" >/dev/null || { echo "bench: $tool is missing (make bench installs it)" >&2; exit 2; }
 done
+[ -f "$REF_GRAB" ] || { echo "bench: no yardstick at $REF_GRAB (../shared/bench/ref-grab.lua; set BENCH_REF_GRAB)" >&2; exit 2; }
 if [ "${BENCH_PIN:-1}" = 1 ] && command -v taskset >/dev/null; then
   ON_WORKER_CPU=(taskset -c "$WORKER_CPU")
   ON_CLIENT_CPU=(taskset -c "$CLIENT_CPU")
-  PLACEMENT="worker on CPU $WORKER_CPU; wrk and redis-server on CPU $CLIENT_CPU; redis-benchmark and nginx (2 workers) on CPU $WORKER_CPU"
+  PLACEMENT="servers measured (worker, durable worker, seckill up, nginx with 2 workers) and redis-benchmark on CPU $WORKER_CPU; wrk and redis-server (and its replica) on CPU $CLIENT_CPU"
 else
   ON_WORKER_CPU=()
   ON_CLIENT_CPU=()
@@ -53,7 +65,9 @@ fi
 
 echo "bench: building release binaries"
 cargo build -q --release -p seckill-workers --bin seckill-worker --example bench_setup
+cargo build -q --release -p seckill-cli --bin seckill
 WORKER=target/release/seckill-worker
+UP=target/release/seckill
 SETUP=target/release/examples/bench_setup
 
 work=$(mktemp -d -t seckill-bench.XXXXXX)
@@ -67,38 +81,73 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 REDIS_PORT=$(free_port)
+REPLICA_PORT=$(free_port)
 HTTP_PORT=$(free_port)
+DURABLE_PORT=$(free_port)
+UP_PORT=$(free_port)
 NGINX_PORT=$(free_port)
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
 BASE="http://127.0.0.1:$HTTP_PORT"
 
+mkdir -p "$work/replica"
 "${ON_CLIENT_CPU[@]}" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly yes \
   --appendfsync everysec --dir "$work" --logfile "$work/redis.log" --daemonize no &
 REDIS_PID=$!
 pids+=("$REDIS_PID")
 for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+"${ON_CLIENT_CPU[@]}" redis-server --port "$REPLICA_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+  --replicaof 127.0.0.1 "$REDIS_PORT" --dir "$work/replica" --logfile "$work/replica.log" --daemonize no &
+pids+=($!)
 
+ready() {
+  local url=$1 log=$2
+  for _ in $(seq 200); do curl -fs "$url/readyz" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "bench: $url is not ready" >&2; cat "$log" >&2; exit 1
+}
 RUST_LOG=warn "${ON_WORKER_CPU[@]}" "$WORKER" command --listen "127.0.0.1:$HTTP_PORT" \
   --redis-url "$REDIS_URL" --no-query 2>"$work/worker.log" &
 WORKER_PID=$!
 pids+=("$WORKER_PID")
-for _ in $(seq 100); do curl -fs "$BASE/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
-curl -fs "$BASE/readyz" >/dev/null || { echo "bench: the worker is not ready" >&2; cat "$work/worker.log" >&2; exit 1; }
+RUST_LOG=warn "${ON_WORKER_CPU[@]}" "$WORKER" command --listen "127.0.0.1:$DURABLE_PORT" \
+  --redis-url "$REDIS_URL" --no-query --durable-replicas 1 2>"$work/durable.log" &
+DURABLE_PID=$!
+pids+=("$DURABLE_PID")
+RUST_LOG=warn "${ON_WORKER_CPU[@]}" "$UP" up --listen "127.0.0.1:$UP_PORT" \
+  --redis-url "$REDIS_URL" 2>"$work/up.log" >/dev/null &
+UP_PID=$!
+pids+=("$UP_PID")
+ready "$BASE" "$work/worker.log"
+ready "http://127.0.0.1:$DURABLE_PORT" "$work/durable.log"
+ready "http://127.0.0.1:$UP_PORT" "$work/up.log"
+for _ in $(seq 200); do
+  [ "$(redis-cli -p "$REDIS_PORT" INFO replication | tr -d '\r' | awk -F: '/^connected_slaves:/ {print $2}')" = 1 ] && break
+  sleep 0.05
+done
 
-# Promotions and the grab script's EVALSHA arguments, from the protocol module.
+# Promotions, the grab function's FCALL arguments and the stream keys, from
+# the protocol module.
 mapfile -t SETUP_OUT < <("$SETUP" "$REDIS_URL" "$COUPONS")
-read -r -a EVALSHA_ARGS <<<"${SETUP_OUT[0]}"
+read -r -a FCALL_ARGS <<<"${SETUP_OUT[0]}"
 HTTP_EVENTS_KEY="${SETUP_OUT[1]}"
+DURABLE_EVENTS_KEY="${SETUP_OUT[2]}"
+UP_EVENTS_KEY="${SETUP_OUT[3]}"
+
+REF_SHA=$(redis-cli -p "$REDIS_PORT" SCRIPT LOAD "$(cat "$REF_GRAB")")
+redis-cli -p "$REDIS_PORT" HSET '{ref}:meta' state active stock 1000000000 >/dev/null
 
 GRAB_URL="$BASE/api/v1/promotions/bench/http/grab"
+DURABLE_URL="http://127.0.0.1:$DURABLE_PORT/api/v1/promotions/bench/durable/grab"
+UP_URL="http://127.0.0.1:$UP_PORT/api/v1/promotions/bench/up/grab"
 SOLD_OUT_URL="$BASE/api/v1/promotions/bench/sold-out/grab"
 # (Positional arguments after -- go to bench/grab.lua: a label keeping customer ids distinct per run.)
-wrk_grab() {
-  WRK_GRAB=("${ON_CLIENT_CPU[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency
-    -s bench/grab.lua "$GRAB_URL" -- "grab$1")
+wrk_grab() { # url label
+  WRK=("${ON_CLIENT_CPU[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency
+    -s bench/grab.lua "$1" -- "$2")
 }
-CEILING=("${ON_WORKER_CPU[@]}" redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$CONNECTIONS" -P 1
-  -n "$CEILING_REQUESTS" -r 1000000000 -q EVALSHA "${EVALSHA_ARGS[@]}" "c-__rand_int__")
+YARDSTICK=("${ON_WORKER_CPU[@]}" redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$CONNECTIONS" -P 1
+  -n "$CEILING_REQUESTS" -r 1000000000 -q EVALSHA "$REF_SHA" 3 '{ref}:meta' '{ref}:cust' '{ref}:events' __rand_int__)
+UNBATCHED=("${ON_WORKER_CPU[@]}" redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$CONNECTIONS" -P 1
+  -n "$CEILING_REQUESTS" -r 1000000000 -q FCALL "${FCALL_ARGS[@]}" "c-__rand_int__")
 WRK_SOLD_OUT=("${ON_CLIENT_CPU[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency
   -s bench/sold-out.lua "$SOLD_OUT_URL")
 
@@ -157,19 +206,29 @@ cpu_secs() {
   echo "$total"
 }
 now() { date +%s.%N; }
-# Runs "$@" (one load run) with its output into file $1, and sets W_CPU and
-# R_CPU and N_CPU: percent of one core the worker, Redis and nginx (its two
-# workers together) used meanwhile.
-measured() {
-  local out=$1; shift
-  local w0 r0 n0 t0 dt
-  w0=$(cpu_secs "$WORKER_PID"); r0=$(cpu_secs "$REDIS_PID"); n0=$(cpu_secs "$NGINX_PID"); t0=$(now)
-  "$@" >"$out" 2>&1
-  dt=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')
-  W_CPU=$(awk -v a="$w0" -v b="$(cpu_secs "$WORKER_PID")" -v t="$dt" 'BEGIN { printf "%.0f", (b - a) / t * 100 }')
-  N_CPU=$(awk -v a="$n0" -v b="$(cpu_secs "$NGINX_PID")" -v t="$dt" 'BEGIN { printf "%.0f", (b - a) / t * 100 }')
-  R_CPU=$(awk -v a="$r0" -v b="$(cpu_secs "$REDIS_PID")" -v t="$dt" 'BEGIN { printf "%.0f", (b - a) / t * 100 }')
+# One `INFO commandstats` figure: calls or usec of a command (0 when never called).
+cmdstat() { # command field
+  local v
+  v=$(redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' |
+    awk -F'[:,=]' -v c="cmdstat_$1" -v f="$2" '$1 == c { for (i = 2; i < NF; i += 2) if ($i == f) print $(i + 1) }' | head -1)
+  echo "${v:-0}"
 }
+xlen() { redis-cli -p "$REDIS_PORT" XLEN "$1"; }
+# A metric of a server's /metrics (the sum of the lines of that name).
+metric() { curl -fs "$1/metrics" | awk -v m="$2" '$1 == m { s += $2 } END { printf "%.0f", s }'; }
+# Runs "$@" (one load run) with its output into file $1 while server $2 (a
+# pid) is measured: sets S_CPU_S (its CPU seconds, children included),
+# R_CPU_S (Redis') and DT (wall seconds).
+measured() {
+  local out=$1 server=$2; shift 2
+  local s0 r0 t0
+  s0=$(cpu_secs "$server"); r0=$(cpu_secs "$REDIS_PID"); t0=$(now)
+  "$@" >"$out" 2>&1
+  DT=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')
+  S_CPU_S=$(awk -v a="$s0" -v b="$(cpu_secs "$server")" 'BEGIN { print b - a }')
+  R_CPU_S=$(awk -v a="$r0" -v b="$(cpu_secs "$REDIS_PID")" 'BEGIN { print b - a }')
+}
+pct_of() { awk -v c="$1" -v t="$DT" 'BEGIN { printf "%.0f", (t > 0) ? c / t * 100 : 0 }'; }
 
 # wrk prints e.g. "Requests/sec:  23456.78" and "     50%  2.10ms"; normalise latencies to ms.
 rps() { awk '/^Requests\/sec:/ {print $2}' "$1"; }
@@ -179,112 +238,149 @@ pct() {
     if (u == "us") v = v / 1000; else if (u == "s") v = v * 1000; else if (u == "m") v = v * 60000;
     printf "%.2f", v }' "$1"
 }
-non2xx() { awk '/Non-2xx or 3xx responses:/ {print $5}' "$1"; }
+non2xx() { local n; n=$(awk '/Non-2xx or 3xx responses:/ {print $5}' "$1"); echo "${n:-0}"; }
 total() { awk '/requests in/ {print $1}' "$1"; }
 ratio() { awk -v a="$1" -v b="$2" -v f="$3" 'BEGIN { printf f, (b > 0) ? a / b : 0 }'; }
-verdict() { awk -v v="$1" -v t="$2" 'BEGIN { print (v >= t) ? "met" : "NOT met" }'; }
+# met / NOT met: value $1 at least $2, or at most $2 when $3 is "le".
+verdict() { awk -v v="$1" -v t="$2" -v le="${3:-}" 'BEGIN { if (le == "le") print (v <= t) ? "met" : "NOT met"; else print (v >= t) ? "met" : "NOT met" }'; }
+bench_rate() { tr '\r' '\n' <"$1" | grep -o '[0-9.]* requests per second' | tail -1 | awk '{print $1}'; }
+
+# One HTTP grab run against server URL $1 (pid $2, base URL $3, stream key
+# $4, customer label $5). Sets G_RPS G_P50 G_P99 G_NON2XX G_TOTAL G_GRANTS,
+# G_REDIS_US (FCALL usec per grant), G_SERVER_US (server CPU per request),
+# G_BATCH (mean batch size), G_SERVER_PCT and G_REDIS_PCT.
+http_run() {
+  local url=$1 pid=$2 base=$3 stream=$4 label=$5
+  local u0 x0 bs0 bc0 u1 x1 bs1 bc1
+  wrk_grab "$url" "$label"
+  echo "bench: ${WRK[*]}"
+  u0=$(cmdstat fcall usec); x0=$(xlen "$stream")
+  bs0=$(metric "$base" seckill_grab_batch_size_sum); bc0=$(metric "$base" seckill_grab_batch_size_count)
+  measured "$work/run.txt" "$pid" "${WRK[@]}"
+  cat "$work/run.txt"
+  u1=$(cmdstat fcall usec); x1=$(xlen "$stream")
+  bs1=$(metric "$base" seckill_grab_batch_size_sum); bc1=$(metric "$base" seckill_grab_batch_size_count)
+  G_RPS=$(rps "$work/run.txt"); G_P50=$(pct "$work/run.txt" 50); G_P99=$(pct "$work/run.txt" 99)
+  G_NON2XX=$(non2xx "$work/run.txt"); G_TOTAL=$(total "$work/run.txt")
+  G_GRANTS=$((x1 - x0))
+  G_REDIS_US=$(awk -v u="$((u1 - u0))" -v g="$G_GRANTS" 'BEGIN { printf "%.1f", (g > 0) ? u / g : 0 }')
+  G_SERVER_US=$(awk -v c="$S_CPU_S" -v n="$G_TOTAL" 'BEGIN { printf "%.1f", (n > 0) ? c / n * 1e6 : 0 }')
+  G_BATCH=$(awk -v s="$((bs1 - bs0))" -v c="$((bc1 - bc0))" 'BEGIN { printf "%.1f", (c > 0) ? s / c : 0 }')
+  G_SERVER_PCT=$(pct_of "$S_CPU_S"); G_REDIS_PCT=$(pct_of "$R_CPU_S")
+}
 
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench: CPU placement: $PLACEMENT"
-echo "bench: warm-up (2 s)"
-"${ON_CLIENT_CPU[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/grab.lua "$GRAB_URL" -- warmup >/dev/null
-
-GRAB_ROWS=""
-SOLD_ROWS=""
-NGINX_ROWS=""
-MULTIPLES=()
-HTTP_RATIOS=()
-NGINX_RATIOS=()
-for round in $(seq "$ROUNDS"); do
-  wrk_grab "$round"
-  echo "bench: round $round/$ROUNDS: HTTP grabs: ${WRK_GRAB[*]}"
-  measured "$work/grab.txt" "${WRK_GRAB[@]}"
-  cat "$work/grab.txt"
-  GRAB_W=$W_CPU GRAB_R=$R_CPU
-  echo "bench: round $round/$ROUNDS: ceiling: ${CEILING[*]}"
-  measured "$work/ceiling-raw.txt" "${CEILING[@]}"
-  CEIL_R=$R_CPU
-  tr '\r' '\n' <"$work/ceiling-raw.txt" | grep -v '^$' | tail -n 3 >"$work/ceiling.txt"
-  cat "$work/ceiling.txt"
-  echo "bench: round $round/$ROUNDS: sold-out rejections: ${WRK_SOLD_OUT[*]}"
-  measured "$work/sold-out.txt" "${WRK_SOLD_OUT[@]}"
-  cat "$work/sold-out.txt"
-  SOLD_W=$W_CPU
-  echo "bench: round $round/$ROUNDS: nginx static 410: ${WRK_NGINX[*]}"
-  measured "$work/nginx.txt" "${WRK_NGINX[@]}"
-  cat "$work/nginx.txt"
-  NGINX_CPU=$N_CPU
-
-  GRAB_RPS=$(rps "$work/grab.txt")
-  GRAB_NON2XX=$(non2xx "$work/grab.txt"); GRAB_NON2XX=${GRAB_NON2XX:-0}
-  CEILING_RPS=$(grep -o '[0-9.]* requests per second' "$work/ceiling.txt" | tail -1 | awk '{print $1}')
-  CEILING_P50=$(grep -o 'p50=[0-9.]* msec' "$work/ceiling.txt" | tail -1 | sed 's/p50=//; s/ msec//')
-  SOLD_RPS=$(rps "$work/sold-out.txt")
-  SOLD_NON2XX=$(non2xx "$work/sold-out.txt"); SOLD_NON2XX=${SOLD_NON2XX:-0}
-  NGINX_RPS=$(rps "$work/nginx.txt")
-  NGINX_NON2XX=$(non2xx "$work/nginx.txt"); NGINX_NON2XX=${NGINX_NON2XX:-0}
-  NGINX_RATIO=$(ratio "$SOLD_RPS" "$NGINX_RPS" "%.2f")
-  # Per CPU-second of the server: what one answer costs each, whoever else
-  # took the core meanwhile (on a busy machine the rates alone say more
-  # about the scheduler than about the servers).
-  NGINX_PER_CPU=$(awk -v r="$NGINX_RPS" -v c="$NGINX_CPU" 'BEGIN { printf "%.0f", (c > 0) ? r / (c / 100) : 0 }')
-  RATIO=$(ratio "$GRAB_RPS" "$CEILING_RPS" "%.2f")
-  MULTIPLE=$(ratio "$SOLD_RPS" "$GRAB_RPS" "%.1f")
-  # Requests per second of worker CPU: what one request costs the worker on each path.
-  GRAB_PER_CPU=$(awk -v r="$GRAB_RPS" -v c="$GRAB_W" 'BEGIN { printf "%.0f", (c > 0) ? r / (c / 100) : 0 }')
-  SOLD_PER_CPU=$(awk -v r="$SOLD_RPS" -v c="$SOLD_W" 'BEGIN { printf "%.0f", (c > 0) ? r / (c / 100) : 0 }')
-  MULTIPLES+=("$MULTIPLE")
-  HTTP_RATIOS+=("$RATIO")
-  NGINX_RATIOS+=("$NGINX_RATIO")
-  GRAB_ROWS+="| $round | **$GRAB_RPS** | $(pct "$work/grab.txt" 50) / $(pct "$work/grab.txt" 99) ms | $GRAB_NON2XX of $(total "$work/grab.txt") | worker $GRAB_W %, redis $GRAB_R % | **$CEILING_RPS** (p50 $CEILING_P50 ms; redis $CEIL_R %) | **$RATIO** (>= 0.5: $(verdict "$RATIO" 0.5)) |"$'\n'
-  SOLD_ROWS+="| $round | **$SOLD_RPS** | $(pct "$work/sold-out.txt" 50) / $(pct "$work/sold-out.txt" 99) ms | $SOLD_NON2XX of $(total "$work/sold-out.txt") | worker $SOLD_W % | **${MULTIPLE}x** (>= 5: $(verdict "$MULTIPLE" 5)) | $GRAB_PER_CPU / $SOLD_PER_CPU ($(ratio "$SOLD_PER_CPU" "$GRAB_PER_CPU" "%.1f")x) |"$'\n'
-  NGINX_ROWS+="| $round | **$SOLD_RPS** (worker $SOLD_W %) | **$NGINX_RPS** ($(pct "$work/nginx.txt" 50) / $(pct "$work/nginx.txt" 99) ms; $NGINX_NON2XX of $(total "$work/nginx.txt") answered 410; nginx $NGINX_CPU %) | **$NGINX_RATIO** (>= 0.8: $(verdict "$NGINX_RATIO" 0.8)) | $SOLD_PER_CPU / $NGINX_PER_CPU (**$(ratio "$SOLD_PER_CPU" "$NGINX_PER_CPU" "%.2f")**) |"$'\n'
+echo "bench: warm-up (2 s each server)"
+for url in "$GRAB_URL" "$DURABLE_URL" "$UP_URL"; do
+  "${ON_CLIENT_CPU[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/grab.lua "$url" -- warmup >/dev/null
 done
-GRANTED=$(redis-cli -p "$REDIS_PORT" XLEN "$HTTP_EVENTS_KEY")
-MET=$(printf '%s\n' "${MULTIPLES[@]}" | awk '$1 >= 5 { n++ } END { print n + 0 }')
-HTTP_MET=$(printf '%s\n' "${HTTP_RATIOS[@]}" | awk '$1 >= 0.5 { n++ } END { print n + 0 }')
-NGINX_MET=$(printf '%s\n' "${NGINX_RATIOS[@]}" | awk '$1 >= 0.8 { n++ } END { print n + 0 }')
+# The sold-out path with its holders' set loaded (the first grabs after the
+# worker learns of the sale go to Redis while it loads).
+"${ON_CLIENT_CPU[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/sold-out.lua "$SOLD_OUT_URL" >/dev/null
 
-cat >"$work/section.md" <<EOF
+ROWS=""
+DURABLE_ROWS=""
+UP_ROWS=""
+SOLD_ROWS=""
+for round in $(seq "$ROUNDS"); do
+  echo "bench: round $round/$ROUNDS: yardstick: ${YARDSTICK[*]}"
+  y0=$(cmdstat evalsha usec); yc0=$(cmdstat evalsha calls)
+  measured "$work/yardstick.txt" "$REDIS_PID" "${YARDSTICK[@]}"
+  y1=$(cmdstat evalsha usec); yc1=$(cmdstat evalsha calls)
+  YARD_RPS=$(bench_rate "$work/yardstick.txt")
+  YARD_US=$(awk -v u="$((y1 - y0))" -v c="$((yc1 - yc0))" 'BEGIN { printf "%.1f", (c > 0) ? u / c : 0 }')
+  echo "bench: yardstick $YARD_RPS/s, $YARD_US us of Redis per call"
+
+  http_run "$GRAB_URL" "$WORKER_PID" "$BASE" "$HTTP_EVENTS_KEY" "grab$round"
+  PLAIN_RPS=$G_RPS
+  HTTP_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
+  ROWS+="| $round | **$YARD_RPS** ($YARD_US µs Redis/call) | **$G_RPS** | **$HTTP_RATIO** (>= 1.0: $(verdict "$HTTP_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, redis $G_REDIS_PCT % |"$'\n'
+
+  http_run "$DURABLE_URL" "$DURABLE_PID" "http://127.0.0.1:$DURABLE_PORT" "$DURABLE_EVENTS_KEY" "durable$round"
+  D_RATIO=$(ratio "$G_RPS" "$PLAIN_RPS" "%.2f")
+  DURABLE_ROWS+="| $round | **$G_RPS** | **$PLAIN_RPS** | **$D_RATIO** (>= 0.8: $(verdict "$D_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_NON2XX of $G_TOTAL |"$'\n'
+
+  http_run "$UP_URL" "$UP_PID" "http://127.0.0.1:$UP_PORT" "$UP_EVENTS_KEY" "up$round"
+  U_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
+  UP_ROWS+="| $round | **$G_RPS** | **$YARD_RPS** | **$U_RATIO** (>= 0.8: $(verdict "$U_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_SERVER_US µs (every role) | $G_NON2XX of $G_TOTAL |"$'\n'
+
+  echo "bench: round $round/$ROUNDS: our grab function unbatched: ${UNBATCHED[*]}"
+  f0=$(cmdstat fcall usec); fc0=$(cmdstat fcall calls)
+  measured "$work/unbatched.txt" "$REDIS_PID" "${UNBATCHED[@]}"
+  f1=$(cmdstat fcall usec); fc1=$(cmdstat fcall calls)
+  UNB_RPS=$(bench_rate "$work/unbatched.txt")
+  UNB_US=$(awk -v u="$((f1 - f0))" -v c="$((fc1 - fc0))" 'BEGIN { printf "%.1f", (c > 0) ? u / c : 0 }')
+
+  echo "bench: round $round/$ROUNDS: sold-out rejections: ${WRK_SOLD_OUT[*]}"
+  measured "$work/sold-out.txt" "$WORKER_PID" "${WRK_SOLD_OUT[@]}"
+  cat "$work/sold-out.txt"
+  SOLD_CPU=$(pct_of "$S_CPU_S")
+  echo "bench: round $round/$ROUNDS: nginx static 410: ${WRK_NGINX[*]}"
+  measured "$work/nginx.txt" "$NGINX_PID" "${WRK_NGINX[@]}"
+  cat "$work/nginx.txt"
+  NGINX_CPU=$(pct_of "$S_CPU_S")
+  SOLD_RPS=$(rps "$work/sold-out.txt"); NGINX_RPS=$(rps "$work/nginx.txt")
+  NGINX_RATIO=$(ratio "$SOLD_RPS" "$NGINX_RPS" "%.2f")
+  SOLD_ROWS+="| $round | **$SOLD_RPS** ($(pct "$work/sold-out.txt" 50) / $(pct "$work/sold-out.txt" 99) ms; $(non2xx "$work/sold-out.txt") of $(total "$work/sold-out.txt") answered 410; worker $SOLD_CPU %) | **$NGINX_RPS** ($(pct "$work/nginx.txt" 50) / $(pct "$work/nginx.txt" 99) ms; nginx $NGINX_CPU %) | **$NGINX_RATIO** (>= 0.8: $(verdict "$NGINX_RATIO" 0.8)) | $UNB_RPS/s, $UNB_US µs Redis/call |"$'\n'
+done
+LOADAFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+COMMANDS="${YARDSTICK[*]}"
+for pair in "$GRAB_URL grab1" "$DURABLE_URL durable1" "$UP_URL up1"; do
+  # shellcheck disable=SC2086
+  wrk_grab $pair
+  COMMANDS+=$'\n'"${WRK[*]}"
+done
+COMMANDS+=$'\n'"${UNBATCHED[*]}"$'\n'"${WRK_SOLD_OUT[*]}"$'\n'"${WRK_NGINX[*]}"
+
+cat >"$work/section.md" <<SECTION
 <!-- bench:command:start (written by scripts/bench.sh; do not edit by hand) -->
 ## Command path (grab)
 
 Run of $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(uname -m), $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)),
-load average before the run: $LOADAVG. CPU placement: $PLACEMENT.
-Redis: a private \`redis-server\` $(redis-server --version | awk '{print $3}' | tr -d 'v='), AOF on, \`appendfsync everysec\`.
-$ROUNDS rounds; each round runs the four measures one after the other, and every ratio
-compares figures of the same round. wrk: $THREADS thread, $CONNECTIONS connections, $DURATION s per run.
-CPU columns: percent of one core the process used during that run (from /proc).
+load average before the run: $LOADAVG; after: $LOADAFTER. CPU placement: $PLACEMENT.
+Redis: a private \`redis-server\` $(redis-server --version | awk '{print $3}' | tr -d 'v='), AOF on, \`appendfsync everysec\`, one replica attached
+(for the durable worker). $ROUNDS round(s); each runs the measures one after the other and every ratio compares
+figures of the same round. wrk: $THREADS thread, $CONNECTIONS connections, $DURATION s per run. Servers keep
+their defaults (\`--grab-batch-max\` 64).
 
-**Grabs and the Redis ceiling** (HTTP / ceiling >= 0.5 met in $HTTP_MET of $ROUNDS rounds)
+Columns: the **yardstick** is \`ref-grab.lua\` (../shared/bench) by EVALSHA through redis-benchmark, unbatched;
+**Redis µs per grant** is the FCALL usec of \`INFO commandstats\` during the run divided by the grants (stream
+entries added); **worker µs per grab** is the server's CPU time (from /proc) divided by the requests;
+**mean batch** is the server's \`seckill_grab_batch_size\` sum / count during the run.
 
-| round | HTTP grabs/s | p50 / p99 | not 200 | CPU during grabs | ceiling: grab script by EVALSHA/s | HTTP / ceiling |
-|---|---|---|---|---|---|---|
-${GRAB_ROWS}
-**Sold-out rejections** (>= 5x the grab rate of the same round met in $MET of $ROUNDS rounds)
+**One \`seckill-worker command\` beside the yardstick**
 
-| round | rejections/s (410 from memory) | p50 / p99 | answers 410 | CPU | rejections / grabs | per worker CPU-second: grabs / rejections |
-|---|---|---|---|---|---|---|
-${SOLD_ROWS}
-**Sold-out rejections beside nginx answering a static 410** (the same JSON body, \`return 410\` in a
-generated minimal nginx.conf, 2 worker processes on the worker's CPU, the same wrk command and
-connections; worker / nginx >= 0.8 met in $NGINX_MET of $ROUNDS rounds)
+| round | yardstick/s | HTTP grabs/s | HTTP / yardstick | Redis µs per grant | worker µs per grab | p50 / p99 | mean batch | not 200 | CPU |
+|---|---|---|---|---|---|---|---|---|---|
+${ROWS}
+**Durable grabs** (\`--durable-replicas 1\`, one WAIT per batch) **beside the plain worker**
 
-| round | worker rejections/s | nginx static 410/s | worker / nginx | per CPU-second: worker / nginx |
+| round | durable grabs/s | plain grabs/s | durable / plain | p50 / p99 | mean batch | Redis µs per grant | not 200 |
+|---|---|---|---|---|---|---|---|
+${DURABLE_ROWS}
+**\`seckill up\`** (operator, command, query and projector in one process, on the same Redis)
+
+| round | HTTP grabs/s | yardstick/s | up / yardstick | p50 / p99 | mean batch | Redis µs per grant (FCALL only) | process µs per grab | not 200 |
+|---|---|---|---|---|---|---|---|---|
+${UP_ROWS}
+**Sold-out rejections beside nginx answering a static 410** (the worker's holders' set loaded; the same
+JSON body by \`return 410\` in a generated minimal nginx.conf, 2 nginx worker processes on the worker's CPU,
+the same wrk command and connections). Last column: our grab function unbatched (one customer per FCALL)
+by redis-benchmark, beside the batched Redis cost above.
+
+| round | worker rejections/s | nginx static 410/s | worker / nginx | grab function unbatched |
 |---|---|---|---|---|
-${NGINX_ROWS}
-Entries in the \`bench/http\` stream after the run (PromotionStarted plus one CouponGrabbed per 200, warm-up included): $GRANTED.
-
-Commands (ports are picked free at each run; the grab label is grab1, grab2, ... per round):
+${SOLD_ROWS}
+Commands (ports are picked free at each run; the customer label is grab1, durable1, up1, ... per round):
 
 \`\`\`
-${WRK_GRAB[*]}
-${CEILING[*]}
-${WRK_SOLD_OUT[*]}
-${WRK_NGINX[*]}
+${COMMANDS}
 \`\`\`
+Servers: \`seckill-worker command --redis-url \$REDIS --no-query\`, the same with \`--durable-replicas 1\`,
+and \`seckill up --redis-url \$REDIS\`.
 <!-- bench:command:end -->
-EOF
+SECTION
 
 if [ "${BENCH_NO_DOC:-0}" != 1 ]; then
   doc=docs/BENCHMARKS.md

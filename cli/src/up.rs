@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use seckill_operator::lifecycle::{self, Driven};
 use seckill_operator::metrics::Metrics as OperatorMetrics;
 use seckill_operator::promotion::PromotionStatus;
-use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs};
+use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs, GrabBatchArgs};
 use seckill_workers::http::customer_header::CustomerIdHeaderArgs;
 use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::{CommandMetrics, WorkerMetrics};
@@ -92,6 +92,9 @@ pub struct UpArgs {
 
     #[command(flatten)]
     pub durable: DurableGrabArgs,
+
+    #[command(flatten)]
+    pub batch: GrabBatchArgs,
 
     #[command(flatten)]
     pub limits: ServerLimitArgs,
@@ -188,6 +191,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         args.redis.clone()
     };
     let redis = redis_args.connect()?;
+    seckill_workers::protocol::functions::load_at_setup(redis.clone());
     let read_models = redis_args.connect_read_models()?;
     let timeout = redis_args.timeout();
     let shutdown = http::shutdown_on_signal();
@@ -206,6 +210,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
             customer_id_header: header.clone(),
             redis_timeout: timeout,
             durability: args.durable.durability(timeout)?,
+            batch_max: args.batch.grab_batch_max as usize,
         };
         Some(
             CommandApi::new(redis.clone(), options)

@@ -485,6 +485,7 @@ pub fn identity(flag: Option<String>) -> String {
 pub async fn run(args: RunArgs) -> Result<(), Error> {
     let client = Client::try_default().await?;
     let redis = args.redis.connect()?;
+    seckill_workers::protocol::functions::load_at_setup(redis.clone());
     let registry = MetricsRegistry::new();
     let metrics = Metrics::register(&registry);
     let shutdown = http::shutdown_on_signal();

@@ -26,9 +26,8 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kube::runtime::reflector::{ObjectRef, Store};
-use redis::{ErrorKind, ServerErrorKind};
 use seckill_workers::protocol::{
-    FinishReason, PromotionId, PromotionKeys, ScriptError, Snapshot, SNAPSHOT,
+    self, FinishReason, PromotionId, PromotionKeys, ScriptError, Snapshot,
 };
 use seckill_workers::redis_connection::RedisConnection;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -291,40 +290,13 @@ impl RunningSales {
     }
 }
 
-/// Reads the state of every promotion of `ids` in one batch: one pipeline of
-/// the `snapshot` script on a standalone Redis, all at once on a cluster (see
-/// [`RedisConnection::query_each`]). Loads the script once when Redis lost it
-/// (a restart).
+/// Reads the state of every promotion of `ids` in one batch (see
+/// [`protocol::snapshots`]).
 pub async fn read(
     con: &mut RedisConnection,
     ids: &[PromotionId],
 ) -> Result<Vec<Snapshot>, ScriptError> {
-    // The invocation protocol::snapshot makes, as commands that can share a
-    // pipeline: the script by hash, the promotion's state hash as its key.
-    let commands = || {
-        ids.iter()
-            .map(|id| {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(SNAPSHOT.get_hash())
-                    .arg(1)
-                    .arg(PromotionKeys::new(id).state);
-                cmd
-            })
-            .collect::<Vec<_>>()
-    };
-    let replies: Vec<String> = match con.query_each(commands()).await {
-        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-            SNAPSHOT.load_async(con).await?;
-            con.query_each(commands()).await?
-        }
-        other => other?,
-    };
-    replies
-        .iter()
-        .map(|reply| {
-            serde_json::from_str(reply).map_err(|e| ScriptError::BadReply(format!("{e}: {reply}")))
-        })
-        .collect()
+    protocol::snapshots(con, ids).await
 }
 
 /// One poll: the length of every watched sale's event stream (every grab,

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use redis::streams::{StreamId, StreamRangeReply};
 use seckill_workers::protocol::{
-    CouponGrabbed, Event, PromotionFinished, PromotionId, PromotionKeys, PromotionStarted,
-    EVENT_FIELD, PROJECTOR_GROUP,
+    grab_entry, CouponGrabbed, Event, PromotionFinished, PromotionId, PromotionKeys,
+    PromotionStarted, EVENT_FIELD, PROJECTOR_GROUP,
 };
 use seckill_workers::redis_connection::RedisConnection;
 
@@ -23,18 +23,43 @@ pub async fn stream_entries(con: &mut RedisConnection, id: &PromotionId) -> Vec<
     page.ids
 }
 
+/// The fields a CouponGrabbed of version 2 has, sorted.
+fn grab_v2_fields() -> Vec<&'static str> {
+    let mut names: Vec<&str> = grab_entry::fields("c", 1, 0)
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    names.sort_unstable();
+    names
+}
+
 /// Every event of `id`'s stream with its entry id, in stream order. Each
-/// entry holds the event field only, and every event decodes.
+/// entry holds either the event field only (version 1 JSON) or exactly the
+/// fields of a version 2 grab, and every event decodes (by the protocol's
+/// own decoder, as projectors do).
 pub async fn stream_events(con: &mut RedisConnection, id: &PromotionId) -> Vec<(String, Event)> {
+    let v2 = grab_v2_fields();
     stream_entries(con, id)
         .await
         .iter()
         .map(|entry| {
-            for field in entry.map.keys() {
-                assert_eq!(field, EVENT_FIELD, "{entry:?}");
-            }
-            let raw: Vec<u8> = entry.get(EVENT_FIELD).expect("event field");
-            let event = Event::decode(&raw).expect("every event decodes");
+            let mut names: Vec<&str> = entry.map.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            assert!(
+                names == [EVENT_FIELD] || names == v2,
+                "unexpected fields {names:?} in {entry:?}"
+            );
+            let fields: Vec<(&[u8], Vec<u8>)> = entry
+                .map
+                .iter()
+                .map(|(name, value)| {
+                    let bytes: Vec<u8> =
+                        redis::from_redis_value(value.clone()).expect("a field value is a string");
+                    (name.as_bytes(), bytes)
+                })
+                .collect();
+            let event = Event::decode_entry(id, fields.iter().map(|(k, v)| (*k, v.as_slice())))
+                .expect("every event decodes");
             (entry.id.clone(), event)
         })
         .collect()

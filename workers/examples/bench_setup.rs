@@ -1,13 +1,15 @@
 //! Prepares a Redis for `scripts/bench.sh`, through the protocol module so
 //! that the benchmark spells no key and no script of its own:
 //!
-//! - schedules `bench/http` and `bench/ceiling` (open now, `COUPONS` each),
+//! - schedules `bench/http`, `bench/durable`, `bench/up` and `bench/ceiling`
+//!   (open now, `COUPONS` each: one per measured server, one for the
+//!   unbatched function call by `redis-benchmark`),
 //! - schedules `bench/sold-out` with one coupon and takes it,
-//! - loads the grab script (SCRIPT LOAD) and prints, on one line, the
-//!   arguments of the equivalent `EVALSHA` for `bench/ceiling`:
-//!   `<sha> 3 <state> <customers> <events>`,
-//! - prints, on a second line, the stream key of `bench/http` (to count its
-//!   events after the run).
+//! - loads the functions library (FUNCTION LOAD) and prints, on one line,
+//!   the arguments of the grab's `FCALL` for `bench/ceiling`:
+//!   `<function> 3 <state> <customers> <events>`,
+//! - prints, on the next lines, the stream keys of `bench/http`,
+//!   `bench/durable` and `bench/up` (to count their grants around each run).
 //!
 //! Usage: `cargo run --release -p seckill-workers --example bench_setup -- REDIS_URL COUPONS`
 
@@ -31,19 +33,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         publish_time: now - Duration::seconds(1),
         finish_time: now + Duration::hours(1),
     };
-    for name in ["http", "ceiling"] {
+    for name in ["http", "durable", "up", "ceiling"] {
         protocol::schedule(&mut con, &PromotionId::new("bench", name)?, &spec(coupons)).await?;
     }
     let sold_out = PromotionId::new("bench", "sold-out")?;
     protocol::schedule(&mut con, &sold_out, &spec(1)).await?;
     protocol::grab(&mut con, &sold_out, &CustomerId::parse("first")?).await?;
 
-    let sha = protocol::GRAB.load_async(&mut con).await?;
+    protocol::functions::load(&mut con).await?;
     let keys = PromotionKeys::new(&PromotionId::new("bench", "ceiling")?);
-    println!("{sha} 3 {} {} {}", keys.state, keys.customers, keys.events);
     println!(
-        "{}",
-        PromotionKeys::new(&PromotionId::new("bench", "http")?).events
+        "{} 3 {} {} {}",
+        protocol::functions::GRAB.name(),
+        keys.state,
+        keys.customers,
+        keys.events
     );
+    for name in ["http", "durable", "up"] {
+        println!(
+            "{}",
+            PromotionKeys::new(&PromotionId::new("bench", name)?).events
+        );
+    }
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Read-side benchmark for `make bench` (docs/BENCHMARKS.md):
 //!
-//! 1. appends one PromotionStarted, `N` CouponGrabbed (distinct customers) and
-//!    one PromotionFinished to one promotion stream (pipelined XADD of the
-//!    events the scripts write, through the protocol's types),
+//! 1. appends one PromotionStarted, `N` CouponGrabbed (distinct customers;
+//!    version 2 entries of plain fields, as the grab function writes them)
+//!    and one PromotionFinished to one promotion stream (pipelined XADD,
+//!    through the protocol's types and field names),
 //! 2. reads the whole stream raw with XRANGE (the ceiling: what any reader
 //!    pays just to get the entries),
 //! 3. projects it with one projector, then (read models dropped, group
@@ -20,7 +21,7 @@ use std::time::Instant;
 use chrono::{Duration, Utc};
 use seckill_workers::projector::{self, Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{
-    CouponGrabbed, CustomerId, Event, FinishReason, PromotionFinished, PromotionId, PromotionKeys,
+    grab_entry, CustomerId, Event, FinishReason, PromotionFinished, PromotionId, PromotionKeys,
     PromotionStarted, EVENT_FIELD, PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
 };
 use seckill_workers::read_model;
@@ -28,15 +29,26 @@ use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-async fn append(con: &mut RedisConnection, stream: &str, events: &[Event]) -> Result<(), Error> {
+/// An entry to append: a JSON event (version 1) or a version 2 grab.
+enum Entry {
+    Json(Event),
+    Grab { customer: String, seq: u64, ms: i64 },
+}
+
+async fn append(con: &mut RedisConnection, stream: &str, entries: &[Entry]) -> Result<(), Error> {
     let mut pipe = redis::pipe();
-    for e in events {
-        pipe.cmd("XADD")
-            .arg(stream)
-            .arg("*")
-            .arg(EVENT_FIELD)
-            .arg(e.encode())
-            .ignore();
+    for e in entries {
+        let xadd = pipe.cmd("XADD").arg(stream).arg("*");
+        match e {
+            Entry::Json(e) => xadd.arg(EVENT_FIELD).arg(e.encode()),
+            Entry::Grab { customer, seq, ms } => {
+                for (name, value) in grab_entry::fields(customer, *seq, *ms) {
+                    xadd.arg(name).arg(value);
+                }
+                xadd
+            }
+        }
+        .ignore();
     }
     pipe.query_async::<()>(con).await?;
     Ok(())
@@ -100,15 +112,54 @@ async fn cpu_seconds(con: &mut RedisConnection) -> Result<(f64, f64), Error> {
     Ok((client, server))
 }
 
-/// A phase's wall time and CPU use (client, Redis), in seconds.
+/// Redis' own accounting of the commands it ran since the last CONFIG
+/// RESETSTAT (INFO commandstats): command -> (calls, microseconds), the
+/// bench's own INFO and CONFIG left out.
+async fn command_stats(
+    con: &mut RedisConnection,
+) -> Result<std::collections::BTreeMap<String, (u64, u64)>, Error> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await?;
+    let mut out = std::collections::BTreeMap::new();
+    for line in info.lines() {
+        let Some((name, stats)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        if name == "info" || name.starts_with("config") {
+            continue;
+        }
+        let stat = |key: &str| {
+            stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out.insert(name.to_owned(), (stat("calls"), stat("usec")));
+    }
+    Ok(out)
+}
+
+/// A phase's wall time and CPU use (client, Redis), in seconds, and what
+/// Redis' commandstats say each command cost.
 struct Phase {
     secs: f64,
     client_cpu: f64,
     redis_cpu: f64,
+    commands: std::collections::BTreeMap<String, (u64, u64)>,
 }
 
 impl Phase {
     async fn start(con: &mut RedisConnection) -> Result<(Instant, (f64, f64)), Error> {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(con)
+            .await?;
         Ok((Instant::now(), cpu_seconds(con).await?))
     }
 
@@ -119,15 +170,30 @@ impl Phase {
             secs,
             client_cpu: c - start.1 .0,
             redis_cpu: r - start.1 .1,
+            commands: command_stats(con).await?,
         })
     }
 
     fn json(&self, events: f64) -> serde_json::Value {
+        let per_event = |usec: u64| usec as f64 / events.max(1.0);
+        let total: u64 = self.commands.values().map(|(_, usec)| usec).sum();
+        let commands: serde_json::Map<String, serde_json::Value> = self
+            .commands
+            .iter()
+            .map(|(name, (calls, usec))| {
+                (
+                    name.clone(),
+                    serde_json::json!({ "calls": calls, "usecPerEvent": per_event(*usec) }),
+                )
+            })
+            .collect();
         serde_json::json!({
             "secs": self.secs,
             "eventsPerSec": events / self.secs.max(1e-9),
             "clientCpuMicrosPerEvent": self.client_cpu * 1e6 / events.max(1.0),
             "redisCpuMicrosPerEvent": self.redis_cpu * 1e6 / events.max(1.0),
+            "redisCommandMicrosPerEvent": per_event(total),
+            "commands": commands,
         })
     }
 }
@@ -182,33 +248,31 @@ async fn main() -> Result<(), Error> {
     let now = Utc::now();
 
     let t = std::time::Instant::now();
-    let mut batch = vec![Event::PromotionStarted(PromotionStarted {
+    let mut batch = vec![Entry::Json(Event::PromotionStarted(PromotionStarted {
         promotion: promotion.clone(),
         discount: 0.8,
         number_of_coupons: n,
         publish_time: now,
         finish_time: now + Duration::hours(1),
         started_at: Some(now),
-    })];
+    }))];
     for i in 0..n {
-        batch.push(Event::CouponGrabbed(CouponGrabbed {
-            coupon_id: format!("{promotion}#{}", i + 1),
-            promotion: promotion.clone(),
-            customer_id: format!("c-{i}"),
-            discount: 0.8,
-            granted_at: now,
-        }));
+        batch.push(Entry::Grab {
+            customer: format!("c-{i}"),
+            seq: i + 1,
+            ms: now.timestamp_millis(),
+        });
         if batch.len() == 2_000 {
             append(&mut con, &stream, &batch).await?;
             batch.clear();
         }
     }
-    batch.push(Event::PromotionFinished(PromotionFinished {
+    batch.push(Entry::Json(Event::PromotionFinished(PromotionFinished {
         promotion: promotion.clone(),
         reason: FinishReason::SoldOut,
         granted: n,
         finished_at: Some(now),
-    }));
+    })));
     append(&mut con, &stream, &batch).await?;
     let _: () = redis::cmd("SADD")
         .arg(PROMOTION_INDEX_KEY)

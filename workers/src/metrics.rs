@@ -254,6 +254,7 @@ pub struct RateLimitLabels {
 pub struct CommandMetrics {
     rate_limited: Family<RateLimitLabels, Counter>,
     not_replicated: Counter,
+    batch_size: Histogram,
 }
 
 impl CommandMetrics {
@@ -261,6 +262,14 @@ impl CommandMetrics {
     pub fn register(registry: &MetricsRegistry) -> Self {
         let rate_limited = Family::<RateLimitLabels, Counter>::default();
         let not_replicated = Counter::default();
+        // 1, 2, 4, ... 128 customers: the group commit's batches (at most
+        // --grab-batch-max, 64 by default).
+        let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
+        registry.register(
+            "grab_batch_size",
+            "Customers per grab call to Redis (the group commit's batches)",
+            batch_size.clone(),
+        );
         registry.register(
             "grab_rate_limited",
             "Grabs answered 429 by the rate limiter before any Redis call, by client key",
@@ -274,7 +283,13 @@ impl CommandMetrics {
         Self {
             rate_limited,
             not_replicated,
+            batch_size,
         }
+    }
+
+    /// One grab call to Redis for `customers` customers.
+    pub fn batch(&self, customers: usize) {
+        self.batch_size.observe(customers as f64);
     }
 
     pub fn rate_limited(&self, key: &'static str) {
@@ -388,7 +403,9 @@ mod tests {
         c.rate_limited("ip");
         c.rate_limited("ip");
         c.not_replicated();
+        c.batch(3);
         let text = m.registry.encode().unwrap();
+        assert!(text.contains("seckill_grab_batch_size_count 1"), "{text}");
         assert!(
             text.contains(r#"seckill_grab_rate_limited_total{key="ip"} 2"#),
             "{text}"

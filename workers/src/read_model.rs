@@ -7,7 +7,8 @@
 //! | key | holds |
 //! |---|---|
 //! | `seckill:rm:promotion:{ns/name}` | hash: phase, discount, numberOfCoupons, granted, times, finishReason |
-//! | `seckill:rm:customer:{id}:coupons` | hash: promotion id -> coupon JSON |
+//! | `seckill:rm:coupons:{bucket}` | hash: `<customerId>\|<ns/name>` -> `<seq>:<grantedAtMs>`, the customers of one of 65,536 buckets |
+//! | `seckill:rm:layout` | string: the layout version the read models are complete in (`2`) |
 //! | `seckill:rm:active` | set: promotion ids believed active (an index; readers filter by phase) |
 //! | `seckill:rm:progress` | hash: consumer name -> `lagMs:atMs` (freshness) |
 //!
@@ -20,7 +21,7 @@
 //!
 //! [`RedisArgs::connect_read_models`]: crate::redis_connection::RedisArgs::connect_read_models
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::redis_connection::RedisConnection;
 use chrono::SecondsFormat;
@@ -122,6 +123,11 @@ pub fn check(event: &Event) -> Result<(), ProjectionError> {
     Ok(())
 }
 
+/// Redis' clock in epoch ms as RFC 3339 with milliseconds, the API's form.
+fn rfc3339_ms(ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms).map(|t| rfc3339(&t))
+}
+
 /// The `project` script call of `event` on the promotion's read model (one
 /// key, so one cluster slot), as a plain EVALSHA so that it can travel in
 /// the same round trip as the customer writes; a NOSCRIPT answer is handled
@@ -144,7 +150,7 @@ fn projection_call(rm: &str, promotion: &str, event: &Event) -> redis::Cmd {
         Event::CouponGrabbed(g) => {
             call.arg(promotion)
                 .arg(coupon_sequence(&g.coupon_id).unwrap_or(0))
-                .arg(g.discount.to_string());
+                .arg(g.discount.map(|d| d.to_string()).unwrap_or_default());
         }
         Event::PromotionFinished(f) => {
             call.arg(promotion)
@@ -156,38 +162,39 @@ fn projection_call(rm: &str, promotion: &str, event: &Event) -> redis::Cmd {
     call
 }
 
-/// The coupon a customer holds, as its read-model JSON, borrowing from the
-/// event (serialized once per grab, on the projector's hot path).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct CouponRef<'a> {
-    coupon_id: &'a str,
-    promotion: &'a str,
-    discount: f64,
-    granted_at: &'a str,
-}
-
-/// The customer's coupon write of a grab: `HSET <customer key> <promotion>
-/// <coupon JSON>`, under the customer's own hash tag.
-fn coupon_write(promotion: &str, event: &Event) -> Option<redis::Cmd> {
-    let Event::CouponGrabbed(g) = event else {
-        return None;
-    };
-    let customer = CustomerId::parse(&g.customer_id).ok()?;
-    let granted_at = rfc3339(&g.granted_at);
-    let coupon = CouponRef {
-        coupon_id: &g.coupon_id,
-        promotion,
-        discount: g.discount,
-        granted_at: &granted_at,
-    };
-    let mut json = Vec::with_capacity(128);
-    serde_json::to_writer(&mut json, &coupon).ok()?;
-    let mut cmd = redis::cmd("HSET");
-    cmd.arg(keys::customer_coupons(&customer))
-        .arg(promotion)
-        .arg(json);
-    Some(cmd)
+/// The customers' coupon writes of a batch of `promotion`'s events: one
+/// HSET per bucket touched, field `<customerId>|<ns/name>`, value
+/// `<seq>:<grantedAtMs>` (the same for a version 1 and a version 2 grab, so
+/// a stream holding both replays to one read model). A coupon never
+/// changes, so writing it again is harmless: idempotent, order-tolerant.
+fn coupon_writes(promotion: &str, events: &[Event]) -> Vec<redis::Cmd> {
+    let mut buckets: HashMap<u32, redis::Cmd> = HashMap::new();
+    for event in events {
+        let Event::CouponGrabbed(g) = event else {
+            continue;
+        };
+        let (Ok(customer), Some(seq)) = (
+            CustomerId::parse(&g.customer_id),
+            coupon_sequence(&g.coupon_id),
+        ) else {
+            continue;
+        };
+        let bucket = keys::coupon_bucket(&customer);
+        let held = keys::HeldCoupon {
+            seq,
+            granted_at_ms: g.granted_at.timestamp_millis(),
+        };
+        buckets
+            .entry(bucket)
+            .or_insert_with(|| {
+                let mut cmd = redis::cmd("HSET");
+                cmd.arg(keys::coupon_bucket_key(bucket));
+                cmd
+            })
+            .arg(keys::coupon_field(customer.as_str(), promotion))
+            .arg(held.encode());
+    }
+    buckets.into_values().collect()
 }
 
 fn is_noscript(e: &redis::RedisError) -> bool {
@@ -240,12 +247,10 @@ pub async fn apply_to_models(
         .filter(|e| !matches!(e, Event::CouponGrabbed(_)))
         .chain(highest_grab)
         .collect();
-    // Customer writes first (one per grab, under each customer's hash tag),
-    // then the script calls.
+    // Customer writes first (one per bucket), then the script calls.
     let commands = || -> Vec<redis::Cmd> {
-        events
-            .iter()
-            .filter_map(|e| coupon_write(&id, e))
+        coupon_writes(&id, events)
+            .into_iter()
             .chain(scripted.iter().map(|e| projection_call(&rm, &id, e)))
             .collect()
     };
@@ -401,24 +406,121 @@ pub async fn active_promotions(
         .collect())
 }
 
-/// The coupons `customer` holds, sorted by promotion.
-pub async fn customer_coupons<C: ConnectionLike>(
-    con: &mut C,
+/// HSCAN of the coupon fields of a customer in its bucket, from `cursor`
+/// (a listpack bucket answers in one page).
+fn coupon_scan(bucket: &str, pattern: &str, cursor: u64) -> redis::Cmd {
+    let mut cmd = redis::cmd("HSCAN");
+    cmd.arg(bucket)
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(1000);
+    cmd
+}
+
+/// The coupons `customer` holds, sorted by promotion: its fields in its
+/// bucket (HSCAN MATCH `<customerId>|*`), each with its promotion's
+/// discount from the promotion's read model. A coupon whose promotion's
+/// start is not projected yet (replicas apply in any order) is left out
+/// until it is: its discount is not known.
+///
+/// While the layout marker is missing (an upgrade from the version 1
+/// layout that has not replayed every stream yet), the customer's version 1
+/// key is read too, so customers never see less than before the upgrade.
+pub async fn customer_coupons(
+    con: &mut RedisConnection,
     customer: &CustomerId,
 ) -> Result<Vec<CustomerCoupon>, ReadModelError> {
-    let map: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(keys::customer_coupons(customer))
-        .query_async(con)
+    let bucket = keys::customer_coupons(customer);
+    let pattern = keys::coupon_field_pattern(customer);
+    let mut layout = redis::cmd("GET");
+    layout.arg(keys::LAYOUT);
+    let mut answers: Vec<redis::Value> = con
+        .query_each(vec![coupon_scan(&bucket, &pattern, 0), layout])
         .await?;
-    let mut coupons = map
-        .values()
-        .map(|json| {
-            serde_json::from_str::<CustomerCoupon>(json)
-                .map_err(|e| ReadModelError::BadData(format!("coupon {json:?}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let layout: Option<String> = redis::from_redis_value(answers.pop().unwrap_or_default())
+        .map_err(redis::RedisError::from)?;
+    let (mut cursor, mut fields): (u64, Vec<(String, String)>) =
+        redis::from_redis_value(answers.pop().unwrap_or_default())
+            .map_err(redis::RedisError::from)?;
+    while cursor != 0 {
+        let (next, more): (u64, Vec<(String, String)>) = coupon_scan(&bucket, &pattern, cursor)
+            .query_async(con)
+            .await?;
+        fields.extend(more);
+        cursor = next;
+    }
+    let mut held: BTreeMap<PromotionId, keys::HeldCoupon> = BTreeMap::new();
+    for (field, value) in &fields {
+        let Some(promotion) = keys::promotion_of_field(customer, field) else {
+            continue;
+        };
+        let promotion = PromotionId::parse(promotion)
+            .map_err(|e| ReadModelError::BadData(format!("coupon field {field:?}: {e}")))?;
+        let coupon = keys::HeldCoupon::parse(value)
+            .ok_or_else(|| ReadModelError::BadData(format!("coupon {field:?} = {value:?}")))?;
+        held.insert(promotion, coupon);
+    }
+    let mut coupons = Vec::with_capacity(held.len());
+    if !held.is_empty() {
+        let discounts: Vec<Option<f64>> = con
+            .query_each(
+                held.keys()
+                    .map(|id| {
+                        let mut cmd = redis::cmd("HGET");
+                        cmd.arg(keys::promotion(id)).arg("discount");
+                        cmd
+                    })
+                    .collect(),
+            )
+            .await?;
+        for ((id, coupon), discount) in held.iter().zip(discounts) {
+            let (Some(discount), Some(granted_at)) = (discount, rfc3339_ms(coupon.granted_at_ms))
+            else {
+                continue;
+            };
+            let promotion = id.to_string();
+            coupons.push(CustomerCoupon {
+                coupon_id: format!("{promotion}#{}", coupon.seq),
+                promotion,
+                discount,
+                granted_at,
+            });
+        }
+    }
+    if layout.as_deref() != Some(keys::LAYOUT_VERSION) {
+        let legacy: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys::legacy_customer_coupons(customer))
+            .query_async(con)
+            .await?;
+        for json in legacy.values() {
+            let coupon = serde_json::from_str::<CustomerCoupon>(json)
+                .map_err(|e| ReadModelError::BadData(format!("coupon {json:?}: {e}")))?;
+            if !coupons.iter().any(|c| c.promotion == coupon.promotion) {
+                coupons.push(coupon);
+            }
+        }
+    }
     coupons.sort_by(|a, b| a.promotion.cmp(&b.promotion));
     Ok(coupons)
+}
+
+/// Whether the read models are complete in this layout (the marker a
+/// rebuild or the upgrade writes, see [`keys::LAYOUT`]).
+pub async fn layout_complete<C: ConnectionLike>(con: &mut C) -> Result<bool, ReadModelError> {
+    let layout: Option<String> = redis::cmd("GET").arg(keys::LAYOUT).query_async(con).await?;
+    Ok(layout.as_deref() == Some(keys::LAYOUT_VERSION))
+}
+
+/// Marks the read models complete in this layout.
+pub async fn mark_layout_complete<C: ConnectionLike>(con: &mut C) -> Result<(), ReadModelError> {
+    redis::cmd("SET")
+        .arg(keys::LAYOUT)
+        .arg(keys::LAYOUT_VERSION)
+        .exec_async(con)
+        .await?;
+    Ok(())
 }
 
 /// Records that projector `consumer` was, at Redis time `at_ms`, `lag_ms`

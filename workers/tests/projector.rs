@@ -13,7 +13,7 @@ use seckill_testkit::promotions::id as promotion;
 use seckill_testkit::redis::{
     connect, connect_read_models, redis_with, RedisServer, TEST_COMMAND_TIMEOUT_MS,
 };
-use seckill_testkit::stream::{events_of, pending_of, pending_total};
+use seckill_testkit::stream::{events_of, pending_of, pending_total, stream_entries};
 use seckill_testkit::{eventually, Worker};
 use seckill_workers::metrics::MetricsRegistry;
 use seckill_workers::projector::{Projector, ProjectorMetrics, ProjectorOptions};
@@ -66,25 +66,14 @@ async fn start_with_grabs(
 }
 
 /// Customers `c-{from}` .. `c-{to}` each grab one coupon of `id`, through the
-/// real `grab` script, pipelined 1000 at a time.
+/// real grab function, 1000 a batch.
 async fn grab_many(con: &mut RedisConnection, id: &PromotionId, from: usize, to: usize) {
-    protocol::GRAB
-        .prepare_invoke()
-        .load_async(con)
-        .await
-        .unwrap();
-    let keys = PromotionKeys::new(id);
     let mut n = from;
     while n < to {
-        let mut pipe = redis::pipe();
-        for c in n..(n + 1000).min(to) {
-            let mut call = protocol::GRAB.key(&keys.state);
-            call.key(&keys.customers)
-                .key(&keys.events)
-                .arg(format!("c-{c}"));
-            pipe.invoke_script(&call).ignore();
-        }
-        let _: () = pipe.query_async(con).await.unwrap();
+        let batch: Vec<CustomerId> = (n..(n + 1000).min(to))
+            .map(|c| CustomerId::parse(&format!("c-{c}")).unwrap())
+            .collect();
+        protocol::grab_batch(con, id, &batch).await.unwrap();
         n = (n + 1000).min(to);
     }
 }
@@ -122,6 +111,7 @@ async fn dump(con: &mut RedisConnection) -> BTreeMap<String, Vec<(String, String
             match kind.as_str() {
                 "hash" => reads.hgetall(key),
                 "set" => reads.smembers(key),
+                "string" => reads.get(key),
                 other => panic!("unexpected read-model key type {other} for {key}"),
             };
         }
@@ -129,6 +119,8 @@ async fn dump(con: &mut RedisConnection) -> BTreeMap<String, Vec<(String, String
         for ((key, kind), value) in batch.into_iter().zip(&kinds).zip(values) {
             let mut content: Vec<(String, String)> = if kind == "hash" {
                 redis::from_redis_value(value).unwrap()
+            } else if kind == "string" {
+                vec![(redis::from_redis_value(value).unwrap(), String::new())]
             } else {
                 let members: Vec<String> = redis::from_redis_value(value).unwrap();
                 members.into_iter().map(|m| (m, String::new())).collect()
@@ -141,6 +133,14 @@ async fn dump(con: &mut RedisConnection) -> BTreeMap<String, Vec<(String, String
         }
         cursor = next;
     }
+}
+
+/// How many coupon buckets customers `c-{n}` for `n` in `range` fill.
+fn buckets_of(range: std::ops::Range<usize>) -> usize {
+    range
+        .map(|n| keys::coupon_bucket(&CustomerId::parse(&format!("c-{n}")).unwrap()))
+        .collect::<std::collections::HashSet<_>>()
+        .len()
 }
 
 fn options(consumer: &str) -> ProjectorOptions {
@@ -414,9 +414,11 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
     // Every customer's coupon was projected, the ones a held included.
     let mut pipe = redis::pipe();
     for c in 0..3000 {
-        pipe.exists(keys::customer_coupons(
-            &CustomerId::parse(&format!("c-{c}")).unwrap(),
-        ));
+        let customer = CustomerId::parse(&format!("c-{c}")).unwrap();
+        pipe.hexists(
+            keys::customer_coupons(&customer),
+            keys::coupon_field(customer.as_str(), &id.to_string()),
+        );
     }
     let exists: Vec<bool> = pipe.query_async(&mut rm).await.unwrap();
     assert!(
@@ -519,8 +521,8 @@ async fn rebuild_reproduces_the_live_read_models_key_by_key_on_100000_events() {
     assert_eq!(applied, 100_008);
     assert_eq!(
         dump(&mut rm).await.len(),
-        4 + 25_000,
-        "4 promotions and 25,000 customers"
+        4 + buckets_of(0..25_000) + 1,
+        "4 promotions, the buckets of 25,000 customers, the layout marker"
     );
     // Nothing of the read models is in the streams' database.
     let in_streams_db: Vec<String> = redis::cmd("KEYS")
@@ -613,8 +615,11 @@ async fn a_rebuild_while_grabs_and_a_live_projector_run_swaps_in_complete_read_m
     shutdown.cancel();
     live.await.unwrap();
     let after_live = dump(&mut rm).await;
-    // Two promotions, the active set, one key per customer.
-    assert_eq!(after_live.len(), 2 + 1 + customers as usize);
+    // Two promotions, the active set, the customers' buckets, the marker.
+    assert_eq!(
+        after_live.len(),
+        2 + 1 + buckets_of(0..customers as usize) + 1
+    );
     // And they equal a rebuild on a quiet system, key by key.
     let status = rebuild_command(&s.url()).status().unwrap();
     assert!(status.success());
@@ -638,8 +643,8 @@ async fn a_rebuild_killed_halfway_leaves_the_live_read_models_as_they_were() {
     let before = dump(&mut rm).await;
     assert_eq!(
         before.len(),
-        3 + 1 + 30_000,
-        "promotions, active set, customers"
+        3 + 1 + buckets_of(0..30_000) + 1,
+        "promotions, active set, customers' buckets, layout marker"
     );
 
     // Killed once it has written part of the new read models aside.
@@ -837,4 +842,321 @@ async fn an_unknown_event_is_skipped_counted_and_left_pending_without_stopping_t
         (v.0, v.1.unwrap(), v.2.unwrap())
     };
     assert_eq!(rows, (2, refunded, newer));
+}
+
+/// One grab of a stream written by hand: customer, coupon number, time.
+type Grab = (String, u64, i64);
+
+/// How a test writes a grab into a stream.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum GrabVersion {
+    /// JSON in the `event` field, as releases before issue 15 wrote it.
+    V1,
+    /// Plain fields (`protocol::grab_entry`), as the grab function writes it.
+    V2,
+}
+
+/// Replaces `id`'s stream by PromotionStarted, `grabs` (the i-th written as
+/// `version_of(i)`) and PromotionFinished{SoldOut}, and indexes it.
+async fn write_stream(
+    con: &mut RedisConnection,
+    id: &PromotionId,
+    grabs: &[Grab],
+    version_of: impl Fn(usize) -> GrabVersion,
+) {
+    let stream = PromotionKeys::new(id).events;
+    let promotion = id.to_string();
+    let t0 = grabs.first().map_or(0, |g| g.2);
+    let at = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).unwrap();
+    let started = Event::PromotionStarted(protocol::PromotionStarted {
+        promotion: promotion.clone(),
+        discount: 0.75,
+        number_of_coupons: grabs.len() as u64,
+        publish_time: at(t0 - 1_000),
+        finish_time: at(t0 + 3_600_000),
+        started_at: Some(at(t0 - 1_000)),
+    });
+    let finished = Event::PromotionFinished(protocol::PromotionFinished {
+        promotion: promotion.clone(),
+        reason: protocol::FinishReason::SoldOut,
+        granted: grabs.len() as u64,
+        finished_at: grabs.last().map(|g| at(g.2)),
+    });
+    let mut pipe = redis::pipe();
+    pipe.del(&stream).ignore();
+    pipe.cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(EVENT_FIELD)
+        .arg(started.encode())
+        .ignore();
+    for (i, (customer, seq, ms)) in grabs.iter().enumerate() {
+        let xadd = pipe.cmd("XADD").arg(&stream).arg("*");
+        match version_of(i) {
+            GrabVersion::V1 => {
+                let grab = Event::CouponGrabbed(protocol::CouponGrabbed {
+                    coupon_id: format!("{promotion}#{seq}"),
+                    promotion: promotion.clone(),
+                    customer_id: customer.clone(),
+                    discount: Some(0.75),
+                    granted_at: at(*ms),
+                });
+                xadd.arg(EVENT_FIELD).arg(grab.encode());
+            }
+            GrabVersion::V2 => {
+                for (name, value) in protocol::grab_entry::fields(customer, *seq, *ms) {
+                    xadd.arg(name).arg(value);
+                }
+            }
+        }
+        xadd.ignore();
+    }
+    pipe.cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(EVENT_FIELD)
+        .arg(finished.encode())
+        .ignore();
+    pipe.sadd(protocol::PROMOTION_INDEX_KEY, &promotion)
+        .ignore();
+    let _: () = pipe.query_async(con).await.unwrap();
+}
+
+/// Empties the read models, projects every stream with a fresh projector,
+/// and dumps the result.
+async fn project_afresh(
+    s: &RedisServer,
+    rm: &mut RedisConnection,
+) -> BTreeMap<String, Vec<(String, String)>> {
+    read_model::drop_database(rm).await.unwrap();
+    let mut p = Projector::new(
+        connect(s),
+        rm.clone(),
+        options("fresh"),
+        ProjectorMetrics::unregistered(),
+    );
+    let report = p.run_until_idle().await.unwrap();
+    assert_eq!(report.skipped, 0, "{report:?}");
+    dump(rm).await
+}
+
+#[tokio::test]
+async fn a_stream_mixing_v1_and_v2_grabs_projects_and_rebuilds_to_the_read_models_of_all_v1_or_all_v2(
+) {
+    let s = server();
+    let mut con = connect(&s);
+    let mut rm = connect_read_models(&s);
+    let id = promotion("mixed");
+    let t0 = 1_764_583_200_000;
+    let grabs: Vec<Grab> = (0..300)
+        .map(|n| (format!("c-{n}"), n as u64 + 1, t0 + 7 * n as i64))
+        .collect();
+
+    write_stream(&mut con, &id, &grabs, |_| GrabVersion::V1).await;
+    let all_v1 = project_afresh(&s, &mut rm).await;
+    write_stream(&mut con, &id, &grabs, |_| GrabVersion::V2).await;
+    let all_v2 = project_afresh(&s, &mut rm).await;
+    // Alternating runs of versions, as a rolling upgrade of the command
+    // workers writes them.
+    let mixed = |i: usize| {
+        if (i / 7).is_multiple_of(2) {
+            GrabVersion::V1
+        } else {
+            GrabVersion::V2
+        }
+    };
+    write_stream(&mut con, &id, &grabs, mixed).await;
+    let versions: Vec<&str> = stream_entries(&mut con, &id)
+        .await
+        .iter()
+        .map(|e| {
+            if e.map.contains_key(EVENT_FIELD) {
+                "v1"
+            } else {
+                "v2"
+            }
+        })
+        .collect();
+    assert!(versions.contains(&"v1") && versions.contains(&"v2"));
+    let mixed_live = project_afresh(&s, &mut rm).await;
+
+    assert_eq!(all_v1.len(), 1 + buckets_of(0..300) + 1, "{all_v1:?}");
+    assert_eq!(all_v2, all_v1);
+    assert_eq!(mixed_live, all_v1);
+    // The same through `--rebuild`.
+    let status = rebuild_command(&s.url()).status().unwrap();
+    assert!(status.success());
+    assert_eq!(dump(&mut rm).await, all_v1);
+
+    // What the query side answers from it: the promotion's discount joined
+    // to the coupon, grantedAt from the grab's milliseconds.
+    let held = read_model::customer_coupons(&mut rm, &CustomerId::parse("c-10").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].coupon_id, "shop/mixed#11");
+    assert_eq!(held[0].promotion, "shop/mixed");
+    assert_eq!(held[0].discount, 0.75);
+    assert_eq!(held[0].granted_at, "2025-12-01T10:00:00.070Z");
+}
+
+/// Writes the read models of `id` as a release before issue 15 left them:
+/// the promotion's hash and active index as today, and one key per
+/// customer holding its coupon's JSON; no bucket, no layout marker.
+async fn write_v1_read_models(
+    s: &RedisServer,
+    rm: &mut RedisConnection,
+    id: &PromotionId,
+) -> usize {
+    let mut con = connect(s);
+    let events = events_of(&mut con, id).await;
+    let mut pipe = redis::pipe();
+    let promotion_only: Vec<Event> = events
+        .iter()
+        .filter(|e| !matches!(e, Event::CouponGrabbed(_)))
+        .cloned()
+        .collect();
+    read_model::apply(rm, id, &promotion_only).await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(keys::LAYOUT)
+        .query_async(rm)
+        .await
+        .unwrap();
+    let mut customers = 0;
+    for event in &events {
+        let Event::CouponGrabbed(g) = event else {
+            continue;
+        };
+        let coupon = read_model::CustomerCoupon {
+            coupon_id: g.coupon_id.clone(),
+            promotion: id.to_string(),
+            discount: 0.75,
+            granted_at: g
+                .granted_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        pipe.hset(
+            keys::legacy_customer_coupons(&CustomerId::parse(&g.customer_id).unwrap()),
+            id.to_string(),
+            serde_json::to_string(&coupon).unwrap(),
+        )
+        .ignore();
+        customers += 1;
+    }
+    let _: () = pipe.query_async(rm).await.unwrap();
+    customers
+}
+
+#[tokio::test]
+async fn upgrading_from_the_v1_layout_keeps_every_coupon_visible_then_replays_into_buckets() {
+    let s = server();
+    let mut con = connect(&s);
+    let mut rm = connect_read_models(&s);
+    let ids = [promotion("old1"), promotion("old2")];
+    start_with_grabs(&mut con, &ids, 500, 400).await;
+    for id in &ids {
+        assert_eq!(write_v1_read_models(&s, &mut rm, id).await, 400);
+    }
+    let customers: Vec<CustomerId> = [0, 17, 399]
+        .iter()
+        .map(|n| CustomerId::parse(&format!("c-{n}")).unwrap())
+        .collect();
+    // Before any projector of this release ran: the marker is missing, so
+    // the query side reads the version 1 keys.
+    let mut before = Vec::new();
+    for c in &customers {
+        let held = read_model::customer_coupons(&mut rm, c).await.unwrap();
+        assert_eq!(held.len(), 2, "{c}: {held:?}");
+        before.push(held);
+    }
+    assert!(!read_model::layout_complete(&mut rm).await.unwrap());
+
+    // The first projector finds the version 1 read models without a marker
+    // and replays every stream into buckets before it projects.
+    let upgraded = seckill_workers::projector::upgrade_layout(&mut con, &mut rm, 1000)
+        .await
+        .unwrap();
+    assert_eq!(
+        upgraded,
+        seckill_workers::projector::LayoutUpgrade::Replayed { applied: 2 * 401 }
+    );
+    assert!(read_model::layout_complete(&mut rm).await.unwrap());
+    for (c, held) in customers.iter().zip(&before) {
+        let bucket: Vec<(String, String)> = redis::cmd("HGETALL")
+            .arg(keys::customer_coupons(c))
+            .query_async(&mut rm)
+            .await
+            .unwrap();
+        assert!(
+            bucket
+                .iter()
+                .filter(|(f, _)| f.starts_with(&format!("{c}|")))
+                .count()
+                == 2,
+            "{c} in its bucket: {bucket:?}"
+        );
+        // From the buckets now, the same answer.
+        assert_eq!(
+            &read_model::customer_coupons(&mut rm, c).await.unwrap(),
+            held
+        );
+    }
+    // Done once: a projector starting afterwards finds the marker.
+    assert_eq!(
+        seckill_workers::projector::upgrade_layout(&mut con, &mut rm, 1000)
+            .await
+            .unwrap(),
+        seckill_workers::projector::LayoutUpgrade::Complete
+    );
+
+    // The version 1 keys stay for workers of the old release until
+    // `--rebuild`, which leaves exactly the read models of this layout.
+    let legacy = keys::legacy_customer_coupons(&customers[0]);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&legacy)
+        .query_async(&mut rm)
+        .await
+        .unwrap();
+    assert!(exists);
+    let mut p = Projector::new(
+        connect(&s),
+        rm.clone(),
+        options("live"),
+        ProjectorMetrics::unregistered(),
+    );
+    p.run_until_idle().await.unwrap();
+    let status = rebuild_command(&s.url()).status().unwrap();
+    assert!(status.success());
+    let rebuilt = dump(&mut rm).await;
+    assert!(!rebuilt.contains_key(&legacy));
+    assert_eq!(
+        rebuilt.len(),
+        2 + 1 + buckets_of(0..400) + 1,
+        "promotions, active set, buckets, marker"
+    );
+    for (c, held) in customers.iter().zip(&before) {
+        assert_eq!(
+            &read_model::customer_coupons(&mut rm, c).await.unwrap(),
+            held
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_projector_on_empty_read_models_marks_the_layout_without_replaying() {
+    let s = server();
+    let mut con = connect(&s);
+    let mut rm = connect_read_models(&s);
+    start_with_grabs(&mut con, &[promotion("fresh")], 10, 3).await;
+    assert_eq!(
+        seckill_workers::projector::upgrade_layout(&mut con, &mut rm, 1000)
+            .await
+            .unwrap(),
+        seckill_workers::projector::LayoutUpgrade::Marked
+    );
+    assert!(read_model::layout_complete(&mut rm).await.unwrap());
+    assert!(read_model::promotion(&mut rm, &promotion("fresh"))
+        .await
+        .unwrap()
+        .is_none());
 }

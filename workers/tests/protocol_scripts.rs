@@ -447,10 +447,10 @@ async fn snapshot_reports_state_and_redis_clock() {
 async fn lua_timestamps_match_chrono_rfc3339_across_centuries() {
     let s = server();
     let mut con = connect(&s);
-    let probe = redis::Script::new(&format!(
-        "{}\nreturn rfc3339(tonumber(ARGV[1]))",
-        include_str!("../src/protocol/lua/prelude.lua")
-    ));
+    // The library's shared helpers without its shebang line, as a script.
+    let head = include_str!("../src/protocol/functions/library_head.lua");
+    let helpers = head.split_once('\n').map(|(_, rest)| rest).unwrap_or(head);
+    let probe = redis::Script::new(&format!("{helpers}\nreturn rfc3339(tonumber(ARGV[1]))"));
     let mut ms: i64 = 0;
     let mut samples = vec![0, 951_782_400_000, 1_709_164_800_999, 4_107_542_399_999];
     for _ in 0..300 {

@@ -52,6 +52,7 @@ async fn stack(customer_header: Option<&str>) -> Stack {
             customer_id_header: None,
             redis_timeout: Duration::from_millis(500),
             durability: None,
+            batch_max: seckill_workers::command::DEFAULT_BATCH_MAX,
         },
     );
     let health = HealthApi::new(

@@ -2,15 +2,17 @@
 //! the cheapest answer to the dearest.
 //!
 //! 1. By IP, the rate limit runs before the handler (a layer on the route).
-//! 2. A promotion remembered over is answered its prepared 410 at once,
-//!    without reading the body or asking Redis (most of the load after a
-//!    sale), unless the rate limit by customer needs the customer id.
-//! 3. Otherwise the request is read and parsed ([`parse_grab`]), the rate
-//!    limit by customer applies, a promotion remembered unknown (or over)
-//!    is answered from memory, and anything else is one Redis round trip.
+//! 2. The request is read and parsed ([`parse_grab`]) and the rate limit by
+//!    customer applies.
+//! 3. A promotion remembered over answers its prepared 410 at once to
+//!    everyone its holders' set says holds nothing (most of the load after
+//!    a sale); a promotion remembered unknown is answered from memory.
+//! 4. Anything else joins its promotion's group commit ([`GroupCommit`]):
+//!    sent at once when no call of that promotion is in flight, else with
+//!    the next batch, one Redis round trip for the whole batch.
 //!
-//! The handler never answers 200 unless the grab script said `granted` or
-//! `already_granted`, i.e. the coupon is in the stream.
+//! The handler never answers 200 unless the grab function said granted or
+//! already granted, i.e. the coupon is in the stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,14 +22,15 @@ use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use super::memory::{Known, PromotionMemory};
+use super::group_commit::{BatchCall, GrabFailure, GroupCommit};
+use super::holders::HolderSetBuilder;
+use super::memory::{Closed, Known, PromotionMemory};
 use super::request::{parse_grab, GrabRequest};
 use crate::http::extract::{read_body, PromotionPath};
 use crate::http::{json, ApiError, Outcome};
 use crate::metrics::{CommandMetrics, RedisMetrics};
 use crate::protocol::{
-    self, Coupon, CustomerId, Durability, DurableGrabError, FinishReason, GrabOutcome, PromotionId,
-    ScriptError,
+    self, Coupon, CustomerId, Durability, FinishReason, GrabOutcome, PromotionId, ScriptError,
 };
 use crate::rate_limit::{self, ClientLimiter, IpRateLimit, RateLimitArgs, RateLimitKey};
 use crate::redis_connection::RedisConnection;
@@ -40,9 +43,14 @@ pub struct CommandOptions {
     /// Bound on one grab round trip; past it the answer is 503.
     pub redis_timeout: Duration,
     /// Answer grants 200 only once replicas hold them
-    /// (`protocol::grab_durable`); `None` is the plain grab.
+    /// (`protocol::grab_batch_durable`); `None` is the plain grab.
     pub durability: Option<Durability>,
+    /// Most customers in one grab call (group commit); 1 = no batching.
+    pub batch_max: usize,
 }
+
+/// The default of `--grab-batch-max`.
+pub const DEFAULT_BATCH_MAX: usize = 64;
 
 /// The rate limit of the grab path, by what it tells clients apart.
 enum GrabRateLimit {
@@ -57,6 +65,7 @@ enum GrabRateLimit {
 pub struct CommandApi {
     redis: RedisConnection,
     options: CommandOptions,
+    group: GroupCommit,
     memory: PromotionMemory,
     rate_limit: Option<GrabRateLimit>,
     redis_metrics: Option<RedisMetrics>,
@@ -65,9 +74,11 @@ pub struct CommandApi {
 
 impl CommandApi {
     pub fn new(redis: RedisConnection, options: CommandOptions) -> Self {
+        let group = GroupCommit::new(options.batch_max, batch_call(&redis, &options));
         Self {
             redis,
             options,
+            group,
             memory: PromotionMemory::default(),
             rate_limit: None,
             redis_metrics: None,
@@ -93,6 +104,12 @@ impl CommandApi {
     /// Counts failed Redis calls (operation `grab`), and rate-limited and
     /// unreplicated grabs.
     pub fn with_metrics(mut self, redis: RedisMetrics, command: CommandMetrics) -> Self {
+        let observed = command.clone();
+        self.group = GroupCommit::observing(
+            self.options.batch_max,
+            batch_call(&self.redis, &self.options),
+            Arc::new(move |n| observed.batch(n)),
+        );
         self.redis_metrics = Some(redis);
         self.metrics = Some(command);
         self
@@ -140,60 +157,49 @@ impl CommandApi {
         Ok(grab)
     }
 
-    /// One Redis round trip, its answer mapped to HTTP and remembered when
-    /// it is final.
+    /// The grab through its promotion's group commit, the answer mapped to
+    /// HTTP and remembered when it is final.
     async fn grab_in_redis(&self, grab: &GrabRequest) -> Response {
         let GrabRequest {
             promotion,
             customer,
         } = grab;
-        let mut con = self.redis.clone();
-        let call = async {
-            match self.options.durability {
-                None => protocol::grab(&mut con, promotion, customer)
-                    .await
-                    .map_err(DurableGrabError::from),
-                Some(durability) => {
-                    protocol::grab_durable(&mut con, promotion, customer, durability).await
-                }
-            }
-        };
-        let outcome = match tokio::time::timeout(self.options.redis_timeout, call).await {
-            Err(_) => {
+        let outcome = match self.group.grab(promotion, customer.clone()).await {
+            Ok(outcome) => outcome,
+            Err(GrabFailure::Timeout) => {
                 return self.redis_failed(
                     "timeout",
                     promotion,
                     format!("no answer within {:?}", self.options.redis_timeout),
                 )
             }
-            Ok(Err(DurableGrabError::Script(ScriptError::Redis(e)))) => {
-                let kind = if e.is_timeout() {
-                    "timeout"
-                } else {
-                    "connection"
-                };
-                return self.redis_failed(kind, promotion, e.to_string());
-            }
-            Ok(Err(DurableGrabError::Script(e @ ScriptError::BadReply(_)))) => {
-                if let Some(m) = &self.redis_metrics {
-                    m.error("grab", "reply");
+            Err(GrabFailure::Store(e)) => match &*e {
+                ScriptError::Redis(e) => {
+                    let kind = if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "connection"
+                    };
+                    return self.redis_failed(kind, promotion, e.to_string());
                 }
-                tracing::error!(%promotion, error = %e, "grab script answered unexpectedly");
-                return ApiError::internal(
-                    "the coupon store answered unexpectedly, so whether this grab was recorded is \
-                     unknown; a retry is safe and answers your coupon if you got one",
-                )
-                .into_response();
-            }
-            Ok(Err(e @ DurableGrabError::NotReplicated { .. })) => {
-                return self.not_replicated(promotion, &e);
-            }
-            Ok(Ok(outcome)) => outcome,
+                e @ ScriptError::BadReply(_) => {
+                    if let Some(m) = &self.redis_metrics {
+                        m.error("grab", "reply");
+                    }
+                    tracing::error!(%promotion, error = %e, "grab function answered unexpectedly");
+                    return ApiError::internal(
+                        "the coupon store answered unexpectedly, so whether this grab was recorded \
+                         is unknown; a retry is safe and answers your coupon if you got one",
+                    )
+                    .into_response();
+                }
+            },
+            Err(GrabFailure::NotReplicated(e)) => return self.not_replicated(promotion, &e),
         };
         match outcome {
             GrabOutcome::Granted { coupon, sold_out } => {
                 if sold_out {
-                    self.memory.finished(promotion, FinishReason::SoldOut);
+                    self.over(promotion, FinishReason::SoldOut);
                 }
                 grabbed(&coupon, false)
             }
@@ -215,12 +221,42 @@ impl CommandApi {
                 .retry_after(opens_in_ms.div_ceil(1000).max(1))
                 .into_response()
             }
-            GrabOutcome::SoldOut => self
-                .memory
-                .finished(promotion, FinishReason::SoldOut)
-                .response(),
-            GrabOutcome::Finished { reason } => self.memory.finished(promotion, reason).response(),
+            GrabOutcome::SoldOut => self.over(promotion, FinishReason::SoldOut).response(),
+            GrabOutcome::Finished { reason } => self.over(promotion, reason).response(),
         }
+    }
+
+    /// Remembers `promotion` over and starts loading its holders (once).
+    fn over(&self, promotion: &PromotionId, reason: FinishReason) -> Closed {
+        let closed = self.memory.finished(promotion, reason);
+        self.load_holders(promotion, &closed);
+        closed
+    }
+
+    /// Reads the holders of a promotion that is over into its [`Closed`], in
+    /// the background, unless they are loaded or being loaded. Meanwhile its
+    /// grabs go to Redis, which answers holders and others alike.
+    fn load_holders(&self, promotion: &PromotionId, closed: &Closed) {
+        let holders = closed.holders().clone();
+        if !holders.start_loading() {
+            return;
+        }
+        let mut con = self.redis.clone();
+        let promotion = promotion.clone();
+        tokio::spawn(async move {
+            let mut builder = HolderSetBuilder::default();
+            match protocol::holders(&mut con, &promotion, |id| builder.add(id)).await {
+                Ok(()) => {
+                    let set = builder.build();
+                    tracing::info!(%promotion, bytes = set.bytes(), "holders of a finished promotion loaded");
+                    holders.loaded(set);
+                }
+                Err(e) => {
+                    tracing::warn!(%promotion, error = %e, "cannot load the holders of a finished promotion; will retry");
+                    holders.failed();
+                }
+            }
+        });
     }
 
     fn redis_failed(
@@ -245,7 +281,7 @@ impl CommandApi {
     /// 503 for a grant the master holds but too few replicas confirmed: it
     /// may be lost in a failover, so it is not promised; the retry finds it
     /// (same coupon) or, if a failover lost it, grabs again.
-    fn not_replicated(&self, promotion: &PromotionId, e: &DurableGrabError) -> Response {
+    fn not_replicated(&self, promotion: &PromotionId, e: &protocol::DurableGrabError) -> Response {
         if let Some(m) = &self.metrics {
             m.not_replicated();
         }
@@ -268,12 +304,19 @@ pub async fn grab(
     request: Request,
 ) -> Response {
     let known = api.memory.get(path.namespace(), path.name());
-    // A promotion that is over answers the same 410 to everyone, so the
-    // body is not even read: the one path a sold-out grab takes, unless the
-    // rate limit by customer needs the customer id first.
+    // A promotion that is over answers the same 410 to everyone but its
+    // holders: the one path a sold-out grab takes once the holders are
+    // known is reading the request and one lookup, no Redis.
     if let Some(Known::Finished(closed)) = &known {
-        if api.by_customer().is_none() {
-            return closed.response();
+        if let Some(holders) = closed.holders().get() {
+            let grab = match api.parse(&path, request).await {
+                Ok(grab) => grab,
+                Err(e) => return e.into_response(),
+            };
+            if !holders.may_hold(&grab.customer) {
+                return closed.response();
+            }
+            return Box::pin(api.grab_in_redis(&grab)).await;
         }
     }
     // The rest is boxed: its state (a body read, a Redis call) is large,
@@ -285,12 +328,50 @@ pub async fn grab(
             Err(e) => return e.into_response(),
         };
         match known {
-            Some(Known::Finished(closed)) => closed.response(),
             Some(Known::Unknown { .. }) => unknown(path.namespace(), path.name()),
+            // Over, holders not known yet: Redis tells holders from others
+            // while they load.
+            Some(Known::Finished(closed)) => {
+                api.load_holders(&grab.promotion, &closed);
+                api.grab_in_redis(&grab).await
+            }
             None => api.grab_in_redis(&grab).await,
         }
     })
     .await
+}
+
+/// What sends one batch: the group commit's call, bounded by the Redis
+/// timeout, with one `WAIT` per batch for durable grabs.
+fn batch_call(redis: &RedisConnection, options: &CommandOptions) -> BatchCall {
+    let redis = redis.clone();
+    let timeout = options.redis_timeout;
+    let durability = options.durability;
+    Arc::new(move |promotion: PromotionId, customers: Vec<CustomerId>| {
+        let mut con = redis.clone();
+        Box::pin(async move {
+            let call = async {
+                match durability {
+                    None => protocol::grab_batch(&mut con, &promotion, &customers)
+                        .await
+                        .map(|outcomes| outcomes.into_iter().map(Ok).collect()),
+                    Some(d) => protocol::grab_batch_durable(&mut con, &promotion, &customers, d)
+                        .await
+                        .map(|answers| {
+                            answers
+                                .into_iter()
+                                .map(|a| a.map_err(|e| GrabFailure::NotReplicated(Arc::new(e))))
+                                .collect()
+                        }),
+                }
+            };
+            match tokio::time::timeout(timeout, call).await {
+                Err(_) => Err(GrabFailure::Timeout),
+                Ok(Err(e)) => Err(GrabFailure::Store(Arc::new(e))),
+                Ok(Ok(answers)) => Ok(answers),
+            }
+        })
+    })
 }
 
 #[derive(Serialize)]

@@ -9,7 +9,7 @@
 //! open a sale.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -18,6 +18,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
 
+use super::holders::Holders;
 use crate::http::{ApiError, Outcome, JSON};
 use crate::protocol::{FinishReason, PromotionId};
 
@@ -37,10 +38,13 @@ pub enum Known {
     Unknown { until: Instant },
 }
 
-/// The 410 of a promotion that is over: the same for every customer.
+/// The 410 of a promotion that is over: the same for every customer but its
+/// holders (see [`Holders`]), who are answered their coupon.
 #[derive(Debug, Clone)]
 pub struct Closed {
     pub reason: FinishReason,
+    /// Who holds a coupon: loaded once, shared by every clone.
+    holders: Arc<Holders>,
     /// The envelope, serialized once.
     body: Bytes,
     /// Its length, as a header value: axum would format it on every answer.
@@ -65,9 +69,15 @@ impl Closed {
         let length = HeaderValue::from(body.len());
         Self {
             reason,
+            holders: Arc::default(),
             body,
             length,
         }
+    }
+
+    /// The promotion's holders (empty until loaded).
+    pub fn holders(&self) -> &Arc<Holders> {
+        &self.holders
     }
 
     /// The answer: 410 with the prepared body (shared, not copied) and the

@@ -1,14 +1,17 @@
 //! The command side: `POST /api/v1/promotions/{namespace}/{name}/grab`.
 //!
-//! A grab is one Redis round trip (the `grab` script), which decides
-//! everything atomically on Redis' clock: stock, one coupon per customer,
-//! the window. The worker only validates input, maps the script's answer to
-//! HTTP, and remembers what saves Redis a round trip.
+//! Grabs of one promotion share Redis round trips (the group commit): one
+//! `FCALL seckill_v2_grab` per batch decides everything atomically on Redis'
+//! clock: stock, one coupon per customer, the window. The worker only
+//! validates input, maps each customer's answer to HTTP, and remembers what
+//! saves Redis a round trip.
 //!
 //! | module | holds |
 //! |---|---|
 //! | [`request`] | parsing a grab (pure, property-tested and fuzzed) |
 //! | [`memory`] | the promotions remembered over or unknown, and the 410 |
+//! | [`holders`] | who holds a coupon of a promotion that is over |
+//! | [`group_commit`] | grabs of one promotion batched into one Redis call |
 //! | [`handler`] | [`CommandApi`] and the [`grab`] handler |
 //! | this one | the flags of `seckill-worker command` and [`run`] |
 //!
@@ -17,13 +20,15 @@
 //! (`--durable-replicas`: a grant is answered 200 only once replicas hold
 //! it, else 503 "maybe recorded, retry").
 
+pub mod group_commit;
 pub mod handler;
+pub mod holders;
 pub mod memory;
 pub mod request;
 
 use std::time::Duration;
 
-pub use handler::{grab, CommandApi, CommandOptions};
+pub use handler::{grab, CommandApi, CommandOptions, DEFAULT_BATCH_MAX};
 pub use request::{grab_customer, parse_grab, GrabRequest};
 
 use crate::http::customer_header::CustomerIdHeaderArgs;
@@ -59,6 +64,9 @@ pub struct CommandArgs {
     pub durable: DurableGrabArgs,
 
     #[command(flatten)]
+    pub batch: GrabBatchArgs,
+
+    #[command(flatten)]
     pub rate_limit: RateLimitArgs,
 
     #[command(flatten)]
@@ -73,8 +81,20 @@ impl CommandArgs {
             customer_id_header: self.customer.customer_id_header.clone(),
             redis_timeout,
             durability: self.durable.durability(redis_timeout)?,
+            batch_max: self.batch.grab_batch_max as usize,
         })
     }
+}
+
+/// Flags of the group commit (see [`group_commit`]).
+#[derive(clap::Args, Debug, Clone)]
+pub struct GrabBatchArgs {
+    /// Most grabs of one promotion sent to Redis in one call: grabs that
+    /// arrive while a call of their promotion is in flight go together in
+    /// the next one (a lone grab is sent at once). 1 = no batching.
+    #[arg(long, env = "SECKILL_GRAB_BATCH_MAX", default_value_t = DEFAULT_BATCH_MAX as u64,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub grab_batch_max: u64,
 }
 
 /// Flags of durable grabs on replicated Redis (see `protocol::grab_durable`).
@@ -131,6 +151,7 @@ pub enum CommandError {
 /// Runs the command role until SIGTERM or Ctrl-C, then drains and returns.
 pub async fn run(args: CommandArgs) -> Result<(), CommandError> {
     let redis = args.redis.connect()?;
+    crate::protocol::functions::load_at_setup(redis.clone());
     let metrics = WorkerMetrics::new();
     tracing::info!(redis = %args.redis.describe(), listen = %args.listen, "starting the command role");
 

@@ -1,20 +1,30 @@
 //! Stream entries as Redis answers them, decoded without building a field
 //! map: XRANGE, XREADGROUP and XAUTOCLAIM replies (RESP2 or RESP3) into
-//! [`RawEntry`], and an entry's event field into an [`Event`], or the reason
-//! it is skipped (and left pending).
+//! [`RawEntry`], and an entry's fields into an [`Event`] (by
+//! [`Event::decode_entry`], either layout), or the reason it is skipped (and
+//! left pending).
 
 use redis::Value;
 
-use crate::protocol::{DecodeError, Event, EVENT_FIELD};
+use crate::protocol::{Event, PromotionId};
 use crate::read_model::{self, ProjectionError};
 
-/// One stream entry as projectors need it: its id and the raw bytes of its
-/// event field (`None` when it has none, or was deleted while pending).
-/// Read straight from the Redis answer, without building a field map.
+/// One stream entry as projectors need it: its id and its fields, name and
+/// value, as Redis sent them (none when the entry was deleted while
+/// pending). Read straight from the Redis answer, without a map.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RawEntry {
     pub id: String,
-    pub event: Option<Vec<u8>>,
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RawEntry {
+    /// The fields as byte slices, for [`Event::decode_entry`].
+    pub fn field_slices(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
 }
 
 fn unexpected(what: &'static str, value: &Value) -> redis::RedisError {
@@ -33,33 +43,25 @@ fn into_bytes(value: Value) -> Option<Vec<u8>> {
     }
 }
 
-/// The event field of an entry's field list (`[field, value, ...]`, or a
-/// map in RESP3; `Nil` for an entry deleted while pending).
-fn event_field(fields: Value) -> Option<Vec<u8>> {
+/// The fields of an entry's field list (`[field, value, ...]`, or a map in
+/// RESP3; `Nil` for an entry deleted while pending, which has none).
+fn fields_of(fields: Value) -> Vec<(Vec<u8>, Vec<u8>)> {
     let pairs: Vec<(Value, Value)> = match fields {
         Value::Array(items) => {
             let mut it = items.into_iter();
-            let mut pairs = Vec::with_capacity(1);
+            let mut pairs = Vec::with_capacity(it.len() / 2);
             while let (Some(k), Some(v)) = (it.next(), it.next()) {
                 pairs.push((k, v));
             }
             pairs
         }
         Value::Map(pairs) => pairs,
-        _ => return None,
+        _ => return Vec::new(),
     };
-    pairs.into_iter().find_map(|(k, v)| {
-        let is_event = match &k {
-            Value::BulkString(b) => b == EVENT_FIELD.as_bytes(),
-            Value::SimpleString(s) => s == EVENT_FIELD,
-            _ => false,
-        };
-        if is_event {
-            into_bytes(v)
-        } else {
-            None
-        }
-    })
+    pairs
+        .into_iter()
+        .filter_map(|(k, v)| Some((into_bytes(k)?, into_bytes(v)?)))
+        .collect()
 }
 
 /// The entries of an XRANGE answer, or of one stream in an XREADGROUP or
@@ -82,7 +84,7 @@ pub fn entries_of(value: Value) -> redis::RedisResult<Vec<RawEntry>> {
                     .ok_or_else(|| unexpected("stream entry id is not a string", &fields))?;
                 Ok(RawEntry {
                     id,
-                    event: event_field(fields),
+                    fields: fields_of(fields),
                 })
             }
             other => Err(unexpected("stream entry is not [id, fields]", &other)),
@@ -129,13 +131,9 @@ pub(super) fn auto_claim_of(value: Value) -> redis::RedisResult<(String, Vec<Raw
     }
 }
 
-/// Decodes one entry as the projector needs it.
-pub(super) fn decode_entry(entry: &RawEntry) -> Result<Event, SkipReason> {
-    let bytes = entry
-        .event
-        .as_deref()
-        .ok_or(SkipReason::Decode(DecodeError::MissingField))?;
-    let event = Event::decode(bytes).map_err(SkipReason::Decode)?;
+/// Decodes one entry of `promotion`'s stream as the projector needs it.
+pub(super) fn decode_entry(promotion: &PromotionId, entry: &RawEntry) -> Result<Event, SkipReason> {
+    let event = Event::decode_entry(promotion, entry.field_slices()).map_err(SkipReason::Decode)?;
     read_model::check(&event).map_err(SkipReason::Project)?;
     Ok(event)
 }
@@ -143,7 +141,7 @@ pub(super) fn decode_entry(entry: &RawEntry) -> Result<Event, SkipReason> {
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SkipReason {
     #[error("{0}")]
-    Decode(DecodeError),
+    Decode(crate::protocol::DecodeError),
     #[error("{0}")]
     Project(ProjectionError),
 }
@@ -160,11 +158,34 @@ impl SkipReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{grab_entry, EVENT_FIELD};
+
+    fn promotion() -> PromotionId {
+        PromotionId::parse("a/b").unwrap()
+    }
 
     #[test]
     fn an_entry_without_the_event_field_is_skipped_as_missing_field() {
         let entry = RawEntry::default();
-        assert_eq!(decode_entry(&entry).unwrap_err().kind(), "missing_field");
+        assert_eq!(
+            decode_entry(&promotion(), &entry).unwrap_err().kind(),
+            "missing_field"
+        );
+    }
+
+    #[test]
+    fn a_version_2_grab_with_an_invalid_customer_is_skipped_as_bad_customer_id() {
+        let entry = RawEntry {
+            id: "1-0".into(),
+            fields: grab_entry::fields("a b", 1, 0)
+                .into_iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.into_bytes()))
+                .collect(),
+        };
+        assert_eq!(
+            decode_entry(&promotion(), &entry).unwrap_err().kind(),
+            "bad_customer_id"
+        );
     }
 
     #[test]
@@ -188,12 +209,15 @@ mod tests {
             entries_of(resp2).unwrap(),
             [RawEntry {
                 id: "1-0".into(),
-                event: Some(b"e1".to_vec())
+                fields: vec![(EVENT_FIELD.as_bytes().to_vec(), b"e1".to_vec())]
             }]
         );
         assert_eq!(
-            entries_of(resp3).unwrap()[0].event.as_deref(),
-            Some(&b"e2"[..])
+            entries_of(resp3).unwrap()[0].fields,
+            [
+                (b"other".to_vec(), b"x".to_vec()),
+                (EVENT_FIELD.as_bytes().to_vec(), b"e2".to_vec())
+            ]
         );
         assert!(entries_of(Value::Nil).unwrap().is_empty());
         assert!(entries_of(Value::Int(3)).is_err());

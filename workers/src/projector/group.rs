@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::args::ProjectorOptions;
 use super::entries::{auto_claim_of, decode_entry, read_group_entries, RawEntry};
 use super::metrics::{EventTypeLabels, ProjectorMetrics, SkipKindLabels};
+use super::rebuild::upgrade_layout;
 use super::ProjectorError;
 use crate::protocol::{
     Event, Phase, PromotionId, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
@@ -86,6 +87,10 @@ pub struct Projector {
     clock_offset_ms: i64,
     read_ahead: Option<ReadAhead>,
     ready: Arc<AtomicBool>,
+    /// The read models are known to be in this layout (checked, and
+    /// upgraded if need be, before the first projection; see
+    /// [`upgrade_layout`]).
+    layout_ready: bool,
 }
 
 /// An entry id's XADD time, epoch ms.
@@ -141,6 +146,7 @@ impl Projector {
             clock_offset_ms: 0,
             read_ahead: None,
             ready: Arc::new(AtomicBool::new(false)),
+            layout_ready: false,
         }
     }
 
@@ -238,12 +244,18 @@ impl Projector {
         }
     }
 
-    /// One round: discover new streams (at most once per discovery
+    /// One round (the first checks the read models' layout, see
+    /// [`upgrade_layout`]): discover new streams (at most once per discovery
     /// interval), claim idle entries of others (at most every claim check),
     /// take a batch per stream (read ahead by the previous step, or read
     /// now), read the next batches while applying this one, acknowledge and
     /// report progress in one round trip.
     pub async fn step(&mut self) -> Result<StepReport, ProjectorError> {
+        if !self.layout_ready {
+            let page = self.options.batch_size.max(super::REBUILD_PAGE);
+            upgrade_layout(&mut self.con, &mut self.models, page).await?;
+            self.layout_ready = true;
+        }
         let due =
             |last: Option<Instant>, every: Duration| last.is_none_or(|t| t.elapsed() >= every);
         if due(self.last_discovery, self.options.discovery_interval) {
@@ -593,7 +605,7 @@ impl Projector {
         let mut events = Vec::with_capacity(entries.len());
         let mut ack = Vec::with_capacity(entries.len());
         for entry in entries {
-            match decode_entry(&entry) {
+            match decode_entry(id, &entry) {
                 Ok(event) => {
                     events.push(event);
                     ack.push(entry.id);

@@ -50,7 +50,9 @@ pub use args::{default_consumer_name, ProjectorArgs, ProjectorOptions};
 pub use entries::{entries_of, RawEntry};
 pub use group::{Projector, StepReport};
 pub use metrics::{EventTypeLabels, ProjectorMetrics, SkipKindLabels, LAG_BUCKETS};
-pub use rebuild::{connect_rebuild_database, rebuild, RebuildReport, REBUILD_PAGE};
+pub use rebuild::{
+    connect_rebuild_database, rebuild, upgrade_layout, LayoutUpgrade, RebuildReport, REBUILD_PAGE,
+};
 
 use crate::http::{self, Apis, HealthApi, ServerLimitArgs};
 use crate::metrics::WorkerMetrics;

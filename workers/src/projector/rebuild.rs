@@ -94,6 +94,7 @@ pub async fn rebuild(
             "replaying aside"
         );
         let replayed = replay_all(con, scratch, metrics, page, &ids, &HashMap::new()).await?;
+        read_model::mark_layout_complete(scratch).await?;
         read_model::swap_databases(models, scratch).await?;
         report.swapped = true;
         report.applied += replayed.applied;
@@ -125,9 +126,88 @@ pub async fn rebuild(
         "read models dropped; replaying"
     );
     let replayed = replay_all(con, models, metrics, page, &ids, &HashMap::new()).await?;
+    read_model::mark_layout_complete(models).await?;
     report.applied = replayed.applied;
     report.skipped = replayed.skipped;
     Ok(report)
+}
+
+/// What [`upgrade_layout`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayoutUpgrade {
+    /// The layout marker was there: nothing to do.
+    Complete,
+    /// No marker and no read model of any promotion: a fresh install (or
+    /// read models that are gone); marked without replaying.
+    Marked,
+    /// Read models without the marker (written by a release before this
+    /// layout): every stream was replayed into this layout beside them,
+    /// then marked. `applied` entries.
+    Replayed { applied: usize },
+}
+
+/// The upgrade from the version 1 read-model layout (a key per customer,
+/// no layout marker), run by every projector before it projects: when the
+/// marker [`protocol::read_model::LAYOUT`] is missing and a promotion's read
+/// model exists, every stream is replayed from its start into the read
+/// models in place (idempotent: the promotion hashes, the active set and
+/// the progress keep their meaning and converge; the customers' coupons are
+/// written into their buckets beside the version 1 keys), then the marker
+/// is written. Until then query workers read the version 1 keys too, so no
+/// customer sees less than before; `--rebuild` drops the version 1 keys
+/// once no worker of the old release reads them (docs/RUNBOOK.md).
+///
+/// Several replicas starting at once each replay: more work, same result.
+pub async fn upgrade_layout(
+    con: &mut RedisConnection,
+    models: &mut RedisConnection,
+    page: usize,
+) -> Result<LayoutUpgrade, ProjectorError> {
+    if read_model::layout_complete(models).await? {
+        return Ok(LayoutUpgrade::Complete);
+    }
+    let ids = indexed_promotions(con).await?;
+    let built = if ids.is_empty() {
+        Vec::new()
+    } else {
+        let exists = ids
+            .iter()
+            .map(|id| {
+                let mut cmd = redis::cmd("EXISTS");
+                cmd.arg(protocol::read_model::promotion(id));
+                cmd
+            })
+            .collect();
+        models.query_each::<bool>(exists).await?
+    };
+    if !built.iter().any(|b| *b) {
+        read_model::mark_layout_complete(models).await?;
+        return Ok(LayoutUpgrade::Marked);
+    }
+    tracing::warn!(
+        streams = ids.len(),
+        "the read models have no layout marker (written by an older release): replaying every stream into layout {} beside them",
+        protocol::read_model::LAYOUT_VERSION
+    );
+    let replayed = replay_all(
+        con,
+        models,
+        &ProjectorMetrics::unregistered(),
+        page.max(1),
+        &ids,
+        &HashMap::new(),
+    )
+    .await?;
+    read_model::mark_layout_complete(models).await?;
+    tracing::info!(
+        applied = replayed.applied,
+        skipped = replayed.skipped,
+        "read models upgraded to layout {}",
+        protocol::read_model::LAYOUT_VERSION
+    );
+    Ok(LayoutUpgrade::Replayed {
+        applied: replayed.applied,
+    })
 }
 
 /// The database a rebuild builds aside in (`--rebuild-db`, by default the
@@ -196,16 +276,21 @@ async fn replay_all(
     ids: &[PromotionId],
     after: &HashMap<PromotionId, String>,
 ) -> Result<Replayed, ProjectorError> {
-    let replays = futures::stream::iter(ids.iter().map(|id| {
-        let (con, models) = (con.clone(), models.clone());
-        let (metrics, id) = (metrics.clone(), id.clone());
-        let from = after.get(&id).cloned();
-        async move {
-            let done = replay_stream(con, models, metrics, id.clone(), page, from).await?;
-            Ok::<_, ProjectorError>((id, done))
-        }
-    }))
-    .buffer_unordered(REBUILD_STREAMS_AT_ONCE);
+    // Built before they are polled, so that no borrowing closure is held
+    // across an await (the projector's task must be Send).
+    let replays: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (con, models) = (con.clone(), models.clone());
+            let (metrics, id) = (metrics.clone(), id.clone());
+            let from = after.get(&id).cloned();
+            async move {
+                let done = replay_stream(con, models, metrics, id.clone(), page, from).await?;
+                Ok::<_, ProjectorError>((id, done))
+            }
+        })
+        .collect();
+    let replays = futures::stream::iter(replays).buffer_unordered(REBUILD_STREAMS_AT_ONCE);
     let totals: Vec<(PromotionId, StreamReplayed)> = replays.try_collect().await?;
     let mut out = Replayed::default();
     for (id, done) in totals {
@@ -318,7 +403,7 @@ async fn apply_page(
     let mut events = Vec::with_capacity(entries.len());
     let mut skipped = 0;
     for entry in &entries {
-        match decode_entry(entry) {
+        match decode_entry(id, entry) {
             Ok(e) => events.push(e),
             Err(reason) => {
                 skipped += 1;
@@ -351,7 +436,8 @@ async fn apply_page(
 }
 
 /// Every read-model key that can exist in a cluster: the fixed ones, one per
-/// indexed promotion, one per customer seen in a stream.
+/// indexed promotion, the bucket of every customer seen in a stream (and its
+/// version 1 key, left by an upgrade).
 async fn cluster_read_model_keys(
     con: &mut RedisConnection,
     ids: &[PromotionId],
@@ -360,6 +446,7 @@ async fn cluster_read_model_keys(
     let mut keys: HashSet<String> = [
         protocol::read_model::ACTIVE.to_owned(),
         protocol::read_model::PROGRESS.to_owned(),
+        protocol::read_model::LAYOUT.to_owned(),
     ]
     .into_iter()
     .collect();
@@ -372,9 +459,10 @@ async fn cluster_read_model_keys(
             let Some(last) = entries.last() else { break };
             after = Some(last.id.clone());
             for entry in &entries {
-                if let Ok(Event::CouponGrabbed(g)) = decode_entry(entry) {
+                if let Ok(Event::CouponGrabbed(g)) = decode_entry(id, entry) {
                     if let Ok(c) = protocol::CustomerId::parse(&g.customer_id) {
                         keys.insert(protocol::read_model::customer_coupons(&c));
+                        keys.insert(protocol::read_model::legacy_customer_coupons(&c));
                     }
                 }
             }

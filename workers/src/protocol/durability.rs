@@ -1,14 +1,15 @@
 //! Grabs that are answered only once replicas hold them.
 //!
-//! Redis replication is asynchronous: a master answers the `grab` script
+//! Redis replication is asynchronous: a master answers the grab function
 //! before its replicas have the write, so a master killed right after a grant
 //! can be replaced by a replica that never saw it. The coupon would be handed
 //! out again and the customer would hold a 200 for a grant the stream no longer
-//! has. [`grab_durable`] closes that gap with `WAIT`: the script, a one-byte
+//! has. [`grab_batch_durable`] closes that gap with `WAIT`, once per batch: the
+//! `FCALL` of the batch, a one-byte
 //! write to a probe key of the same slot and `WAIT n timeout` go in one
 //! pipeline over one connection to the master of the promotion's slot. `WAIT`
 //! blocks until `n` replicas acknowledged every write this connection made so
-//! far, the probe included, hence the grant (written by this script) or the
+//! far, the probe included, hence the grant (written by this call) or the
 //! earlier grant an `already_granted` answer read (written before the probe).
 //!
 //! A granted or already-granted outcome that fewer than `n` replicas
@@ -26,10 +27,10 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
+use redis::{RedisResult, Value};
 
-use super::scripts::{decode_grab, GRAB, GRAB_SOURCE};
-use super::{CustomerId, GrabOutcome, PromotionId, PromotionKeys, ScriptError};
+use super::grab::{batch_command, decode_reply};
+use super::{functions, CustomerId, GrabOutcome, PromotionId, ScriptError};
 
 /// How many replicas must acknowledge a grant before it is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +64,7 @@ pub enum DurableGrabError {
 }
 
 /// The probe key of a promotion: written (with a one-second expiry) in every
-/// durable grab pipeline so that `WAIT` also covers grants the script only read.
+/// durable grab pipeline so that `WAIT` also covers grants the call only read.
 pub fn replication_probe_key(id: &PromotionId) -> String {
     format!("seckill:{}:replication-probe", id.hash_tag())
 }
@@ -72,85 +73,88 @@ pub fn replication_probe_key(id: &PromotionId) -> String {
 /// replicas acknowledged it; see the module documentation. Other outcomes
 /// (sold out, not started, ...) are returned whatever the acknowledgements,
 /// since none of them promises a coupon.
+// The outcome inside NotReplicated makes the error large; it is matched on
+// by callers (what the master said), and a grab is not a hot loop of Results.
+#[allow(clippy::result_large_err)]
 pub async fn grab_durable<C: ConnectionLike>(
     con: &mut C,
     id: &PromotionId,
     customer: &CustomerId,
     durability: Durability,
 ) -> Result<GrabOutcome, DurableGrabError> {
-    let keys = PromotionKeys::new(id);
+    grab_batch_durable(con, id, std::slice::from_ref(customer), durability)
+        .await?
+        .pop()
+        .unwrap_or_else(|| Err(ScriptError::BadReply("durable grab: no outcome".into()).into()))
+}
+
+/// A batch of grabs (see [`grab_batch`](super::grab_batch)) followed by one
+/// `WAIT` for the whole batch: one answer per customer, a grant that too
+/// few replicas acknowledged as [`DurableGrabError::NotReplicated`]. The
+/// outer error is the batch's: Redis failed, nobody's outcome is known.
+#[allow(clippy::result_large_err)]
+pub async fn grab_batch_durable<C: ConnectionLike>(
+    con: &mut C,
+    id: &PromotionId,
+    customers: &[CustomerId],
+    durability: Durability,
+) -> Result<Vec<Result<GrabOutcome, DurableGrabError>>, ScriptError> {
     let probe = replication_probe_key(id);
     let wanted = durability.replicas.max(1);
     let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
-    let pipeline = |by_source: bool| {
-        let mut pipe = redis::pipe();
-        let script = if by_source {
-            pipe.cmd("EVAL").arg(GRAB_SOURCE)
-        } else {
-            pipe.cmd("EVALSHA").arg(GRAB.get_hash())
-        };
-        script
-            .arg(3)
-            .arg(&keys.state)
-            .arg(&keys.customers)
-            .arg(&keys.events)
-            .arg(customer.as_str());
-        pipe.cmd("SET").arg(&probe).arg(1).arg("PX").arg(1000);
-        pipe.cmd("WAIT").arg(wanted).arg(timeout_ms);
-        pipe.ignore_errors();
-        pipe
-    };
-    let mut by_source = false;
+    let mut pipe = redis::pipe();
+    pipe.add_command(batch_command(id, customers));
+    pipe.cmd("SET").arg(&probe).arg(1).arg("PX").arg(1000);
+    pipe.cmd("WAIT").arg(wanted).arg(timeout_ms);
+    pipe.ignore_errors();
     let mut attempts = 0;
     let (reply, acked) = loop {
         attempts += 1;
-        let replies: Vec<RedisResult<Value>> = pipeline(by_source)
-            .query_async(con)
-            .await
-            .map_err(ScriptError::from)?;
+        let replies: Vec<RedisResult<Value>> = pipe.query_async(con).await?;
         let mut replies = replies.into_iter();
-        let (Some(script), Some(_probe), Some(wait)) =
+        let (Some(call), Some(_probe), Some(wait)) =
             (replies.next(), replies.next(), replies.next())
         else {
-            return Err(ScriptError::BadReply("durable grab: short pipeline reply".into()).into());
+            return Err(ScriptError::BadReply(
+                "durable grab: short pipeline reply".into(),
+            ));
         };
-        match script {
+        match call {
             Ok(v) => {
-                let reply: String = redis::from_redis_value(v)
-                    .map_err(|e| ScriptError::from(redis::RedisError::from(e)))?;
                 let acked: u32 = match wait {
                     Ok(v) => redis::from_redis_value(v).unwrap_or(0),
                     Err(_) => 0,
                 };
-                break (reply, acked);
+                break (v, acked);
             }
-            Err(e) if attempts < 3 && e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // The script cache was flushed (restart, failover to a
-                // replica that never loaded it): send the source once.
-                by_source = true;
+            Err(e) if attempts < 3 && functions::is_not_loaded(&e) => {
+                // Redis lost the library (restart without persistence, a
+                // new master): load it, send the batch again.
+                functions::load(con).await?;
             }
             Err(e) if attempts < 3 && e.is_cluster_error() => {
                 // MOVED/ASK/TRYAGAIN/CLUSTERDOWN inside a pipeline are not
-                // followed by the cluster client. The script did not run;
-                // one routed read makes the client learn the new slot owner.
+                // followed by the cluster client. The call did not run; one
+                // routed read makes the client learn the new slot owner.
                 let _ = super::snapshot(con, id).await;
                 tokio::time::sleep(Duration::from_millis(50 * attempts as u64)).await;
             }
-            Err(e) => return Err(ScriptError::from(e).into()),
+            Err(e) => return Err(e.into()),
         }
     };
-    let outcome = decode_grab(&reply)?;
-    let promises_coupon = matches!(
-        outcome,
-        GrabOutcome::Granted { .. } | GrabOutcome::AlreadyGranted { .. }
-    );
-    if promises_coupon && acked < wanted {
-        return Err(DurableGrabError::NotReplicated {
-            outcome,
-            wanted,
-            acked,
-            timeout_ms,
-        });
-    }
-    Ok(outcome)
+    Ok(decode_reply(id, customers, reply)?
+        .into_iter()
+        .map(|outcome| {
+            if outcome.promises_coupon() && acked < wanted {
+                Err(DurableGrabError::NotReplicated {
+                    outcome,
+                    wanted,
+                    acked,
+                    timeout_ms,
+                })
+            } else {
+                Ok(outcome)
+            }
+        })
+        .collect())
 }

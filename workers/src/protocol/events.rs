@@ -1,14 +1,27 @@
-//! The events of a promotion's stream. Each stream entry has one field,
-//! [`EVENT_FIELD`], holding a JSON object with `type` and `version`. The Lua
-//! scripts write them; these types are the schema every reader decodes with.
+//! The events of a promotion's stream, in the two entry layouts readers
+//! decode:
+//!
+//! * version 1: one field, [`EVENT_FIELD`], holding a JSON object with
+//!   `type` and `version` (PromotionStarted, PromotionFinished, and the
+//!   CouponGrabbed entries written before version 2);
+//! * CouponGrabbed version 2: plain fields ([`grab_entry`]), no JSON, so the
+//!   grab function writes it without cjson: `type CouponGrabbed version 2
+//!   customerId <id> seq <n> grantedAtMs <epoch ms>`. The promotion is the
+//!   stream's own, the couponId `<ns/name>#<seq>`, and the discount the
+//!   promotion's (not repeated in every grab).
+//!
+//! The Lua functions write them; these types are the schema every reader
+//! decodes with ([`Event::decode_entry`]).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// The stream entry field that holds the event JSON.
+use super::{grab_entry, PromotionId};
+
+/// The stream entry field that holds the event JSON (version 1 entries).
 pub const EVENT_FIELD: &str = "event";
 
-/// The schema version the scripts write and readers understand.
+/// The schema version of the JSON events (the [`EVENT_FIELD`] entries).
 pub const EVENT_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,7 +43,11 @@ pub struct CouponGrabbed {
     pub coupon_id: String,
     pub promotion: String,
     pub customer_id: String,
-    pub discount: f64,
+    /// Carried by version 1 grabs only; a version 2 grab's discount is its
+    /// promotion's (PromotionStarted, the read model), joined by readers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<f64>,
+    /// Millisecond precision in both versions.
     pub granted_at: DateTime<Utc>,
 }
 
@@ -215,6 +232,25 @@ impl Event {
         }
     }
 
+    /// Decodes one entry of `promotion`'s stream from its fields (name,
+    /// value), in either layout: an [`EVENT_FIELD`] holds a version 1 JSON
+    /// event ([`Event::decode`]); otherwise the plain fields of a
+    /// [`grab_entry`] (version 2). Unknown types and versions are reported
+    /// as such, so readers skip and count them.
+    pub fn decode_entry<'a>(
+        promotion: &PromotionId,
+        fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<Self, DecodeError> {
+        let mut plain = Vec::with_capacity(5);
+        for (name, value) in fields {
+            if name == EVENT_FIELD.as_bytes() {
+                return Self::decode(value);
+            }
+            plain.push((name, value));
+        }
+        grab_entry::decode(promotion, plain).map(Self::CouponGrabbed)
+    }
+
     /// Encodes as the scripts do (with `version`); used by tests and tools.
     pub fn encode(&self) -> String {
         let mut value = serde_json::to_value(self).unwrap_or_default();
@@ -284,7 +320,105 @@ mod tests {
         }
     }
 
+    fn promotion() -> PromotionId {
+        PromotionId::parse("a/b").unwrap()
+    }
+
+    fn decode_fields(fields: &[(&str, &str)]) -> Result<Event, DecodeError> {
+        Event::decode_entry(
+            &promotion(),
+            fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+        )
+    }
+
+    #[test]
+    fn a_version_2_grab_decodes_from_plain_fields_with_its_streams_promotion() {
+        let fields = grab_entry::fields("carol", 42, 1_764_583_200_123);
+        let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let Event::CouponGrabbed(g) = decode_fields(&pairs).unwrap() else {
+            panic!("not a grab");
+        };
+        assert_eq!(g.promotion, "a/b");
+        assert_eq!(g.coupon_id, "a/b#42");
+        assert_eq!(g.customer_id, "carol");
+        assert_eq!(g.discount, None);
+        assert_eq!(g.granted_at.timestamp_millis(), 1_764_583_200_123);
+    }
+
+    #[test]
+    fn an_entry_with_the_event_field_decodes_as_version_1_json() {
+        let json = r#"{"type":"CouponGrabbed","version":1,"couponId":"a/b#1","promotion":"a/b","customerId":"c","discount":0.8,"grantedAt":"2026-11-26T10:00:00.123Z"}"#;
+        let e = decode_fields(&[(EVENT_FIELD, json)]).unwrap();
+        assert_eq!(e, Event::decode(json.as_bytes()).unwrap());
+        let Event::CouponGrabbed(g) = e else {
+            panic!("not a grab")
+        };
+        assert_eq!(g.discount, Some(0.8));
+    }
+
+    #[test]
+    fn plain_field_entries_of_unknown_types_versions_or_shapes_are_reported() {
+        let grab = |version: &str, seq: &str| {
+            decode_fields(&[
+                ("type", "CouponGrabbed"),
+                ("version", version),
+                ("customerId", "c"),
+                ("seq", seq),
+                ("grantedAtMs", "1"),
+            ])
+        };
+        assert!(matches!(
+            decode_fields(&[("type", "CouponRefunded"), ("version", "2")]),
+            Err(DecodeError::UnknownType(t)) if t == "CouponRefunded"
+        ));
+        assert!(matches!(
+            grab("3", "1"),
+            Err(DecodeError::UnsupportedVersion { version: 3, .. })
+        ));
+        assert!(matches!(
+            grab("1", "1"),
+            Err(DecodeError::UnsupportedVersion { version: 1, .. })
+        ));
+        assert!(matches!(
+            decode_fields(&[("type", "PromotionStarted"), ("version", "2")]),
+            Err(DecodeError::UnknownType(t)) if t == "PromotionStarted"
+        ));
+        for seq in ["0", "x", "-1"] {
+            assert!(
+                matches!(grab("2", seq), Err(DecodeError::Malformed { .. })),
+                "{seq}"
+            );
+        }
+        assert!(matches!(
+            decode_fields(&[("type", "CouponGrabbed"), ("version", "2"), ("seq", "1")]),
+            Err(DecodeError::Malformed { .. })
+        ));
+        assert!(matches!(
+            decode_fields(&[("other", "x")]),
+            Err(DecodeError::MissingField)
+        ));
+        assert!(matches!(decode_fields(&[]), Err(DecodeError::MissingField)));
+    }
+
     proptest! {
+        #[test]
+        fn decoding_arbitrary_plain_fields_never_panics(fields in proptest::collection::vec(("(type|version|customerId|seq|grantedAtMs|x)", "\\PC{0,12}"), 0..8)) {
+            let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let _ = decode_fields(&pairs);
+        }
+
+        #[test]
+        fn every_version_2_grab_decodes_to_what_was_written(customer in "[A-Za-z0-9._:@-]{1,64}", seq in 1u64.., ms in 0i64..8_000_000_000_000) {
+            let fields = grab_entry::fields(&customer, seq, ms);
+            let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let Ok(Event::CouponGrabbed(g)) = decode_fields(&pairs) else {
+                panic!("{pairs:?} did not decode");
+            };
+            prop_assert_eq!(g.customer_id, customer);
+            prop_assert_eq!(g.coupon_id, format!("a/b#{seq}"));
+            prop_assert_eq!(g.granted_at.timestamp_millis(), ms);
+        }
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Event::decode(&bytes);

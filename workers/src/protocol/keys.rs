@@ -1,5 +1,6 @@
 //! Key names. Command-side keys of one promotion share the hash tag
-//! `{namespace/name}`; read-model keys of one customer share `{customer}`.
+//! `{namespace/name}`; a customer's coupons live in one bucket hash tagged
+//! `{bucket}`.
 
 use super::{CustomerId, PromotionId};
 
@@ -33,6 +34,16 @@ impl PromotionKeys {
 }
 
 /// Read-model keys, written only by projectors and read only by query workers.
+///
+/// Layout version [`LAYOUT_VERSION`] (issue 15): the customers' coupons are
+/// not a key per customer (a key alone costs about 300 B of Redis memory)
+/// but [`COUPON_BUCKETS`] small hashes, which Redis stores as listpacks:
+/// field `<customerId>|<ns/name>` ([`coupon_field`]), value
+/// `<seq>:<grantedAtMs>` ([`HeldCoupon`]), in the bucket of the customer
+/// ([`customer_coupons`]). Neither id can hold `|` (see [`CustomerId`] and
+/// [`PromotionId`]), so a customer's coupons are the fields matching
+/// [`coupon_field_pattern`]. The discount is the promotion's, joined from
+/// [`promotion`] by readers.
 pub mod read_model {
     use super::{CustomerId, PromotionId};
 
@@ -49,13 +60,95 @@ pub mod read_model {
         format!("seckill:rm:promotion:{}", id.hash_tag())
     }
 
-    /// Hash: promotion id -> JSON of the coupon the customer holds in it.
-    pub fn customer_coupons(customer: &CustomerId) -> String {
-        format!("seckill:rm:customer:{{{}}}:coupons", customer.as_str())
-    }
-
     /// Hash: projection bookkeeping (last applied event time per stream).
     pub const PROGRESS: &str = "seckill:rm:progress";
+
+    /// String: the layout the read models are complete in ([`LAYOUT_VERSION`]).
+    /// Written by a rebuild, or by the first projector that finds it missing
+    /// once it has replayed every stream into this layout (the upgrade from
+    /// the layout of version 1, which had no marker; docs/RUNBOOK.md).
+    /// Until it is there, readers also look at the version 1 keys.
+    pub const LAYOUT: &str = "seckill:rm:layout";
+
+    /// The value of [`LAYOUT`] for this layout.
+    pub const LAYOUT_VERSION: &str = "2";
+
+    /// How many hashes the customers' coupons are spread over: enough to
+    /// keep each a listpack (Redis' `hash-max-listpack-entries`, 128 by
+    /// default) up to about 8 million coupons at once; past that, buckets
+    /// become ordinary hashes, still correct, just larger.
+    pub const COUPON_BUCKETS: u32 = 65_536;
+
+    /// The bucket of a customer: FNV-1a (32 bits) of its id, modulo
+    /// [`COUPON_BUCKETS`]. Stable across releases and processes: changing it
+    /// is a new layout.
+    pub fn coupon_bucket(customer: &CustomerId) -> u32 {
+        let hash = customer.as_str().bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        hash % COUPON_BUCKETS
+    }
+
+    /// Hash: the coupons of the customers of bucket `bucket`.
+    pub fn coupon_bucket_key(bucket: u32) -> String {
+        format!("seckill:rm:coupons:{{{bucket}}}")
+    }
+
+    /// The hash holding `customer`'s coupons (shared with the other
+    /// customers of its bucket).
+    pub fn customer_coupons(customer: &CustomerId) -> String {
+        coupon_bucket_key(coupon_bucket(customer))
+    }
+
+    /// The field of `customer`'s coupon of `promotion` in its bucket.
+    pub fn coupon_field(customer: &str, promotion: &str) -> String {
+        format!("{customer}|{promotion}")
+    }
+
+    /// HSCAN MATCH pattern of every coupon field of `customer` (customer
+    /// ids hold no glob character, see [`CustomerId`]).
+    pub fn coupon_field_pattern(customer: &CustomerId) -> String {
+        format!("{}|*", customer.as_str())
+    }
+
+    /// The promotion of a coupon field of `customer` (`None` when the field
+    /// is another customer's).
+    pub fn promotion_of_field<'a>(customer: &CustomerId, field: &'a str) -> Option<&'a str> {
+        field
+            .strip_prefix(customer.as_str())?
+            .strip_prefix('|')
+            .filter(|p| !p.is_empty())
+    }
+
+    /// A coupon as its bucket holds it: `<seq>:<grantedAtMs>`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct HeldCoupon {
+        /// N of couponId `<ns/name>#N`.
+        pub seq: u64,
+        /// Redis' clock when it was granted, epoch ms.
+        pub granted_at_ms: i64,
+    }
+
+    impl HeldCoupon {
+        pub fn encode(&self) -> String {
+            format!("{}:{}", self.seq, self.granted_at_ms)
+        }
+
+        pub fn parse(value: &str) -> Option<Self> {
+            let (seq, ms) = value.split_once(':')?;
+            Some(Self {
+                seq: seq.parse().ok()?,
+                granted_at_ms: ms.parse().ok()?,
+            })
+        }
+    }
+
+    /// Hash of the version 1 layout: promotion id -> coupon JSON, one key per
+    /// customer. Read only while [`LAYOUT`] is missing (an upgrade in
+    /// progress), dropped by `--rebuild`.
+    pub fn legacy_customer_coupons(customer: &CustomerId) -> String {
+        format!("seckill:rm:customer:{{{}}}:coupons", customer.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -71,11 +164,42 @@ mod tests {
             assert_eq!(key.matches('{').count(), 1);
         }
         assert!(read_model::promotion(&id).contains("{shop/sale}"));
+    }
+
+    #[test]
+    fn a_customers_bucket_is_fnv1a_of_its_id_modulo_the_bucket_count() {
+        // FNV-1a 32 of "a" is 0xe40c292c; of "foobar" 0xbf9cf968.
+        let bucket = |s: &str| read_model::coupon_bucket(&CustomerId::parse(s).unwrap());
+        assert_eq!(bucket("a"), 0xe40c_292c % 65_536);
+        assert_eq!(bucket("foobar"), 0xbf9c_f968 % 65_536);
         let c = CustomerId::parse("alice").unwrap();
+        let key = read_model::customer_coupons(&c);
+        assert_eq!(key, format!("seckill:rm:coupons:{{{}}}", bucket("alice")));
+        assert!(key.starts_with(read_model::PREFIX));
+        assert!(read_model::legacy_customer_coupons(&c).starts_with(read_model::PREFIX));
+    }
+
+    #[test]
+    fn coupon_fields_name_their_customer_and_promotion() {
+        let alice = CustomerId::parse("alice").unwrap();
+        let field = read_model::coupon_field("alice", "shop/sale");
+        assert_eq!(field, "alice|shop/sale");
+        assert_eq!(read_model::coupon_field_pattern(&alice), "alice|*");
         assert_eq!(
-            read_model::customer_coupons(&c),
-            "seckill:rm:customer:{alice}:coupons"
+            read_model::promotion_of_field(&alice, &field),
+            Some("shop/sale")
         );
-        assert!(read_model::customer_coupons(&c).starts_with(read_model::PREFIX));
+        assert_eq!(
+            read_model::promotion_of_field(&alice, "alicex|shop/sale"),
+            None
+        );
+        assert_eq!(read_model::promotion_of_field(&alice, "alice|"), None);
+        let held = read_model::HeldCoupon {
+            seq: 7,
+            granted_at_ms: 1_764_583_200_123,
+        };
+        assert_eq!(held.encode(), "7:1764583200123");
+        assert_eq!(read_model::HeldCoupon::parse(&held.encode()), Some(held));
+        assert_eq!(read_model::HeldCoupon::parse("{\"json\":1}"), None);
     }
 }

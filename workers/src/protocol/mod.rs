@@ -1,5 +1,5 @@
 //! The Redis data model of seckill: the one place that names keys, streams,
-//! consumer groups, event types and Lua scripts. Every component (command,
+//! consumer groups, event types and the Redis Functions library. Every component (command,
 //! query and projector workers, the operator, `seckill up`) imports this module;
 //! nobody else spells a key.
 //!
@@ -8,30 +8,37 @@
 //!
 //! | key | type | written by |
 //! |---|---|---|
-//! | `seckill:{ns/name}:state` | hash: spec, phase, granted, times | scripts only |
-//! | `seckill:{ns/name}:customers` | hash: customer id -> coupon JSON | `grab` |
-//! | `seckill:{ns/name}:events` | stream: the event log, source of truth | scripts only |
+//! | `seckill:{ns/name}:state` | hash: spec, phase, granted, times | functions only |
+//! | `seckill:{ns/name}:customers` | hash: customer id -> `<seq>:<grantedAtMs>` (v1: coupon JSON) | `grab` |
+//! | `seckill:{ns/name}:events` | stream: the event log, source of truth | functions only |
 //! | `seckill:promotions` | set of promotion ids (discovery) | operator, after `schedule` |
-//! | `seckill:rm:*` | read models | projectors only |
+//! | `seckill:rm:*` | read models ([`read_model`]) | projectors only |
 
 mod durability;
 mod events;
+pub mod functions;
+mod grab;
+pub mod grab_entry;
 mod ids;
 mod keys;
+mod lifecycle;
 mod phase;
 mod projection;
-mod scripts;
 
-pub use durability::{grab_durable, replication_probe_key, Durability, DurableGrabError};
+pub use durability::{
+    grab_batch_durable, grab_durable, replication_probe_key, Durability, DurableGrabError,
+};
 pub use events::{
     CouponGrabbed, DecodeError, Event, FinishReason, PromotionFinished, PromotionStarted,
     EVENT_FIELD, EVENT_VERSION,
 };
+pub use grab::{
+    decode_reply, grab, grab_batch, held_coupon, holders, rfc3339_ms, Coupon, GrabOutcome,
+};
 pub use ids::{CustomerId, IdError, PromotionId};
 pub use keys::{read_model, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY};
+pub use lifecycle::{
+    finish, schedule, snapshot, snapshots, PromotionSpec, ScheduleResult, ScriptError, Snapshot,
+};
 pub use phase::Phase;
 pub use projection::{PROJECT, PROJECT_SOURCE};
-pub use scripts::{
-    finish, grab, schedule, snapshot, Coupon, GrabOutcome, PromotionSpec, ScheduleResult,
-    ScriptError, Snapshot, FINISH, GRAB, SCHEDULE, SNAPSHOT,
-};

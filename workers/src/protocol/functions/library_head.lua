@@ -1,5 +1,13 @@
--- Shared prelude of every seckill script. Each script is sent as prelude .. body,
--- so these helpers are defined once here and nowhere else.
+#!lua name=seckill_v2
+-- The seckill Redis Functions library, protocol version 2: every command-side
+-- function of the protocol (and the read side's, if any), loaded once per
+-- master with FUNCTION LOAD REPLACE instead of a prelude sent and run with
+-- every call. `workers::protocol::functions` assembles this file and the
+-- ones after it into one library at compile time. Function names carry the
+-- version (seckill_v2_*) so that two releases can coexist during a rolling
+-- upgrade without FUNCTION LOAD REPLACE flip-flopping one library.
+--
+-- This head holds the helpers shared by every function, defined once.
 --
 -- Time always comes from Redis' own clock (TIME), never from the caller's host:
 -- a worker or operator whose clock is skewed can open or close nothing early.
@@ -9,7 +17,8 @@ local function now_ms()
 end
 
 -- RFC 3339 UTC timestamp with milliseconds from epoch milliseconds
--- (days-from-civil inverse, proleptic Gregorian calendar).
+-- (days-from-civil inverse, proleptic Gregorian calendar). Only the rare
+-- lifecycle events use it; grabs carry epoch milliseconds and Rust renders them.
 local function rfc3339(ms)
   local secs = math.floor(ms / 1000)
   local millis = ms - secs * 1000
@@ -30,9 +39,10 @@ local function rfc3339(ms)
     math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60, millis)
 end
 
--- Appends one event to the promotion's stream. The event is a JSON object with
--- `type` and `version`, stored in the single field `event`.
-local function append(stream, event)
+-- Appends one version 1 event (PromotionStarted, PromotionFinished): a JSON
+-- object with `type` and `version` in the single field `event`. They are rare,
+-- so cjson costs nothing that matters there.
+local function append_json(stream, event)
   event['version'] = 1
   return redis.call('XADD', stream, '*', 'event', cjson.encode(event))
 end
@@ -46,16 +56,16 @@ local function state_of(key)
     phase = v[1], started = v[2] == '1', discount = tonumber(v[3]), coupons = tonumber(v[4]),
     granted = tonumber(v[5]) or 0, publish_ms = tonumber(v[6]), finish_ms = tonumber(v[7]),
     publish_time = v[8], finish_time = v[9], started_at = v[10], finished_at = v[11],
-    finish_reason = v[12], promotion = v[13],
+    finish_reason = v[12], promotion = v[13], discount_text = v[3],
   }
 end
 
 -- Appends PromotionStarted exactly once: the `started` flag is set in the same
--- atomic script, so however often or concurrently this runs, one event results.
+-- atomic call, so however often or concurrently this runs, one event results.
 local function ensure_started(key, stream, s, now)
   if s.started then return false end
   local at = rfc3339(now)
-  append(stream, {
+  append_json(stream, {
     type = 'PromotionStarted', promotion = s.promotion, discount = s.discount,
     numberOfCoupons = s.coupons, publishTime = s.publish_time, finishTime = s.finish_time,
     startedAt = at,
@@ -70,7 +80,7 @@ end
 -- Appends PromotionFinished exactly once (guarded by phase = Finished).
 local function finish_now(key, stream, s, reason, now)
   local at = rfc3339(now)
-  append(stream, {
+  append_json(stream, {
     type = 'PromotionFinished', promotion = s.promotion, reason = reason,
     granted = s.granted, finishedAt = at,
   })
@@ -80,6 +90,7 @@ local function finish_now(key, stream, s, reason, now)
   s.finished_at = at
 end
 
+-- The answer of every lifecycle function: one JSON document (they are rare).
 local function snapshot(result, s, now)
   if not s then
     return cjson.encode({ result = result, exists = false, now = now })

@@ -1,0 +1,165 @@
+//! The `seckill_v2` Redis Functions library: every Lua function of the
+//! protocol, assembled at compile time from `functions/*.lua` (one file per
+//! concern) into one library, loaded once per master with
+//! `FUNCTION LOAD REPLACE` instead of a prelude sent and run with every call.
+//!
+//! [`call`] is the one place that spells `FCALL`: it loads the library and
+//! retries once when Redis answers that the function does not exist (a
+//! restart without persistence, or a new master that never had it; functions
+//! are persisted in RDB/AOF and replicated, so this is rare). On a Redis
+//! Cluster, `FUNCTION LOAD` goes to every master (the cluster client routes it
+//! to all primaries), so the one that owns a promotion's slot has it.
+
+use redis::aio::ConnectionLike;
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
+
+/// The library's name: the protocol version. Two releases with different
+/// versions can be loaded side by side during a rolling upgrade.
+pub const LIBRARY_NAME: &str = "seckill_v2";
+
+/// The library source: a head of shared helpers, then the functions by concern.
+pub const LIBRARY: &str = concat!(
+    include_str!("functions/library_head.lua"),
+    "\n",
+    include_str!("functions/lifecycle.lua"),
+    "\n",
+    include_str!("functions/grab.lua"),
+    "\n",
+    include_str!("functions/read_model.lua"),
+);
+
+/// A function of the library, by its registered name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Function(&'static str);
+
+impl Function {
+    pub const fn name(self) -> &'static str {
+        self.0
+    }
+}
+
+/// Registers or updates a promotion, starts it when due.
+pub const SCHEDULE: Function = Function("seckill_v2_schedule");
+/// Expired or Deleted.
+pub const FINISH: Function = Function("seckill_v2_finish");
+/// Read-only state and Redis' clock.
+pub const SNAPSHOT: Function = Function("seckill_v2_snapshot");
+/// A batch of customers grab one coupon each (the hot path).
+pub const GRAB: Function = Function("seckill_v2_grab");
+
+/// Every function the library registers.
+pub const ALL: [Function; 4] = [SCHEDULE, FINISH, SNAPSHOT, GRAB];
+
+/// The `FCALL` command of `function` with `keys` (all of one promotion,
+/// hence one cluster slot) and `args`, for callers that pipeline it.
+pub fn command<'a>(
+    function: Function,
+    keys: &[&str],
+    args: impl IntoIterator<Item = &'a str>,
+) -> Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(function.name()).arg(keys.len()).arg(keys);
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd
+}
+
+/// Loads (or replaces) the library: on every master of a cluster.
+pub async fn load<C: ConnectionLike>(con: &mut C) -> Result<(), RedisError> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(LIBRARY)
+        .query_async::<redis::Value>(con)
+        .await
+        .map(drop)
+}
+
+/// Loads the library when a component sets up its connection, in the
+/// background: Redis may not be up yet (components start while it is down),
+/// and then the first call loads it ([`call`]).
+pub fn load_at_setup<C: ConnectionLike + Send + 'static>(mut con: C) {
+    tokio::spawn(async move {
+        match load(&mut con).await {
+            Ok(()) => tracing::debug!(library = LIBRARY_NAME, "functions library loaded"),
+            Err(e) => tracing::info!(library = LIBRARY_NAME, error = %e,
+                "functions library not loaded at setup; the first call will load it"),
+        }
+    });
+}
+
+/// Whether `e` says the function called is not loaded on that server.
+pub fn is_not_loaded(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::ResponseError)
+        && e.detail()
+            .is_some_and(|d| d.to_ascii_lowercase().contains("function not found"))
+}
+
+/// Runs `cmd` (an `FCALL` built by [`command`]); when the function is not
+/// loaded, loads the library and runs it once more.
+pub async fn call<C: ConnectionLike, T: FromRedisValue>(
+    con: &mut C,
+    cmd: &Cmd,
+) -> Result<T, RedisError> {
+    match cmd.query_async(con).await {
+        Err(e) if is_not_loaded(&e) => {
+            tracing::info!(
+                library = LIBRARY_NAME,
+                "Redis lacks the functions library; loading it"
+            );
+            load(con).await?;
+            cmd.query_async(con).await
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_library_is_named_after_the_protocol_version_and_registers_every_function() {
+        let first_line = LIBRARY.lines().next().unwrap_or_default();
+        assert_eq!(first_line, format!("#!lua name={LIBRARY_NAME}"));
+        for f in ALL {
+            assert!(f.name().starts_with(&format!("{LIBRARY_NAME}_")), "{f:?}");
+            assert!(
+                LIBRARY.contains(&format!("'{}'", f.name())),
+                "{} is not registered in the library",
+                f.name()
+            );
+        }
+        assert_eq!(LIBRARY.matches("#!lua").count(), 1, "one shebang only");
+    }
+
+    #[test]
+    fn fcall_names_the_function_then_the_key_count() {
+        let cmd = command(GRAB, &["s", "c", "e"], ["alice", "bob"]);
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .map(|a| match a {
+                redis::Arg::Simple(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let text: Vec<&str> = args
+            .iter()
+            .map(|a| std::str::from_utf8(a).unwrap())
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "FCALL",
+                "seckill_v2_grab",
+                "3",
+                "s",
+                "c",
+                "e",
+                "alice",
+                "bob"
+            ]
+        );
+    }
+}
