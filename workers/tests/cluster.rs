@@ -54,6 +54,28 @@ fn open_spec(coupons: u64, length_ms: i64) -> PromotionSpec {
     spec_from_now(0.7, coupons, -1000, length_ms + 1000)
 }
 
+/// `per_master` promotions `<prefix>-<n>` on each of the three masters of
+/// `c`, by master address.
+fn on_every_master(
+    c: &RedisCluster,
+    prefix: &str,
+    per_master: usize,
+) -> BTreeMap<String, Vec<PromotionId>> {
+    let mut by_master: BTreeMap<String, Vec<PromotionId>> = BTreeMap::new();
+    for i in 0.. {
+        let p = id(&format!("{prefix}-{i}"));
+        let m = c.master_for_key(&PromotionKeys::new(&p).state).unwrap();
+        let list = by_master.entry(m).or_default();
+        if list.len() < per_master {
+            list.push(p);
+        }
+        if by_master.len() == 3 && by_master.values().all(|l| l.len() >= per_master) {
+            break;
+        }
+    }
+    by_master
+}
+
 async fn events(con: &mut RedisConnection, id: &PromotionId) -> Vec<Event> {
     events_of(con, id).await
 }
@@ -277,18 +299,7 @@ async fn flash_sale_of_twenty_promotions_on_all_masters_grants_exactly_each_stoc
     let c = cluster(3, 0);
     let con = connect(&c);
     // Pick names round-robin over the masters, so the sale spans all three.
-    let mut by_master: BTreeMap<String, Vec<PromotionId>> = BTreeMap::new();
-    for i in 0.. {
-        let p = id(&format!("flash-{i}"));
-        let m = c.master_for_key(&PromotionKeys::new(&p).state).unwrap();
-        let list = by_master.entry(m).or_default();
-        if list.len() < 7 {
-            list.push(p);
-        }
-        if by_master.len() == 3 && by_master.values().all(|l| l.len() >= 7) {
-            break;
-        }
-    }
+    let by_master = on_every_master(&c, "flash", 7);
     assert_eq!(by_master.len(), 3, "promotions on all three masters");
     let promos: Vec<PromotionId> = by_master.values().flatten().take(20).cloned().collect();
     assert_eq!(promos.len(), 20);
@@ -796,19 +807,10 @@ async fn batches_on_promotions_of_every_master_at_once_grant_exactly_each_stock(
     let con = connect(&c);
     // Two promotions per master; the library is on no master yet: the first
     // call on each finds no function and loads it on every master.
-    let mut by_master: BTreeMap<String, Vec<PromotionId>> = BTreeMap::new();
-    for i in 0.. {
-        let p = id(&format!("batch-{i}"));
-        let m = c.master_for_key(&PromotionKeys::new(&p).state).unwrap();
-        let list = by_master.entry(m).or_default();
-        if list.len() < 2 {
-            list.push(p);
-        }
-        if by_master.len() == 3 && by_master.values().all(|l| l.len() >= 2) {
-            break;
-        }
-    }
-    let promos: Vec<PromotionId> = by_master.values().flatten().cloned().collect();
+    let promos: Vec<PromotionId> = on_every_master(&c, "batch", 2)
+        .into_values()
+        .flatten()
+        .collect();
     for p in &promos {
         protocol::schedule(&mut con.clone(), p, &open_spec(50, 120_000))
             .await
