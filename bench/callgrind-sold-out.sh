@@ -22,15 +22,8 @@ for tool in valgrind callgrind_annotate redis-server curl python3; do
 done
 [ -x "$SETUP" ] || { echo "callgrind: build $SETUP first" >&2; exit 2; }
 
-work=$(mktemp -d -t seckill-callgrind.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source scripts/lib/scratch.sh
+scratch seckill-callgrind
 
 REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" \

@@ -46,16 +46,9 @@ WORKER=target/release/seckill-worker
 PROJECTION_BENCH=target/release/examples/projection_bench
 SETUP=target/release/examples/read_side_setup
 
-work=$(mktemp -d -t seckill-bench-read.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/lib/scratch.sh
+scratch seckill-bench-read
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # A private redis-server like production's: AOF on, fsync every second, no RDB snapshots.
 # Prints its pid; the caller records it.

@@ -70,16 +70,9 @@ WORKER=target/release/seckill-worker
 UP=target/release/seckill
 SETUP=target/release/examples/bench_setup
 
-work=$(mktemp -d -t seckill-bench.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source scripts/lib/scratch.sh
+scratch seckill-bench
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 REDIS_PORT=$(free_port)
 REPLICA_PORT=$(free_port)
 HTTP_PORT=$(free_port)

@@ -40,14 +40,8 @@ PY=.tools/venv/bin/python
 CHECK=(python3 scripts/check-monitoring.py)
 [ -x "$PY" ] && CHECK=("$PY" scripts/check-monitoring.py)
 
-WORK=$(mktemp -d -t seckill-monitoring.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+source scripts/lib/scratch.sh
+scratch seckill-monitoring
 failures=()
 pass() { echo "  ok   $*"; }
 fail() { echo "  FAIL $*"; failures+=("$*"); }
@@ -58,43 +52,42 @@ check() { # description, command...: the command prints its own ok/FAIL lines
 
 echo "== helm template (prometheusRule + grafanaDashboard on)"
 if ! helm template "$RELEASE" "$CHART" -n "$NAMESPACE" --set redis.url=redis://redis.example:6379 \
-    --set prometheusRule.enabled=true --set grafanaDashboard.enabled=true >"$WORK/render.yaml" 2>"$WORK/render.err"; then
-  fail "helm template"; sed 's/^/       /' "$WORK/render.err"
+    --set prometheusRule.enabled=true --set grafanaDashboard.enabled=true >"$work/render.yaml" 2>"$work/render.err"; then
+  fail "helm template"; sed 's/^/       /' "$work/render.err"
   printf '  - %s\n' "${failures[@]}"; exit 1
 fi
-check "extract" "${CHECK[@]}" extract "$WORK/render.yaml" "$WORK" || true
-[ -f "$WORK/rules.yaml" ] && [ -f "$WORK/dashboard.json" ] || { echo "test-monitoring: nothing to check"; exit 1; }
+check "extract" "${CHECK[@]}" extract "$work/render.yaml" "$work" || true
+[ -f "$work/rules.yaml" ] && [ -f "$work/dashboard.json" ] || { echo "test-monitoring: nothing to check"; exit 1; }
 
 echo "== promtool"
-if out=$(promtool check rules "$WORK/rules.yaml" 2>&1); then
+if out=$(promtool check rules "$work/rules.yaml" 2>&1); then
   pass "promtool check rules (alerts): $(echo "$out" | grep -o 'SUCCESS.*')"
 else
   fail "promtool check rules (alerts)"; echo "$out" | sed 's/^/       /'
 fi
-cp "$CHART/tests/alerts.test.yaml" "$WORK/alerts.test.yaml"
-if out=$(cd "$WORK" && promtool test rules alerts.test.yaml 2>&1); then
+cp "$CHART/tests/alerts.test.yaml" "$work/alerts.test.yaml"
+if out=$(cd "$work" && promtool test rules alerts.test.yaml 2>&1); then
   pass "promtool test rules $CHART/tests/alerts.test.yaml: $(grep -c '^  - name:' "$CHART/tests/alerts.test.yaml") test groups pass"
 else
   fail "promtool test rules"; echo "$out" | sed 's/^/       /'
 fi
-check "alert test coverage" "${CHECK[@]}" coverage "$WORK/rules.yaml" "$CHART/tests/alerts.test.yaml"
+check "alert test coverage" "${CHECK[@]}" coverage "$work/rules.yaml" "$CHART/tests/alerts.test.yaml"
 
 echo "== dashboard"
-check "dashboard" "${CHECK[@]}" dashboard "$WORK/dashboard.json" "$WORK/dashboard-rules.yaml"
-if out=$(promtool check rules "$WORK/dashboard-rules.yaml" 2>&1); then
+check "dashboard" "${CHECK[@]}" dashboard "$work/dashboard.json" "$work/dashboard-rules.yaml"
+if out=$(promtool check rules "$work/dashboard-rules.yaml" 2>&1); then
   pass "promtool check rules (the dashboard's queries): $(echo "$out" | grep -o 'SUCCESS.*')"
 else
   fail "promtool check rules (the dashboard's queries)"; echo "$out" | sed 's/^/       /'
 fi
 
 echo "== runbook"
-check "runbook" "${CHECK[@]}" runbook "$WORK/rules.yaml" docs/RUNBOOK.md
+check "runbook" "${CHECK[@]}" runbook "$work/rules.yaml" docs/RUNBOOK.md
 
 echo "== /metrics of running seckill processes"
 cargo build -q -p seckill-workers -p seckill-operator --bins || { fail "cargo build"; printf '  - %s\n' "${failures[@]}"; exit 1; }
 BIN=$(cargo metadata --format-version 1 --no-deps | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/debug
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 # Polls `$@` every 0.1 s until it succeeds, for at most $1 seconds.
 eventually() {
   local secs=$1; shift
@@ -111,19 +104,19 @@ grab() { # customer, promotion: prints the status code
     -d "{\"customerId\":\"$1\"}" "$COMMAND/api/v1/promotions/shop/$2/grab"
 }
 granted() { [ "$(grab "$1" metrics-check)" = 200 ]; }
-dump_logs() { for f in "$WORK"/*.log; do echo "       --- $f"; tail -20 "$f" | sed 's/^/       /'; done; }
+dump_logs() { for f in "$work"/*.log; do echo "       --- $f"; tail -20 "$f" | sed 's/^/       /'; done; }
 
 REDIS_PORT=$(free_port)
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT/"
-mkdir -p "$WORK/redis"
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK/redis" \
-  --logfile "$WORK/redis.log" --daemonize no >/dev/null 2>&1 &
+mkdir -p "$work/redis"
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no --dir "$work/redis" \
+  --logfile "$work/redis.log" --daemonize no >/dev/null 2>&1 &
 REDIS_PID=$!
 pids+=("$REDIS_PID")
 eventually 20 redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 || { fail "redis-server did not start"; dump_logs; }
 
 # A promotion open now, for an hour (Redis decides on its own clock).
-cat >"$WORK/promotion.yaml" <<EOF
+cat >"$work/promotion.yaml" <<EOF
 apiVersion: seckill.io/v1
 kind: Promotion
 metadata: {name: metrics-check, namespace: shop}
@@ -139,13 +132,13 @@ EOF
 import socket, sys, time
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
 print(s.getsockname()[1], flush=True)
-while True: time.sleep(3600)' >"$WORK/silent-api.port" &
+while True: time.sleep(3600)' >"$work/silent-api.port" &
 pids+=($!)
-eventually 20 test -s "$WORK/silent-api.port" || fail "the silent API server did not start"
-cat >"$WORK/kubeconfig" <<EOF
+eventually 20 test -s "$work/silent-api.port" || fail "the silent API server did not start"
+cat >"$work/kubeconfig" <<EOF
 apiVersion: v1
 kind: Config
-clusters: [{name: silent, cluster: {server: "http://127.0.0.1:$(cat "$WORK/silent-api.port")"}}]
+clusters: [{name: silent, cluster: {server: "http://127.0.0.1:$(cat "$work/silent-api.port")"}}]
 users: [{name: nobody, user: {token: none}}]
 contexts: [{name: silent, context: {cluster: silent, user: nobody, namespace: seckill}}]
 current-context: silent
@@ -157,14 +150,14 @@ UP="http://127.0.0.1:$UP_PORT"
 PROJECTOR="http://127.0.0.1:$PROJECTOR_PORT"
 OPERATOR="http://127.0.0.1:$OPERATOR_PORT"
 export RUST_LOG=warn
-"$BIN/seckill" up --roles operator --redis-url "$REDIS_URL" --listen "127.0.0.1:$UP_PORT" -f "$WORK/promotion.yaml" >"$WORK/up.log" 2>&1 &
+"$BIN/seckill" up --roles operator --redis-url "$REDIS_URL" --listen "127.0.0.1:$UP_PORT" -f "$work/promotion.yaml" >"$work/up.log" 2>&1 &
 pids+=($!)
-"$BIN/seckill-worker" command --listen "127.0.0.1:$COMMAND_PORT" --redis-url "$REDIS_URL" --redis-timeout-ms 300 >"$WORK/command.log" 2>&1 &
+"$BIN/seckill-worker" command --listen "127.0.0.1:$COMMAND_PORT" --redis-url "$REDIS_URL" --redis-timeout-ms 300 >"$work/command.log" 2>&1 &
 pids+=($!)
-"$BIN/seckill-worker" projector --metrics-listen "127.0.0.1:$PROJECTOR_PORT" --redis-url "$REDIS_URL" --consumer-name metrics-check >"$WORK/projector.log" 2>&1 &
+"$BIN/seckill-worker" projector --metrics-listen "127.0.0.1:$PROJECTOR_PORT" --redis-url "$REDIS_URL" --consumer-name metrics-check >"$work/projector.log" 2>&1 &
 pids+=($!)
-KUBECONFIG="$WORK/kubeconfig" "$BIN/seckill-operator" run --metrics-listen "127.0.0.1:$OPERATOR_PORT" --redis-url "$REDIS_URL" \
-  --identity metrics-check --lease-name metrics-check --lease-namespace seckill >"$WORK/operator.log" 2>&1 &
+KUBECONFIG="$work/kubeconfig" "$BIN/seckill-operator" run --metrics-listen "127.0.0.1:$OPERATOR_PORT" --redis-url "$REDIS_URL" \
+  --identity metrics-check --lease-name metrics-check --lease-namespace seckill >"$work/operator.log" 2>&1 &
 pids+=($!)
 
 scraped=0
@@ -184,9 +177,9 @@ if eventually 60 ready "$COMMAND/readyz" && eventually 60 ready "$PROJECTOR/read
     || fail "the projector applied no CouponGrabbed event within 30 s"
   eventually 30 has_line "$UP/metrics" '^seckill_operator_promotion_coupons_remaining{promotion="shop/metrics-check"} 4' \
     || fail "seckill up did not report 4 coupons remaining within 30 s"
-  curl -fs "$PROJECTOR/metrics" >"$WORK/projector.metrics"
-  curl -fs "$OPERATOR/metrics" >"$WORK/operator.metrics"
-  grep -q '^seckill_operator_leader 0' "$WORK/operator.metrics" && pass "seckill-operator without its API server: seckill_operator_leader 0" \
+  curl -fs "$PROJECTOR/metrics" >"$work/projector.metrics"
+  curl -fs "$OPERATOR/metrics" >"$work/operator.metrics"
+  grep -q '^seckill_operator_leader 0' "$work/operator.metrics" && pass "seckill-operator without its API server: seckill_operator_leader 0" \
     || fail "seckill-operator's /metrics has no 'seckill_operator_leader 0'"
   # Redis stalls past the 300 ms timeout (paused until it is killed), then dies.
   redis-cli -p "$REDIS_PORT" client pause 60000 all >/dev/null
@@ -198,32 +191,32 @@ if eventually 60 ready "$COMMAND/readyz" && eventually 60 ready "$PROJECTOR/read
   [ "$code" = 503 ] && pass "a grab with Redis gone: 503" || fail "a grab with Redis gone: $code, not 503"
   eventually 10 has_line "$COMMAND/metrics" '^seckill_redis_errors_total{operation="ping"' \
     || fail "the command worker counted no failed readiness PING"
-  curl -fs "$COMMAND/metrics" >"$WORK/command.metrics"
+  curl -fs "$COMMAND/metrics" >"$work/command.metrics"
   # The operator core refreshes the Active promotion every second: without
   # Redis those reconciliations fail.
   eventually 30 has_line "$UP/metrics" '^seckill_operator_reconcile_failures_total{error="RedisUnavailable"}' \
     || fail "seckill up counted no failed reconciliation within 30 s of Redis dying"
-  curl -fs "$UP/metrics" >"$WORK/up.metrics"
+  curl -fs "$UP/metrics" >"$work/up.metrics"
   scraped=1
 else
   fail "a seckill process did not become ready within 60 s"; dump_logs
 fi
 
 if [ $scraped = 1 ]; then
-  SCRAPES=(command="$WORK/command.metrics" projector="$WORK/projector.metrics"
-    operator="$WORK/operator.metrics" seckill-up-operator="$WORK/up.metrics")
-  check "metric names" "${CHECK[@]}" names "$WORK/rules.yaml" "$WORK/dashboard.json" "${SCRAPES[@]}"
+  SCRAPES=(command="$work/command.metrics" projector="$work/projector.metrics"
+    operator="$work/operator.metrics" seckill-up-operator="$work/up.metrics")
+  check "metric names" "${CHECK[@]}" names "$work/rules.yaml" "$work/dashboard.json" "${SCRAPES[@]}"
   # The check itself must fail on a renamed metric and on a wrong label value.
-  sed 's/seckill_projector_lag_seconds_bucket/seckill_projector_lag_secs_bucket/' "$WORK/rules.yaml" >"$WORK/renamed.yaml"
-  sed 's/outcome="granted"/outcome="grant"/' "$WORK/rules.yaml" >"$WORK/relabelled.yaml"
-  if out=$("${CHECK[@]}" names "$WORK/renamed.yaml" "$WORK/dashboard.json" "${SCRAPES[@]}" 2>&1); then
+  sed 's/seckill_projector_lag_seconds_bucket/seckill_projector_lag_secs_bucket/' "$work/rules.yaml" >"$work/renamed.yaml"
+  sed 's/outcome="granted"/outcome="grant"/' "$work/rules.yaml" >"$work/relabelled.yaml"
+  if out=$("${CHECK[@]}" names "$work/renamed.yaml" "$work/dashboard.json" "${SCRAPES[@]}" 2>&1); then
     fail "the metric-name check accepts a renamed metric (seckill_projector_lag_secs_bucket)"
   elif echo "$out" | grep -q 'seckill_projector_lag_secs_bucket is in no /metrics'; then
     pass "the metric-name check refuses a renamed metric: $(echo "$out" | grep -m1 'lag_secs_bucket' | sed 's/^ *FAIL //')"
   else
     fail "the metric-name check fails on a renamed metric, but not naming it"; echo "$out" | sed 's/^/       /'
   fi
-  if out=$("${CHECK[@]}" names "$WORK/relabelled.yaml" "$WORK/dashboard.json" "${SCRAPES[@]}" 2>&1); then
+  if out=$("${CHECK[@]}" names "$work/relabelled.yaml" "$work/dashboard.json" "${SCRAPES[@]}" 2>&1); then
     fail "the metric-name check accepts outcome=\"grant\""
   elif echo "$out" | grep -q "outcome='grant'"; then
     pass "the metric-name check refuses a wrong label value: $(echo "$out" | grep -m1 "outcome='grant'" | sed 's/^ *FAIL //')"

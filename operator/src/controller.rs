@@ -263,20 +263,6 @@ async fn apply(p: &Promotion, api: &Api<Promotion>, ctx: &Context) -> Result<Act
                 None => Action::await_change(),
             })
         }
-        Err(e @ Error::InvalidSpec(_)) => {
-            // Waiting will not fix it; a new generation brings it back.
-            let status = lifecycle::unavailable_status(
-                previous,
-                generation,
-                e.kind(),
-                e.to_string(),
-                Utc::now(),
-            );
-            report(ctx, api, p, previous, since_write, &status).await?;
-            ctx.sales.forget(&promotion);
-            tracing::warn!(promotion = %id, error = %e, "spec refused");
-            Ok(Action::await_change())
-        }
         Err(e) => {
             let status = lifecycle::unavailable_status(
                 previous,
@@ -285,6 +271,13 @@ async fn apply(p: &Promotion, api: &Api<Promotion>, ctx: &Context) -> Result<Act
                 e.to_string(),
                 Utc::now(),
             );
+            if let Error::InvalidSpec(_) = e {
+                // Waiting will not fix it; a new generation brings it back.
+                report(ctx, api, p, previous, since_write, &status).await?;
+                ctx.sales.forget(&promotion);
+                tracing::warn!(promotion = %id, error = %e, "spec refused");
+                return Ok(Action::await_change());
+            }
             match report(ctx, api, p, previous, since_write, &status).await {
                 Ok(reported) => ctx.sales.reported(&promotion, reported),
                 Err(pe) => {

@@ -1,0 +1,27 @@
+# shellcheck shell=bash
+# What every script that starts its own processes shares, sourced rather
+# than copied: a scratch directory ($work), the processes started into it
+# ($pids: append each background pid; killed and reaped on exit, then the
+# directory is removed) and free loopback ports.
+#
+#   source scripts/lib/scratch.sh
+#   scratch seckill-bench          # sets $work and the EXIT trap
+#   REDIS_PORT=$(free_port)
+#   redis-server --port "$REDIS_PORT" ... & pids+=($!)
+
+pids=()
+
+scratch() {
+  work=$(mktemp -d -t "$1.XXXXXX")
+  trap scratch_cleanup EXIT
+}
+
+scratch_cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
