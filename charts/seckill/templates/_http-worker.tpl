@@ -90,6 +90,8 @@ spec:
             - name: SECKILL_HEADER_READ_TIMEOUT_MS
               value: {{ $v.headerReadTimeoutMs | int64 | quote }}
             {{- if $command }}
+            - name: SECKILL_GRAB_BATCH_MAX
+              value: {{ $v.grabBatchMax | int64 | quote }}
             - name: SECKILL_RATE_LIMIT_PER_SEC
               value: {{ $v.rateLimit.perSec | quote }}
             - name: SECKILL_RATE_LIMIT_BURST
