@@ -18,14 +18,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderName, StatusCode};
+use axum::http::{HeaderMap, HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::Serialize;
 
 use super::group_commit::{BatchCall, GrabFailure, GroupCommit};
 use super::holders::HolderSetBuilder;
 use super::memory::{Closed, Known, PromotionMemory};
-use super::request::{parse_grab, GrabRequest};
+use super::request::{grab_customer, parse_grab, GrabRequest};
 use crate::http::extract::{read_body, PromotionPath};
 use crate::http::{json, ApiError, Outcome};
 use crate::metrics::{CommandMetrics, RedisMetrics};
@@ -142,13 +143,30 @@ impl CommandApi {
     /// customer. The body is not read when the customer id comes from a
     /// header.
     async fn parse(&self, path: &PromotionPath, request: Request) -> Result<GrabRequest, ApiError> {
-        let header = self.options.customer_id_header.as_ref();
+        let (headers, body) = self.read(request).await?;
+        self.parse_read(path, &headers, &body)
+    }
+
+    /// The request's headers and body; the body is not read when the
+    /// customer id comes from a header.
+    async fn read(&self, request: Request) -> Result<(HeaderMap, Bytes), ApiError> {
         let (parts, body) = request.into_parts();
-        let body = match header {
-            Some(_) => Default::default(),
+        let body = match self.options.customer_id_header {
+            Some(_) => Bytes::new(),
             None => read_body(body).await?,
         };
-        let grab = parse_grab(path.namespace(), path.name(), &parts.headers, &body, header)?;
+        Ok((parts.headers, body))
+    }
+
+    /// [`CommandApi::parse`] of a request already read.
+    fn parse_read(
+        &self,
+        path: &PromotionPath,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<GrabRequest, ApiError> {
+        let header = self.options.customer_id_header.as_ref();
+        let grab = parse_grab(path.namespace(), path.name(), headers, body, header)?;
         if let Some(limiter) = self.by_customer() {
             limiter.check(&grab.customer).map_err(|wait| {
                 rate_limit::refusal(RateLimitKey::Customer, wait, self.metrics.as_ref())
@@ -309,13 +327,23 @@ pub async fn grab(
     // known is reading the request and one lookup, no Redis.
     if let Some(Known::Finished(closed)) = &known {
         if let Some(holders) = closed.holders().get() {
-            let grab = match api.parse(&path, request).await {
+            // Only the customer is needed to turn most away: the promotion
+            // is known (it is in memory) and the rate limit by customer is
+            // for what reaches Redis.
+            let (headers, body) = match api.read(request).await {
+                Ok(read) => read,
+                Err(e) => return e.into_response(),
+            };
+            let header = api.options.customer_id_header.as_ref();
+            match grab_customer(&headers, &body, header) {
+                Ok(customer) if !holders.may_hold(&customer) => return closed.response(),
+                Ok(_) => {}
+                Err(e) => return e.into_response(),
+            }
+            let grab = match api.parse_read(&path, &headers, &body) {
                 Ok(grab) => grab,
                 Err(e) => return e.into_response(),
             };
-            if !holders.may_hold(&grab.customer) {
-                return closed.response();
-            }
             return Box::pin(api.grab_in_redis(&grab)).await;
         }
     }

@@ -3,6 +3,7 @@
 //! acceptable.
 
 use axum::body::Body;
+use axum::body::HttpBody;
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use bytes::Bytes;
@@ -84,20 +85,38 @@ impl<S: Send + Sync> FromRequestParts<S> for PromotionPath {
 /// Reads a request body, which the server's layers bound in size (413
 /// `payload_too_large` past [`crate::http::MAX_BODY_BYTES`]) and in time
 /// (408 `request_timeout`); a body that breaks off is 400.
-pub async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    match body.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => {
-            let cause = e.into_inner();
-            if cause.is::<LengthLimitError>() {
-                Err(ApiError::payload_too_large())
-            } else if cause.is::<TimeoutError>() {
-                Err(ApiError::request_timeout())
-            } else {
-                Err(ApiError::invalid_request(format!(
-                    "the request body could not be read: {cause}"
-                )))
-            }
-        }
+pub async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+    // A grab's body is small and arrives in one frame: taken as it is, it
+    // needs none of the buffers `collect` sets up (a tenth of a sold-out
+    // answer's instructions, see docs/BENCHMARKS.md).
+    let first = match body.frame().await {
+        None => return Ok(Bytes::new()),
+        Some(frame) => frame.map_err(unreadable)?,
+    };
+    let first = match first.into_data() {
+        Ok(data) if body.is_end_stream() => return Ok(data),
+        Ok(data) => data,
+        Err(_trailers) => Bytes::new(),
+    };
+    let rest = body.collect().await.map_err(unreadable)?.to_bytes();
+    if first.is_empty() {
+        return Ok(rest);
+    }
+    let mut all = Vec::with_capacity(first.len() + rest.len());
+    all.extend_from_slice(&first);
+    all.extend_from_slice(&rest);
+    Ok(Bytes::from(all))
+}
+
+/// The answer to a body that could not be read: over the size limit, past
+/// the deadline, or broken off.
+fn unreadable(e: axum::Error) -> ApiError {
+    let cause = e.into_inner();
+    if cause.is::<LengthLimitError>() {
+        ApiError::payload_too_large()
+    } else if cause.is::<TimeoutError>() {
+        ApiError::request_timeout()
+    } else {
+        ApiError::invalid_request(format!("the request body could not be read: {cause}"))
     }
 }
