@@ -166,7 +166,17 @@ impl CommandApi {
         body: &[u8],
     ) -> Result<GrabRequest, ApiError> {
         let header = self.options.customer_id_header.as_ref();
-        let grab = parse_grab(path.namespace(), path.name(), headers, body, header)?;
+        self.admit(parse_grab(
+            path.namespace(),
+            path.name(),
+            headers,
+            body,
+            header,
+        )?)
+    }
+
+    /// `grab` past the rate limit by customer (when there is one).
+    fn admit(&self, grab: GrabRequest) -> Result<GrabRequest, ApiError> {
         if let Some(limiter) = self.by_customer() {
             limiter.check(&grab.customer).map_err(|wait| {
                 rate_limit::refusal(RateLimitKey::Customer, wait, self.metrics.as_ref())
@@ -335,12 +345,18 @@ pub async fn grab(
                 Err(e) => return e.into_response(),
             };
             let header = api.options.customer_id_header.as_ref();
-            match grab_customer(&headers, &body, header) {
+            let customer = match grab_customer(&headers, &body, header) {
                 Ok(customer) if !holders.may_hold(&customer) => return closed.response(),
-                Ok(_) => {}
+                Ok(customer) => customer,
                 Err(e) => return e.into_response(),
-            }
-            let grab = match api.parse_read(&path, &headers, &body) {
+            };
+            let grab = path.id().and_then(|promotion| {
+                api.admit(GrabRequest {
+                    promotion,
+                    customer,
+                })
+            });
+            let grab = match grab {
                 Ok(grab) => grab,
                 Err(e) => return e.into_response(),
             };
