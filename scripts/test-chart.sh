@@ -26,9 +26,7 @@ PY=.tools/venv/bin/python
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
-failures=()
-pass() { echo "  ok   $*"; }
-fail() { echo "  FAIL $*"; failures+=("$*"); }
+source scripts/lib/checks.sh
 
 EXTERNAL=(--set redis.url=redis://redis.example:6379)
 CRD_TOP=crds/promotions.seckill.io.yaml
@@ -298,11 +296,4 @@ else
 fi
 reject "a Kubernetes older than 1.30" "requires kubeVersion: >=1.30" "${EXTERNAL[@]}" --set admissionPolicy.enabled=true --kube-version 1.29.0
 
-echo
-if [ ${#failures[@]} -eq 0 ]; then
-  echo "test-chart: all checks passed"
-else
-  echo "test-chart: ${#failures[@]} failure(s):"
-  printf '  - %s\n' "${failures[@]}"
-  exit 1
-fi
+checks_summary test-chart

@@ -42,9 +42,7 @@ CHECK=(python3 scripts/check-monitoring.py)
 
 source scripts/lib/scratch.sh
 scratch seckill-monitoring
-failures=()
-pass() { echo "  ok   $*"; }
-fail() { echo "  FAIL $*"; failures+=("$*"); }
+source scripts/lib/checks.sh
 check() { # description, command...: the command prints its own ok/FAIL lines
   local what=$1; shift
   if "$@"; then :; else fail "$what"; fi
@@ -225,11 +223,4 @@ if [ $scraped = 1 ]; then
   fi
 fi
 
-echo
-if [ ${#failures[@]} -eq 0 ]; then
-  echo "test-monitoring: all checks passed"
-else
-  echo "test-monitoring: ${#failures[@]} failure(s):"
-  printf '  - %s\n' "${failures[@]}"
-  exit 1
-fi
+checks_summary test-monitoring
