@@ -22,6 +22,11 @@ mod up;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc, as in `seckill-worker` (see its main): the same HTTP stack
+/// serves grabs here.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "seckill",

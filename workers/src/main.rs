@@ -3,6 +3,13 @@
 use clap::{Parser, Subcommand};
 use seckill_workers::{command, projector, query, telemetry};
 
+/// mimalloc rather than the system allocator: a request makes a few dozen
+/// small allocations (the HTTP stack's headers, extensions and boxed
+/// futures), and glibc's malloc and free were about a sixth of the
+/// instructions of a sold-out answer (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "seckill-worker",

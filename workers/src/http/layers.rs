@@ -6,11 +6,11 @@
 //! a longer chunked body fails while read, and the whole body must arrive
 //! within the header read timeout). The 404 and 405 answers are endpoints
 //! in the same layers ([`Layers::router`], [`Layers::endpoint`]). The API
-//! endpoints (grab, queries; [`Layers::api_endpoint`]) sit inside one more:
-//! at most [`ServerLimits::max_in_flight`] of them run at once, shared by
-//! the whole server (tower's global concurrency limit), and one past it is
-//! shed at once with a 503 ([`ApiError::overloaded`]) instead of waiting in
-//! a queue behind a slow Redis; probes and `/metrics` are never shed.
+//! endpoints (grab, queries; [`Layers::api_endpoint`]) sit inside one more,
+//! [`Admitted`]: at most [`ServerLimits::max_in_flight`] of them run at
+//! once, shared by the whole server, and one past it is shed at once with a
+//! 503 ([`ApiError::overloaded`]) instead of waiting in a queue behind a
+//! slow Redis; probes and `/metrics` are never shed.
 //!
 //! Each endpoint gets its own copy of the stack, rather than
 //! `Router::layer` wrapping the routes once more: axum boxes each layer of
@@ -27,7 +27,6 @@ use std::time::Instant;
 use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
-use axum::error_handling::{HandleError, HandleErrorLayer};
 use axum::extract::{MatchedPath, Request};
 use axum::handler::HandlerWithoutStateExt;
 use axum::response::{IntoResponse, Response};
@@ -35,10 +34,8 @@ use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 use bytes::Bytes;
 use pin_project_lite::pin_project;
-use tokio::sync::Semaphore;
-use tower::limit::{ConcurrencyLimit, GlobalConcurrencyLimitLayer};
-use tower::load_shed::{LoadShed, LoadShedLayer};
-use tower::{BoxError, Layer, Service, ServiceBuilder};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{Layer, Service, ServiceBuilder};
 use tower_http::limit::{RequestBodyLimit, RequestBodyLimitLayer};
 use tower_http::timeout::{RequestBodyDeadline, RequestBodyDeadlineLayer};
 
@@ -52,17 +49,67 @@ pub const UNMATCHED: &str = "unmatched";
 /// A service in the layers of [`Layers::around`].
 pub type Layered<S> = Observe<RequestBodyLimit<RequestBodyDeadline<S>>>;
 
-/// The answer of a request shed by [`Admitted`].
-type ShedAnswer = fn(BoxError) -> std::future::Ready<Response>;
-
 /// An API service admitted only while fewer than the server's
-/// `max_in_flight` API requests run; else answered 503 at once.
-pub type Admitted<S> = HandleError<LoadShed<ConcurrencyLimit<S>>, ShedAnswer, ()>;
+/// `max_in_flight` API requests run; else answered 503
+/// ([`ApiError::overloaded`]) at once, without calling it.
+///
+/// This is what tower's `GlobalConcurrencyLimit` inside `LoadShed` inside
+/// axum's `HandleError` did, on the same tokio semaphore, but without
+/// their two boxed futures and three wrappers per request: measured under
+/// callgrind, that stack was about 1,900 instructions of a sold-out
+/// answer, this is a `try_acquire` (docs/BENCHMARKS.md).
+#[derive(Debug, Clone)]
+pub struct Admitted<S> {
+    inner: S,
+    in_flight: Arc<Semaphore>,
+}
 
-/// The only error of [`Admitted`]'s inner layers is the shed one (the
-/// services inside are infallible).
-fn shed(_: BoxError) -> std::future::Ready<Response> {
-    std::future::ready(ApiError::overloaded())
+impl<S, B> Service<axum::http::Request<B>> for Admitted<S>
+where
+    S: Service<axum::http::Request<B>, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = AdmittedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        match self.in_flight.clone().try_acquire_owned() {
+            Ok(permit) => AdmittedFuture::Running {
+                inner: self.inner.call(request),
+                permit,
+            },
+            Err(_) => AdmittedFuture::Shed,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Admitted`]: the request running with its permit
+    /// (given back when the answer is ready or the request dropped), or
+    /// shed.
+    #[project = AdmittedProjection]
+    pub enum AdmittedFuture<F> {
+        Running { #[pin] inner: F, permit: OwnedSemaphorePermit },
+        Shed,
+    }
+}
+
+impl<F> Future for AdmittedFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AdmittedProjection::Running { inner, .. } => inner.poll(cx),
+            AdmittedProjection::Shed => Poll::Ready(Ok(ApiError::overloaded())),
+        }
+    }
 }
 
 /// The layers of every endpoint of a server.
@@ -87,13 +134,10 @@ impl Layers {
 
     /// `service`, an API endpoint, behind the server's in-flight limit.
     pub fn admitted<S>(&self, service: S) -> Admitted<S> {
-        ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(shed as ShedAnswer))
-            .layer(LoadShedLayer::new())
-            .layer(GlobalConcurrencyLimitLayer::with_semaphore(
-                self.in_flight.clone(),
-            ))
-            .service(service)
+        Admitted {
+            inner: service,
+            in_flight: self.in_flight.clone(),
+        }
     }
 
     /// [`Layers::endpoint`] of an API endpoint: `service` also behind the
