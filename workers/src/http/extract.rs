@@ -8,8 +8,8 @@ use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError};
-use tower_http::timeout::TimeoutError;
 
+use crate::http::layers::BodyTimedOut;
 use crate::http::ApiError;
 use crate::protocol::PromotionId;
 
@@ -114,7 +114,7 @@ fn unreadable(e: axum::Error) -> ApiError {
     let cause = e.into_inner();
     if cause.is::<LengthLimitError>() {
         ApiError::payload_too_large()
-    } else if cause.is::<TimeoutError>() {
+    } else if cause.is::<BodyTimedOut>() {
         ApiError::request_timeout()
     } else {
         ApiError::invalid_request(format!("the request body could not be read: {cause}"))

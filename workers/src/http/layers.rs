@@ -1,10 +1,11 @@
 //! The layers every endpoint is served in ([`Layers::around`]), outermost
 //! first: [`Observe`], which gives the layers' bare error answers the
 //! envelope and counts every request by route template ([`MatchedPath`]),
-//! status and outcome; then the request-body bounds of tower-http (a
-//! declared length over [`MAX_BODY_BYTES`] is 413 before the handler runs,
-//! a longer chunked body fails while read, and the whole body must arrive
-//! within the header read timeout). The 404 and 405 answers are endpoints
+//! status and outcome; then the request-body bounds: tower-http's size
+//! limit (a declared length over [`MAX_BODY_BYTES`] is 413 before the
+//! handler runs, a longer chunked body fails while read) and
+//! [`BodyDeadline`] (the whole body must arrive within the header read
+//! timeout). The 404 and 405 answers are endpoints
 //! in the same layers ([`Layers::router`], [`Layers::endpoint`]). The API
 //! endpoints (grab, queries; [`Layers::api_endpoint`]) sit inside one more,
 //! [`Admitted`]: at most [`ServerLimits::max_in_flight`] of them run at
@@ -35,9 +36,8 @@ use axum::Router;
 use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower::{Layer, Service, ServiceBuilder};
+use tower::{BoxError, Layer, Service, ServiceBuilder};
 use tower_http::limit::{RequestBodyLimit, RequestBodyLimitLayer};
-use tower_http::timeout::{RequestBodyDeadline, RequestBodyDeadlineLayer};
 
 use crate::http::error::{method_not_allowed, no_route};
 use crate::http::{ApiError, Outcome, ServerLimits, MAX_BODY_BYTES};
@@ -47,7 +47,7 @@ use crate::metrics::{HttpMetrics, RouteMetrics};
 pub const UNMATCHED: &str = "unmatched";
 
 /// A service in the layers of [`Layers::around`].
-pub type Layered<S> = Observe<RequestBodyLimit<RequestBodyDeadline<S>>>;
+pub type Layered<S> = Observe<RequestBodyLimit<BodyDeadline<S>>>;
 
 /// An API service admitted only while fewer than the server's
 /// `max_in_flight` API requests run; else answered 503
@@ -112,6 +112,95 @@ where
     }
 }
 
+/// Gives a request's body a deadline: all of it must arrive within
+/// `timeout` of the request reaching this layer, else reading it fails
+/// with [`BodyTimedOut`] (answered 408 by the handlers' body reader).
+///
+/// tower-http's `RequestBodyDeadline` does the same but registers its timer
+/// on the first read of every body, even one already received whole with
+/// its head (a grab's always is): that registration and its removal were
+/// about 700 of the 25,000 instructions of a sold-out answer (callgrind,
+/// docs/BENCHMARKS.md). Here the timer is armed only when a read has to
+/// wait for the client.
+#[derive(Debug, Clone)]
+pub struct BodyDeadline<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, B> Service<axum::http::Request<B>> for BodyDeadline<S>
+where
+    S: Service<axum::http::Request<DeadlineBody<B>>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.inner.call(request.map(|body| DeadlineBody {
+            body,
+            deadline,
+            timer: None,
+        }))
+    }
+}
+
+/// Reading a request body took longer than its deadline ([`BodyDeadline`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive in time")]
+pub struct BodyTimedOut;
+
+pin_project! {
+    /// A request body under [`BodyDeadline`].
+    pub struct DeadlineBody<B> {
+        #[pin]
+        body: B,
+        deadline: tokio::time::Instant,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+    }
+}
+
+impl<B> HttpBody for DeadlineBody<B>
+where
+    B: HttpBody,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, BoxError>>> {
+        let mut this = self.project();
+        if let Poll::Ready(frame) = this.body.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.timer.is_none() {
+            this.timer
+                .set(Some(tokio::time::sleep_until(*this.deadline)));
+        }
+        match this.timer.as_pin_mut().map(|timer| timer.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Some(Err(Box::new(BodyTimedOut)))),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// The layers of every endpoint of a server.
 #[derive(Debug, Clone)]
 pub struct Layers {
@@ -159,8 +248,10 @@ impl Layers {
         ServiceBuilder::new()
             .layer(self.observe.clone())
             .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
-            .layer(RequestBodyDeadlineLayer::new(self.body_deadline))
-            .service(service)
+            .service(BodyDeadline {
+                inner: service,
+                timeout: self.body_deadline,
+            })
     }
 
     /// An endpoint: `service` answers the method of `filter`, other methods
@@ -417,6 +508,32 @@ mod tests {
             b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234",
         )
         .await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert_eq!(body_of(&answer)["error"], "request_timeout");
+    }
+
+    #[tokio::test]
+    async fn a_body_trickled_byte_by_byte_must_still_arrive_whole_within_the_timeout() {
+        let limits = ServerLimits {
+            header_read_timeout: Duration::from_millis(300),
+            ..default_limits()
+        };
+        let server = start(limits, Duration::ZERO).await;
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream
+            .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+            .await
+            .unwrap();
+        // One byte every 50 ms: each read gets data before the timeout
+        // would pass since the last one, but the whole body needs 500 ms
+        // (at least), past the 300 ms deadline of the request.
+        for byte in b"0123456789" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+        }
+        let answer = exchange(&mut stream, b"").await;
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert_eq!(body_of(&answer)["error"], "request_timeout");
     }
