@@ -92,21 +92,27 @@ fresh_redis() {
 fresh_redis redis-lag
 PROMOTION=$("$SETUP" "$REDIS_URL" "$COUPONS")
 
-COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
-PROJECTOR=("$WORKER" projector --metrics-listen "127.0.0.1:$METRICS_PORT" --redis-url "$REDIS_URL"
-  --consumer-name bench-lag)
-RUST_LOG=warn "${COMMAND[@]}" 2>"$work/command.log" &
-pids+=($!)
-RUST_LOG=warn "${PROJECTOR[@]}" 2>"$work/projector.log" &
-pids+=($!)
-BASE="http://127.0.0.1:$HTTP_PORT"
-METRICS="http://127.0.0.1:$METRICS_PORT/metrics"
-for _ in $(seq 100); do
-  curl -fs "$BASE/readyz" >/dev/null 2>&1 && curl -fs "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null 2>&1 && break
-  sleep 0.05
-done
-curl -fs "$BASE/readyz" >/dev/null || { echo "bench-read-side: the command worker is not ready" >&2; cat "$work/command.log" >&2; exit 1; }
-curl -fs "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null || { echo "bench-read-side: the projector is not ready" >&2; cat "$work/projector.log" >&2; exit 1; }
+# The command worker on $HTTP_PORT and the projector (consumer $1, metrics on
+# $METRICS_PORT) of a part, on the Redis of fresh_redis: sets COMMAND,
+# PROJECTOR, BASE and METRICS.
+roles() {
+  COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
+  PROJECTOR=("$WORKER" projector --metrics-listen "127.0.0.1:$METRICS_PORT" --redis-url "$REDIS_URL"
+    --consumer-name "$1")
+  BASE="http://127.0.0.1:$HTTP_PORT"
+  METRICS="http://127.0.0.1:$METRICS_PORT/metrics"
+}
+# Starts "$@" (COMMAND or PROJECTOR) with its log in $work/LOG and waits
+# until URL is ready. start LOG URL COMMAND...
+start() {
+  local log=$work/$1 url=$2; shift 2
+  RUST_LOG=warn "$@" 2>"$log" &
+  pids+=($!)
+  await_ready "$url" "$log"
+}
+roles bench-lag
+start command.log "$BASE" "${COMMAND[@]}"
+start projector.log "http://127.0.0.1:$METRICS_PORT" "${PROJECTOR[@]}"
 
 GRAB_URL="$BASE/api/v1/promotions/$PROMOTION/grab"
 WRK_GRAB=(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/grab.lua "$GRAB_URL" -- lag)
@@ -133,18 +139,17 @@ for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/
 pids=()
 LAG_METRICS_PORT=$METRICS_PORT
 LAG_REDIS_URL=$REDIS_URL
+LAG_COMMAND=("${COMMAND[@]}")
+LAG_PROJECTOR=("${PROJECTOR[@]}")
 
 # --- 3. memory per granted coupon ----------------------------------------------------------------
 fresh_redis redis-memory
 MEM_PROMOTION=$("$SETUP" "$REDIS_URL" "$MEM_COUPONS")
-MEM_COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
-MEM_PROJECTOR=("$WORKER" projector --metrics-listen "127.0.0.1:$METRICS_PORT" --redis-url "$REDIS_URL"
-  --consumer-name bench-memory)
-RUST_LOG=warn "${MEM_COMMAND[@]}" 2>"$work/memory-command.log" &
-pids+=($!)
-BASE="http://127.0.0.1:$HTTP_PORT"
-for _ in $(seq 100); do curl -fs "$BASE/readyz" >/dev/null 2>&1 && break; sleep 0.05; done
-curl -fs "$BASE/readyz" >/dev/null || { echo "bench-read-side: the command worker is not ready" >&2; cat "$work/memory-command.log" >&2; exit 1; }
+roles bench-memory
+MEM_COMMAND=("${COMMAND[@]}")
+MEM_PROJECTOR=("${PROJECTOR[@]}")
+MEM_METRICS=$METRICS
+start memory-command.log "$BASE" "${MEM_COMMAND[@]}"
 used_memory() { redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ {print $2}' | tr -d '\r'; }
 MEM_BEFORE=$(used_memory)
 MEM_GRAB_URL="$BASE/api/v1/promotions/$MEM_PROMOTION/grab"
@@ -162,9 +167,7 @@ until sold_out "$round"; do
   wrk -t"$THREADS" -c"$CONNECTIONS" -d5s -s bench/grab.lua "$MEM_GRAB_URL" -- "m$round" >/dev/null
 done
 MEM_GRABBED=$(used_memory)
-RUST_LOG=warn "${MEM_PROJECTOR[@]}" 2>"$work/memory-projector.log" &
-pids+=($!)
-MEM_METRICS="http://127.0.0.1:$METRICS_PORT/metrics"
+start memory-projector.log "http://127.0.0.1:$METRICS_PORT" "${MEM_PROJECTOR[@]}"
 MEM_EXPECTED=$((MEM_COUPONS + 2))  # PromotionStarted, the grants, PromotionFinished{SoldOut}
 mem_applied() {
   curl -fs "$MEM_METRICS" 2>/dev/null | awk '/^seckill_projector_events_applied_total/ {s += $NF} END {printf "%d", s}'
@@ -304,8 +307,8 @@ Commands (ports are picked free at each run):
 
 \`\`\`
 ${THROUGHPUT[*]}
-${COMMAND[*]}
-${PROJECTOR[*]}
+${LAG_COMMAND[*]}
+${LAG_PROJECTOR[*]}
 ${SETUP} ${LAG_REDIS_URL} ${COUPONS}
 ${WRK_GRAB[*]}
 curl -s http://127.0.0.1:${LAG_METRICS_PORT}/metrics   # seckill_projector_lag_seconds_bucket

@@ -92,11 +92,6 @@ for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break
   --replicaof 127.0.0.1 "$REDIS_PORT" --dir "$work/replica" --logfile "$work/replica.log" --daemonize no &
 pids+=($!)
 
-ready() {
-  local url=$1 log=$2
-  for _ in $(seq 200); do curl -fs "$url/readyz" >/dev/null 2>&1 && return 0; sleep 0.05; done
-  echo "bench: $url is not ready" >&2; cat "$log" >&2; exit 1
-}
 RUST_LOG=warn "${ON_WORKER_CPU[@]}" "$WORKER" command --listen "127.0.0.1:$HTTP_PORT" \
   --redis-url "$REDIS_URL" --no-query 2>"$work/worker.log" &
 WORKER_PID=$!
@@ -109,9 +104,9 @@ RUST_LOG=warn "${ON_WORKER_CPU[@]}" "$UP" up --listen "127.0.0.1:$UP_PORT" \
   --redis-url "$REDIS_URL" 2>"$work/up.log" >/dev/null &
 UP_PID=$!
 pids+=("$UP_PID")
-ready "$BASE" "$work/worker.log"
-ready "http://127.0.0.1:$DURABLE_PORT" "$work/durable.log"
-ready "http://127.0.0.1:$UP_PORT" "$work/up.log"
+await_ready "$BASE" "$work/worker.log"
+await_ready "http://127.0.0.1:$DURABLE_PORT" "$work/durable.log"
+await_ready "http://127.0.0.1:$UP_PORT" "$work/up.log"
 for _ in $(seq 200); do
   [ "$(redis-cli -p "$REDIS_PORT" INFO replication | tr -d '\r' | awk -F: '/^connected_slaves:/ {print $2}')" = 1 ] && break
   sleep 0.05
@@ -262,6 +257,19 @@ http_run() {
   G_SERVER_PCT=$(pct_of "$S_CPU_S"); G_REDIS_PCT=$(pct_of "$R_CPU_S")
 }
 
+# One redis-benchmark run ("$@", output into file $2) measured on Redis:
+# sets B_RPS (its rate) and B_US (the usec per call of command $1 in
+# INFO commandstats during the run).
+redis_run() {
+  local cmd=$1 out=$2 u0 c0 u1 c1
+  shift 2
+  u0=$(cmdstat "$cmd" usec); c0=$(cmdstat "$cmd" calls)
+  measured "$out" "$REDIS_PID" "$@"
+  u1=$(cmdstat "$cmd" usec); c1=$(cmdstat "$cmd" calls)
+  B_RPS=$(bench_rate "$out")
+  B_US=$(awk -v u="$((u1 - u0))" -v c="$((c1 - c0))" 'BEGIN { printf "%.1f", (c > 0) ? u / c : 0 }')
+}
+
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "bench: CPU placement: $PLACEMENT"
 echo "bench: warm-up (2 s each server)"
@@ -278,11 +286,8 @@ UP_ROWS=""
 SOLD_ROWS=""
 for round in $(seq "$ROUNDS"); do
   echo "bench: round $round/$ROUNDS: yardstick: ${YARDSTICK[*]}"
-  y0=$(cmdstat evalsha usec); yc0=$(cmdstat evalsha calls)
-  measured "$work/yardstick.txt" "$REDIS_PID" "${YARDSTICK[@]}"
-  y1=$(cmdstat evalsha usec); yc1=$(cmdstat evalsha calls)
-  YARD_RPS=$(bench_rate "$work/yardstick.txt")
-  YARD_US=$(awk -v u="$((y1 - y0))" -v c="$((yc1 - yc0))" 'BEGIN { printf "%.1f", (c > 0) ? u / c : 0 }')
+  redis_run evalsha "$work/yardstick.txt" "${YARDSTICK[@]}"
+  YARD_RPS=$B_RPS; YARD_US=$B_US
   echo "bench: yardstick $YARD_RPS/s, $YARD_US us of Redis per call"
 
   http_run "$GRAB_URL" "$WORKER_PID" "$BASE" "$HTTP_EVENTS_KEY" "grab$round"
@@ -299,11 +304,8 @@ for round in $(seq "$ROUNDS"); do
   UP_ROWS+="| $round | **$G_RPS** | **$YARD_RPS** | **$U_RATIO** (>= 0.8: $(verdict "$U_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_SERVER_US µs (every role) | $G_NON2XX of $G_TOTAL |"$'\n'
 
   echo "bench: round $round/$ROUNDS: our grab function unbatched: ${UNBATCHED[*]}"
-  f0=$(cmdstat fcall usec); fc0=$(cmdstat fcall calls)
-  measured "$work/unbatched.txt" "$REDIS_PID" "${UNBATCHED[@]}"
-  f1=$(cmdstat fcall usec); fc1=$(cmdstat fcall calls)
-  UNB_RPS=$(bench_rate "$work/unbatched.txt")
-  UNB_US=$(awk -v u="$((f1 - f0))" -v c="$((fc1 - fc0))" 'BEGIN { printf "%.1f", (c > 0) ? u / c : 0 }')
+  redis_run fcall "$work/unbatched.txt" "${UNBATCHED[@]}"
+  UNB_RPS=$B_RPS; UNB_US=$B_US
 
   echo "bench: round $round/$ROUNDS: sold-out rejections: ${WRK_SOLD_OUT[*]}"
   measured "$work/sold-out.txt" "$WORKER_PID" "${WRK_SOLD_OUT[@]}"

@@ -976,14 +976,18 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn the_report_of_a_sale_marks_its_publish_time_and_the_last_grant_as_the_sell_out() {
-        let (summary, timeline) = sale(true, 3);
+    /// The report of `sale` whose first grant came at 2.05 s and the last at `last_grant`.
+    fn report_of((summary, timeline): (Summary, Timeline<Outcome>), last_grant: f64) -> LoadReport {
         let grants = GrantInstants {
             first: Some(2.05),
-            last: Some(2.25),
+            last: Some(last_grant),
         };
-        let r = load_report(&summary, &timeline, &polls(), grants, started_at());
+        load_report(&summary, &timeline, &polls(), grants, started_at())
+    }
+
+    #[test]
+    fn the_report_of_a_sale_marks_its_publish_time_and_the_last_grant_as_the_sell_out() {
+        let r = report_of(sale(true, 3), 2.25);
         assert_eq!(r.bucket_secs, 0.1);
         assert_eq!(r.number_of_coupons, Some(3));
         assert_eq!(
@@ -1043,12 +1047,7 @@ mod tests {
 
     #[test]
     fn without_every_grant_answered_the_sell_out_is_where_the_query_api_said_zero() {
-        let (summary, timeline) = sale(false, 2);
-        let grants = GrantInstants {
-            first: Some(2.05),
-            last: Some(2.15),
-        };
-        let r = load_report(&summary, &timeline, &polls(), grants, started_at());
+        let r = report_of(sale(false, 2), 2.15);
         assert_eq!(
             r.sold_out_at,
             Some(Marker {

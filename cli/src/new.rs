@@ -245,26 +245,31 @@ mod tests {
             flags[i + 1] = value;
             reasons(&flags)
         };
-        assert_eq!(
-            with("--coupons", "0"),
-            ["spec.numberOfCoupons: must be at least 1, got 0"]
-        );
-        assert_eq!(
-            with("--coupons", "-5"),
-            ["spec.numberOfCoupons: must be at least 1, got -5"]
-        );
-        assert_eq!(
-            with("--discount", "1.5"),
-            ["spec.discount: must be at most 1, got 1.5"]
-        );
-        assert_eq!(
-            with("--discount", "0"),
-            ["spec.discount: must be more than 0, got 0.0"]
-        );
-        assert_eq!(
-            with("--discount", "NaN"),
-            ["spec.discount: must not be null"]
-        );
+        for (flag, value, reason) in [
+            (
+                "--coupons",
+                "0",
+                "spec.numberOfCoupons: must be at least 1, got 0",
+            ),
+            (
+                "--coupons",
+                "-5",
+                "spec.numberOfCoupons: must be at least 1, got -5",
+            ),
+            (
+                "--discount",
+                "1.5",
+                "spec.discount: must be at most 1, got 1.5",
+            ),
+            (
+                "--discount",
+                "0",
+                "spec.discount: must be more than 0, got 0.0",
+            ),
+            ("--discount", "NaN", "spec.discount: must not be null"),
+        ] {
+            assert_eq!(with(flag, value), [reason], "{flag} {value}");
+        }
         let lasts = with("--lasts", "0s");
         assert_eq!(lasts.len(), 1);
         assert!(

@@ -136,22 +136,13 @@ mod tests {
 
     #[test]
     fn a_run_is_sampled_in_about_300_points_no_finer_than_100_ms() {
-        assert_eq!(
-            bucket_for(Duration::from_secs(60)),
-            Duration::from_millis(200)
-        );
-        assert_eq!(
-            bucket_for(Duration::from_secs(10)),
-            Duration::from_millis(100)
-        );
-        assert_eq!(
-            bucket_for(Duration::from_secs(75)),
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            bucket_for(Duration::from_secs(3600)),
-            Duration::from_secs(12)
-        );
+        for (run_secs, bucket_ms) in [(60, 200), (10, 100), (75, 250), (3600, 12_000)] {
+            assert_eq!(
+                bucket_for(Duration::from_secs(run_secs)),
+                Duration::from_millis(bucket_ms),
+                "a run of {run_secs} s"
+            );
+        }
     }
 
     #[test]

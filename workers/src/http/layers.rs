@@ -49,6 +49,26 @@ pub const UNMATCHED: &str = "unmatched";
 /// A service in the layers of [`Layers::around`].
 pub type Layered<S> = Observe<RequestBodyLimit<BodyDeadline<S>>>;
 
+/// What axum's router needs of a service to serve it as an endpoint: one
+/// name for the bounds every endpoint in the layers must meet.
+pub trait Endpoint:
+    Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<T> Endpoint for T where
+    T: Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// An API service admitted only while fewer than the server's
 /// `max_in_flight` API requests run; else answered 503
 /// ([`ApiError::overloaded`]) at once, without calling it.
@@ -233,12 +253,7 @@ impl Layers {
     /// in-flight limit (a 405 is not counted against it).
     pub fn api_endpoint<S>(&self, filter: MethodFilter, service: S) -> MethodRouter
     where
-        Layered<Admitted<S>>: Service<Request, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <Layered<Admitted<S>> as Service<Request>>::Future: Send + 'static,
+        Layered<Admitted<S>>: Endpoint,
     {
         self.endpoint(filter, self.admitted(service))
     }
@@ -258,12 +273,7 @@ impl Layers {
     /// are answered 405 (with `Allow`), both inside the layers.
     pub fn endpoint<S>(&self, filter: MethodFilter, service: S) -> MethodRouter
     where
-        Layered<S>: Service<Request, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <Layered<S> as Service<Request>>::Future: Send + 'static,
+        Layered<S>: Endpoint,
     {
         MethodRouter::new()
             .on_service(filter, self.around(service))

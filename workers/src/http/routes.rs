@@ -6,20 +6,16 @@
 //! `--no-query`, the query endpoints; `seckill-worker query` the query
 //! endpoints; `seckill up` both; every process the probes and `/metrics`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::extract::Request;
 use axum::handler::{Handler, HandlerService};
 use axum::http::Method;
-use axum::response::Response;
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
-use tower::Service;
 
 use crate::command::{self, CommandApi};
 use crate::http::health::{self, HealthApi};
-use crate::http::layers::{Admitted, Layered, Layers};
+use crate::http::layers::{Admitted, Endpoint, Layered, Layers};
 use crate::http::ServerLimits;
 use crate::query::{self, QueryApi};
 
@@ -50,12 +46,7 @@ impl Route {
         H: Handler<T, Arc<S>>,
         T: 'static,
         S: Send + Sync + 'static,
-        Layered<HandlerService<H, T, Arc<S>>>: Service<Request, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <Layered<HandlerService<H, T, Arc<S>>> as Service<Request>>::Future: Send + 'static,
+        Layered<HandlerService<H, T, Arc<S>>>: Endpoint,
     {
         let state = state.clone();
         Self {
@@ -74,13 +65,7 @@ impl Route {
         H: Handler<T, Arc<S>>,
         T: 'static,
         S: Send + Sync + 'static,
-        Layered<Admitted<HandlerService<H, T, Arc<S>>>>: Service<Request, Response = Response, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        <Layered<Admitted<HandlerService<H, T, Arc<S>>>> as Service<Request>>::Future:
-            Send + 'static,
+        Layered<Admitted<HandlerService<H, T, Arc<S>>>>: Endpoint,
     {
         let state = state.clone();
         Self {
