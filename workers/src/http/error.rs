@@ -193,8 +193,10 @@ impl IntoResponse for ApiError {
 
 /// Serializes `body` as JSON; `None` (logged) when it cannot be.
 fn serialized(body: &impl Serialize) -> Option<Bytes> {
-    match serde_json::to_vec(body) {
-        Ok(bytes) => Some(Bytes::from(bytes)),
+    // Room for a grab's answer (about 180 bytes) without growing.
+    let mut bytes = Vec::with_capacity(256);
+    match serde_json::to_writer(&mut bytes, body) {
+        Ok(()) => Some(Bytes::from(bytes)),
         Err(e) => {
             tracing::error!(error = %e, "cannot serialize a response body");
             None

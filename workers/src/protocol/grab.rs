@@ -154,6 +154,16 @@ pub fn held_coupon(
     discount: f64,
     value: &str,
 ) -> Result<Coupon, ScriptError> {
+    held(&id.to_string(), customer, discount, value)
+}
+
+/// [`held_coupon`] of the promotion spelled `promotion`.
+fn held(
+    promotion: &str,
+    customer: &CustomerId,
+    discount: f64,
+    value: &str,
+) -> Result<Coupon, ScriptError> {
     if value.starts_with('{') {
         return serde_json::from_str(value).map_err(|e| bad(format!("held coupon {value}: {e}")));
     }
@@ -161,23 +171,24 @@ pub fn held_coupon(
         .split_once(':')
         .and_then(|(s, m)| Some((s.parse::<u64>().ok()?, m.parse::<i64>().ok()?)))
         .ok_or_else(|| bad(format!("held coupon {value:?} is not <seq>:<ms>")))?;
-    coupon(id, customer, discount, seq, ms)
+    Ok(coupon(promotion, customer, discount, seq, rfc3339_ms(ms)?))
 }
 
+/// A coupon of the promotion spelled `promotion` (`<namespace>/<name>`).
 fn coupon(
-    id: &PromotionId,
+    promotion: &str,
     customer: &CustomerId,
     discount: f64,
     seq: u64,
-    granted_at_ms: i64,
-) -> Result<Coupon, ScriptError> {
-    Ok(Coupon {
-        coupon_id: format!("{id}#{seq}"),
+    granted_at: String,
+) -> Coupon {
+    Coupon {
+        coupon_id: format!("{promotion}#{seq}"),
         customer_id: customer.as_str().to_owned(),
-        promotion: id.to_string(),
+        promotion: promotion.to_owned(),
         discount,
-        granted_at: rfc3339_ms(granted_at_ms)?,
-    })
+        granted_at,
+    }
 }
 
 /// Decodes the flat array `seckill_v2_grab` answers (see the head of
@@ -220,21 +231,32 @@ pub fn decode_reply(
                     customers.len()
                 )));
             }
+            // Spelled once per batch: every coupon names the promotion, and
+            // every coupon granted now has the batch's time.
+            let promotion = id.to_string();
+            let granted_now = rfc3339_ms(now)?;
             let mut outcomes = Vec::with_capacity(customers.len());
             for (customer, answer) in customers.iter().zip(answers.chunks_exact(2)) {
                 let value = &answer[1];
                 outcomes.push(match text(&answer[0]).unwrap_or_default() {
                     "g" => {
                         let seq = int(value).ok_or_else(|| bad("grab reply: seq"))?;
+                        let seq = seq.max(0) as u64;
                         GrabOutcome::Granted {
-                            coupon: coupon(id, customer, discount, seq.max(0) as u64, now)?,
+                            coupon: coupon(
+                                &promotion,
+                                customer,
+                                discount,
+                                seq,
+                                granted_now.clone(),
+                            ),
                             sold_out: sold_out_now,
                         }
                     }
                     "a" => {
-                        let held = text(value).ok_or_else(|| bad("grab reply: held value"))?;
+                        let value = text(value).ok_or_else(|| bad("grab reply: held value"))?;
                         GrabOutcome::AlreadyGranted {
-                            coupon: held_coupon(id, customer, discount, held)?,
+                            coupon: held(&promotion, customer, discount, value)?,
                         }
                     }
                     "x" => match over {
