@@ -191,15 +191,19 @@ fn coupon(
     }
 }
 
-/// Decodes the flat array `seckill_v2_grab` answers (see the head of
-/// `functions/grab.lua`) into one outcome per customer of `customers`.
+/// Decodes what `seckill_v2_grab` answers (see the head of
+/// `functions/grab.lua`) into one outcome per customer of `customers`: an
+/// array when the window turns the whole batch away, else the batch's
+/// lines in one string.
 pub fn decode_reply(
     id: &PromotionId,
     customers: &[CustomerId],
     reply: Value,
 ) -> Result<Vec<GrabOutcome>, ScriptError> {
-    let Value::Array(items) = reply else {
-        return Err(bad(format!("grab reply is not an array: {reply:?}")));
+    let items = match reply {
+        Value::BulkString(batch) => return decode_batch(id, customers, &batch),
+        Value::Array(items) => items,
+        other => return Err(bad(format!("grab reply: {other:?}"))),
     };
     let kind = items.first().and_then(text).unwrap_or_default();
     let all = |outcome: GrabOutcome| Ok(vec![outcome; customers.len()]);
@@ -209,68 +213,84 @@ pub fn decode_reply(
             opens_in_ms: items.get(2).and_then(int).unwrap_or(0).max(0) as u64,
             publish_time: items.get(3).and_then(text).unwrap_or_default().to_owned(),
         }),
-        "batch" => {
-            let head = |i: usize| items.get(i).ok_or_else(|| bad("grab reply: short head"));
-            let now = int(head(1)?).ok_or_else(|| bad("grab reply: time"))?;
-            let discount: f64 = text(head(2)?)
-                .and_then(|d| d.parse().ok())
-                .ok_or_else(|| bad("grab reply: discount"))?;
-            let over = match text(head(3)?).unwrap_or_default() {
-                "" => None,
-                reason => Some(
-                    FinishReason::parse(reason)
-                        .ok_or_else(|| bad(format!("grab reply: reason {reason:?}")))?,
-                ),
-            };
-            let sold_out_now = int(head(4)?) == Some(1);
-            let answers = &items[5..];
-            if answers.len() != customers.len() * 2 {
-                return Err(bad(format!(
-                    "grab reply: {} answers for {} customers",
-                    answers.len() / 2,
-                    customers.len()
-                )));
-            }
-            // Spelled once per batch: every coupon names the promotion, and
-            // every coupon granted now has the batch's time.
-            let promotion = id.to_string();
-            let granted_now = rfc3339_ms(now)?;
-            let mut outcomes = Vec::with_capacity(customers.len());
-            for (customer, answer) in customers.iter().zip(answers.chunks_exact(2)) {
-                let value = &answer[1];
-                outcomes.push(match text(&answer[0]).unwrap_or_default() {
-                    "g" => {
-                        let seq = int(value).ok_or_else(|| bad("grab reply: seq"))?;
-                        let seq = seq.max(0) as u64;
-                        GrabOutcome::Granted {
-                            coupon: coupon(
-                                &promotion,
-                                customer,
-                                discount,
-                                seq,
-                                granted_now.clone(),
-                            ),
-                            sold_out: sold_out_now,
-                        }
-                    }
-                    "a" => {
-                        let value = text(value).ok_or_else(|| bad("grab reply: held value"))?;
-                        GrabOutcome::AlreadyGranted {
-                            coupon: held(&promotion, customer, discount, value)?,
-                        }
-                    }
-                    "x" => match over {
-                        Some(FinishReason::SoldOut) => GrabOutcome::SoldOut,
-                        Some(reason) => GrabOutcome::Finished { reason },
-                        None => return Err(bad("grab reply: none left without a reason")),
-                    },
-                    other => return Err(bad(format!("grab reply: answer {other:?}"))),
-                });
-            }
-            Ok(outcomes)
-        }
         other => Err(bad(format!("grab reply: unknown kind {other:?}"))),
     }
+}
+
+/// The lines of a batch's answer: `batch`, Redis' time (ms), the discount,
+/// the reason the promotion is over (or empty), whether this batch sold it
+/// out (`0`|`1`), then one line per customer: `g<seq>` granted now, `a<held
+/// value>` already held, `x` none left.
+fn decode_batch(
+    id: &PromotionId,
+    customers: &[CustomerId],
+    batch: &[u8],
+) -> Result<Vec<GrabOutcome>, ScriptError> {
+    let batch = std::str::from_utf8(batch).map_err(|_| bad("grab reply: not UTF-8"))?;
+    let mut lines = batch.split('\n');
+    let mut head = |what: &str| {
+        lines
+            .next()
+            .ok_or_else(|| bad(format!("grab reply: no {what}")))
+    };
+    let kind = head("kind")?;
+    if kind != "batch" {
+        return Err(bad(format!("grab reply: unknown kind {kind:?}")));
+    }
+    let now: i64 = head("time")?.parse().map_err(|_| bad("grab reply: time"))?;
+    let discount: f64 = head("discount")?
+        .parse()
+        .map_err(|_| bad("grab reply: discount"))?;
+    let over = match head("reason")? {
+        "" => None,
+        reason => Some(
+            FinishReason::parse(reason)
+                .ok_or_else(|| bad(format!("grab reply: reason {reason:?}")))?,
+        ),
+    };
+    let sold_out_now = head("sold-out flag")? == "1";
+    // Spelled once per batch: every coupon names the promotion, and every
+    // coupon granted now has the batch's time.
+    let promotion = id.to_string();
+    let granted_now = rfc3339_ms(now)?;
+    let mut outcomes = Vec::with_capacity(customers.len());
+    let mut customer_of = customers.iter();
+    for line in lines {
+        let customer = customer_of.next().ok_or_else(|| {
+            bad(format!(
+                "grab reply: more answers than {} customers",
+                customers.len()
+            ))
+        })?;
+        outcomes.push(match line.split_at_checked(1) {
+            Some(("g", seq)) => {
+                let seq: u64 = seq
+                    .parse()
+                    .map_err(|_| bad(format!("grab reply: seq {seq:?}")))?;
+                GrabOutcome::Granted {
+                    coupon: coupon(&promotion, customer, discount, seq, granted_now.clone()),
+                    sold_out: sold_out_now,
+                }
+            }
+            Some(("a", value)) => GrabOutcome::AlreadyGranted {
+                coupon: held(&promotion, customer, discount, value)?,
+            },
+            Some(("x", "")) => match over {
+                Some(FinishReason::SoldOut) => GrabOutcome::SoldOut,
+                Some(reason) => GrabOutcome::Finished { reason },
+                None => return Err(bad("grab reply: none left without a reason")),
+            },
+            _ => return Err(bad(format!("grab reply: answer {line:?}"))),
+        });
+    }
+    if outcomes.len() != customers.len() {
+        return Err(bad(format!(
+            "grab reply: {} answers for {} customers",
+            outcomes.len(),
+            customers.len()
+        )));
+    }
+    Ok(outcomes)
 }
 
 #[cfg(test)]
@@ -294,23 +314,13 @@ mod tests {
 
     #[test]
     fn a_batch_reply_gives_each_customer_its_own_answer() {
-        let reply = Value::Array(vec![
-            s("batch"),
-            Value::Int(1_764_583_200_123),
-            s("0.8"),
-            s("SoldOut"),
-            Value::Int(1),
-            s("g"),
-            Value::Int(7),
-            s("a"),
-            s("7:1764583200123"),
-            s("a"),
-            s(
-                r#"{"couponId":"shop/sale#1","customerId":"carol","promotion":"shop/sale","discount":0.5,"grantedAt":"2026-01-01T00:00:00.000Z"}"#,
-            ),
-            s("x"),
-            s(""),
-        ]);
+        let reply = s(concat!(
+            "batch\n1764583200123\n0.8\nSoldOut\n1\n",
+            "g7\n",
+            "a7:1764583200123\n",
+            r#"a{"couponId":"shop/sale#1","customerId":"carol","promotion":"shop/sale","discount":0.5,"grantedAt":"2026-01-01T00:00:00.000Z"}"#,
+            "\nx"
+        ));
         let out = decode_reply(&id(), &customers(&["ann", "ann", "carol", "dan"]), reply).unwrap();
         let GrabOutcome::Granted { coupon, sold_out } = &out[0] else {
             panic!("{out:?}")
@@ -351,17 +361,7 @@ mod tests {
                 ..
             }
         ));
-        let expired = Value::Array(vec![
-            s("batch"),
-            Value::Int(1),
-            s("0.5"),
-            s("Expired"),
-            Value::Int(0),
-            s("x"),
-            s(""),
-            s("x"),
-            s(""),
-        ]);
+        let expired = s("batch\n1\n0.5\nExpired\n0\nx\nx");
         let out = decode_reply(&id(), &two, expired).unwrap();
         assert_eq!(
             out,
@@ -381,26 +381,12 @@ mod tests {
 
     #[test]
     fn a_reply_that_does_not_fit_the_batch_is_refused_not_guessed() {
-        let short = Value::Array(vec![
-            s("batch"),
-            Value::Int(1),
-            s("0.5"),
-            s(""),
-            Value::Int(0),
-            s("g"),
-            Value::Int(1),
-        ]);
+        let short = s("batch\n1\n0.5\n\n0\ng1");
         assert!(decode_reply(&id(), &customers(&["a", "b"]), short).is_err());
+        let long = s("batch\n1\n0.5\n\n0\ng1\ng2");
+        assert!(decode_reply(&id(), &customers(&["a"]), long).is_err());
         assert!(decode_reply(&id(), &customers(&["a"]), s("granted")).is_err());
-        let bad_held = Value::Array(vec![
-            s("batch"),
-            Value::Int(1),
-            s("0.5"),
-            s(""),
-            Value::Int(0),
-            s("a"),
-            s("junk"),
-        ]);
+        let bad_held = s("batch\n1\n0.5\n\n0\najunk");
         assert!(decode_reply(&id(), &customers(&["a"]), bad_held).is_err());
     }
 }
