@@ -259,6 +259,27 @@ mod tests {
         Value::BulkString(v.as_bytes().to_vec())
     }
 
+    /// A `batch` reply: Redis' clock (epoch ms), the discount, the finish
+    /// reason ("" while open), whether this call sold out, then the answers
+    /// (two values a customer).
+    fn batch(
+        now_ms: i64,
+        discount: &str,
+        reason: &str,
+        sold_out: bool,
+        answers: Vec<Value>,
+    ) -> Value {
+        let mut reply = vec![
+            s("batch"),
+            Value::Int(now_ms),
+            s(discount),
+            s(reason),
+            Value::Int(sold_out.into()),
+        ];
+        reply.extend(answers);
+        Value::Array(reply)
+    }
+
     fn id() -> PromotionId {
         PromotionId::parse("shop/sale").unwrap()
     }
@@ -272,23 +293,24 @@ mod tests {
 
     #[test]
     fn a_batch_reply_gives_each_customer_its_own_answer() {
-        let reply = Value::Array(vec![
-            s("batch"),
-            Value::Int(1_764_583_200_123),
-            s("0.8"),
-            s("SoldOut"),
-            Value::Int(1),
-            s("g"),
-            Value::Int(7),
-            s("a"),
-            s("7:1764583200123"),
-            s("a"),
-            s(
-                r#"{"couponId":"shop/sale#1","customerId":"carol","promotion":"shop/sale","discount":0.5,"grantedAt":"2026-01-01T00:00:00.000Z"}"#,
-            ),
-            s("x"),
-            s(""),
-        ]);
+        let reply = batch(
+            1_764_583_200_123,
+            "0.8",
+            "SoldOut",
+            true,
+            vec![
+                s("g"),
+                Value::Int(7),
+                s("a"),
+                s("7:1764583200123"),
+                s("a"),
+                s(
+                    r#"{"couponId":"shop/sale#1","customerId":"carol","promotion":"shop/sale","discount":0.5,"grantedAt":"2026-01-01T00:00:00.000Z"}"#,
+                ),
+                s("x"),
+                s(""),
+            ],
+        );
         let out = decode_reply(&id(), &customers(&["ann", "ann", "carol", "dan"]), reply).unwrap();
         let GrabOutcome::Granted { coupon, sold_out } = &out[0] else {
             panic!("{out:?}")
@@ -329,17 +351,13 @@ mod tests {
                 ..
             }
         ));
-        let expired = Value::Array(vec![
-            s("batch"),
-            Value::Int(1),
-            s("0.5"),
-            s("Expired"),
-            Value::Int(0),
-            s("x"),
-            s(""),
-            s("x"),
-            s(""),
-        ]);
+        let expired = batch(
+            1,
+            "0.5",
+            "Expired",
+            false,
+            vec![s("x"), s(""), s("x"), s("")],
+        );
         let out = decode_reply(&id(), &two, expired).unwrap();
         assert_eq!(
             out,
@@ -359,26 +377,10 @@ mod tests {
 
     #[test]
     fn a_reply_that_does_not_fit_the_batch_is_refused_not_guessed() {
-        let short = Value::Array(vec![
-            s("batch"),
-            Value::Int(1),
-            s("0.5"),
-            s(""),
-            Value::Int(0),
-            s("g"),
-            Value::Int(1),
-        ]);
+        let short = batch(1, "0.5", "", false, vec![s("g"), Value::Int(1)]);
         assert!(decode_reply(&id(), &customers(&["a", "b"]), short).is_err());
         assert!(decode_reply(&id(), &customers(&["a"]), s("granted")).is_err());
-        let bad_held = Value::Array(vec![
-            s("batch"),
-            Value::Int(1),
-            s("0.5"),
-            s(""),
-            Value::Int(0),
-            s("a"),
-            s("junk"),
-        ]);
+        let bad_held = batch(1, "0.5", "", false, vec![s("a"), s("junk")]);
         assert!(decode_reply(&id(), &customers(&["a"]), bad_held).is_err());
     }
 }
