@@ -30,6 +30,31 @@ fn server() -> RedisServer {
     redis_with(None)
 }
 
+/// A private redis-server, a connection to its streams, and a promotion
+/// `shop/<name>` for each of `names`, started with `coupons` coupons and
+/// grabbed by customers `0..grabs`.
+async fn sales_with_grabs(
+    names: &[&str],
+    coupons: u64,
+    grabs: usize,
+) -> (RedisServer, RedisConnection, Vec<PromotionId>) {
+    let s = server();
+    let mut con = connect(&s);
+    let ids: Vec<PromotionId> = names.iter().map(|name| promotion(name)).collect();
+    start_with_grabs(&mut con, &ids, coupons, grabs).await;
+    (s, con, ids)
+}
+
+/// [`sales_with_grabs`] of the one promotion `shop/<name>`.
+async fn sale_with_grabs(
+    name: &str,
+    coupons: u64,
+    grabs: usize,
+) -> (RedisServer, RedisConnection, PromotionId) {
+    let (s, con, mut ids) = sales_with_grabs(&[name], coupons, grabs).await;
+    (s, con, ids.remove(0))
+}
+
 /// Registers `id` with `coupons` coupons, open since a second ago for an
 /// hour (so `schedule` starts it), and indexes it for projectors.
 /// A private redis-server, a connection to its streams and one to its
@@ -170,11 +195,7 @@ fn projector(s: &RedisServer, models: RedisConnection, consumer: &str) -> Projec
 
 #[tokio::test]
 async fn applying_every_event_twice_leaves_the_read_models_as_applying_once() {
-    let s = server();
-    let mut con = connect(&s);
-    let id = promotion("twice");
-    start_promotion(&mut con, &id, 5).await;
-    grab_many(&mut con, &id, 0, 7).await; // 5 granted, sold out, 2 refused
+    let (s, mut con, id) = sale_with_grabs("twice", 5, 7).await; // 5 granted, sold out, 2 refused
     let events = events_of(&mut con, &id).await;
     assert_eq!(events.len(), 1 + 5 + 1, "{events:?}");
 
@@ -559,10 +580,7 @@ fn rebuild_report_line(stderr: &[u8]) -> String {
 
 #[tokio::test]
 async fn a_rebuild_while_grabs_and_a_live_projector_run_swaps_in_complete_read_models() {
-    let s = server();
-    let mut con = connect(&s);
-    let ids = [promotion("busy1"), promotion("busy2")];
-    start_with_grabs(&mut con, &ids, 1_000_000, 20_000).await;
+    let (s, con, ids) = sales_with_grabs(&["busy1", "busy2"], 1_000_000, 20_000).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let live = projector(&s, connect_read_models(&s), "live");
     let live = tokio::spawn(live.run(shutdown.clone()));
@@ -635,10 +653,7 @@ async fn a_rebuild_while_grabs_and_a_live_projector_run_swaps_in_complete_read_m
 
 #[tokio::test]
 async fn a_rebuild_killed_halfway_leaves_the_live_read_models_as_they_were() {
-    let s = server();
-    let mut con = connect(&s);
-    let ids = [promotion("k1"), promotion("k2"), promotion("k3")];
-    start_with_grabs(&mut con, &ids, 40_000, 30_000).await;
+    let (s, _con, _ids) = sales_with_grabs(&["k1", "k2", "k3"], 40_000, 30_000).await;
     let mut rm = connect_read_models(&s);
     let mut live = projector(&s, rm.clone(), "live");
     live.run_until_idle().await.unwrap();
@@ -689,10 +704,7 @@ async fn a_rebuild_killed_halfway_leaves_the_live_read_models_as_they_were() {
 
 #[tokio::test]
 async fn rebuild_in_the_streams_database_deletes_only_read_model_keys() {
-    let s = server();
-    let mut con = connect(&s);
-    let ids = [promotion("s1"), promotion("s2")];
-    start_with_grabs(&mut con, &ids, 2_000, 1_500).await;
+    let (s, con, ids) = sales_with_grabs(&["s1", "s2"], 2_000, 1_500).await;
     // --redis-read-model-db 0: the read models share database 0 with the
     // streams, so the rebuild must delete them key by key.
     let shared = RedisArgs {
@@ -711,11 +723,7 @@ async fn rebuild_in_the_streams_database_deletes_only_read_model_keys() {
 
 #[tokio::test]
 async fn rebuild_refuses_to_empty_a_read_model_database_holding_other_data() {
-    let s = server();
-    let mut con = connect(&s);
-    let id = promotion("guarded");
-    start_promotion(&mut con, &id, 10).await;
-    grab_many(&mut con, &id, 0, 3).await;
+    let (s, _con, id) = sale_with_grabs("guarded", 10, 3).await;
     // A rebuild database that is the read models' own is refused at once.
     let out = rebuild_command(&s.url())
         .args(["--rebuild-db", "1"])
@@ -767,11 +775,7 @@ async fn append_raw(con: &mut RedisConnection, id: &PromotionId, event: &str) ->
 
 #[tokio::test]
 async fn an_unknown_event_is_skipped_counted_and_left_pending_without_stopping_the_projector() {
-    let s = server();
-    let mut con = connect(&s);
-    let id = promotion("future");
-    start_promotion(&mut con, &id, 10).await;
-    grab_many(&mut con, &id, 0, 3).await;
+    let (s, mut con, id) = sale_with_grabs("future", 10, 3).await;
     let refunded = append_raw(
         &mut con,
         &id,
