@@ -60,6 +60,23 @@ async fn up(files: &Path, extra: &[&str]) -> Up {
     Up::start(&args, None).await
 }
 
+/// Writes the manifest `text` as `dir/file`.
+fn write_manifest(dir: &Path, file: &str, text: &str) {
+    std::fs::write(dir.join(file), text).unwrap();
+}
+
+/// Waits until `GET path` on `up`'s listener answers `field` = `want`.
+async fn wait_read<V: Copy>(up: &Up, path: &str, field: &str, want: V)
+where
+    Value: PartialEq<V>,
+{
+    eventually(WITHIN, || async move {
+        let (_, body) = read(up, path).await;
+        (body[field] == want).then_some(()).ok_or(body)
+    })
+    .await;
+}
+
 /// The body of `GET path` on `up`'s listener.
 async fn read(up: &Up, path: &str) -> (u16, Value) {
     let reply = up.get(path).await;
@@ -85,11 +102,11 @@ async fn up_then_load_of_10000_customers_for_1000_coupons_verifies_and_stops_cle
         .expect("the private Redis port is printed");
 
     // Declared once it is ready, opening two seconds later.
-    std::fs::write(
-        dir.path().join("flash.yaml"),
-        manifest("demo", "flash", 2, 1_000, 0.7),
-    )
-    .unwrap();
+    write_manifest(
+        dir.path(),
+        "flash.yaml",
+        &manifest("demo", "flash", 2, 1_000, 0.7),
+    );
     up.wait_said("demo/flash: Scheduled").await;
 
     let url = up.url();
@@ -178,27 +195,19 @@ async fn manifest_edits_apply_before_the_start_and_are_locked_after_it() {
     up.wait_said("SpecLocked").await;
     let snap = protocol::snapshot(&mut con, &id).await.unwrap();
     assert_eq!(snap.number_of_coupons, Some(20));
-    eventually(WITHIN, || async {
-        let (_, body) = read(&up, "/api/v1/promotions/shop/sale").await;
-        (body["numberOfCoupons"] == 20).then_some(()).ok_or(body)
-    })
-    .await;
+    wait_read(&up, "/api/v1/promotions/shop/sale", "numberOfCoupons", 20).await;
     assert!(up.stop().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_manifest_is_reported_by_field_while_valid_ones_run_and_removal_finishes() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("good.yaml"),
-        manifest("shop", "good", -1, 5, 0.5),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("bad.yaml"),
-        manifest("shop", "bad", -1, 5, 1.5),
-    )
-    .unwrap();
+    write_manifest(
+        dir.path(),
+        "good.yaml",
+        &manifest("shop", "good", -1, 5, 0.5),
+    );
+    write_manifest(dir.path(), "bad.yaml", &manifest("shop", "bad", -1, 5, 1.5));
     let up = up(dir.path(), &[]).await;
     up.wait_said("INVALID").await;
     let out = up.output();
@@ -206,21 +215,17 @@ async fn an_invalid_manifest_is_reported_by_field_while_valid_ones_run_and_remov
         out.contains("bad.yaml") && out.contains("spec.discount"),
         "{out}"
     );
-    eventually(WITHIN, || async {
-        let (_, body) = read(&up, "/api/v1/promotions/shop/good").await;
-        (body["phase"] == "Active").then_some(()).ok_or(body)
-    })
-    .await;
+    wait_read(&up, "/api/v1/promotions/shop/good", "phase", "Active").await;
     assert_eq!(read(&up, "/api/v1/promotions/shop/bad").await.0, 404);
 
     // Removing the file finishes the promotion (reason Deleted).
     std::fs::remove_file(dir.path().join("good.yaml")).unwrap();
-    eventually(WITHIN, || async {
-        let (_, body) = read(&up, "/api/v1/promotions/shop/good").await;
-        (body["finishReason"] == "Deleted")
-            .then_some(())
-            .ok_or(body)
-    })
+    wait_read(
+        &up,
+        "/api/v1/promotions/shop/good",
+        "finishReason",
+        "Deleted",
+    )
     .await;
     assert!(up.stop().await.success());
 }
@@ -234,12 +239,12 @@ async fn a_misspelt_field_is_refused_naming_it_as_the_api_server_does_and_the_pr
         "  numberOfCoupons: 5\n  coupns: 500\n",
     );
     assert!(misspelt.contains("coupns: 500"), "{misspelt}");
-    std::fs::write(dir.path().join("typo.yaml"), misspelt).unwrap();
-    std::fs::write(
-        dir.path().join("good.yaml"),
-        manifest("shop", "good", -1, 5, 0.5),
-    )
-    .unwrap();
+    write_manifest(dir.path(), "typo.yaml", &misspelt);
+    write_manifest(
+        dir.path(),
+        "good.yaml",
+        &manifest("shop", "good", -1, 5, 0.5),
+    );
     let up = up(dir.path(), &[]).await;
     up.wait_said("INVALID").await;
     let out = up.output();
@@ -247,11 +252,7 @@ async fn a_misspelt_field_is_refused_naming_it_as_the_api_server_does_and_the_pr
         out.contains("typo.yaml") && out.contains(r#"unknown field "spec.coupns""#),
         "{out}"
     );
-    eventually(WITHIN, || async {
-        let (_, body) = read(&up, "/api/v1/promotions/shop/good").await;
-        (body["phase"] == "Active").then_some(()).ok_or(body)
-    })
-    .await;
+    wait_read(&up, "/api/v1/promotions/shop/good", "phase", "Active").await;
     assert_eq!(read(&up, "/api/v1/promotions/shop/typo").await.0, 404);
     assert!(up.stop().await.success());
 }

@@ -49,6 +49,16 @@ impl Promotion {
         p
     }
 
+    /// Opened a second ago, finishing in a minute.
+    fn due() -> Self {
+        Self::test(Utc::now() - secs(1), Utc::now() + secs(60))
+    }
+
+    /// Opening in a minute, finishing in two.
+    fn in_a_minute() -> Self {
+        Self::test(Utc::now() + secs(60), Utc::now() + secs(120))
+    }
+
     fn finalized(mut self) -> Self {
         self.meta_mut().finalizers = Some(vec![FINALIZER.into()]);
         self
@@ -77,6 +87,19 @@ fn redis() -> (RedisServer, RedisConnection) {
     let server = seckill_testkit::redis::redis();
     let con = seckill_testkit::redis::connect(&server);
     (server, con)
+}
+
+/// The usual scenario: a private redis-server, the test's connection to it,
+/// and a Context on it whose API server is the mock.
+fn scenario() -> (
+    RedisServer,
+    RedisConnection,
+    Arc<Context>,
+    ApiServerVerifier,
+) {
+    let (server, con) = redis();
+    let (ctx, api) = test_context(con.clone());
+    (server, con, ctx, api)
 }
 
 /// The Redis flags of `server` with a `timeout_ms` command timeout.
@@ -152,18 +175,30 @@ impl ApiServerVerifier {
             .expect("the client was dropped")
     }
 
+    /// The next request, checked: its method, path with query, and content type.
+    async fn next_checked(
+        &mut self,
+        method: http::Method,
+        uri: &str,
+        content_type: &str,
+    ) -> (Request<Body>, SendResponse<Response<Body>>) {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), method);
+        assert_eq!(request.uri().to_string(), uri);
+        assert_eq!(request.headers()["content-type"], content_type);
+        (request, send)
+    }
+
+    /// The next request, checked to be a JSON patch of the promotion.
+    async fn json_patch(&mut self) -> (Request<Body>, SendResponse<Response<Body>>) {
+        let uri = format!("/apis/seckill.io/v1/namespaces/{NS}/promotions/{NAME}?");
+        self.next_checked(http::Method::PATCH, &uri, "application/json-patch+json")
+            .await
+    }
+
     /// The finalizer is added by a JSON patch guarded by a `test` op.
     async fn finalizer_added(&mut self, p: &Promotion) {
-        let (request, send) = self.next().await;
-        assert_eq!(request.method(), http::Method::PATCH);
-        assert_eq!(
-            request.uri().to_string(),
-            format!("/apis/seckill.io/v1/namespaces/{NS}/promotions/{NAME}?")
-        );
-        assert_eq!(
-            request.headers()["content-type"],
-            "application/json-patch+json"
-        );
+        let (request, send) = self.json_patch().await;
         let patch = body_json(request).await;
         assert_eq!(
             patch,
@@ -177,16 +212,10 @@ impl ApiServerVerifier {
 
     /// The status is applied server-side on the status subresource; returns it.
     async fn status_applied(&mut self, p: &Promotion) -> PromotionStatus {
-        let (request, send) = self.next().await;
-        assert_eq!(request.method(), http::Method::PATCH);
-        assert_eq!(
-            request.uri().to_string(),
-            format!("/apis/seckill.io/v1/namespaces/{NS}/promotions/{NAME}/status?&force=true&fieldManager=seckill-operator")
-        );
-        assert_eq!(
-            request.headers()["content-type"],
-            "application/apply-patch+yaml"
-        );
+        let uri = format!("/apis/seckill.io/v1/namespaces/{NS}/promotions/{NAME}/status?&force=true&fieldManager=seckill-operator");
+        let (request, send) = self
+            .next_checked(http::Method::PATCH, &uri, "application/apply-patch+yaml")
+            .await;
         let body = body_json(request).await;
         assert_eq!(body["apiVersion"], "seckill.io/v1");
         assert_eq!(body["kind"], "Promotion");
@@ -202,13 +231,10 @@ impl ApiServerVerifier {
 
     /// An events.k8s.io/v1 Event about the promotion; returns its reason.
     async fn event_posted(&mut self) -> Value {
-        let (request, send) = self.next().await;
-        assert_eq!(request.method(), http::Method::POST);
-        assert_eq!(
-            request.uri().to_string(),
-            format!("/apis/events.k8s.io/v1/namespaces/{NS}/events?")
-        );
-        assert_eq!(request.headers()["content-type"], "application/json");
+        let uri = format!("/apis/events.k8s.io/v1/namespaces/{NS}/events?");
+        let (request, send) = self
+            .next_checked(http::Method::POST, &uri, "application/json")
+            .await;
         let event = body_json(request).await;
         assert_eq!(event["regarding"]["kind"], "Promotion");
         assert_eq!(event["regarding"]["name"], NAME);
@@ -229,16 +255,7 @@ impl ApiServerVerifier {
 
     /// The finalizer is removed by a JSON patch guarded by a `test` op.
     async fn finalizer_removed(&mut self, p: &Promotion) {
-        let (request, send) = self.next().await;
-        assert_eq!(request.method(), http::Method::PATCH);
-        assert_eq!(
-            request.uri().to_string(),
-            format!("/apis/seckill.io/v1/namespaces/{NS}/promotions/{NAME}?")
-        );
-        assert_eq!(
-            request.headers()["content-type"],
-            "application/json-patch+json"
-        );
+        let (request, send) = self.json_patch().await;
         assert_eq!(
             body_json(request).await,
             json!([
@@ -250,6 +267,20 @@ impl ApiServerVerifier {
         gone.meta_mut().finalizers = None;
         respond(send, &gone);
     }
+}
+
+/// The first reconcile of `p`, due and finalized: it schedules and starts it
+/// in Redis, applies the status and posts Scheduled then Started. Returns
+/// that status and the reconcile's action.
+async fn first_reconcile_starts(
+    p: &Promotion,
+    ctx: &Arc<Context>,
+    api: &mut ApiServerVerifier,
+) -> (PromotionStatus, Action) {
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    let status = api.status_applied(p).await;
+    api.events_posted(&["Scheduled", "Started"]).await;
+    (status, task.await.unwrap().unwrap())
 }
 
 /// The promotion's stream, decoded.
@@ -271,9 +302,8 @@ fn secs(s: i64) -> chrono::Duration {
 
 #[tokio::test]
 async fn a_new_promotion_gets_the_finalizer_before_anything_touches_redis() {
-    let (_server, mut con) = redis();
-    let (ctx, mut api) = test_context(con.clone());
-    let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120));
+    let (_server, mut con, ctx, mut api) = scenario();
+    let p = Promotion::in_a_minute();
     let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
     api.finalizer_added(&p).await;
     assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
@@ -282,8 +312,7 @@ async fn a_new_promotion_gets_the_finalizer_before_anything_touches_redis() {
 
 #[tokio::test]
 async fn a_pending_promotion_is_scheduled_indexed_reported_and_requeued_at_publish_time() {
-    let (_server, mut con) = redis();
-    let (ctx, mut api) = test_context(con.clone());
+    let (_server, mut con, ctx, mut api) = scenario();
     let publish = Utc::now() + secs(60);
     let p = Promotion::test(publish, publish + secs(60)).finalized();
     let before = Utc::now();
@@ -319,15 +348,11 @@ async fn a_pending_promotion_is_scheduled_indexed_reported_and_requeued_at_publi
 
 #[tokio::test]
 async fn a_due_promotion_is_started_once_however_often_it_is_reconciled() {
-    let (_server, mut con) = redis();
-    let (ctx, mut api) = test_context(con.clone());
-    let mut p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
+    let (_server, mut con, ctx, mut api) = scenario();
+    let mut p = Promotion::due().finalized();
 
-    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
-    let status = api.status_applied(&p).await;
-    api.events_posted(&["Scheduled", "Started"]).await;
+    let (status, action) = first_reconcile_starts(&p, &ctx, &mut api).await;
     // Requeued for its finish time, not on a refresh timer.
-    let action = task.await.unwrap().unwrap();
     assert!(requeued_for(&action, p.spec.finish_time), "{action:?}");
     assert_eq!(status.phase, Some(Phase::Active));
     assert!(status.started_at.is_some());
@@ -348,13 +373,9 @@ async fn a_due_promotion_is_started_once_however_often_it_is_reconciled() {
 
 #[tokio::test]
 async fn a_sell_out_shows_in_the_status_and_is_announced() {
-    let (_server, mut con) = redis();
-    let (ctx, mut api) = test_context(con.clone());
-    let mut p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
-    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
-    p.status = Some(api.status_applied(&p).await);
-    api.events_posted(&["Scheduled", "Started"]).await;
-    task.await.unwrap().unwrap();
+    let (_server, mut con, ctx, mut api) = scenario();
+    let mut p = Promotion::due().finalized();
+    p.status = Some(first_reconcile_starts(&p, &ctx, &mut api).await.0);
 
     for customer in ["ann", "bob", "cid"] {
         let c = protocol::CustomerId::parse(customer).unwrap();
@@ -410,13 +431,9 @@ async fn an_operator_restarted_between_publish_time_and_the_first_reconcile_star
 
 #[tokio::test]
 async fn a_spec_changed_after_the_start_is_refused_with_a_warning() {
-    let (_server, mut con) = redis();
-    let (ctx, mut api) = test_context(con.clone());
-    let mut p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
-    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
-    p.status = Some(api.status_applied(&p).await);
-    api.events_posted(&["Scheduled", "Started"]).await;
-    task.await.unwrap().unwrap();
+    let (_server, mut con, ctx, mut api) = scenario();
+    let mut p = Promotion::due().finalized();
+    p.status = Some(first_reconcile_starts(&p, &ctx, &mut api).await.0);
 
     p.spec.discount = 0.9;
     p.meta_mut().generation = Some(2);
@@ -440,9 +457,8 @@ async fn a_spec_changed_after_the_start_is_refused_with_a_warning() {
 
 #[tokio::test]
 async fn deleting_an_active_promotion_finishes_it_before_the_finalizer_goes() {
-    let (_server, mut con) = redis();
-    let (ctx, mut api) = test_context(con.clone());
-    let p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
+    let (_server, mut con, ctx, mut api) = scenario();
+    let p = Promotion::due().finalized();
     let driven = lifecycle::drive(&mut con, &id(), &p.spec, Some(1), None)
         .await
         .unwrap();
@@ -465,11 +481,8 @@ async fn deleting_an_active_promotion_finishes_it_before_the_finalizer_goes() {
 
 #[tokio::test]
 async fn deleting_a_promotion_unknown_to_redis_just_removes_the_finalizer() {
-    let (_server, mut con) = redis();
-    let (ctx, mut api) = test_context(con.clone());
-    let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120))
-        .finalized()
-        .being_deleted();
+    let (_server, mut con, ctx, mut api) = scenario();
+    let p = Promotion::in_a_minute().finalized().being_deleted();
     let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
     api.finalizer_removed(&p).await;
     assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
@@ -482,7 +495,7 @@ async fn redis_down_reports_ready_false_and_backs_off_exponentially() {
     let (ctx, mut api) = test_context(with_timeout(&server, 200).connect().unwrap());
     server.kill();
 
-    let p = Promotion::test(Utc::now() + secs(60), Utc::now() + secs(120)).finalized();
+    let p = Promotion::in_a_minute().finalized();
     let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
     let status = api.status_applied(&p).await;
     let error = task.await.unwrap().unwrap_err();
@@ -521,11 +534,8 @@ async fn new_numbers_within_the_status_interval_are_held_then_written() {
         ..Intervals::default()
     };
     let (ctx, mut api) = test_context_with(con.clone(), intervals);
-    let mut p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
-    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
-    p.status = Some(api.status_applied(&p).await);
-    api.events_posted(&["Scheduled", "Started"]).await;
-    task.await.unwrap().unwrap();
+    let mut p = Promotion::due().finalized();
+    p.status = Some(first_reconcile_starts(&p, &ctx, &mut api).await.0);
     p.meta_mut().resource_version = Some("2".into());
 
     let ann = protocol::CustomerId::parse("ann").unwrap();
@@ -546,13 +556,9 @@ async fn new_numbers_within_the_status_interval_are_held_then_written() {
 
 #[tokio::test]
 async fn a_copy_of_the_object_from_before_a_write_neither_writes_nor_announces_again() {
-    let (_server, _con) = redis();
-    let (ctx, mut api) = test_context(_con.clone());
-    let p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60)).finalized();
-    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
-    let status = api.status_applied(&p).await;
-    api.events_posted(&["Scheduled", "Started"]).await;
-    task.await.unwrap().unwrap();
+    let (_server, _con, ctx, mut api) = scenario();
+    let p = Promotion::due().finalized();
+    let (status, _) = first_reconcile_starts(&p, &ctx, &mut api).await;
     assert_eq!(status.phase, Some(Phase::Active));
 
     // The watch has not delivered the written status yet: the store still
@@ -564,8 +570,7 @@ async fn a_copy_of_the_object_from_before_a_write_neither_writes_nor_announces_a
 
 #[tokio::test]
 async fn the_publish_time_requeue_counts_from_redis_answer_not_from_a_slow_api_server() {
-    let (_server, con) = redis();
-    let (ctx, mut api) = test_context(con);
+    let (_server, _con, ctx, mut api) = scenario();
     let p = Promotion::test(Utc::now() + secs(30), Utc::now() + secs(60)).finalized();
     let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
     // The API server takes 1.5 s to answer the status write.
@@ -664,7 +669,7 @@ mod running_sales {
     #[tokio::test]
     async fn the_poll_yields_the_running_sale_whose_numbers_moved_and_no_other() {
         let (_server, mut con) = redis();
-        let template = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60));
+        let template = Promotion::due();
         let busy = named("busy", &template);
         let calm = named("calm", &template);
         let sales = running(&mut con, &[&busy, &calm]).await;
@@ -679,7 +684,7 @@ mod running_sales {
     #[tokio::test]
     async fn the_poll_reads_on_after_redis_lost_its_scripts_and_forgets_deleted_objects() {
         let (_server, mut con) = redis();
-        let p = Promotion::test(Utc::now() - secs(1), Utc::now() + secs(60));
+        let p = Promotion::due();
         let gone = named("gone", &p);
         let sales = running(&mut con, &[&p, &gone]).await;
         redis::cmd("SCRIPT")

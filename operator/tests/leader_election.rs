@@ -907,11 +907,14 @@ impl Sampler {
     }
 }
 
-fn init_tracing() {
+/// Each test's start: tracing to the test's output (filtered by RUST_LOG),
+/// and a fresh mock API server with no Lease.
+fn traced_lease_api() -> LeaseApi {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+    LeaseApi::default()
 }
 
 /// Starts replicas a and b and waits until one reconciles:
@@ -935,8 +938,7 @@ async fn elect(api: &LeaseApi, activity: &Arc<Activity>) -> (Replica, Replica) {
 
 #[tokio::test]
 async fn two_replicas_never_reconcile_at_once_and_exactly_one_leads() {
-    init_tracing();
-    let api = LeaseApi::default();
+    let api = traced_lease_api();
     // Both replicas find it orphaned and race to lock it: replica-a's lock
     // waits at the server's door until replica-b's lock has arrived too, and
     // replica-b's lock goes in only after replica-a locked the Lease,
@@ -1008,8 +1010,7 @@ async fn two_replicas_never_reconcile_at_once_and_exactly_one_leads() {
 
 #[tokio::test]
 async fn standby_takes_over_promptly_when_the_holder_shuts_down() {
-    init_tracing();
-    let api = LeaseApi::default();
+    let api = traced_lease_api();
     let activity = Arc::new(Activity::default());
     // No Lease yet: both replicas create it (one is told it already exists).
     let (mut holder, standby) = elect(&api, &activity).await;
@@ -1065,8 +1066,7 @@ async fn standby_takes_over_promptly_when_the_holder_shuts_down() {
 
 #[tokio::test]
 async fn standby_takes_over_within_the_lease_duration_when_the_holder_crashes() {
-    init_tracing();
-    let api = LeaseApi::default();
+    let api = traced_lease_api();
     api.create_empty_lease();
     let activity = Arc::new(Activity::default());
     let (holder, standby) = elect(&api, &activity).await;
@@ -1115,8 +1115,7 @@ async fn standby_takes_over_within_the_lease_duration_when_the_holder_crashes() 
 
 #[tokio::test]
 async fn a_holder_that_loses_the_lease_stops_reconciling_promptly() {
-    init_tracing();
-    let api = LeaseApi::default();
+    let api = traced_lease_api();
     let activity = Arc::new(Activity::default());
     let replica = Replica::start(&api, &activity, "replica-a");
     activity
@@ -1193,8 +1192,7 @@ async fn the_fake_lease_api_answers_like_the_api_server() {
     use k8s_openapi::api::coordination::v1::Lease;
     use kube::api::{Api, DeleteParams, Patch, PatchParams};
 
-    init_tracing();
-    let api = LeaseApi::default();
+    let api = traced_lease_api();
     let (client, _server) = api.connect("probe");
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     let code = |r: Result<Lease, kube::Error>| match r {

@@ -82,6 +82,18 @@ pub async fn start_promotion(
     index_for_projectors(con, id).await;
 }
 
+/// Schedules `shop/<name>` with `coupons` coupons at 0.8, open since a
+/// second ago for an hour (so `schedule` starts it): the promotion the grab
+/// tests sell. Not indexed for projectors.
+pub async fn open_promotion(con: &mut RedisConnection, name: &str, coupons: u64) -> PromotionId {
+    let id = id(name);
+    let spec = spec_from_now(0.8, coupons, -1000, 3_600_000);
+    protocol::schedule(con, &id, &spec)
+        .await
+        .expect("schedule answers");
+    id
+}
+
 /// Redis' own clock (`TIME`), epoch ms: the clock every window is judged on.
 pub async fn redis_now_ms(con: &mut RedisConnection) -> i64 {
     let (secs, micros): (i64, i64) = redis::cmd("TIME")

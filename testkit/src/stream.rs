@@ -2,7 +2,7 @@
 //! answers against: every entry decoded ([`stream_events`]), sorted into
 //! [`StreamFacts`], and the projector group's pending entries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use redis::streams::{StreamId, StreamRangeReply};
 use seckill_workers::protocol::{
@@ -108,6 +108,20 @@ impl StreamFacts {
             .map(|(_, g)| (g.customer_id.clone(), g.coupon_id.clone()))
             .collect()
     }
+}
+
+/// The answered grants (customer -> coupon) that the stream's grants do
+/// not hold: each one a grant answered and then lost.
+pub fn answered_not_in_stream<'a, 'b>(
+    answered: impl IntoIterator<Item = (&'a String, &'a String)>,
+    in_stream: impl IntoIterator<Item = (&'b String, &'b String)>,
+) -> Vec<(String, String)> {
+    let in_stream: HashSet<(&String, &String)> = in_stream.into_iter().collect();
+    answered
+        .into_iter()
+        .filter(|grant| !in_stream.contains(grant))
+        .map(|(customer, coupon)| (customer.clone(), coupon.clone()))
+        .collect()
 }
 
 /// The facts of `id`'s stream.

@@ -15,7 +15,7 @@ use seckill_testkit::concurrent::{count, finish_at_once, schedule_at_once};
 use seckill_testkit::promotions::{customer, id, spec_from_now};
 use seckill_testkit::redis::Fsync;
 use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
-use seckill_testkit::stream::events_of;
+use seckill_testkit::stream::{answered_not_in_stream, events_of};
 use seckill_testkit::{client, eventually, Worker};
 use seckill_workers::protocol::{
     self, read_model, replication_probe_key, CustomerId, Durability, DurableGrabError, Event,
@@ -52,6 +52,15 @@ fn connect(c: &RedisCluster) -> RedisConnection {
 /// A promotion open since a second ago for `length_ms` more.
 fn open_spec(coupons: u64, length_ms: i64) -> PromotionSpec {
     spec_from_now(0.7, coupons, -1000, length_ms + 1000)
+}
+
+/// Schedules `shop/<name>` with `coupons`, open for the next two minutes.
+async fn open(con: &mut RedisConnection, name: &str, coupons: u64) -> PromotionId {
+    let p = id(name);
+    protocol::schedule(con, &p, &open_spec(coupons, 120_000))
+        .await
+        .unwrap();
+    p
 }
 
 /// `per_master` promotions `<prefix>-<n>` on each of the three masters of
@@ -164,16 +173,8 @@ async fn every_key_of_a_promotion_and_of_a_customer_hashes_to_one_slot_and_no_sc
         let g = protocol::grab(&mut con, p, &customer(i)).await.unwrap();
         assert!(matches!(g, GrabOutcome::Granted { .. }), "{p}: {g:?}");
         // No replicas here: the durable grab must refuse to answer the grant.
-        let d = protocol::grab_durable(
-            &mut con,
-            p,
-            &customer("durable"),
-            Durability {
-                replicas: 1,
-                timeout: Duration::from_millis(20),
-            },
-        )
-        .await;
+        let d =
+            protocol::grab_durable(&mut con, p, &customer("durable"), one_replica_within(20)).await;
         assert!(
             matches!(
                 d,
@@ -390,11 +391,18 @@ fn master_and_replica(c: &RedisCluster, p: &PromotionId) -> (u16, String, usize,
     )
 }
 
-fn durability() -> Durability {
+/// One replica's ack, waited for at most `timeout_ms`.
+fn one_replica_within(timeout_ms: u64) -> Durability {
     Durability {
         replicas: 1,
-        timeout: Duration::from_millis(300),
+        timeout: Duration::from_millis(timeout_ms),
     }
+}
+
+/// The durability the failover tests ask for: time enough for a live
+/// replica's ack.
+fn durability() -> Durability {
+    one_replica_within(300)
 }
 
 /// Durable grab through a failover: retries unknown outcomes (Redis errors)
@@ -420,10 +428,7 @@ async fn grab_with_retries(
 async fn durable_grab_never_answers_a_grant_its_replica_lacks_while_plain_grab_loses_one() {
     let mut c = cluster(3, 1);
     let mut con = connect(&c);
-    let p = id("durable");
-    protocol::schedule(&mut con, &p, &open_spec(10, 120_000))
-        .await
-        .unwrap();
+    let p = open(&mut con, "durable", 10).await;
     let (slot, master, m, r) = master_and_replica(&c, &p);
 
     // Confirmed by the healthy replica: retried, as a client retries a 503,
@@ -670,10 +675,7 @@ async fn kill_9_of_the_promotion_master_mid_sale_loses_no_answered_grant_and_ove
     // though grants unanswered at the kill were lost and granted again.
     let in_stream = assert_sold_out_stream(&ev, coupons as usize);
     let answered = answered.lock().unwrap().clone();
-    let lost: Vec<_> = answered
-        .iter()
-        .filter(|(who, coupon)| in_stream.get(*who) != Some(*coupon))
-        .collect();
+    let lost = answered_not_in_stream(&answered, &in_stream);
     assert!(
         lost.is_empty(),
         "{} answered grants missing from the stream: {:?}",
@@ -700,10 +702,7 @@ async fn kill_9_of_the_promotion_master_mid_sale_loses_no_answered_grant_and_ove
 async fn grabs_follow_a_promotion_whose_slot_moves_to_another_master_mid_sale() {
     let c = cluster(3, 0);
     let mut con = connect(&c);
-    let p = id("moving");
-    protocol::schedule(&mut con, &p, &open_spec(60, 120_000))
-        .await
-        .unwrap();
+    let p = open(&mut con, "moving", 60).await;
     let slot = c.keyslot(&PromotionKeys::new(&p).state).unwrap();
     let mut answered = BTreeMap::new();
     for n in 0..30 {
@@ -738,16 +737,7 @@ async fn grabs_follow_a_promotion_whose_slot_moves_to_another_master_mid_sale() 
     let stream = assert_sold_out_stream(&events(&mut con, &p).await, 60);
     assert_eq!(stream, answered);
     // The durable grab (a pipeline) is routed to the new owner too.
-    let d = protocol::grab_durable(
-        &mut con,
-        &p,
-        &customer(0),
-        Durability {
-            replicas: 1,
-            timeout: Duration::from_millis(10),
-        },
-    )
-    .await;
+    let d = protocol::grab_durable(&mut con, &p, &customer(0), one_replica_within(10)).await;
     assert!(
         matches!(
             d,
@@ -764,10 +754,7 @@ async fn grabs_follow_a_promotion_whose_slot_moves_to_another_master_mid_sale() 
 async fn seckill_worker_command_on_a_cluster_answers_200_exactly_for_the_stock() {
     let c = cluster(3, 0);
     let mut con = connect(&c);
-    let p = id("http");
-    protocol::schedule(&mut con, &p, &open_spec(40, 120_000))
-        .await
-        .unwrap();
+    let p = open(&mut con, "http", 40).await;
     let nodes = c.seed_nodes().join(",");
     let worker = Worker::serving(
         "command",

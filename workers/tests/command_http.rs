@@ -11,7 +11,7 @@ use chrono::Utc;
 use seckill_testkit::client::{body, call, get, grab_path};
 use seckill_testkit::process::unread_bytes;
 use seckill_testkit::promotions::{id, spec_from_now};
-use seckill_testkit::redis::{connect, redis, redis_with, Fsync};
+use seckill_testkit::redis::{connect, redis, redis_with, Fsync, RedisServer};
 use seckill_testkit::stream::{grants_of, stream_facts};
 use seckill_testkit::{eventually, Reply, Worker, JSON};
 use seckill_workers::protocol::{self, FinishReason, PromotionId};
@@ -33,6 +33,29 @@ async fn schedule(
     id
 }
 
+/// A redis-server with `shop/sale` open (10 coupons), a connection to it,
+/// and a command worker on it started with `worker_args`.
+async fn open_sale(worker_args: &[&str]) -> (RedisServer, RedisConnection, PromotionId, Worker) {
+    let server = redis();
+    let mut con = connect(&server);
+    let id = schedule(&mut con, "sale", 10, -1000).await;
+    let worker = Worker::command(&server.url(), worker_args).await;
+    (server, con, id, worker)
+}
+
+/// `POST` to the grab route of `shop/sale`, with `headers` and `body`.
+async fn post_to_sale(worker: &Worker, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+    call(
+        worker.port,
+        "POST",
+        &grab_path("shop", "sale"),
+        headers,
+        body,
+    )
+    .await
+    .unwrap()
+}
+
 /// Coupon ids of the CouponGrabbed events in the stream of `id`.
 async fn granted_in_stream(con: &mut RedisConnection, id: &PromotionId) -> HashSet<String> {
     stream_facts(con, id)
@@ -44,10 +67,7 @@ async fn granted_in_stream(con: &mut RedisConnection, id: &PromotionId) -> HashS
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grab_is_granted_once_and_the_same_customer_gets_the_same_coupon_again() {
-    let server = redis();
-    let mut con = connect(&server);
-    let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::command(&server.url(), &[]).await;
+    let (_server, mut con, id, worker) = open_sale(&[]).await;
 
     let first = worker.grab("shop", "sale", "alice").await;
     assert_eq!(first.status, 200, "{first:?}");
@@ -70,164 +90,81 @@ async fn a_grab_is_granted_once_and_the_same_customer_gets_the_same_coupon_again
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_its_status_and_error_code_and_grants_nothing() {
-    let server = redis();
-    let mut con = connect(&server);
-    let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::command(&server.url(), &[]).await;
+    let (_server, mut con, id, worker) = open_sale(&[]).await;
     let port = worker.port;
     let path = grab_path("shop", "sale");
-    let json = [("content-type", JSON)];
 
-    let cases: Vec<(&str, Reply, u16, &str)> = vec![
+    // A request: method, path, content type, body.
+    let post = |content_type, body| ("POST", path.clone(), content_type, body);
+    let as_json = |body: &[u8]| post(Some(JSON), body.to_vec());
+    let bob_grabs = |ns, name| ("POST", grab_path(ns, name), Some(JSON), body("bob"));
+    let get_path = |path: &str| ("GET", path.to_owned(), None, Vec::new());
+    let too_big = format!(r#"{{"customerId":"bob","pad":"{}"}}"#, "x".repeat(5000));
+
+    // Each error answer (status and code), with the requests that must get it.
+    let cases = [
         (
-            "malformed JSON",
-            call(port, "POST", &path, &json, b"{\"customerId\":".to_vec())
-                .await
-                .unwrap(),
             400,
             "invalid_request",
+            vec![
+                ("malformed JSON", as_json(b"{\"customerId\":")),
+                ("not an object", as_json(b"[1]")),
+                ("missing customerId", as_json(b"{}")),
+                ("empty body", as_json(b"")),
+                ("customerId not a string", as_json(b"{\"customerId\":7}")),
+                ("customerId with a brace", as_json(&body("a{b}"))),
+                ("customerId too long", as_json(&body(&"a".repeat(65)))),
+                ("invalid UTF-8", as_json(b"{\"customerId\":\"a\xff\"}")),
+                ("upper-case namespace", bob_grabs("Shop", "sale")),
+                ("name with a colon", bob_grabs("shop", "a:b")),
+            ],
         ),
         (
-            "not an object",
-            call(port, "POST", &path, &json, b"[1]".to_vec())
-                .await
-                .unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "missing customerId",
-            call(port, "POST", &path, &json, b"{}".to_vec())
-                .await
-                .unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "empty body",
-            call(port, "POST", &path, &json, Vec::new()).await.unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "customerId not a string",
-            call(port, "POST", &path, &json, b"{\"customerId\":7}".to_vec())
-                .await
-                .unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "customerId with a brace",
-            call(port, "POST", &path, &json, body("a{b}"))
-                .await
-                .unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "customerId too long",
-            call(port, "POST", &path, &json, body(&"a".repeat(65)))
-                .await
-                .unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "invalid UTF-8",
-            call(
-                port,
-                "POST",
-                &path,
-                &json,
-                b"{\"customerId\":\"a\xff\"}".to_vec(),
-            )
-            .await
-            .unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "upper-case namespace",
-            call(port, "POST", &grab_path("Shop", "sale"), &json, body("bob"))
-                .await
-                .unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "name with a colon",
-            call(port, "POST", &grab_path("shop", "a:b"), &json, body("bob"))
-                .await
-                .unwrap(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "text/plain",
-            call(
-                port,
-                "POST",
-                &path,
-                &[("content-type", "text/plain")],
-                body("bob"),
-            )
-            .await
-            .unwrap(),
             415,
             "unsupported_media_type",
+            vec![
+                ("text/plain", post(Some("text/plain"), body("bob"))),
+                ("no content type", post(None, body("bob"))),
+            ],
         ),
         (
-            "no content type",
-            call(port, "POST", &path, &[], body("bob")).await.unwrap(),
-            415,
-            "unsupported_media_type",
-        ),
-        (
-            "body over 4 KiB",
-            call(
-                port,
-                "POST",
-                &path,
-                &json,
-                format!(r#"{{"customerId":"bob","pad":"{}"}}"#, "x".repeat(5000)).into_bytes(),
-            )
-            .await
-            .unwrap(),
             413,
             "payload_too_large",
+            vec![("body over 4 KiB", as_json(too_big.as_bytes()))],
         ),
         (
-            "unknown promotion",
-            worker.grab("shop", "nothing", "bob").await,
             404,
             "unknown_promotion",
+            vec![("unknown promotion", bob_grabs("shop", "nothing"))],
         ),
         (
-            "unknown route",
-            call(port, "GET", "/api/v1/nothing", &[], Vec::new())
-                .await
-                .unwrap(),
             404,
             "not_found",
+            vec![("unknown route", get_path("/api/v1/nothing"))],
         ),
         (
-            "GET on the grab route",
-            call(port, "GET", &path, &[], Vec::new()).await.unwrap(),
             405,
             "method_not_allowed",
+            vec![("GET on the grab route", get_path(&path))],
         ),
     ];
-    for (what, reply, status, code) in &cases {
-        assert_eq!(reply.status, *status, "{what}: {reply:?}");
-        assert_eq!(reply.error(), *code, "{what}: {reply:?}");
-        assert!(
-            !reply.json["message"]
-                .as_str()
-                .unwrap_or_default()
-                .is_empty(),
-            "{what}: no message: {reply:?}"
-        );
+    for (status, code, requests) in cases {
+        for (what, (method, path, content_type, body)) in requests {
+            let headers: Vec<_> = content_type
+                .map(|t| ("content-type", t))
+                .into_iter()
+                .collect();
+            let reply = call(port, method, &path, &headers, body).await.unwrap();
+            assert_eq!(reply.status, status, "{what}: {reply:?}");
+            assert_eq!(reply.error(), code, "{what}: {reply:?}");
+            assert!(
+                !reply.json["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .is_empty(),
+                "{what}: no message: {reply:?}"
+            );
+        }
     }
     assert!(
         granted_in_stream(&mut con, &id).await.is_empty(),
@@ -235,15 +172,8 @@ async fn bad_input_gets_its_status_and_error_code_and_grants_nothing() {
     );
 
     // Media-type parameters are fine.
-    let ok = call(
-        port,
-        "POST",
-        &path,
-        &[("content-type", "application/json; charset=utf-8")],
-        body("bob"),
-    )
-    .await
-    .unwrap();
+    let with_charset = [("content-type", "application/json; charset=utf-8")];
+    let ok = post_to_sale(&worker, &with_charset, body("bob")).await;
     assert_eq!(ok.status, 200, "{ok:?}");
 }
 
@@ -415,67 +345,34 @@ async fn an_unknown_promotion_is_remembered_for_one_second_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_customer_id_header_the_id_comes_from_the_header_only() {
-    let server = redis();
-    let mut con = connect(&server);
-    let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::command(&server.url(), &["--customer-id-header", "X-Customer-Id"]).await;
-    let path = grab_path("shop", "sale");
+    let (_server, mut con, id, worker) =
+        open_sale(&["--customer-id-header", "X-Customer-Id"]).await;
 
-    let from_header = call(
-        worker.port,
-        "POST",
-        &path,
-        &[("x-customer-id", "carol")],
-        Vec::new(),
-    )
-    .await
-    .unwrap();
+    let from_header = post_to_sale(&worker, &[("x-customer-id", "carol")], Vec::new()).await;
     assert_eq!(from_header.status, 200, "{from_header:?}");
     assert_eq!(from_header.json["customerId"], "carol");
 
-    let body_ignored = call(
-        worker.port,
-        "POST",
-        &path,
+    let body_ignored = post_to_sale(
+        &worker,
         &[("x-customer-id", "dave"), ("content-type", JSON)],
         body("mallory"),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(body_ignored.status, 200, "{body_ignored:?}");
     assert_eq!(body_ignored.json["customerId"], "dave");
 
-    let with_empty_object = call(
-        worker.port,
-        "POST",
-        &path,
+    let with_empty_object = post_to_sale(
+        &worker,
         &[("x-customer-id", "erin"), ("content-type", JSON)],
         b"{}".to_vec(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(with_empty_object.status, 200, "{with_empty_object:?}");
 
-    let missing = call(
-        worker.port,
-        "POST",
-        &path,
-        &[("content-type", JSON)],
-        body("mallory"),
-    )
-    .await
-    .unwrap();
+    let missing = post_to_sale(&worker, &[("content-type", JSON)], body("mallory")).await;
     assert_eq!(missing.status, 400, "{missing:?}");
     assert_eq!(missing.error(), "invalid_request");
-    let bad = call(
-        worker.port,
-        "POST",
-        &path,
-        &[("x-customer-id", "a b")],
-        Vec::new(),
-    )
-    .await
-    .unwrap();
+    let bad = post_to_sale(&worker, &[("x-customer-id", "a b")], Vec::new()).await;
     assert_eq!(bad.status, 400, "{bad:?}");
 
     let granted: HashSet<String> = granted_in_stream(&mut con, &id).await;
@@ -575,10 +472,7 @@ async fn redis_killed_under_load_yields_only_200_or_503_and_every_200_is_in_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_in_flight_grab_then_exits_0() {
-    let server = redis();
-    let mut con = connect(&server);
-    let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::command(&server.url(), &["--redis-timeout-ms", "5000"]).await;
+    let (server, mut con, id, worker) = open_sale(&["--redis-timeout-ms", "5000"]).await;
     // Warm the connection so the in-flight grab is blocked on Redis only.
     assert_eq!(worker.grab("shop", "sale", "warm").await.status, 200);
 
@@ -630,44 +524,27 @@ async fn sigterm_finishes_the_in_flight_grab_then_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_customer_id_header_an_empty_or_repeated_value_names_no_one_and_grants_nothing() {
-    let server = redis();
-    let mut con = connect(&server);
-    let id = schedule(&mut con, "sale", 10, -1000).await;
-    let worker = Worker::command(&server.url(), &["--customer-id-header", "X-Customer-Id"]).await;
-    let path = grab_path("shop", "sale");
+    let (_server, mut con, id, worker) =
+        open_sale(&["--customer-id-header", "X-Customer-Id"]).await;
 
     // Empty: the same answer as an absent header (the header is required).
-    let empty = call(
-        worker.port,
-        "POST",
-        &path,
+    let empty = post_to_sale(
+        &worker,
         &[("x-customer-id", ""), ("content-type", JSON)],
         body("mallory"),
     )
-    .await
-    .unwrap();
-    let absent = call(
-        worker.port,
-        "POST",
-        &path,
-        &[("content-type", JSON)],
-        body("mallory"),
-    )
-    .await
-    .unwrap();
+    .await;
+    let absent = post_to_sale(&worker, &[("content-type", JSON)], body("mallory")).await;
     assert_eq!(empty.status, 400, "{empty:?}");
     assert_eq!(empty.error(), "invalid_request");
     assert_eq!(empty.json, absent.json, "empty is absent");
     // Twice: which value the gateway set cannot be told.
-    let twice = call(
-        worker.port,
-        "POST",
-        &path,
+    let twice = post_to_sale(
+        &worker,
         &[("x-customer-id", "carol"), ("x-customer-id", "dave")],
         Vec::new(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(twice.status, 400, "{twice:?}");
     assert_eq!(twice.error(), "invalid_request");
     assert!(granted_in_stream(&mut con, &id).await.is_empty());

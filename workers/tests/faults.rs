@@ -25,7 +25,9 @@ use seckill_testkit::client::{self, body, grab_path, metric_value, metrics_of, C
 use seckill_testkit::process::long;
 use seckill_testkit::promotions::{index_for_projectors, redis_now_ms, spec_between};
 use seckill_testkit::redis::{connect, connect_read_models, free_port, info_field, redis_with};
-use seckill_testkit::stream::{pending_of, pending_total, stream_facts, StreamFacts};
+use seckill_testkit::stream::{
+    answered_not_in_stream, pending_of, pending_total, stream_facts, StreamFacts,
+};
 use seckill_testkit::{eventually, try_eventually, CommandOptions, Reply, Worker, JSON};
 use seckill_workers::protocol::{
     self, CouponGrabbed, CustomerId, Phase, PromotionId, PromotionKeys,
@@ -950,11 +952,7 @@ async fn redis_kill_9_with_appendfsync_everysec_keeps_every_grant_whose_aof_writ
         let mut con = connect(&r.server);
         let facts = verify_stream_alone(&mut con, &r.id, r.coupons).await;
         let in_stream = facts.coupons();
-        let settled_lost: Vec<_> = r
-            .settled
-            .iter()
-            .filter(|(customer, coupon)| in_stream.get(*customer) != Some(*coupon))
-            .collect();
+        let settled_lost = answered_not_in_stream(&r.settled, &in_stream);
         assert!(
             settled_lost.is_empty(),
             "{} of {} grants written to the AOF before the kill are gone: {:?}",

@@ -5,21 +5,12 @@
 //! exact; the worker's group commit that forms them is tested over HTTP in
 //! `group_commit_http.rs`.
 
-use seckill_testkit::promotions::{id, move_window, redis_now_ms, spec_between, spec_from_now};
+use seckill_testkit::promotions::{id, move_window, open_promotion, redis_now_ms, spec_between};
 use seckill_testkit::redis::{connect, redis, redis_with};
 use seckill_testkit::stream::{events_of, grants_of, types};
 use seckill_workers::protocol::{
-    self, functions, CustomerId, Event, FinishReason, GrabOutcome, PromotionId, PromotionKeys,
+    self, functions, CustomerId, Event, FinishReason, GrabOutcome, PromotionKeys,
 };
-use seckill_workers::redis_connection::RedisConnection;
-
-async fn open(con: &mut RedisConnection, name: &str, coupons: u64) -> PromotionId {
-    let id = id(name);
-    protocol::schedule(con, &id, &spec_from_now(0.8, coupons, -1000, 3_600_000))
-        .await
-        .unwrap();
-    id
-}
 
 fn one(name: &str) -> CustomerId {
     CustomerId::parse(name).unwrap()
@@ -42,7 +33,7 @@ fn coupon_of(outcome: &GrabOutcome) -> &str {
 async fn a_batch_straddling_the_sell_out_grants_in_arrival_order_then_answers_sold_out() {
     let server = redis();
     let mut con = connect(&server);
-    let p = open(&mut con, "sale", 3).await;
+    let p = open_promotion(&mut con, "sale", 3).await;
     let batch = names(&["ann", "bob", "ann", "cid", "dan", "bob", "eve"]);
     let out = protocol::grab_batch(&mut con, &p, &batch).await.unwrap();
     assert!(matches!(
@@ -164,68 +155,52 @@ async fn a_batch_just_before_the_publish_time_is_all_not_started_and_just_after_
 async fn holders_get_their_coupon_after_sold_out_expired_and_deleted_and_others_do_not() {
     let server = redis();
     let mut con = connect(&server);
-    // Sold out.
-    let sold = open(&mut con, "sold", 1).await;
-    protocol::grab(&mut con, &sold, &one("alice"))
-        .await
-        .unwrap();
-    let out = protocol::grab_batch(&mut con, &sold, &names(&["bob", "alice"]))
-        .await
-        .unwrap();
-    assert_eq!(out[0], GrabOutcome::SoldOut);
-    assert!(
-        matches!(&out[1], GrabOutcome::AlreadyGranted { coupon } if coupon.coupon_id == "shop/sold#1")
-    );
-    // Expired (by Redis' clock, the batch finishes it).
-    let expired = open(&mut con, "expired", 5).await;
-    protocol::grab(&mut con, &expired, &one("alice"))
-        .await
-        .unwrap();
-    let now = redis_now_ms(&mut con).await;
-    move_window(&mut con, &expired, now - 60_000, now - 1).await;
-    let out = protocol::grab_batch(&mut con, &expired, &names(&["bob", "alice"]))
-        .await
-        .unwrap();
-    assert_eq!(
-        out[0],
-        GrabOutcome::Finished {
-            reason: FinishReason::Expired
-        }
-    );
-    assert!(
-        matches!(&out[1], GrabOutcome::AlreadyGranted { coupon } if coupon.coupon_id == "shop/expired#1")
-    );
-    assert!(matches!(
-        events_of(&mut con, &expired).await.last(),
-        Some(Event::PromotionFinished(f)) if f.reason == FinishReason::Expired && f.granted == 1
-    ));
-    // Deleted.
-    let deleted = open(&mut con, "deleted", 5).await;
-    protocol::grab(&mut con, &deleted, &one("alice"))
-        .await
-        .unwrap();
-    protocol::finish(&mut con, &deleted, FinishReason::Deleted)
-        .await
-        .unwrap();
-    let out = protocol::grab_batch(&mut con, &deleted, &names(&["bob", "alice"]))
-        .await
-        .unwrap();
-    assert_eq!(
-        out[0],
-        GrabOutcome::Finished {
-            reason: FinishReason::Deleted
-        }
-    );
-    assert!(
-        matches!(&out[1], GrabOutcome::AlreadyGranted { coupon } if coupon.coupon_id == "shop/deleted#1")
-    );
+    // Each way a sale ends: the last coupon taken, the finish time passed
+    // (by Redis' clock, the batch finishes it), the promotion deleted.
+    for (name, coupons, reason) in [
+        ("sold", 1, FinishReason::SoldOut),
+        ("expired", 5, FinishReason::Expired),
+        ("deleted", 5, FinishReason::Deleted),
+    ] {
+        let p = open_promotion(&mut con, name, coupons).await;
+        protocol::grab(&mut con, &p, &one("alice")).await.unwrap();
+        let refused = match reason {
+            FinishReason::SoldOut => GrabOutcome::SoldOut,
+            FinishReason::Expired => {
+                let now = redis_now_ms(&mut con).await;
+                move_window(&mut con, &p, now - 60_000, now - 1).await;
+                GrabOutcome::Finished { reason }
+            }
+            FinishReason::Deleted => {
+                protocol::finish(&mut con, &p, reason).await.unwrap();
+                GrabOutcome::Finished { reason }
+            }
+        };
+        let out = protocol::grab_batch(&mut con, &p, &names(&["bob", "alice"]))
+            .await
+            .unwrap();
+        assert_eq!(out[0], refused, "{name}");
+        let held = format!("shop/{name}#1");
+        assert!(
+            matches!(&out[1], GrabOutcome::AlreadyGranted { coupon } if coupon.coupon_id == held),
+            "{name}: {:?}",
+            out[1]
+        );
+        assert!(
+            matches!(
+                events_of(&mut con, &p).await.last(),
+                Some(Event::PromotionFinished(f)) if f.reason == reason && f.granted == 1
+            ),
+            "{name}"
+        );
+    }
 }
 
 #[tokio::test]
 async fn a_coupon_held_in_the_version_1_json_layout_is_still_answered() {
     let server = redis();
     let mut con = connect(&server);
-    let p = open(&mut con, "old", 5).await;
+    let p = open_promotion(&mut con, "old", 5).await;
     let v1 = r#"{"couponId":"shop/old#9","customerId":"olga","promotion":"shop/old","discount":0.7,"grantedAt":"2026-11-26T10:00:00.123Z"}"#;
     let _: () = redis::cmd("HSET")
         .arg(PromotionKeys::new(&p).customers)
@@ -247,7 +222,7 @@ async fn a_coupon_held_in_the_version_1_json_layout_is_still_answered() {
 async fn the_library_is_loaded_again_after_a_redis_restart_without_persistence() {
     let mut server = redis_with(None);
     let mut con = connect(&server);
-    let p = open(&mut con, "sale", 5).await;
+    let p = open_promotion(&mut con, "sale", 5).await;
     assert!(matches!(
         protocol::grab(&mut con, &p, &one("a")).await.unwrap(),
         GrabOutcome::Granted { .. }
@@ -277,7 +252,7 @@ async fn the_library_is_loaded_again_after_a_redis_restart_without_persistence()
         .query_async(&mut con)
         .await
         .unwrap();
-    let p = open(&mut con, "again", 5).await;
+    let p = open_promotion(&mut con, "again", 5).await;
     let _: () = redis::cmd("FUNCTION")
         .arg("FLUSH")
         .query_async(&mut con)

@@ -11,23 +11,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use seckill_testkit::client::metric_value;
-use seckill_testkit::promotions::{id, spec_from_now};
+use seckill_testkit::promotions::{id, open_promotion};
 use seckill_testkit::redis::{connect, redis};
 use seckill_testkit::stream::grants_of;
 use seckill_testkit::{eventually, CommandOptions, Reply, Worker};
-use seckill_workers::protocol::{self, PromotionId};
-use seckill_workers::redis_connection::RedisConnection;
 
 /// Bounds every wait for something that must happen.
 const WITHIN: Duration = Duration::from_secs(60);
-
-async fn open(con: &mut RedisConnection, name: &str, coupons: u64) -> PromotionId {
-    let id = id(name);
-    protocol::schedule(con, &id, &spec_from_now(0.8, coupons, -1000, 3_600_000))
-        .await
-        .unwrap();
-    id
-}
 
 /// The coupon number N of `ns/name#N`.
 fn seq(coupon_id: &str) -> u64 {
@@ -38,7 +28,7 @@ fn seq(coupon_id: &str) -> u64 {
 async fn race_of_4000_customers_through_batches_grants_exactly_1000_in_order_of_first_appearance() {
     let server = redis();
     let mut con = connect(&server);
-    let p = open(&mut con, "race", 1000).await;
+    let p = open_promotion(&mut con, "race", 1000).await;
     let worker = Worker::command(&server.url(), &["--grab-batch-max", "64"]).await;
     // 3000 distinct customers, 1000 of them trying twice.
     let attempts: Vec<String> = (0..4000)
@@ -100,7 +90,7 @@ async fn race_of_4000_customers_through_batches_grants_exactly_1000_in_order_of_
 async fn redis_stopped_mid_batch_answers_503_to_the_batch_then_the_retry_tells_the_truth() {
     let server = redis();
     let mut con = connect(&server);
-    let p = open(&mut con, "stall", 100).await;
+    let p = open_promotion(&mut con, "stall", 100).await;
     let worker = Worker::command_with(
         &server.url(),
         &[],
@@ -151,7 +141,7 @@ async fn redis_stopped_mid_batch_answers_503_to_the_batch_then_the_retry_tells_t
 async fn a_holders_retry_after_the_sell_out_gets_its_coupon_from_every_worker_others_the_410() {
     let server = redis();
     let mut con = connect(&server);
-    open(&mut con, "over", 2).await;
+    open_promotion(&mut con, "over", 2).await;
     let first = Worker::command(&server.url(), &[]).await;
     let alice = first.grab("shop", "over", "alice").await;
     assert_eq!(alice.status, 200, "{alice:?}");

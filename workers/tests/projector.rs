@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use redis::streams::StreamId;
 use seckill_testkit::client::{metric_value, metrics_of};
 use seckill_testkit::process::{binary, WORKER};
 use seckill_testkit::promotions::id as promotion;
@@ -31,8 +30,41 @@ fn server() -> RedisServer {
     redis_with(None)
 }
 
+/// A private redis-server, a connection to its streams, and a promotion
+/// `shop/<name>` for each of `names`, started with `coupons` coupons and
+/// grabbed by customers `0..grabs`.
+async fn sales_with_grabs(
+    names: &[&str],
+    coupons: u64,
+    grabs: usize,
+) -> (RedisServer, RedisConnection, Vec<PromotionId>) {
+    let s = server();
+    let mut con = connect(&s);
+    let ids: Vec<PromotionId> = names.iter().map(|name| promotion(name)).collect();
+    start_with_grabs(&mut con, &ids, coupons, grabs).await;
+    (s, con, ids)
+}
+
+/// [`sales_with_grabs`] of the one promotion `shop/<name>`.
+async fn sale_with_grabs(
+    name: &str,
+    coupons: u64,
+    grabs: usize,
+) -> (RedisServer, RedisConnection, PromotionId) {
+    let (s, con, mut ids) = sales_with_grabs(&[name], coupons, grabs).await;
+    (s, con, ids.remove(0))
+}
+
 /// Registers `id` with `coupons` coupons, open since a second ago for an
 /// hour (so `schedule` starts it), and indexes it for projectors.
+/// A private redis-server, a connection to its streams and one to its
+/// read models.
+fn server_and_connections() -> (RedisServer, RedisConnection, RedisConnection) {
+    let s = server();
+    let (con, rm) = (connect(&s), connect_read_models(&s));
+    (s, con, rm)
+}
+
 async fn start_promotion(con: &mut RedisConnection, id: &PromotionId, coupons: u64) {
     seckill_testkit::promotions::start_promotion(con, id, 0.75, coupons).await;
 }
@@ -150,13 +182,20 @@ fn options(consumer: &str) -> ProjectorOptions {
     }
 }
 
+/// A projector of `s`'s streams into `models`, with [`options`] and
+/// metrics registered nowhere.
+fn projector(s: &RedisServer, models: RedisConnection, consumer: &str) -> Projector {
+    Projector::new(
+        connect(s),
+        models,
+        options(consumer),
+        ProjectorMetrics::unregistered(),
+    )
+}
+
 #[tokio::test]
 async fn applying_every_event_twice_leaves_the_read_models_as_applying_once() {
-    let s = server();
-    let mut con = connect(&s);
-    let id = promotion("twice");
-    start_promotion(&mut con, &id, 5).await;
-    grab_many(&mut con, &id, 0, 7).await; // 5 granted, sold out, 2 refused
+    let (s, mut con, id) = sale_with_grabs("twice", 5, 7).await; // 5 granted, sold out, 2 refused
     let events = events_of(&mut con, &id).await;
     assert_eq!(events.len(), 1 + 5 + 1, "{events:?}");
 
@@ -198,9 +237,7 @@ fn shuffled<T: Clone>(items: &[T], mut seed: u64) -> Vec<T> {
 
 #[tokio::test]
 async fn events_in_any_order_across_two_projectors_converge_to_the_in_order_read_models() {
-    let s = server();
-    let mut con = connect(&s);
-    let mut rm = connect_read_models(&s);
+    let (s, mut con, mut rm) = server_and_connections();
     let mut other = connect_read_models(&s);
     let id = promotion("order");
     start_promotion(&mut con, &id, 6).await;
@@ -265,9 +302,7 @@ async fn events_in_any_order_across_two_projectors_converge_to_the_in_order_read
 
 #[tokio::test]
 async fn two_replicas_share_the_streams_find_new_ones_and_complete_the_read_models() {
-    let s = server();
-    let mut con = connect(&s);
-    let mut rm = connect_read_models(&s);
+    let (s, mut con, mut rm) = server_and_connections();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::new();
     for name in ["r1", "r2"] {
@@ -348,9 +383,7 @@ async fn granted(rm: &mut RedisConnection, id: &PromotionId) -> u64 {
 
 #[tokio::test]
 async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied_by_another() {
-    let s = server();
-    let mut con = connect(&s);
-    let mut rm = connect_read_models(&s);
+    let (s, mut con, mut rm) = server_and_connections();
     let id = promotion("killed");
     start_promotion(&mut con, &id, 3000).await;
     grab_many(&mut con, &id, 0, 3000).await;
@@ -547,17 +580,9 @@ fn rebuild_report_line(stderr: &[u8]) -> String {
 
 #[tokio::test]
 async fn a_rebuild_while_grabs_and_a_live_projector_run_swaps_in_complete_read_models() {
-    let s = server();
-    let mut con = connect(&s);
-    let ids = [promotion("busy1"), promotion("busy2")];
-    start_with_grabs(&mut con, &ids, 1_000_000, 20_000).await;
+    let (s, con, ids) = sales_with_grabs(&["busy1", "busy2"], 1_000_000, 20_000).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let live = Projector::new(
-        connect(&s),
-        connect_read_models(&s),
-        options("live"),
-        ProjectorMetrics::unregistered(),
-    );
+    let live = projector(&s, connect_read_models(&s), "live");
     let live = tokio::spawn(live.run(shutdown.clone()));
     // Grabs go on, in small steps, until the rebuild has ended.
     let rebuilding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -628,17 +653,9 @@ async fn a_rebuild_while_grabs_and_a_live_projector_run_swaps_in_complete_read_m
 
 #[tokio::test]
 async fn a_rebuild_killed_halfway_leaves_the_live_read_models_as_they_were() {
-    let s = server();
-    let mut con = connect(&s);
-    let ids = [promotion("k1"), promotion("k2"), promotion("k3")];
-    start_with_grabs(&mut con, &ids, 40_000, 30_000).await;
+    let (s, _con, _ids) = sales_with_grabs(&["k1", "k2", "k3"], 40_000, 30_000).await;
     let mut rm = connect_read_models(&s);
-    let mut live = Projector::new(
-        connect(&s),
-        rm.clone(),
-        options("live"),
-        ProjectorMetrics::unregistered(),
-    );
+    let mut live = projector(&s, rm.clone(), "live");
     live.run_until_idle().await.unwrap();
     let before = dump(&mut rm).await;
     assert_eq!(
@@ -687,10 +704,7 @@ async fn a_rebuild_killed_halfway_leaves_the_live_read_models_as_they_were() {
 
 #[tokio::test]
 async fn rebuild_in_the_streams_database_deletes_only_read_model_keys() {
-    let s = server();
-    let mut con = connect(&s);
-    let ids = [promotion("s1"), promotion("s2")];
-    start_with_grabs(&mut con, &ids, 2_000, 1_500).await;
+    let (s, con, ids) = sales_with_grabs(&["s1", "s2"], 2_000, 1_500).await;
     // --redis-read-model-db 0: the read models share database 0 with the
     // streams, so the rebuild must delete them key by key.
     let shared = RedisArgs {
@@ -709,11 +723,7 @@ async fn rebuild_in_the_streams_database_deletes_only_read_model_keys() {
 
 #[tokio::test]
 async fn rebuild_refuses_to_empty_a_read_model_database_holding_other_data() {
-    let s = server();
-    let mut con = connect(&s);
-    let id = promotion("guarded");
-    start_promotion(&mut con, &id, 10).await;
-    grab_many(&mut con, &id, 0, 3).await;
+    let (s, _con, id) = sale_with_grabs("guarded", 10, 3).await;
     // A rebuild database that is the read models' own is refused at once.
     let out = rebuild_command(&s.url())
         .args(["--rebuild-db", "1"])
@@ -750,30 +760,34 @@ async fn rebuild_refuses_to_empty_a_read_model_database_holding_other_data() {
     assert!(read_model::promotion(&mut rm, &id).await.unwrap().is_none());
 }
 
+/// XADDs `event` to `id`'s stream as it is, past the protocol's scripts (an
+/// event this projector does not know); its entry id.
+async fn append_raw(con: &mut RedisConnection, id: &PromotionId, event: &str) -> String {
+    redis::cmd("XADD")
+        .arg(PromotionKeys::new(id).events)
+        .arg("*")
+        .arg(EVENT_FIELD)
+        .arg(event)
+        .query_async(con)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_unknown_event_is_skipped_counted_and_left_pending_without_stopping_the_projector() {
-    let s = server();
-    let mut con = connect(&s);
-    let id = promotion("future");
-    start_promotion(&mut con, &id, 10).await;
-    grab_many(&mut con, &id, 0, 3).await;
-    let stream = PromotionKeys::new(&id).events;
-    let refunded: String = redis::cmd("XADD")
-        .arg(&stream)
-        .arg("*")
-        .arg(EVENT_FIELD)
-        .arg(r#"{"type":"CouponRefunded","version":1,"couponId":"shop/future#1"}"#)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let newer: String = redis::cmd("XADD")
-        .arg(&stream)
-        .arg("*")
-        .arg(EVENT_FIELD)
-        .arg(r#"{"type":"CouponGrabbed","version":2,"couponId":"shop/future#9"}"#)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let (s, mut con, id) = sale_with_grabs("future", 10, 3).await;
+    let refunded = append_raw(
+        &mut con,
+        &id,
+        r#"{"type":"CouponRefunded","version":1,"couponId":"shop/future#1"}"#,
+    )
+    .await;
+    let newer = append_raw(
+        &mut con,
+        &id,
+        r#"{"type":"CouponGrabbed","version":2,"couponId":"shop/future#9"}"#,
+    )
+    .await;
     grab_many(&mut con, &id, 3, 5).await;
 
     let registry = MetricsRegistry::new();
@@ -823,18 +837,11 @@ async fn an_unknown_event_is_skipped_counted_and_left_pending_without_stopping_t
         ),
         5.0
     );
-    let pending: Vec<StreamId> = redis::cmd("XRANGE")
-        .arg(&stream)
-        .arg("-")
-        .arg("+")
-        .query_async::<redis::streams::StreamRangeReply>(&mut con)
-        .await
-        .unwrap()
-        .ids;
-    assert_eq!(pending.len(), 1 + 5 + 2);
+    // All stay in the stream: started, five grabs, and the two unknown.
+    assert_eq!(stream_entries(&mut con, &id).await.len(), 1 + 5 + 2);
     let rows: (i64, String, String) = {
         let v: (i64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
-            .arg(&stream)
+            .arg(PromotionKeys::new(&id).events)
             .arg(PROJECTOR_GROUP)
             .query_async(&mut con)
             .await
@@ -929,12 +936,7 @@ async fn project_afresh(
     rm: &mut RedisConnection,
 ) -> BTreeMap<String, Vec<(String, String)>> {
     read_model::drop_database(rm).await.unwrap();
-    let mut p = Projector::new(
-        connect(s),
-        rm.clone(),
-        options("fresh"),
-        ProjectorMetrics::unregistered(),
-    );
+    let mut p = projector(s, rm.clone(), "fresh");
     let report = p.run_until_idle().await.unwrap();
     assert_eq!(report.skipped, 0, "{report:?}");
     dump(rm).await
@@ -943,9 +945,7 @@ async fn project_afresh(
 #[tokio::test]
 async fn a_stream_mixing_v1_and_v2_grabs_projects_and_rebuilds_to_the_read_models_of_all_v1_or_all_v2(
 ) {
-    let s = server();
-    let mut con = connect(&s);
-    let mut rm = connect_read_models(&s);
+    let (s, mut con, mut rm) = server_and_connections();
     let id = promotion("mixed");
     let t0 = 1_764_583_200_000;
     let grabs: Vec<Grab> = (0..300)
@@ -1049,9 +1049,7 @@ async fn write_v1_read_models(
 
 #[tokio::test]
 async fn upgrading_from_the_v1_layout_keeps_every_coupon_visible_then_replays_into_buckets() {
-    let s = server();
-    let mut con = connect(&s);
-    let mut rm = connect_read_models(&s);
+    let (s, mut con, mut rm) = server_and_connections();
     let ids = [promotion("old1"), promotion("old2")];
     start_with_grabs(&mut con, &ids, 500, 400).await;
     for id in &ids {
@@ -1118,12 +1116,7 @@ async fn upgrading_from_the_v1_layout_keeps_every_coupon_visible_then_replays_in
         .await
         .unwrap();
     assert!(exists);
-    let mut p = Projector::new(
-        connect(&s),
-        rm.clone(),
-        options("live"),
-        ProjectorMetrics::unregistered(),
-    );
+    let mut p = projector(&s, rm.clone(), "live");
     p.run_until_idle().await.unwrap();
     let status = rebuild_command(&s.url()).status().unwrap();
     assert!(status.success());
@@ -1144,9 +1137,7 @@ async fn upgrading_from_the_v1_layout_keeps_every_coupon_visible_then_replays_in
 
 #[tokio::test]
 async fn a_projector_on_empty_read_models_marks_the_layout_without_replaying() {
-    let s = server();
-    let mut con = connect(&s);
-    let mut rm = connect_read_models(&s);
+    let (_s, mut con, mut rm) = server_and_connections();
     start_with_grabs(&mut con, &[promotion("fresh")], 10, 3).await;
     assert_eq!(
         seckill_workers::projector::upgrade_layout(&mut con, &mut rm, 1000)

@@ -116,6 +116,18 @@ async fn get(s: &Stack, path: &str) -> Reply {
     call(s.addr, "GET", path, &[], None).await
 }
 
+/// `POST path` with `customer`'s grab body.
+async fn post_grab(s: &Stack, path: &str, customer: &str) -> Reply {
+    call(
+        s.addr,
+        "POST",
+        path,
+        &[],
+        Some(json!({ "customerId": customer })),
+    )
+    .await
+}
+
 async fn start_promotion(con: &mut RedisConnection, id: &PromotionId, coupons: u64) {
     seckill_testkit::promotions::start_promotion(con, id, 0.5, coupons).await;
 }
@@ -136,14 +148,7 @@ async fn a_grab_reads_back_through_the_promotion_list_promotion_and_customer_cou
     let id = PromotionId::new("shop", "sale").unwrap();
     let first_event = Instant::now();
     start_promotion(&mut s.con, &id, 10).await;
-    let grab = call(
-        s.addr,
-        "POST",
-        "/api/v1/promotions/shop/sale/grab",
-        &[],
-        Some(json!({"customerId": "alice"})),
-    )
-    .await;
+    let grab = post_grab(&s, "/api/v1/promotions/shop/sale/grab", "alice").await;
     assert_eq!(grab.status, 200, "{}", grab.json);
     let coupon_id = grab.json["couponId"].as_str().unwrap().to_owned();
 
@@ -312,23 +317,9 @@ async fn promotion_ids_are_taken_as_sent_and_customer_ids_percent_decoded() {
         "{}",
         encoded.json
     );
-    let grab = call(
-        s.addr,
-        "POST",
-        "/api/v1/promotions/sh%6Fp/sale/grab",
-        &[],
-        Some(json!({"customerId": "a@b"})),
-    )
-    .await;
+    let grab = post_grab(&s, "/api/v1/promotions/sh%6Fp/sale/grab", "a@b").await;
     assert_eq!(grab.status, 400, "{}", grab.json);
-    let grab = call(
-        s.addr,
-        "POST",
-        "/api/v1/promotions/shop/sale/grab",
-        &[],
-        Some(json!({"customerId": "a@b"})),
-    )
-    .await;
+    let grab = post_grab(&s, "/api/v1/promotions/shop/sale/grab", "a@b").await;
     assert_eq!(grab.status, 200, "{}", grab.json);
     project(&s).await;
     let mine = get(&s, "/api/v1/customers/a%40b/coupons").await;

@@ -243,15 +243,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn grabs_arriving_during_a_call_go_together_in_the_next_one_up_to_max() {
-        let (f, call) = fake();
-        let gc = GroupCommit::new(3, call);
-        let first = tokio::spawn({
+    /// Spawns customer 0's grab of "held" and waits until its call waits
+    /// at its gate (the only one).
+    async fn held_at_its_gate(gc: &GroupCommit, f: &Fake) -> tokio::task::JoinHandle<GrabAnswer> {
+        let held = tokio::spawn({
             let gc = gc.clone();
             async move { gc.grab(&id("held"), customer(0)).await }
         });
         until(|| f.gates.lock().unwrap().len() == 1).await;
+        held
+    }
+
+    #[tokio::test]
+    async fn grabs_arriving_during_a_call_go_together_in_the_next_one_up_to_max() {
+        let (f, call) = fake();
+        let gc = GroupCommit::new(3, call);
+        let first = held_at_its_gate(&gc, &f).await;
         let mut queued = Vec::new();
         for n in 1..=5 {
             let gc = gc.clone();
@@ -299,11 +306,7 @@ mod tests {
     async fn a_grab_never_waits_behind_another_promotions_call() {
         let (f, call) = fake();
         let gc = GroupCommit::new(64, call);
-        let held = tokio::spawn({
-            let gc = gc.clone();
-            async move { gc.grab(&id("held"), customer(0)).await }
-        });
-        until(|| f.gates.lock().unwrap().len() == 1).await;
+        let held = held_at_its_gate(&gc, &f).await;
         // "held"'s call never returns until its gate opens, yet another
         // promotion's grab is answered meanwhile.
         let other = gc.grab(&id("other"), customer(1)).await;

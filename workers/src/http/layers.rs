@@ -429,7 +429,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::test_server::{ask, default_limits, exchange, start};
+    use crate::http::test_server::{ask, default_limits, exchange, start, TestServer};
     use crate::http::ServerLimits;
     use crate::metrics::MetricsRegistry;
     use std::time::Duration;
@@ -441,64 +441,64 @@ mod tests {
         serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"))
     }
 
+    /// A request that closes its connection: `line` (method and path), more
+    /// header lines (each ending in CRLF), then `body`.
+    fn closing(line: &str, headers: &str, body: &str) -> Vec<u8> {
+        format!("{line} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n{body}")
+            .into_bytes()
+    }
+
+    /// A connection to a test server whose requests must be read within
+    /// `timeout` (the header read timeout, which bounds the body too).
+    async fn connected_with_timeout(timeout: Duration) -> (TestServer, TcpStream) {
+        let limits = ServerLimits {
+            header_read_timeout: timeout,
+            ..default_limits()
+        };
+        let server = start(limits, Duration::ZERO).await;
+        let stream = TcpStream::connect(server.addr).await.unwrap();
+        (server, stream)
+    }
+
+    /// `answer` has `status` and the error envelope with `code`.
+    #[track_caller]
+    fn assert_error(answer: &str, status: u16, code: &str) {
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        assert_eq!(body_of(answer)["error"], code, "{answer}");
+    }
+
     #[tokio::test]
     async fn unknown_paths_other_methods_and_large_bodies_get_the_envelope() {
         let server = start(default_limits(), Duration::ZERO).await;
-        let nope = ask(
-            server.addr,
-            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        assert!(nope.starts_with("HTTP/1.1 404"), "{nope}");
-        assert_eq!(body_of(&nope)["error"], "not_found");
+        let nope = ask(server.addr, &closing("GET /nope", "", "")).await;
+        assert_error(&nope, 404, "not_found");
         let post = ask(
             server.addr,
-            b"POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            &closing("POST /hello", "Content-Length: 0\r\n", ""),
         )
         .await;
-        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert_error(&post, 405, "method_not_allowed");
         assert!(post.to_ascii_lowercase().contains("allow: get"), "{post}");
-        assert_eq!(body_of(&post)["error"], "method_not_allowed");
         // A GET route answers HEAD too, as axum serves GET routes.
-        let head = ask(
-            server.addr,
-            b"HEAD /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
+        let head = ask(server.addr, &closing("HEAD /hello", "", "")).await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert!(head.ends_with("\r\n\r\n"), "no body: {head}");
+        let over = "x".repeat(5000);
         // Declared: refused before the handler, by tower-http, enveloped.
-        let big = ask(
-            server.addr,
-            format!(
-                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n{}",
-                "x".repeat(5000)
-            )
-            .as_bytes(),
-        )
-        .await;
-        assert!(big.starts_with("HTTP/1.1 413"), "{big}");
-        assert_eq!(body_of(&big)["error"], "payload_too_large");
+        let declared = closing("POST /echo", "Content-Length: 5000\r\n", &over);
+        assert_error(&ask(server.addr, &declared).await, 413, "payload_too_large");
         // Chunked, so the size is only known while reading.
-        let chunked = ask(
-            server.addr,
-            format!(
-                "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n1388\r\n{}\r\n0\r\n\r\n",
-                "x".repeat(5000)
-            )
-            .as_bytes(),
-        )
-        .await;
-        assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
-        assert_eq!(body_of(&chunked)["error"], "payload_too_large");
+        let chunks = format!("1388\r\n{over}\r\n0\r\n\r\n");
+        let chunked = closing("POST /echo", "Transfer-Encoding: chunked\r\n", &chunks);
+        assert_error(&ask(server.addr, &chunked).await, 413, "payload_too_large");
         // At the limit, a body is read.
+        let length = format!("Content-Length: {MAX_BODY_BYTES}\r\n");
         let fits = ask(
             server.addr,
-            format!(
-                "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {MAX_BODY_BYTES}\r\nConnection: close\r\n\r\n{}",
-                "x".repeat(MAX_BODY_BYTES)
-            )
-            .as_bytes(),
+            &closing("POST /echo", &length, &"x".repeat(MAX_BODY_BYTES)),
         )
         .await;
         assert!(fits.starts_with("HTTP/1.1 200"), "{fits}");
@@ -506,30 +506,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_does_not_arrive_within_the_header_timeout_is_408_in_the_envelope() {
-        let limits = ServerLimits {
-            header_read_timeout: Duration::from_millis(200),
-            ..default_limits()
-        };
-        let server = start(limits, Duration::ZERO).await;
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let (_server, mut stream) = connected_with_timeout(Duration::from_millis(200)).await;
         // Half the declared body, then nothing.
         let answer = exchange(
             &mut stream,
             b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234",
         )
         .await;
-        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-        assert_eq!(body_of(&answer)["error"], "request_timeout");
+        assert_error(&answer, 408, "request_timeout");
     }
 
     #[tokio::test]
     async fn a_body_trickled_byte_by_byte_must_still_arrive_whole_within_the_timeout() {
-        let limits = ServerLimits {
-            header_read_timeout: Duration::from_millis(300),
-            ..default_limits()
-        };
-        let server = start(limits, Duration::ZERO).await;
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let (_server, mut stream) = connected_with_timeout(Duration::from_millis(300)).await;
         stream
             .write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
             .await
@@ -544,8 +533,7 @@ mod tests {
             }
         }
         let answer = exchange(&mut stream, b"").await;
-        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-        assert_eq!(body_of(&answer)["error"], "request_timeout");
+        assert_error(&answer, 408, "request_timeout");
     }
 
     #[tokio::test]
@@ -582,15 +570,11 @@ mod tests {
         // A declared body over the limit is still 413, on every route.
         let big = ask(
             server.addr,
-            b"POST /gone/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n",
+            &closing("POST /gone/a", "Content-Length: 5000\r\n", ""),
         )
         .await;
         assert!(big.starts_with("HTTP/1.1 413"), "{big}");
-        ask(
-            server.addr,
-            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
+        ask(server.addr, &closing("GET /nope", "", "")).await;
         let text = registry.encode().unwrap();
         let counted = |route: &str, status: u16, outcome: &str, count: u32| {
             text.contains(&format!(
@@ -621,18 +605,13 @@ mod tests {
         let first = tokio::spawn(ask(server.addr, HELD));
         started.await;
         let shed = ask(server.addr, HELD).await;
-        assert!(shed.starts_with("HTTP/1.1 503"), "{shed}");
+        assert_error(&shed, 503, "unavailable");
         assert!(
             shed.to_ascii_lowercase().contains("retry-after: 1"),
             "{shed}"
         );
-        assert_eq!(body_of(&shed)["error"], "unavailable");
         // A route outside the API (as the probes are) is never shed.
-        let hello = ask(
-            server.addr,
-            b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await;
+        let hello = ask(server.addr, &closing("GET /hello", "", "")).await;
         assert!(hello.starts_with("HTTP/1.1 200"), "{hello}");
         // Once the first answers, its permit is back for the next one.
         server.hello.release.add_permits(1);
