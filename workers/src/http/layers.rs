@@ -75,9 +75,9 @@ impl<T> Endpoint for T where
 ///
 /// This is what tower's `GlobalConcurrencyLimit` inside `LoadShed` inside
 /// axum's `HandleError` did, on the same tokio semaphore, but without
-/// their two boxed futures and three wrappers per request: measured under
-/// callgrind, that stack was about 1,900 instructions of a sold-out
-/// answer, this is a `try_acquire` (docs/BENCHMARKS.md).
+/// their two boxed futures and three wrappers per request: replacing them
+/// took 1,300 instructions off a sold-out answer under callgrind (26.3k to
+/// 25.0k, docs/BENCHMARKS.md).
 #[derive(Debug, Clone)]
 pub struct Admitted<S> {
     inner: S,
@@ -109,8 +109,8 @@ where
 
 pin_project! {
     /// The future of [`Admitted`]: the request running with its permit
-    /// (given back when the answer is ready or the request dropped), or
-    /// shed.
+    /// (given back when this future is dropped: once answered, or when the
+    /// client goes away), or shed.
     #[project = AdmittedProjection]
     pub enum AdmittedFuture<F> {
         Running { #[pin] inner: F, permit: OwnedSemaphorePermit },
