@@ -28,7 +28,8 @@
 -- "<seq>:<ms>", or a version 1 coupon JSON, which holds no raw newline),
 -- x = none left (over_reason). One string rather than an array of two
 -- items per customer: the worker's Redis client parses each item of a
--- reply on its own, and that was a tenth of a grab's CPU in the worker.
+-- reply on its own, and that was about 8 % of a grab's instructions in the
+-- worker (callgrind, docs/BENCHMARKS.md).
 redis.register_function('seckill_v2_grab', function(keys, args)
   local key, customers, stream = keys[1], keys[2], keys[3]
   local s = state_of(key)
