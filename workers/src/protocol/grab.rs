@@ -1,8 +1,9 @@
 //! The grab: a batch of customers of one promotion, one `FCALL
-//! seckill_v2_grab` (see `functions/grab.lua`), answered as a flat array that
-//! [`decode_reply`] turns into one [`GrabOutcome`] per customer. No JSON and
-//! no date formatting happen in Lua: `grantedAt` is rendered here from the
-//! Redis time the function read once for the batch.
+//! seckill_v2_grab` (see `functions/grab.lua`), answered as one string of
+//! lines (or, when the window turns the whole batch away, a short array)
+//! that [`decode_reply`] turns into one [`GrabOutcome`] per customer. No JSON
+//! and no date formatting happen in Lua: `grantedAt` is rendered here, once
+//! per batch, from the Redis time the function read.
 
 use chrono::{DateTime, SecondsFormat};
 use redis::aio::ConnectionLike;
