@@ -24,11 +24,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::redis_connection::RedisConnection;
-use chrono::SecondsFormat;
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::{self, read_model as keys, CustomerId, Event, Phase, PromotionId};
+use crate::protocol::{
+    self, read_model as keys, rfc3339, rfc3339_ms, CustomerId, Event, Phase, PromotionId,
+};
 
 /// How long a projector's progress report counts as live; older reports are
 /// from a replica that stopped, and are used only when no live one exists.
@@ -108,10 +109,6 @@ pub fn coupon_sequence(coupon_id: &str) -> Option<u64> {
     coupon_id.rsplit_once('#')?.1.parse().ok()
 }
 
-fn rfc3339(t: &chrono::DateTime<chrono::Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
-
 /// Checks that `event` can be projected, before anything is written.
 pub fn check(event: &Event) -> Result<(), ProjectionError> {
     if let Event::CouponGrabbed(g) = event {
@@ -121,11 +118,6 @@ pub fn check(event: &Event) -> Result<(), ProjectionError> {
             .map_err(|e| ProjectionError::Customer(g.customer_id.clone(), e))?;
     }
     Ok(())
-}
-
-/// Redis' clock in epoch ms as RFC 3339 with milliseconds, the API's form.
-fn rfc3339_ms(ms: i64) -> Option<String> {
-    chrono::DateTime::from_timestamp_millis(ms).map(|t| rfc3339(&t))
 }
 
 /// The `project` script call of `event` on the promotion's read model (one

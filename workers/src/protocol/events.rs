@@ -13,13 +13,24 @@
 //! The Lua functions write them; these types are the schema every reader
 //! decodes with ([`Event::decode_entry`]).
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{grab_entry, PromotionId};
 
 /// The stream entry field that holds the event JSON (version 1 entries).
 pub const EVENT_FIELD: &str = "event";
+
+/// How the data model writes a time: RFC 3339, UTC, with milliseconds
+/// (`2026-12-01T14:00:00.750Z`), in events, read models and API answers.
+pub fn rfc3339(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// [`rfc3339`] of epoch milliseconds (Redis' clock); `None` out of range.
+pub fn rfc3339_ms(epoch_ms: i64) -> Option<String> {
+    DateTime::from_timestamp_millis(epoch_ms).map(|t| rfc3339(&t))
+}
 
 /// The schema version of the JSON events (the [`EVENT_FIELD`] entries).
 pub const EVENT_VERSION: u32 = 1;

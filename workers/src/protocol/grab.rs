@@ -5,13 +5,12 @@
 //! and no date formatting happen in Lua: `grantedAt` is rendered here, once
 //! per batch, from the Redis time the function read.
 
-use chrono::{DateTime, SecondsFormat};
 use redis::aio::ConnectionLike;
 use redis::Value;
 use serde::{Deserialize, Serialize};
 
 use super::functions::{self, GRAB};
-use super::{CustomerId, FinishReason, PromotionId, PromotionKeys, ScriptError};
+use super::{rfc3339_ms, CustomerId, FinishReason, PromotionId, PromotionKeys, ScriptError};
 
 /// A coupon as held by a customer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,26 +139,15 @@ fn int(v: &Value) -> Option<i64> {
     }
 }
 
-/// RFC 3339 with milliseconds, UTC, as every `grantedAt` is written.
-pub fn rfc3339_ms(epoch_ms: i64) -> Result<String, ScriptError> {
-    DateTime::from_timestamp_millis(epoch_ms)
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
-        .ok_or_else(|| bad(format!("time out of range: {epoch_ms} ms")))
+/// `grantedAt` of a coupon granted at `epoch_ms` (Redis' clock).
+fn granted_at(epoch_ms: i64) -> Result<String, ScriptError> {
+    rfc3339_ms(epoch_ms).ok_or_else(|| bad(format!("time out of range: {epoch_ms} ms")))
 }
 
-/// The coupon a customers-hash value stands for: `<seq>:<grantedAtMs>` since
-/// version 2, or the coupon JSON version 1 wrote (starts with `{`).
-pub fn held_coupon(
-    id: &PromotionId,
-    customer: &CustomerId,
-    discount: f64,
-    value: &str,
-) -> Result<Coupon, ScriptError> {
-    held(&id.to_string(), customer, discount, value)
-}
-
-/// [`held_coupon`] of the promotion spelled `promotion`.
-fn held(
+/// The coupon of the promotion spelled `promotion` that a customers-hash
+/// value stands for: `<seq>:<grantedAtMs>` since version 2, or the coupon
+/// JSON version 1 wrote (starts with `{`).
+fn held_coupon(
     promotion: &str,
     customer: &CustomerId,
     discount: f64,
@@ -172,7 +160,7 @@ fn held(
         .split_once(':')
         .and_then(|(s, m)| Some((s.parse::<u64>().ok()?, m.parse::<i64>().ok()?)))
         .ok_or_else(|| bad(format!("held coupon {value:?} is not <seq>:<ms>")))?;
-    Ok(coupon(promotion, customer, discount, seq, rfc3339_ms(ms)?))
+    Ok(coupon(promotion, customer, discount, seq, granted_at(ms)?))
 }
 
 /// A coupon of the promotion spelled `promotion` (`<namespace>/<name>`).
@@ -253,7 +241,7 @@ fn decode_batch(
     // Spelled once per batch: every coupon names the promotion, and every
     // coupon granted now has the batch's time.
     let promotion = id.to_string();
-    let granted_now = rfc3339_ms(now)?;
+    let granted_now = granted_at(now)?;
     let mut outcomes = Vec::with_capacity(customers.len());
     let mut customer_of = customers.iter();
     for line in lines {
@@ -274,7 +262,7 @@ fn decode_batch(
                 }
             }
             Some(("a", value)) => GrabOutcome::AlreadyGranted {
-                coupon: held(&promotion, customer, discount, value)?,
+                coupon: held_coupon(&promotion, customer, discount, value)?,
             },
             Some(("x", "")) => match over {
                 Some(FinishReason::SoldOut) => GrabOutcome::SoldOut,

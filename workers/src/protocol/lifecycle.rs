@@ -4,12 +4,12 @@
 //! promotion only, hence one cluster slot, and answers one JSON document,
 //! decoded here (they are rare: JSON costs nothing that matters there).
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use redis::aio::ConnectionLike;
 use serde::{Deserialize, Deserializer};
 
 use super::functions::{self, FINISH, SCHEDULE, SNAPSHOT};
-use super::{FinishReason, Phase, PromotionId, PromotionKeys};
+use super::{rfc3339, FinishReason, Phase, PromotionId, PromotionKeys};
 use crate::redis_connection::RedisConnection;
 
 /// A function call failed: Redis could not be reached or answered an error,
@@ -116,10 +116,6 @@ impl Snapshot {
 
 fn decode<T: for<'de> Deserialize<'de>>(reply: &str) -> Result<T, ScriptError> {
     serde_json::from_str(reply).map_err(|e| ScriptError::BadReply(format!("{e}: {reply}")))
-}
-
-fn rfc3339(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// Registers `id` with `spec` (or updates it before the start) and starts it

@@ -29,12 +29,10 @@ pub use durability::{
     grab_batch_durable, grab_durable, replication_probe_key, Durability, DurableGrabError,
 };
 pub use events::{
-    CouponGrabbed, DecodeError, Event, FinishReason, PromotionFinished, PromotionStarted,
-    EVENT_FIELD, EVENT_VERSION,
+    rfc3339, rfc3339_ms, CouponGrabbed, DecodeError, Event, FinishReason, PromotionFinished,
+    PromotionStarted, EVENT_FIELD, EVENT_VERSION,
 };
-pub use grab::{
-    decode_reply, grab, grab_batch, held_coupon, holders, rfc3339_ms, Coupon, GrabOutcome,
-};
+pub use grab::{decode_reply, grab, grab_batch, holders, Coupon, GrabOutcome};
 pub use ids::{CustomerId, IdError, PromotionId};
 pub use keys::{read_model, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY};
 pub use lifecycle::{
