@@ -82,15 +82,11 @@ pub async fn start_promotion(
     index_for_projectors(con, id).await;
 }
 
-/// Schedules `shop/<name>` with `coupons` coupons at 0.8, open since a
-/// second ago for an hour (so `schedule` starts it): the promotion the grab
-/// tests sell. Not indexed for projectors.
+/// [`start_promotion`] of `shop/<name>` at 0.8: the promotion the grab
+/// tests sell.
 pub async fn open_promotion(con: &mut RedisConnection, name: &str, coupons: u64) -> PromotionId {
     let id = id(name);
-    let spec = spec_from_now(0.8, coupons, -1000, 3_600_000);
-    protocol::schedule(con, &id, &spec)
-        .await
-        .expect("schedule answers");
+    start_promotion(con, &id, 0.8, coupons).await;
     id
 }
 
