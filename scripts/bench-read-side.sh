@@ -94,13 +94,14 @@ PROMOTION=$("$SETUP" "$REDIS_URL" "$COUPONS")
 
 # The command worker on $HTTP_PORT and the projector (consumer $1, metrics on
 # $METRICS_PORT) of a part, on the Redis of fresh_redis: sets COMMAND,
-# PROJECTOR, BASE and METRICS.
+# PROJECTOR, BASE (the command worker's), PROJECTOR_BASE and METRICS.
 roles() {
   COMMAND=("$WORKER" command --listen "127.0.0.1:$HTTP_PORT" --redis-url "$REDIS_URL" --no-query)
   PROJECTOR=("$WORKER" projector --metrics-listen "127.0.0.1:$METRICS_PORT" --redis-url "$REDIS_URL"
     --consumer-name "$1")
   BASE="http://127.0.0.1:$HTTP_PORT"
-  METRICS="http://127.0.0.1:$METRICS_PORT/metrics"
+  PROJECTOR_BASE="http://127.0.0.1:$METRICS_PORT"
+  METRICS="$PROJECTOR_BASE/metrics"
 }
 # Starts "$@" (COMMAND or PROJECTOR) with its log in $work/LOG and waits
 # until URL is ready. start LOG URL COMMAND...
@@ -112,7 +113,7 @@ start() {
 }
 roles bench-lag
 start command.log "$BASE" "${COMMAND[@]}"
-start projector.log "http://127.0.0.1:$METRICS_PORT" "${PROJECTOR[@]}"
+start projector.log "$PROJECTOR_BASE" "${PROJECTOR[@]}"
 
 GRAB_URL="$BASE/api/v1/promotions/$PROMOTION/grab"
 WRK_GRAB=(wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/grab.lua "$GRAB_URL" -- lag)
@@ -167,7 +168,7 @@ until sold_out "$round"; do
   wrk -t"$THREADS" -c"$CONNECTIONS" -d5s -s bench/grab.lua "$MEM_GRAB_URL" -- "m$round" >/dev/null
 done
 MEM_GRABBED=$(used_memory)
-start memory-projector.log "http://127.0.0.1:$METRICS_PORT" "${MEM_PROJECTOR[@]}"
+start memory-projector.log "$PROJECTOR_BASE" "${MEM_PROJECTOR[@]}"
 MEM_EXPECTED=$((MEM_COUPONS + 2))  # PromotionStarted, the grants, PromotionFinished{SoldOut}
 mem_applied() {
   curl -fs "$MEM_METRICS" 2>/dev/null | awk '/^seckill_projector_events_applied_total/ {s += $NF} END {printf "%d", s}'
