@@ -12,14 +12,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::header::{HeaderValue, CONTENT_LENGTH};
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::Bytes;
 
 use super::holders::Holders;
-use crate::http::{ApiError, Outcome, JSON};
+use crate::http::{json_response, ApiError, Outcome};
 use crate::protocol::{FinishReason, PromotionId};
 
 /// How long an unknown promotion is answered 404 without asking Redis.
@@ -83,11 +82,10 @@ impl Closed {
     /// The answer: 410 with the prepared body (shared, not copied) and the
     /// error code as the outcome.
     pub fn response(&self) -> Response {
-        let mut response = Response::new(Body::from(self.body.clone()));
-        *response.status_mut() = StatusCode::GONE;
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, JSON);
-        headers.insert(CONTENT_LENGTH, self.length.clone());
+        let mut response = json_response(StatusCode::GONE, &self.body);
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, self.length.clone());
         response
             .extensions_mut()
             .insert(Outcome(closed_code(self.reason)));
@@ -218,6 +216,7 @@ impl PromotionMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::header::CONTENT_TYPE;
 
     fn id(namespace: &str, name: &str) -> PromotionId {
         PromotionId::new(namespace, name).unwrap()
