@@ -24,7 +24,7 @@ use seckill_workers::protocol::shards::{
 };
 use seckill_workers::protocol::{
     self, home_shard, shard_map_key, CustomerId, Durability, Event, FinishReason, PromotionId,
-    PromotionKeys, ShardKeys, EVENT_FIELD,
+    PromotionKeys, ScheduleResult, ShardKeys, EVENT_FIELD,
 };
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 
@@ -88,7 +88,7 @@ async fn sharded(
 fn masters_of(c: &RedisCluster, map: &ShardMap) -> Vec<String> {
     (0..map.shards())
         .map(|i| {
-            c.master_for_slot(key_slot(&map.keys(i).state))
+            c.master_for_slot(key_slot(&map.keys(i).unwrap().state))
                 .expect("master of a shard")
         })
         .collect()
@@ -137,7 +137,7 @@ async fn entries(con: &mut RedisConnection, key: &str) -> Vec<(String, HashMap<S
 async fn read_all(con: &mut RedisConnection, map: &ShardMap) -> Vec<ShardRead> {
     let mut out = Vec::new();
     for i in 0..map.shards() {
-        let k: &ShardKeys = map.keys(i);
+        let k: &ShardKeys = map.keys(i).unwrap();
         out.push(ShardRead {
             state: hash(con, &k.state).await,
             customers: hash(con, &k.customers).await,
@@ -482,6 +482,10 @@ async fn crowd_on_three_shards_grants_exactly_the_stock_and_every_number_once() 
         .collect();
     assert!(early.is_empty(), "sold_out before Finished: {early:?}");
     let per_shard: Vec<usize> = reads.iter().map(|r| r.customers.len()).collect();
+    // Homes are uneven (the same customers every run): some shard sold more
+    // than its 200, so the refill path moved stock to it.
+    assert!(per_shard.iter().any(|&n| n > 200), "{per_shard:?}");
+    assert!(audit.moves > 0, "the refill path ran");
     eprintln!(
         "crowd: {kinds:?}, grants per shard {per_shard:?}, {} moves ({:.1} per 1,000 grabs)",
         audit.moves,
@@ -696,7 +700,7 @@ async fn end_window_now(con: &mut RedisConnection, map: &ShardMap, last_grant_ms
     .await;
     for i in 0..map.shards() {
         let _: () = redis::cmd("HSET")
-            .arg(&map.keys(i).state)
+            .arg(&map.keys(i).unwrap().state)
             .arg("finish_ms")
             .arg(now)
             .query_async(con)
@@ -1013,6 +1017,57 @@ async fn replica_caught_up(master: &str, replica: &str) {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_refuses_unsharded_functions_a_stale_map_and_customers_of_another_home() {
+    let c = cluster(3, 0);
+    let mut con = connect(&c);
+    let map = sharded(&c, &mut con, "refusals", 30, 3, 600_000, None).await;
+    let p = map.id().clone();
+    let before = read_all(&mut con, &map).await;
+
+    // The unsharded functions on shard 0's keys (a stale worker, an old
+    // operator) touch nothing.
+    let grab = protocol::grab(&mut con, &p, &customer("old-worker")).await;
+    assert!(grab.is_err(), "{grab:?}");
+    let spec = spec_from_now(0.5, 99, -1000, 60_000);
+    let schedule = protocol::schedule(&mut con, &p, &spec).await.unwrap();
+    assert_eq!(schedule.result, ScheduleResult::Sharded);
+    let finish = protocol::finish(&mut con, &p, FinishReason::Deleted)
+        .await
+        .unwrap();
+    assert_eq!(finish.result, ScheduleResult::Sharded);
+
+    // A caller whose map says S = 2 homes customers differently: refused.
+    let stale = ShardMap::new(&p, &map.salts()[..1]);
+    let who = homed(&stale, 1, "stale", 1);
+    let refused = shards::shard_grab(&mut con, &stale, 1, &who, None).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ShardError::StaleMap {
+                recorded: 3,
+                known: 2,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    // A customer of shard 2 is never granted on shard 1.
+    let away = homed(&map, 2, "away", 1);
+    let refused = shards::shard_grab(&mut con, &map, 1, &away, None).await;
+    assert!(
+        matches!(refused, Err(ShardError::NotHome { shard: 1, .. })),
+        "{refused:?}"
+    );
+
+    let after = read_all(&mut con, &map).await;
+    for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+        assert_eq!(a.state, b.state, "shard {i}");
+        assert_eq!(a.customers, b.customers, "shard {i}");
+        assert_eq!(a.events, b.events, "shard {i}");
+    }
+}
+
 /// The shard of `map` whose master is `master`.
 fn shard_on(c: &RedisCluster, map: &ShardMap, master: &str) -> u32 {
     masters_of(c, map)
@@ -1035,7 +1090,7 @@ async fn move_step_lost_in_a_failover_is_never_built_upon() {
 
     // The master of guarded's shard 1 is the donor's master for both.
     let donor_master = masters_of(&c, &guarded)[1].clone();
-    let slot = key_slot(&guarded.keys(1).state);
+    let slot = key_slot(&guarded.keys(1).unwrap().state);
     let range = c
         .slot_map()
         .unwrap()
@@ -1094,7 +1149,7 @@ async fn move_step_lost_in_a_failover_is_never_built_upon() {
     })
     .unwrap();
     eventually(WITHIN, || {
-        let (mut con, key) = (con.clone(), guarded.keys(g_donor).state.clone());
+        let (mut con, key) = (con.clone(), guarded.keys(g_donor).unwrap().state.clone());
         async move {
             redis::cmd("HGET")
                 .arg(key)

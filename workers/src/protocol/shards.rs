@@ -77,9 +77,15 @@ pub enum ShardError {
         recorded: u32,
         known: u32,
     },
-    /// No such shard (or promotion).
+    /// No such shard (or promotion) in Redis.
     #[error("shard {0} does not exist")]
     Unknown(u32),
+    /// The caller named a shard its map does not have.
+    #[error("shard {shard} is not one of {shards}")]
+    NoSuchShard { shard: u32, shards: u32 },
+    /// The caller passed a customer whose home is another shard.
+    #[error("customer {customer} does not live on shard {shard}")]
+    NotHome { customer: String, shard: u32 },
     /// The shard is Pending past its publish time: start the promotion
     /// ([`start`]) and try again.
     #[error("shard {shard} is not open yet (publish {publish_ms}, now {now_ms})")]
@@ -148,10 +154,32 @@ impl ShardMap {
         self.shards() > 1
     }
 
-    /// The keys of shard `shard` (shard 0's for an out-of-range index, which
-    /// no caller of this module passes).
-    pub fn keys(&self, shard: u32) -> &ShardKeys {
-        self.keys.get(shard as usize).unwrap_or(&self.keys[0])
+    /// The keys of shard `shard`, if it is one of this map's.
+    pub fn keys(&self, shard: u32) -> Option<&ShardKeys> {
+        self.keys.get(shard as usize)
+    }
+
+    /// [`keys`](Self::keys), or the error every step answers for a shard
+    /// the map does not have.
+    fn shard(&self, shard: u32) -> Result<&ShardKeys, ShardError> {
+        self.keys(shard).ok_or(ShardError::NoSuchShard {
+            shard,
+            shards: self.shards(),
+        })
+    }
+
+    /// Refuses a customer whose home is not `shard`: a grant there would
+    /// put them beyond the one-slot check of the one-coupon rule. (Lua does
+    /// not recompute homes: a 64-bit hash in Lua 5.1 costs more than the
+    /// grab it guards.)
+    fn check_homes(&self, shard: u32, customers: &[CustomerId]) -> Result<(), ShardError> {
+        match customers.iter().find(|c| self.home(c) != shard) {
+            Some(c) => Err(ShardError::NotHome {
+                customer: c.as_str().to_owned(),
+                shard,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The salts of shards 1.. as the map records them.
@@ -370,7 +398,7 @@ pub async fn schedule<C: ConnectionLike>(
     let deal = initial_deal(spec.number_of_coupons, s);
     let mut results = vec![ShardScheduled::Unchanged; s as usize];
     for shard in (1..s).chain([0]) {
-        let keys = map.keys(shard);
+        let keys = map.shard(shard)?;
         let args = [
             map.id().to_string(),
             spec.discount.to_string(),
@@ -429,7 +457,7 @@ pub async fn start<C: ConnectionLike>(
     map: &ShardMap,
     durable: Option<Durability>,
 ) -> Result<Start, ShardError> {
-    let k0 = map.keys(0);
+    let k0 = map.shard(0)?;
     let map_key = shard_map_key(map.id());
     let reply = run_step(
         con,
@@ -455,7 +483,7 @@ pub async fn start<C: ConnectionLike>(
         other => return Err(bad(format!("shard start: {other:?}")).into()),
     };
     for shard in 1..map.shards() {
-        let keys = map.keys(shard);
+        let keys = map.shard(shard)?;
         let args = [started_at.clone()];
         run(con, keys, SHARD_OPEN, &[&keys.state], &args, None).await?;
     }
@@ -530,10 +558,30 @@ pub struct ShardBatch {
     pub pending: u64,
     pub phase: ShardPhase,
     pub answers: Vec<ShardAnswer>,
-    /// Whether the replicas asked for acknowledged the call (true without
-    /// the durability rule). Grants of a batch that is not durable are
+    /// With the durability rule: (replicas that acknowledged, replicas
+    /// asked for). Grants of a batch short of them are
     /// [`ShardAnswer::Unconfirmed`].
-    pub durable: bool,
+    pub acks: Option<(u32, u32)>,
+}
+
+impl ShardBatch {
+    /// Whether the replicas asked for acknowledged the call (always without
+    /// the durability rule).
+    pub fn durable(&self) -> bool {
+        acked_enough(self.acks)
+    }
+
+    /// The error of a step that another slot would build on while it is not
+    /// durable.
+    fn not_durable(&self, step: Function, shard: u32) -> ShardError {
+        let (acked, wanted) = self.acks.unwrap_or((0, 0));
+        ShardError::NotDurable {
+            step: step.name(),
+            shard,
+            acked,
+            wanted,
+        }
+    }
 }
 
 /// Decodes the lines of a shard grab or step 2 (see `functions/shards.lua`).
@@ -542,8 +590,9 @@ fn decode_batch(
     shard: u32,
     customers: &[CustomerId],
     reply: Value,
-    durable: bool,
+    acks: Option<(u32, u32)>,
 ) -> Result<ShardBatch, ShardError> {
+    let durable = acked_enough(acks);
     let lines = match reply {
         Value::BulkString(b) => String::from_utf8(b).map_err(|_| bad("shard grab: not UTF-8"))?,
         Value::Array(items) => {
@@ -648,7 +697,7 @@ fn decode_batch(
         pending,
         phase,
         answers,
-        durable,
+        acks,
     })
 }
 
@@ -666,7 +715,8 @@ pub async fn shard_grab<C: ConnectionLike>(
     customers: &[CustomerId],
     durable: Option<Durability>,
 ) -> Result<ShardBatch, ShardError> {
-    let keys = map.keys(shard);
+    let keys = map.shard(shard)?;
+    map.check_homes(shard, customers)?;
     let args: Vec<String> = std::iter::once(map.shards().to_string())
         .chain(customers.iter().map(|c| c.as_str().to_owned()))
         .collect();
@@ -679,7 +729,7 @@ pub async fn shard_grab<C: ConnectionLike>(
         durable,
     )
     .await?;
-    decode_batch(map, shard, customers, reply, acked_enough(acks))
+    decode_batch(map, shard, customers, reply, acks)
 }
 
 // ---------------------------------------------------------------- stock moves
@@ -723,7 +773,7 @@ pub async fn move_out<C: ConnectionLike>(
     at_least: u64,
     durable: Option<Durability>,
 ) -> Result<MoveOut, ShardError> {
-    let keys = map.keys(donor);
+    let keys = map.shard(donor)?;
     let args = [
         to.to_string(),
         at_least.to_string(),
@@ -772,7 +822,8 @@ pub async fn move_in<C: ConnectionLike>(
     waiting: &[CustomerId],
     durable: Option<Durability>,
 ) -> Result<ShardBatch, ShardError> {
-    let keys = map.keys(mv.to);
+    let keys = map.shard(mv.to)?;
+    map.check_homes(mv.to, waiting)?;
     let args: Vec<String> = [
         mv.id.clone(),
         mv.from.to_string(),
@@ -791,7 +842,7 @@ pub async fn move_in<C: ConnectionLike>(
         durable,
     )
     .await?;
-    decode_batch(map, mv.to, waiting, reply, acked_enough(acks))
+    decode_batch(map, mv.to, waiting, reply, acks)
 }
 
 /// Step 3 of move `move_id`, on `donor`: clears the pending record. Run only
@@ -803,7 +854,7 @@ pub async fn move_done<C: ConnectionLike>(
     move_id: &str,
     durable: Option<Durability>,
 ) -> Result<bool, ShardError> {
-    let keys = map.keys(donor);
+    let keys = map.shard(donor)?;
     let reply = run_step(
         con,
         donor,
@@ -825,7 +876,7 @@ pub async fn moves_pending<C: ConnectionLike>(
     donor: u32,
     durable: Option<Durability>,
 ) -> Result<Vec<PendingMove>, ShardError> {
-    let keys = map.keys(donor);
+    let keys = map.shard(donor)?;
     let reply = run_step(
         con,
         donor,
@@ -867,13 +918,8 @@ pub async fn complete_move<C: ConnectionLike>(
     durable: Option<Durability>,
 ) -> Result<(), ShardError> {
     let applied = move_in(con, map, mv, &[], durable).await?;
-    if !applied.durable {
-        return Err(ShardError::NotDurable {
-            step: MOVE_IN.name(),
-            shard: mv.to,
-            acked: 0,
-            wanted: durable.map_or(0, |d| d.replicas),
-        });
+    if !applied.durable() {
+        return Err(applied.not_durable(MOVE_IN, mv.to));
     }
     move_done(con, map, mv.from, &mv.id, None).await?;
     Ok(())
@@ -921,7 +967,7 @@ pub async fn collect<C: ConnectionLike>(
     shard: u32,
     durable: Option<Durability>,
 ) -> Result<ShardCollect, ShardError> {
-    let keys = map.keys(shard);
+    let keys = map.shard(shard)?;
     let reply = run_step(
         con,
         shard,
@@ -1066,7 +1112,7 @@ pub async fn finish_soldout<C: ConnectionLike>(
     others_granted: u64,
     durable: Option<Durability>,
 ) -> Result<FinishSoldOut, ShardError> {
-    let k0 = map.keys(0);
+    let k0 = map.shard(0)?;
     let args = [epoch0.to_string(), others_granted.to_string()];
     let reply = run_step(
         con,
@@ -1193,7 +1239,7 @@ pub async fn finish_begin<C: ConnectionLike>(
     why: FinishReason,
     durable: Option<Durability>,
 ) -> Result<FinishBegin, ShardError> {
-    let k0 = map.keys(0);
+    let k0 = map.shard(0)?;
     let map_key = shard_map_key(map.id());
     let reply = run_step(
         con,
@@ -1238,7 +1284,7 @@ pub async fn shard_close<C: ConnectionLike>(
     why: FinishReason,
     durable: Option<Durability>,
 ) -> Result<ShardClose, ShardError> {
-    let keys = map.keys(shard);
+    let keys = map.shard(shard)?;
     let reply = run_step(
         con,
         shard,
@@ -1287,7 +1333,7 @@ pub async fn finish_commit<C: ConnectionLike>(
     others_granted: u64,
     durable: Option<Durability>,
 ) -> Result<FinishCommit, ShardError> {
-    let k0 = map.keys(0);
+    let k0 = map.shard(0)?;
     let reply = run_step(
         con,
         0,
@@ -1543,13 +1589,8 @@ pub async fn refill<C: ConnectionLike>(
         };
         let batch = move_in(con, map, &mv, &who, durable).await?;
         view.saw(home, batch.stock);
-        if !batch.durable {
-            return Err(ShardError::NotDurable {
-                step: MOVE_IN.name(),
-                shard: home,
-                acked: 0,
-                wanted: durable.map_or(0, |d| d.replicas),
-            });
+        if !batch.durable() {
+            return Err(batch.not_durable(MOVE_IN, home));
         }
         move_done(con, map, mv.from, &mv.id, None).await?;
         for (i, answer) in open.into_iter().zip(batch.answers) {
@@ -1734,7 +1775,7 @@ mod tests {
             .map(|s| CustomerId::parse(s).unwrap())
             .collect();
         let reply = "applied\n1764583200123\n4\n9\n3\n1\nActive\n0.8\ng7\na5:1764583200000\ne\nfExpired\ncDeleted";
-        let b = decode_batch(&map, 2, &who, lines(reply), true).unwrap();
+        let b = decode_batch(&map, 2, &who, lines(reply), None).unwrap();
         assert!(b.applied);
         assert_eq!((b.stock, b.granted, b.epoch, b.pending), (4, 9, 3, 1));
         assert_eq!(b.phase, ShardPhase::Active);
@@ -1749,7 +1790,7 @@ mod tests {
         assert_eq!(b.answers[2], ShardAnswer::Empty);
         assert_eq!(b.answers[3], ShardAnswer::Finished(FinishReason::Expired));
         assert_eq!(b.answers[4], ShardAnswer::Closing(FinishReason::Deleted));
-        let not_durable = decode_batch(&map, 2, &who, lines(reply), false).unwrap();
+        let not_durable = decode_batch(&map, 2, &who, lines(reply), Some((0, 1))).unwrap();
         assert!(matches!(
             not_durable.answers[0],
             ShardAnswer::Unconfirmed(_)
@@ -1758,10 +1799,10 @@ mod tests {
             not_durable.answers[1],
             ShardAnswer::Unconfirmed(_)
         ));
-        assert!(decode_batch(&map, 2, &who[..4], lines(reply), true).is_err());
+        assert!(decode_batch(&map, 2, &who[..4], lines(reply), None).is_err());
         let stale = Value::Array(vec![lines("stale_map"), Value::Int(4)]);
         assert!(matches!(
-            decode_batch(&map, 1, &who, stale, true),
+            decode_batch(&map, 1, &who, stale, None),
             Err(ShardError::StaleMap {
                 recorded: 4,
                 known: 3,
@@ -1776,7 +1817,15 @@ mod tests {
         let map = map_from(&id, 3, "4,11").unwrap();
         assert_eq!(map.shards(), 3);
         assert_eq!(map.salts(), [4, 11]);
-        assert!(map.keys(2).state.contains("{shop/sale~2~11}"));
+        assert!(map.keys(2).unwrap().state.contains("{shop/sale~2~11}"));
+        assert!(map.keys(3).is_none());
+        assert!(matches!(
+            map.shard(3),
+            Err(ShardError::NoSuchShard {
+                shard: 3,
+                shards: 3
+            })
+        ));
         assert!(map_from(&id, 3, "4").is_err());
         assert!(map_from(&id, 2, "x").is_err());
         assert!(!ShardMap::unsharded(&id).is_sharded());
