@@ -573,9 +573,22 @@ async fn mover_stopped_after_each_step_leaves_stock_conserved_and_recovery_compl
             .unwrap();
         assert_eq!(pending.len(), usize::from(stop_after < 3));
 
-        // Another caller (its own connection) finds and completes it.
+        // Another caller (its own connection) finds and completes it: not
+        // while the move is younger than the age asked for, then at once.
         let mut other = connect(&c);
-        let done = shards::recover(&mut other, &map, None).await.unwrap();
+        let young = shards::recover_stale(&mut other, &map, 3_600_000, None)
+            .await
+            .unwrap();
+        assert_eq!(young, 0, "a move seconds old is left to its mover");
+        assert_eq!(
+            shards::moves_pending(&mut con, &map, 2, None)
+                .await
+                .unwrap(),
+            pending
+        );
+        let done = shards::recover_stale(&mut other, &map, 0, None)
+            .await
+            .unwrap();
         assert_eq!(done, usize::from(stop_after < 3), "after step {stop_after}");
         assert_eq!(shards::recover(&mut other, &map, None).await.unwrap(), 0);
         let reads = read_all(&mut con, &map).await;

@@ -927,7 +927,8 @@ pub async fn complete_move<C: ConnectionLike>(
 
 /// Rolls forward every pending move of every shard (records read with
 /// `durable`, so nothing is built on a record a failover could still
-/// lose). Answers how many it completed.
+/// lose). Answers how many it completed. What the sold-out check runs: it
+/// cannot conclude anything while numbers are in flight.
 pub async fn recover<C: ConnectionLike>(
     con: &mut C,
     map: &ShardMap,
@@ -938,6 +939,34 @@ pub async fn recover<C: ConnectionLike>(
         for mv in moves_pending(con, map, donor, durable).await? {
             complete_move(con, map, &mv, durable).await?;
             done += 1;
+        }
+    }
+    Ok(done)
+}
+
+/// [`recover`] of the moves at least `min_age_ms` old on their donor's
+/// clock only: what the operator's reconcile (and a worker whose shard
+/// shows `pending > 0` with no move of its own in flight) runs, so that a
+/// mover a few milliseconds between its steps is left to finish its own
+/// move. (Racing it would be safe, both later steps being idempotent; it
+/// would only cost calls.) Shards without pending moves cost one collect.
+pub async fn recover_stale<C: ConnectionLike>(
+    con: &mut C,
+    map: &ShardMap,
+    min_age_ms: u64,
+    durable: Option<Durability>,
+) -> Result<usize, ShardError> {
+    let mut done = 0;
+    for donor in 0..map.shards() {
+        let figures = collect(con, map, donor, None).await?;
+        if figures.pending == 0 {
+            continue;
+        }
+        for mv in moves_pending(con, map, donor, durable).await? {
+            if figures.now_ms.saturating_sub(mv.at_ms) >= min_age_ms as i64 {
+                complete_move(con, map, &mv, durable).await?;
+                done += 1;
+            }
         }
     }
     Ok(done)
