@@ -347,17 +347,45 @@ fn host_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A crowd under way: its answers so far and its worker tasks.
+struct Crowd {
+    answered: Arc<Mutex<Answered>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Crowd {
+    /// How many answers so far were grants.
+    fn granted(&self) -> usize {
+        self.answered
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, a, _)| matches!(a, ShardAnswer::Granted(_)))
+            .count()
+    }
+
+    /// Waits for every arrival's answer.
+    async fn answers(self) -> Answered {
+        for w in self.workers {
+            w.await.expect("a worker task");
+        }
+        let out = self.answered.lock().unwrap().clone();
+        out
+    }
+}
+
 /// `workers` tasks act as command workers: each takes batches of up to 16
 /// arrivals, splits them by home shard and serves each group with
 /// `shards::grab` (its own stock view: grab at home, refill by moves,
-/// sold-out by the double collect). Unknown outcomes are retried.
-async fn crowd(
+/// sold-out by the double collect). Unknown outcomes (errors, grants not yet
+/// on enough replicas) are retried, as clients retry a 503.
+fn start_crowd(
     con: &RedisConnection,
     map: &ShardMap,
     arrivals: Vec<CustomerId>,
     workers: usize,
     durable: Option<Durability>,
-) -> Answered {
+) -> Crowd {
     let queue = Arc::new(Mutex::new(
         arrivals
             .into_iter()
@@ -402,9 +430,11 @@ async fn crowd(
                         }
                         Err(e) => {
                             assert!(
-                                group.iter().all(|(_, tries)| *tries < 20),
-                                "a batch failed 20 times: {e}"
+                                group.iter().all(|(_, tries)| *tries < 500),
+                                "a batch failed 500 times: {e}"
                             );
+                            // A client's pause before retrying a 503.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
                             queue
                                 .lock()
                                 .unwrap()
@@ -415,11 +445,23 @@ async fn crowd(
             }
         }));
     }
-    for t in tasks {
-        t.await.expect("a worker task");
+    Crowd {
+        answered,
+        workers: tasks,
     }
-    let out = answered.lock().unwrap().clone();
-    out
+}
+
+/// [`start_crowd`] to its end.
+async fn crowd(
+    con: &RedisConnection,
+    map: &ShardMap,
+    arrivals: Vec<CustomerId>,
+    workers: usize,
+    durable: Option<Durability>,
+) -> Answered {
+    start_crowd(con, map, arrivals, workers, durable)
+        .answers()
+        .await
 }
 
 /// Every promise of a coupon in `answered` is the coupon held; answers
@@ -1217,6 +1259,60 @@ async fn move_step_lost_in_a_failover_is_never_built_upon() {
         Some((FinishReason::SoldOut, coupons))
     );
     check_answers(&answered, &audit.holders);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_shard_zeros_master_mid_sale_loses_no_answered_grant_and_keeps_every_number_once()
+{
+    let mut c = cluster(3, 1);
+    let mut con = connect(&c);
+    let durable = Some(Durability {
+        replicas: 1,
+        timeout: Duration::from_millis(300),
+    });
+    let coupons = 3000;
+    let map = sharded(&c, &mut con, "kill-mid-sale", coupons, 3, 600_000, durable).await;
+    let sale = start_crowd(&con, &map, arrivals("kill", 6000, 13), 6, durable);
+    eventually(WITHIN, || {
+        let granted = sale.granted();
+        async move { (granted >= 1000).then_some(()).ok_or(granted) }
+    })
+    .await;
+
+    // kill -9 of the master of shard 0 (Started, Finished, a third of the
+    // stock) while workers grab and move on every shard.
+    let victim = masters_of(&c, &map)[0].clone();
+    let slot = key_slot(&map.keys(0).unwrap().state);
+    let m = c.node_index(&victim).unwrap();
+    c.kill(m);
+    let granted_at_kill = sale.granted();
+    tokio::task::block_in_place(|| {
+        c.wait_for_failover(slot, &victim, Duration::from_secs(20))
+            .unwrap();
+        // It rejoins as a replica: until then no grant there is confirmed.
+        c.restart(m).unwrap();
+        c.wait_until_ready(Duration::from_secs(30)).unwrap();
+    });
+    let answered = sale.answers().await;
+    assert!(
+        granted_at_kill < coupons as usize,
+        "the kill came before the sale's end ({granted_at_kill} granted)"
+    );
+
+    let reads = read_all(&mut con, &map).await;
+    let cons = assert_conserved(&reads, coupons);
+    assert_eq!((cons.granted, cons.in_flight), (coupons, 0));
+    let audit = audit(&map, &reads);
+    assert_eq!(
+        audit.finished.map(|f| (f.0, f.1)),
+        Some((FinishReason::SoldOut, coupons))
+    );
+    // Every grant answered (durably) is the coupon its customer holds.
+    let kinds = check_answers(&answered, &audit.holders);
+    eprintln!(
+        "kill mid-sale: {granted_at_kill} granted at the kill, {kinds:?}, {} moves",
+        audit.moves
+    );
 }
 
 #[test]
