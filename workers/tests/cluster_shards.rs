@@ -1115,6 +1115,21 @@ async fn a_shard_refuses_unsharded_functions_a_stale_map_and_customers_of_anothe
         "{refused:?}"
     );
 
+    // Fewer coupons than shards is refused before anything is written.
+    let tiny = ShardMap::new(&id("tiny"), &[0, 0]);
+    let two_coupons = spec_from_now(0.5, 2, -1000, 60_000);
+    let refused = shards::schedule(&mut con, &tiny, &two_coupons, None).await;
+    assert!(
+        matches!(refused, Err(ShardError::Map { .. })),
+        "{refused:?}"
+    );
+    let tiny_state: bool = redis::cmd("EXISTS")
+        .arg(&tiny.keys(0).unwrap().state)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(!tiny_state);
+
     let after = read_all(&mut con, &map).await;
     for (i, (a, b)) in before.iter().zip(&after).enumerate() {
         assert_eq!(a.state, b.state, "shard {i}");

@@ -85,13 +85,10 @@ pub fn initial_deal(coupons: u64, shards: u32) -> Vec<NumberRanges> {
     (0..s)
         .map(|i| {
             let n = coupons / s + u64::from(i < coupons % s);
+            // lo >= 1, so an empty block is the empty span lo..lo-1.
             let block = NumberRanges::span(lo, lo + n - 1);
             lo += n;
-            if n == 0 {
-                NumberRanges::default()
-            } else {
-                block
-            }
+            block
         })
         .collect()
 }

@@ -385,16 +385,24 @@ pub async fn schedule<C: ConnectionLike>(
             ScheduleResult::Updated => ShardScheduled::Updated,
             ScheduleResult::Unchanged => ShardScheduled::Unchanged,
             ScheduleResult::Sharded => {
-                return Err(ShardError::StaleMap {
-                    shard: 0,
-                    recorded: 0,
-                    known: 1,
+                return Err(ShardError::Map {
+                    id: map.id().clone(),
+                    detail: "the promotion is sharded: re-read its map".into(),
                 })
             }
             _ => ShardScheduled::Scheduled,
         }]);
     }
     let s = map.shards();
+    if spec.number_of_coupons < u64::from(s) {
+        return Err(ShardError::Map {
+            id: map.id().clone(),
+            detail: format!(
+                "{s} shards for {} coupons: every shard needs one",
+                spec.number_of_coupons
+            ),
+        });
+    }
     let deal = initial_deal(spec.number_of_coupons, s);
     let mut results = vec![ShardScheduled::Unchanged; s as usize];
     for shard in (1..s).chain([0]) {
