@@ -27,9 +27,10 @@
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
-use redis::{RedisResult, Value};
+use redis::{Cmd, RedisResult, Value};
 
 use super::grab::{batch_command, decode_reply};
+use super::lifecycle::snapshot_command;
 use super::{functions, CustomerId, GrabOutcome, PromotionId, ScriptError};
 
 /// How many replicas must acknowledge a grant before it is answered.
@@ -99,49 +100,16 @@ pub async fn grab_batch_durable<C: ConnectionLike>(
     customers: &[CustomerId],
     durability: Durability,
 ) -> Result<Vec<Result<GrabOutcome, DurableGrabError>>, ScriptError> {
-    let probe = replication_probe_key(id);
     let wanted = durability.replicas.max(1);
     let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
-    let mut pipe = redis::pipe();
-    pipe.add_command(batch_command(id, customers));
-    pipe.cmd("SET").arg(&probe).arg(1).arg("PX").arg(1000);
-    pipe.cmd("WAIT").arg(wanted).arg(timeout_ms);
-    pipe.ignore_errors();
-    let mut attempts = 0;
-    let (reply, acked) = loop {
-        attempts += 1;
-        let replies: Vec<RedisResult<Value>> = pipe.query_async(con).await?;
-        let mut replies = replies.into_iter();
-        let (Some(call), Some(_probe), Some(wait)) =
-            (replies.next(), replies.next(), replies.next())
-        else {
-            return Err(ScriptError::BadReply(
-                "durable grab: short pipeline reply".into(),
-            ));
-        };
-        match call {
-            Ok(v) => {
-                let acked: u32 = match wait {
-                    Ok(v) => redis::from_redis_value(v).unwrap_or(0),
-                    Err(_) => 0,
-                };
-                break (v, acked);
-            }
-            Err(e) if attempts < 3 && functions::is_not_loaded(&e) => {
-                // Redis lost the library (restart without persistence, a
-                // new master): load it, send the batch again.
-                functions::load(con).await?;
-            }
-            Err(e) if attempts < 3 && e.is_cluster_error() => {
-                // MOVED/ASK/TRYAGAIN/CLUSTERDOWN inside a pipeline are not
-                // followed by the cluster client. The call did not run; one
-                // routed read makes the client learn the new slot owner.
-                let _ = super::snapshot(con, id).await;
-                tokio::time::sleep(Duration::from_millis(50 * attempts as u64)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
+    let (reply, acked) = call_then_wait(
+        con,
+        batch_command(id, customers),
+        &replication_probe_key(id),
+        &snapshot_command(id),
+        durability,
+    )
+    .await?;
     Ok(decode_reply(id, customers, reply)?
         .into_iter()
         .map(|outcome| {
@@ -157,4 +125,63 @@ pub async fn grab_batch_durable<C: ConnectionLike>(
             }
         })
         .collect())
+}
+
+/// The durability rule's pipeline, for any one-slot call: `call` (an
+/// `FCALL`), `SET <probe> 1 PX 1000` and `WAIT n timeout` over one
+/// connection to the master of the probe's slot (which must be `call`'s).
+/// Answers the call's reply and how many replicas acknowledged every write
+/// of that connection so far: the call's own, and through the probe whatever
+/// the call only read. A missing library is loaded and the call sent again;
+/// a cluster redirection inside the pipeline (not followed by the cluster
+/// client) is sent again after `refresh`, a routed read of the same slot
+/// that makes the client learn the slot's new owner.
+pub(super) async fn call_then_wait<C: ConnectionLike>(
+    con: &mut C,
+    call: Cmd,
+    probe: &str,
+    refresh: &Cmd,
+    durability: Durability,
+) -> Result<(Value, u32), ScriptError> {
+    let wanted = durability.replicas.max(1);
+    let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
+    let mut pipe = redis::pipe();
+    pipe.add_command(call);
+    pipe.cmd("SET").arg(probe).arg(1).arg("PX").arg(1000);
+    pipe.cmd("WAIT").arg(wanted).arg(timeout_ms);
+    pipe.ignore_errors();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let replies: Vec<RedisResult<Value>> = pipe.query_async(con).await?;
+        let mut replies = replies.into_iter();
+        let (Some(call), Some(_probe), Some(wait)) =
+            (replies.next(), replies.next(), replies.next())
+        else {
+            return Err(ScriptError::BadReply(
+                "durable call: short pipeline reply".into(),
+            ));
+        };
+        match call {
+            Ok(v) => {
+                let acked: u32 = match wait {
+                    Ok(v) => redis::from_redis_value(v).unwrap_or(0),
+                    Err(_) => 0,
+                };
+                return Ok((v, acked));
+            }
+            Err(e) if attempts < 3 && functions::is_not_loaded(&e) => {
+                // Redis lost the library (restart without persistence, a
+                // new master): load it, send the call again.
+                functions::load(con).await?;
+            }
+            Err(e) if attempts < 3 && e.is_cluster_error() => {
+                // MOVED/ASK/TRYAGAIN/CLUSTERDOWN inside a pipeline: the call
+                // did not run. One routed read teaches the client the owner.
+                let _ = refresh.query_async::<Value>(con).await;
+                tokio::time::sleep(Duration::from_millis(50 * attempts as u64)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

@@ -26,6 +26,8 @@ pub const LIBRARY: &str = concat!(
     include_str!("functions/grab.lua"),
     "\n",
     include_str!("functions/read_model.lua"),
+    "\n",
+    include_str!("functions/shards.lua"),
 );
 
 /// A function of the library, by its registered name.
@@ -47,8 +49,59 @@ pub const SNAPSHOT: Function = Function("seckill_v2_snapshot");
 /// A batch of customers grab one coupon each (the hot path).
 pub const GRAB: Function = Function("seckill_v2_grab");
 
+/// A batch of customers of one home shard grab on that shard (S > 1).
+pub const SHARD_GRAB: Function = Function("seckill_v2_shard_grab");
+/// Records the shard map (salts) of a sharded promotion; the first plan wins.
+pub const SHARD_PLAN: Function = Function("seckill_v2_shard_plan");
+/// Every shard is scheduled: shard 0 may start.
+pub const SHARD_READY: Function = Function("seckill_v2_shard_ready");
+/// Registers one shard: spec, index, S and its initial numbers.
+pub const SHARD_SCHEDULE: Function = Function("seckill_v2_shard_schedule");
+/// Appends the one PromotionStarted on shard 0.
+pub const SHARD_START: Function = Function("seckill_v2_shard_start");
+/// Opens shard i >= 1 once Started is durable.
+pub const SHARD_OPEN: Function = Function("seckill_v2_shard_open");
+/// Step 1 of a stock move, on the donor.
+pub const MOVE_OUT: Function = Function("seckill_v2_move_out");
+/// Step 2 of a stock move, on the recipient (idempotent; grants the waiting).
+pub const MOVE_IN: Function = Function("seckill_v2_move_in");
+/// Step 3 of a stock move, on the donor (idempotent).
+pub const MOVE_DONE: Function = Function("seckill_v2_move_done");
+/// Read-only: the donor's pending moves out.
+pub const MOVES_PENDING: Function = Function("seckill_v2_moves_pending");
+/// Read-only: one shard's phase, stock, pending moves, epoch and grants.
+pub const SHARD_COLLECT: Function = Function("seckill_v2_shard_collect");
+/// The sold-out double collect's second part on shard 0; appends Finished.
+pub const FINISH_SOLDOUT: Function = Function("seckill_v2_finish_soldout");
+/// Phase 1 of an Expired/Deleted finish, on shard 0.
+pub const FINISH_BEGIN: Function = Function("seckill_v2_finish_begin");
+/// Phase 2: closes shard i >= 1, freezing its count.
+pub const SHARD_CLOSE: Function = Function("seckill_v2_shard_close");
+/// Phase 3, on shard 0: appends Finished with the total.
+pub const FINISH_COMMIT: Function = Function("seckill_v2_finish_commit");
+
 /// Every function the library registers.
-pub const ALL: [Function; 4] = [SCHEDULE, FINISH, SNAPSHOT, GRAB];
+pub const ALL: [Function; 19] = [
+    SCHEDULE,
+    FINISH,
+    SNAPSHOT,
+    GRAB,
+    SHARD_GRAB,
+    SHARD_PLAN,
+    SHARD_READY,
+    SHARD_SCHEDULE,
+    SHARD_START,
+    SHARD_OPEN,
+    MOVE_OUT,
+    MOVE_IN,
+    MOVE_DONE,
+    MOVES_PENDING,
+    SHARD_COLLECT,
+    FINISH_SOLDOUT,
+    FINISH_BEGIN,
+    SHARD_CLOSE,
+    FINISH_COMMIT,
+];
 
 /// The `FCALL` command of `function` with `keys` (all of one promotion,
 /// hence one cluster slot) and `args`, for callers that pipeline it.

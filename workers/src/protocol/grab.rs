@@ -120,11 +120,11 @@ pub async fn holders<C: ConnectionLike>(
     }
 }
 
-fn bad(what: impl Into<String>) -> ScriptError {
+pub(super) fn bad(what: impl Into<String>) -> ScriptError {
     ScriptError::BadReply(what.into())
 }
 
-fn text(v: &Value) -> Option<&str> {
+pub(super) fn text(v: &Value) -> Option<&str> {
     match v {
         Value::BulkString(b) => std::str::from_utf8(b).ok(),
         Value::SimpleString(s) => Some(s),
@@ -132,7 +132,7 @@ fn text(v: &Value) -> Option<&str> {
     }
 }
 
-fn int(v: &Value) -> Option<i64> {
+pub(super) fn int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(n) => Some(*n),
         other => text(other)?.parse().ok(),
@@ -140,14 +140,14 @@ fn int(v: &Value) -> Option<i64> {
 }
 
 /// `grantedAt` of a coupon granted at `epoch_ms` (Redis' clock).
-fn granted_at(epoch_ms: i64) -> Result<String, ScriptError> {
+pub(super) fn granted_at(epoch_ms: i64) -> Result<String, ScriptError> {
     rfc3339_ms(epoch_ms).ok_or_else(|| bad(format!("time out of range: {epoch_ms} ms")))
 }
 
 /// The coupon of the promotion spelled `promotion` that a customers-hash
 /// value stands for: `<seq>:<grantedAtMs>` since version 2, or the coupon
 /// JSON version 1 wrote (starts with `{`).
-fn held_coupon(
+pub(super) fn held_coupon(
     promotion: &str,
     customer: &CustomerId,
     discount: f64,
@@ -164,7 +164,7 @@ fn held_coupon(
 }
 
 /// A coupon of the promotion spelled `promotion` (`<namespace>/<name>`).
-fn coupon(
+pub(super) fn coupon(
     promotion: &str,
     customer: &CustomerId,
     discount: f64,

@@ -33,6 +33,85 @@ impl PromotionKeys {
     }
 }
 
+/// The command-side keys of one shard of a sharded promotion (S > 1; see
+/// `protocol::shards`). Shard 0 keeps the promotion's own tag, so its keys
+/// are exactly [`PromotionKeys`]' (stream and state stay where an unsharded
+/// promotion has them) plus the moves keys and the shard map. Shard i >= 1 is
+/// tagged `{ns/name~i~salt}`: `~` cannot occur in a promotion id, so no shard
+/// tag equals another promotion's or another shard's, and the salt is what
+/// places the shard on the master wanted for it (`protocol::placement`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardKeys {
+    /// Hash: spec, phase, this shard's numbers, counts and epoch.
+    pub state: String,
+    /// Hash: customer id -> `<seq>:<grantedAtMs>`, the customers whose home
+    /// this shard is.
+    pub customers: String,
+    /// Stream: this shard's grants and moves (shard 0's also holds the one
+    /// Started and the one Finished).
+    pub events: String,
+    /// Hash: move id -> `<to>|<ranges>|<ms>`, this shard's moves out not yet
+    /// done.
+    pub moves_out: String,
+    /// Hash: move id -> `<from>|<ranges>`, every move this shard received
+    /// (kept for the promotion's life: it makes a replayed step 2 a no-op).
+    pub moves_in: String,
+    /// String written with every durable step, so that `WAIT` also covers
+    /// what a step only read.
+    pub probe: String,
+}
+
+impl ShardKeys {
+    /// The keys of shard `shard` (salt `salt`, ignored for shard 0) of `id`.
+    pub fn new(id: &PromotionId, shard: u32, salt: u32) -> Self {
+        let tag = shard_tag(id, shard, salt);
+        let base = PromotionKeys::new(id);
+        let (state, customers, events) = if shard == 0 {
+            (base.state, base.customers, base.events)
+        } else {
+            (
+                format!("seckill:{tag}:state"),
+                format!("seckill:{tag}:customers"),
+                format!("seckill:{tag}:events"),
+            )
+        };
+        Self {
+            state,
+            customers,
+            events,
+            moves_out: format!("seckill:{tag}:moves-out"),
+            moves_in: format!("seckill:{tag}:moves-in"),
+            probe: format!("seckill:{tag}:replication-probe"),
+        }
+    }
+}
+
+/// The hash tag of shard `shard` of `id`: the promotion's own for shard 0,
+/// `{ns/name~shard~salt}` otherwise.
+pub fn shard_tag(id: &PromotionId, shard: u32, salt: u32) -> String {
+    if shard == 0 {
+        id.hash_tag()
+    } else {
+        format!("{{{id}~{shard}~{salt}}}")
+    }
+}
+
+/// Hash in shard 0's slot: `count` S, `salts` "k1,...,k(S-1)", `ready` 0/1,
+/// `placement` (status only). Absent for an unsharded promotion (S = 1).
+pub fn shard_map_key(id: &PromotionId) -> String {
+    format!("seckill:{}:shards", id.hash_tag())
+}
+
+/// The one stable hash of a customer id: FNV-1a (32 bits) of its bytes. It
+/// places the customer's coupons in a read-model bucket and, for a sharded
+/// promotion, picks the customer's home shard (`protocol::home_shard`).
+/// Changing it is a new layout.
+pub fn customer_hash(customer: &CustomerId) -> u32 {
+    customer.as_str().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
 /// Read-model keys, written only by projectors and read only by query workers.
 ///
 /// Layout version [`LAYOUT_VERSION`] (issue 15): the customers' coupons are
@@ -79,14 +158,11 @@ pub mod read_model {
     /// become ordinary hashes, still correct, just larger.
     pub const COUPON_BUCKETS: u32 = 65_536;
 
-    /// The bucket of a customer: FNV-1a (32 bits) of its id, modulo
-    /// [`COUPON_BUCKETS`]. Stable across releases and processes: changing it
-    /// is a new layout.
+    /// The bucket of a customer: [`customer_hash`](super::customer_hash)
+    /// of its id, modulo [`COUPON_BUCKETS`]. Stable across releases and
+    /// processes: changing it is a new layout.
     pub fn coupon_bucket(customer: &CustomerId) -> u32 {
-        let hash = customer.as_str().bytes().fold(0x811c_9dc5_u32, |h, b| {
-            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-        });
-        hash % COUPON_BUCKETS
+        super::customer_hash(customer) % COUPON_BUCKETS
     }
 
     /// Hash: the coupons of the customers of bucket `bucket`.
@@ -164,6 +240,32 @@ mod tests {
             assert_eq!(key.matches('{').count(), 1);
         }
         assert!(read_model::promotion(&id).contains("{shop/sale}"));
+    }
+
+    #[test]
+    fn shard_zero_keys_are_the_promotions_own_and_other_shards_have_their_own_tag() {
+        let id = PromotionId::parse("shop/sale").unwrap();
+        let base = PromotionKeys::new(&id);
+        let zero = ShardKeys::new(&id, 0, 99);
+        assert_eq!(
+            (zero.state, zero.customers, zero.events),
+            (base.state, base.customers, base.events)
+        );
+        assert_eq!(zero.moves_out, "seckill:{shop/sale}:moves-out");
+        assert_eq!(zero.probe, super::super::replication_probe_key(&id));
+        let two = ShardKeys::new(&id, 2, 17);
+        for key in [
+            &two.state,
+            &two.customers,
+            &two.events,
+            &two.moves_out,
+            &two.moves_in,
+            &two.probe,
+        ] {
+            assert!(key.contains("{shop/sale~2~17}"), "{key}");
+            assert_eq!(key.matches('{').count(), 1);
+        }
+        assert_eq!(shard_map_key(&id), "seckill:{shop/sale}:shards");
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub enum ScheduleResult {
     Started,
     /// The promotion has started; a different spec was refused.
     Locked,
+    /// The key is a shard of a sharded promotion, which the unsharded
+    /// functions leave alone (see `protocol::shards`).
+    Sharded,
     /// Answers of other scripts: finish and snapshot.
     Finished,
     AlreadyFinished,
@@ -166,7 +169,7 @@ pub async fn snapshot<C: ConnectionLike>(
     decode(&reply)
 }
 
-fn snapshot_command(id: &PromotionId) -> redis::Cmd {
+pub(super) fn snapshot_command(id: &PromotionId) -> redis::Cmd {
     functions::command(SNAPSHOT, &[&PromotionKeys::new(id).state], [])
 }
 

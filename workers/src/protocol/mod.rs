@@ -13,6 +13,10 @@
 //! | `seckill:{ns/name}:events` | stream: the event log, source of truth | functions only |
 //! | `seckill:promotions` | set of promotion ids (discovery) | operator, after `schedule` |
 //! | `seckill:rm:*` | read models ([`read_model`]) | projectors only |
+//!
+//! A sharded promotion (S > 1, [`shards`]) adds `seckill:{ns/name}:shards`
+//! (the shard map), per shard `moves-out` and `moves-in` hashes, and the
+//! keys of shards 1.. under their own tags `{ns/name~i~salt}` ([`ShardKeys`]).
 
 mod durability;
 mod events;
@@ -23,7 +27,10 @@ mod ids;
 mod keys;
 mod lifecycle;
 mod phase;
+pub mod placement;
 mod projection;
+pub mod ranges;
+pub mod shards;
 
 pub use durability::{
     grab_batch_durable, grab_durable, replication_probe_key, Durability, DurableGrabError,
@@ -34,9 +41,13 @@ pub use events::{
 };
 pub use grab::{decode_reply, grab, grab_batch, holders, Coupon, GrabOutcome};
 pub use ids::{CustomerId, IdError, PromotionId};
-pub use keys::{read_model, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY};
+pub use keys::{
+    customer_hash, read_model, shard_map_key, shard_tag, PromotionKeys, ShardKeys, PROJECTOR_GROUP,
+    PROMOTION_INDEX_KEY,
+};
 pub use lifecycle::{
     finish, schedule, snapshot, snapshots, PromotionSpec, ScheduleResult, ScriptError, Snapshot,
 };
 pub use phase::Phase;
+pub use placement::home_shard;
 pub use projection::{PROJECT, PROJECT_SOURCE};

@@ -21,6 +21,7 @@
 -- Reply, decoded by `workers::protocol::decode_reply`:
 --   { 'unknown_promotion', now }
 --   { 'not_started', now, opens_in_ms, publishTime }
+--   { 'sharded', now, S } (a shard of a sharded promotion: seckill_v2_shard_grab)
 --   or, for a batch the window lets through, one string of lines joined by
 --   "\n": batch, now, discount, over_reason or '', sold_out_now (0|1), then
 --   one line per customer: g<seq> | a<held value> | x
@@ -36,6 +37,9 @@ redis.register_function('seckill_v2_grab', function(keys, args)
   local now = now_ms()
   if not s then
     return { 'unknown_promotion', now }
+  end
+  if s.shards then
+    return { 'sharded', now, s.shards }
   end
   if s.phase ~= 'Finished' then
     if now < s.publish_ms then

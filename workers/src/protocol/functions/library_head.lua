@@ -50,13 +50,16 @@ end
 local function state_of(key)
   local v = redis.call('HMGET', key, 'phase', 'started', 'discount', 'coupons', 'granted',
     'publish_ms', 'finish_ms', 'publish_time', 'finish_time', 'started_at', 'finished_at',
-    'finish_reason', 'promotion')
+    'finish_reason', 'promotion', 'shards')
   if not v[1] then return nil end
   return {
     phase = v[1], started = v[2] == '1', discount = tonumber(v[3]), coupons = tonumber(v[4]),
     granted = tonumber(v[5]) or 0, publish_ms = tonumber(v[6]), finish_ms = tonumber(v[7]),
     publish_time = v[8], finish_time = v[9], started_at = v[10], finished_at = v[11],
     finish_reason = v[12], promotion = v[13], discount_text = v[3],
+    -- Present only on the shards of a sharded promotion (shards.lua), which
+    -- the unsharded functions refuse to touch.
+    shards = tonumber(v[14]),
   }
 end
 

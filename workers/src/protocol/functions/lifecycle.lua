@@ -7,7 +7,8 @@
 -- args: promotion id, discount, numberOfCoupons, publish_ms, finish_ms, publishTime, finishTime.
 -- Idempotent: PromotionStarted is appended once however often this runs.
 -- Before the start the spec may change ("updated"); after it, a different spec
--- is refused ("locked") and the running promotion is left as it is.
+-- is refused ("locked") and the running promotion is left as it is. A shard
+-- of a sharded promotion is answered "sharded" and left as it is.
 redis.register_function('seckill_v2_schedule', function(keys, args)
   local key, stream = keys[1], keys[2]
   local promotion, discount, coupons = args[1], args[2], args[3]
@@ -15,6 +16,9 @@ redis.register_function('seckill_v2_schedule', function(keys, args)
   local publish_time, finish_time = args[6], args[7]
   local now = now_ms()
   local s = state_of(key)
+  if s and s.shards then
+    return snapshot('sharded', s, now)
+  end
   local result
   local function write_spec()
     redis.call('HSET', key, 'promotion', promotion, 'discount', discount, 'coupons', coupons,
@@ -51,7 +55,8 @@ end)
 -- operator whose host clock runs ahead closes nothing early. A promotion whose
 -- whole window passed unstarted gets its PromotionStarted first, so the stream
 -- always reads Started then Finished. Deleted before the publish time finishes
--- it without a start.
+-- it without a start. A shard of a sharded promotion is answered `sharded`:
+-- its finish takes the three phases of shards.lua.
 redis.register_function('seckill_v2_finish', function(keys, args)
   local key, stream = keys[1], keys[2]
   local reason = args[1]
@@ -59,6 +64,9 @@ redis.register_function('seckill_v2_finish', function(keys, args)
   local s = state_of(key)
   if not s then
     return snapshot('unknown', nil, now)
+  end
+  if s.shards then
+    return snapshot('sharded', s, now)
   end
   if s.phase == 'Finished' then
     return snapshot('already_finished', s, now)
