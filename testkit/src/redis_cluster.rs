@@ -280,6 +280,21 @@ impl RedisCluster {
         self.nodes[i].pause();
     }
 
+    /// Cuts the replication of the master at `master` (an address): SIGSTOPs
+    /// its replica, node `replica`, and drops the master's replica links, so
+    /// the master goes on acknowledging writes no replica has (what a
+    /// failover then loses).
+    pub fn cut_replication(&self, master: &str, replica: usize) -> Result<(), RedisClusterError> {
+        self.pause(replica);
+        let mut con = redis::Client::open(format!("redis://{master}/"))?.get_connection()?;
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("replica")
+            .query::<()>(&mut con)?;
+        Ok(())
+    }
+
     /// SIGCONT node `i`.
     pub fn resume(&self, i: usize) {
         self.nodes[i].resume();

@@ -448,19 +448,7 @@ async fn durable_grab_never_answers_a_grant_its_replica_lacks_while_plain_grab_l
 
     // Cut replication: stop the replica and drop its link, so the master
     // keeps accepting writes that no replica has.
-    c.pause(r);
-    let mut direct = redis::Client::open(format!("redis://{master}/"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("replica")
-        .query_async(&mut direct)
-        .await
-        .unwrap();
+    c.cut_replication(&master, r).unwrap();
 
     // The plain grab answers a grant only the master holds...
     let plain = protocol::grab(&mut con, &p, &customer(1)).await.unwrap();

@@ -1178,19 +1178,7 @@ async fn move_step_lost_in_a_failover_is_never_built_upon() {
     // The replica has everything so far; then the donor master's
     // replication is cut: it acknowledges writes no replica has.
     replica_caught_up(&donor_master, &range.replicas[0]).await;
-    c.pause(r);
-    let mut direct = redis::Client::open(format!("redis://{donor_master}/"))
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("replica")
-        .query_async(&mut direct)
-        .await
-        .unwrap();
+    c.cut_replication(&donor_master, r).unwrap();
 
     // Without the rule, step 2 builds on a step 1 only the master holds.
     let MoveOut::Moved { pending: lost, .. } =

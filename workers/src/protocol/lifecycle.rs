@@ -121,6 +121,21 @@ fn decode<T: for<'de> Deserialize<'de>>(reply: &str) -> Result<T, ScriptError> {
     serde_json::from_str(reply).map_err(|e| ScriptError::BadReply(format!("{e}: {reply}")))
 }
 
+/// The spec as every schedule function takes it, sharded or not: promotion
+/// id, discount, numberOfCoupons, publish and finish time in ms, then both
+/// times in RFC 3339.
+pub(super) fn spec_args(id: &PromotionId, spec: &PromotionSpec) -> [String; 7] {
+    [
+        id.to_string(),
+        spec.discount.to_string(),
+        spec.number_of_coupons.to_string(),
+        spec.publish_time.timestamp_millis().to_string(),
+        spec.finish_time.timestamp_millis().to_string(),
+        rfc3339(&spec.publish_time),
+        rfc3339(&spec.finish_time),
+    ]
+}
+
 /// Registers `id` with `spec` (or updates it before the start) and starts it
 /// when Redis' clock has reached the publish time. Idempotent.
 pub async fn schedule<C: ConnectionLike>(
@@ -129,15 +144,7 @@ pub async fn schedule<C: ConnectionLike>(
     spec: &PromotionSpec,
 ) -> Result<Snapshot, ScriptError> {
     let keys = PromotionKeys::new(id);
-    let args = [
-        id.to_string(),
-        spec.discount.to_string(),
-        spec.number_of_coupons.to_string(),
-        spec.publish_time.timestamp_millis().to_string(),
-        spec.finish_time.timestamp_millis().to_string(),
-        rfc3339(&spec.publish_time),
-        rfc3339(&spec.finish_time),
-    ];
+    let args = spec_args(id, spec);
     let cmd = functions::command(
         SCHEDULE,
         &[&keys.state, &keys.events],

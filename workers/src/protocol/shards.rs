@@ -37,10 +37,11 @@ use super::functions::{
 };
 use super::grab::{bad, coupon, granted_at, held_coupon, int, text};
 use super::keys::shard_map_key;
+use super::lifecycle::spec_args;
 use super::placement::{home_shard, Placement};
 use super::ranges::{initial_deal, NumberRanges};
 use super::{
-    rfc3339, Coupon, CustomerId, Durability, FinishReason, GrabOutcome, PromotionId, PromotionSpec,
+    Coupon, CustomerId, Durability, FinishReason, GrabOutcome, PromotionId, PromotionSpec,
     ScheduleResult, ScriptError, ShardKeys,
 };
 
@@ -407,18 +408,12 @@ pub async fn schedule<C: ConnectionLike>(
     let mut results = vec![ShardScheduled::Unchanged; s as usize];
     for shard in (1..s).chain([0]) {
         let keys = map.shard(shard)?;
-        let args = [
-            map.id().to_string(),
-            spec.discount.to_string(),
-            spec.number_of_coupons.to_string(),
-            spec.publish_time.timestamp_millis().to_string(),
-            spec.finish_time.timestamp_millis().to_string(),
-            rfc3339(&spec.publish_time),
-            rfc3339(&spec.finish_time),
+        let mut args = Vec::from(spec_args(map.id(), spec));
+        args.extend([
             shard.to_string(),
             s.to_string(),
             deal[shard as usize].to_string(),
-        ];
+        ]);
         let reply = run_step(
             con,
             shard,
