@@ -255,6 +255,7 @@ async fn main() -> Result<(), Error> {
         publish_time: now,
         finish_time: now + Duration::hours(1),
         started_at: Some(now),
+        shards: None,
     }))];
     for i in 0..n {
         batch.push(Entry::Grab {

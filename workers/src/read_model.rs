@@ -6,7 +6,7 @@
 //!
 //! | key | holds |
 //! |---|---|
-//! | `seckill:rm:promotion:{ns/name}` | hash: phase, discount, numberOfCoupons, granted, times, finishReason |
+//! | `seckill:rm:promotion:{ns/name}` | hash: phase, discount, numberOfCoupons, granted, times, finishReason; a sharded promotion (S > 1) also `shards`, `granted:<i>` per shard, `grantedShards`, `finishedGranted` |
 //! | `seckill:rm:coupons:{bucket}` | hash: `<customerId>\|<ns/name>` -> `<seq>:<grantedAtMs>`, the customers of one of 65,536 buckets |
 //! | `seckill:rm:layout` | string: the layout version the read models are complete in (`2`) |
 //! | `seckill:rm:active` | set: promotion ids believed active (an index; readers filter by phase) |
@@ -60,6 +60,35 @@ pub struct PromotionView {
     pub finish_time: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// How many stock shards the promotion has (1: unsharded); `granted` is
+    /// already the sum over them.
+    #[serde(default = "one_shard")]
+    pub shards: u32,
+}
+
+fn one_shard() -> u32 {
+    1
+}
+
+/// Which stream of its promotion a batch of events was read from: shard
+/// `shard` of `shards`. An unsharded promotion (S = 1) has one stream,
+/// [`ShardStream::UNSHARDED`], projected exactly as before sharding existed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardStream {
+    pub shard: u32,
+    pub shards: u32,
+}
+
+impl ShardStream {
+    /// The one stream of an unsharded promotion.
+    pub const UNSHARDED: Self = Self {
+        shard: 0,
+        shards: 1,
+    };
+
+    pub fn is_sharded(&self) -> bool {
+        self.shards > 1
+    }
 }
 
 /// One item of `GET /api/v1/promotions`.
@@ -91,6 +120,10 @@ pub enum ProjectionError {
     CouponSequence(String),
     #[error("customerId {0:?} is invalid: {1}")]
     Customer(String, protocol::IdError),
+    /// A grab in a sharded promotion's stream without its shard's count:
+    /// it cannot be counted (coupon numbers are not in arrival order there).
+    #[error("grab {0:?} in a stream of a sharded promotion has no shardGranted")]
+    NoShardCount(String),
 }
 
 impl ProjectionError {
@@ -99,6 +132,7 @@ impl ProjectionError {
         match self {
             Self::CouponSequence(_) => "bad_coupon_id",
             Self::Customer(..) => "bad_customer_id",
+            Self::NoShardCount(_) => "no_shard_granted",
         }
     }
 }
@@ -120,11 +154,23 @@ pub fn check(event: &Event) -> Result<(), ProjectionError> {
     Ok(())
 }
 
+/// [`check`], for an event read from `stream`: a sharded promotion's grab
+/// must carry its shard's count.
+pub fn check_in(event: &Event, stream: ShardStream) -> Result<(), ProjectionError> {
+    check(event)?;
+    match event {
+        Event::CouponGrabbed(g) if stream.is_sharded() && g.shard_granted.is_none() => {
+            Err(ProjectionError::NoShardCount(g.coupon_id.clone()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The `project` script call of `event` on the promotion's read model (one
 /// key, so one cluster slot), as a plain EVALSHA so that it can travel in
 /// the same round trip as the customer writes; a NOSCRIPT answer is handled
 /// by [`apply_to_models`]. Events must have passed [`check`].
-fn projection_call(rm: &str, promotion: &str, event: &Event) -> redis::Cmd {
+fn projection_call(rm: &str, promotion: &str, stream: ShardStream, event: &Event) -> redis::Cmd {
     let mut call = redis::cmd("EVALSHA");
     call.arg(protocol::PROJECT.get_hash())
         .arg(1)
@@ -138,6 +184,14 @@ fn projection_call(rm: &str, promotion: &str, event: &Event) -> redis::Cmd {
                 .arg(rfc3339(&s.publish_time))
                 .arg(rfc3339(&s.finish_time))
                 .arg(s.started_at.as_ref().map(rfc3339).unwrap_or_default());
+            // S from the event, or from the map the stream was found by.
+            let shards = s
+                .shards
+                .or(stream.is_sharded().then_some(stream.shards))
+                .filter(|s| *s > 1);
+            if let Some(shards) = shards {
+                call.arg(shards);
+            }
         }
         Event::CouponGrabbed(g) => {
             call.arg(promotion)
@@ -149,8 +203,26 @@ fn projection_call(rm: &str, promotion: &str, event: &Event) -> redis::Cmd {
                 .arg(f.reason.as_str())
                 .arg(f.granted)
                 .arg(f.finished_at.as_ref().map(rfc3339).unwrap_or_default());
+            if stream.is_sharded() {
+                call.arg("sharded");
+            }
         }
     }
+    call
+}
+
+/// The `project` script call counting a batch of shard `stream.shard`'s
+/// grabs: its highest `shardGranted` (the shard's count only rises, so the
+/// highest of a batch says all the batch says).
+fn shard_grabs_call(rm: &str, promotion: &str, stream: ShardStream, highest: u64) -> redis::Cmd {
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(protocol::PROJECT.get_hash())
+        .arg(1)
+        .arg(rm)
+        .arg("ShardGrabs")
+        .arg(promotion)
+        .arg(stream.shard)
+        .arg(highest);
     call
 }
 
@@ -202,7 +274,17 @@ pub async fn apply(
     promotion: &PromotionId,
     events: &[Event],
 ) -> Result<Option<Phase>, ReadModelError> {
-    let phase = apply_to_models(con, promotion, events).await?;
+    apply_stream(con, promotion, ShardStream::UNSHARDED, events).await
+}
+
+/// [`apply`] of events read from `stream` (each passed [`check_in`]).
+pub async fn apply_stream(
+    con: &mut RedisConnection,
+    promotion: &PromotionId,
+    stream: ShardStream,
+    events: &[Event],
+) -> Result<Option<Phase>, ReadModelError> {
+    let phase = apply_stream_to_models(con, promotion, stream, events).await?;
     if let Some(phase) = phase {
         index_phase(con, promotion, phase).await?;
     }
@@ -218,32 +300,58 @@ pub async fn apply_to_models(
     promotion: &PromotionId,
     events: &[Event],
 ) -> Result<Option<Phase>, ReadModelError> {
+    apply_stream_to_models(con, promotion, ShardStream::UNSHARDED, events).await
+}
+
+/// [`apply_to_models`] of events read from `stream` (each passed
+/// [`check_in`]). For a sharded promotion's stream the batch's grabs are
+/// counted by their shard's `shardGranted` (see `lua/project.lua`); the
+/// customers' coupons are written as for any grab.
+pub async fn apply_stream_to_models(
+    con: &mut RedisConnection,
+    promotion: &PromotionId,
+    stream: ShardStream,
+    events: &[Event],
+) -> Result<Option<Phase>, ReadModelError> {
     if events.is_empty() {
         return Ok(None);
     }
     let id = promotion.to_string();
     let rm = keys::promotion(promotion);
-    // The promotion's read model: granted is the highest coupon number seen,
-    // so of a batch's grabs only the highest needs the script; a start and a
-    // finish are applied as they are. The result equals applying them all.
-    let highest_grab = events
-        .iter()
-        .filter_map(|e| match e {
-            Event::CouponGrabbed(g) => coupon_sequence(&g.coupon_id).map(|n| (n, e)),
-            _ => None,
-        })
-        .max_by_key(|(n, _)| *n)
-        .map(|(_, e)| e);
-    let scripted: Vec<&Event> = events
+    // The promotion's read model: granted is the highest coupon number seen
+    // (unsharded) or the shard's highest count, so of a batch's grabs only
+    // the highest needs the script; a start and a finish are applied as
+    // they are. The result equals applying them all.
+    let shard_count = if stream.is_sharded() {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::CouponGrabbed(g) => g.shard_granted,
+                _ => None,
+            })
+            .max()
+            .map(|n| shard_grabs_call(&rm, &id, stream, n))
+    } else {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::CouponGrabbed(g) => coupon_sequence(&g.coupon_id).map(|n| (n, e)),
+                _ => None,
+            })
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, e)| projection_call(&rm, &id, stream, e))
+    };
+    let scripted: Vec<redis::Cmd> = events
         .iter()
         .filter(|e| !matches!(e, Event::CouponGrabbed(_)))
-        .chain(highest_grab)
+        .map(|e| projection_call(&rm, &id, stream, e))
+        .chain(shard_count)
         .collect();
     // Customer writes first (one per bucket), then the script calls.
     let commands = || -> Vec<redis::Cmd> {
         coupon_writes(&id, events)
             .into_iter()
-            .chain(scripted.iter().map(|e| projection_call(&rm, &id, e)))
+            .chain(scripted.iter().cloned())
             .collect()
     };
     let answers: Vec<redis::Value> = match con.query_each(commands()).await {
@@ -328,6 +436,9 @@ fn view_of(map: &HashMap<String, String>) -> Option<PromotionView> {
         .and_then(|g| g.parse().ok())
         .unwrap_or(0);
     let phase = field(map, "phase").and_then(Phase::parse)?;
+    let shards = field(map, "shards")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
     Some(PromotionView {
         promotion: field(map, "promotion")?.to_owned(),
         phase,
@@ -342,6 +453,7 @@ fn view_of(map: &HashMap<String, String>) -> Option<PromotionView> {
         } else {
             None
         },
+        shards,
     })
 }
 
@@ -705,4 +817,80 @@ pub async fn drop_keys(
         .collect();
     let counts: Vec<u64> = con.query_each(commands).await?;
     Ok(counts.iter().sum())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grab(shard_granted: Option<u64>) -> Event {
+        Event::CouponGrabbed(protocol::CouponGrabbed {
+            coupon_id: "a/b#7".into(),
+            promotion: "a/b".into(),
+            customer_id: "c".into(),
+            discount: None,
+            granted_at: chrono::DateTime::from_timestamp_millis(1).unwrap_or_default(),
+            shard_granted,
+        })
+    }
+
+    #[test]
+    fn a_grab_of_a_sharded_stream_needs_its_shards_count_and_an_unsharded_one_does_not() {
+        let sharded = ShardStream {
+            shard: 2,
+            shards: 3,
+        };
+        assert_eq!(
+            check_in(&grab(None), sharded).unwrap_err().kind(),
+            "no_shard_granted"
+        );
+        assert!(check_in(&grab(Some(4)), sharded).is_ok());
+        assert!(check_in(&grab(None), ShardStream::UNSHARDED).is_ok());
+    }
+
+    fn hash(fields: &[(&str, &str)]) -> HashMap<String, String> {
+        fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_view_shows_the_summed_granted_the_rest_remaining_and_how_many_shards() {
+        let base = [
+            ("promotion", "a/b"),
+            ("phase", "Active"),
+            ("discount", "0.5"),
+            ("numberOfCoupons", "300"),
+            ("publishTime", "2026-12-01T10:00:00.000Z"),
+            ("finishTime", "2026-12-01T11:00:00.000Z"),
+        ];
+        let unsharded = view_of(&hash(&[&base[..], &[("granted", "12")]].concat())).unwrap();
+        assert_eq!(
+            (unsharded.granted, unsharded.remaining, unsharded.shards),
+            (12, 288, 1)
+        );
+        let sharded = view_of(&hash(
+            &[
+                &base[..],
+                &[
+                    ("granted", "120"),
+                    ("granted:0", "100"),
+                    ("granted:1", "15"),
+                    ("granted:2", "5"),
+                    ("grantedShards", "120"),
+                    ("shards", "3"),
+                ],
+            ]
+            .concat(),
+        ))
+        .unwrap();
+        assert_eq!(
+            (sharded.granted, sharded.remaining, sharded.shards),
+            (120, 180, 3)
+        );
+        let json = serde_json::to_value(&sharded).unwrap();
+        assert_eq!(json["shards"], 3);
+        assert_eq!(json["granted"], 120);
+    }
 }

@@ -882,6 +882,7 @@ async fn write_stream(
         publish_time: at(t0 - 1_000),
         finish_time: at(t0 + 3_600_000),
         started_at: Some(at(t0 - 1_000)),
+        shards: None,
     });
     let finished = Event::PromotionFinished(protocol::PromotionFinished {
         promotion: promotion.clone(),
@@ -907,6 +908,7 @@ async fn write_stream(
                     customer_id: customer.clone(),
                     discount: Some(0.75),
                     granted_at: at(*ms),
+                    shard_granted: None,
                 });
                 xadd.arg(EVENT_FIELD).arg(grab.encode());
             }

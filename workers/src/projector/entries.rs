@@ -1,13 +1,13 @@
 //! Stream entries as Redis answers them, decoded without building a field
 //! map: XRANGE, XREADGROUP and XAUTOCLAIM replies (RESP2 or RESP3) into
 //! [`RawEntry`], and an entry's fields into an [`Event`] (by
-//! [`Event::decode_entry`], either layout), or the reason it is skipped (and
-//! left pending).
+//! [`Event::decode_entry`], either layout, or a stock move's audit entry), or
+//! the reason it is skipped (and left pending).
 
 use redis::Value;
 
-use crate::protocol::{Event, PromotionId};
-use crate::read_model::{self, ProjectionError};
+use crate::protocol::{self, Event, PromotionId};
+use crate::read_model::{self, ProjectionError, ShardStream};
 
 /// One stream entry as projectors need it: its id and its fields, name and
 /// value, as Redis sent them (none when the entry was deleted while
@@ -131,11 +131,43 @@ pub(super) fn auto_claim_of(value: Value) -> redis::RedisResult<(String, Vec<Raw
     }
 }
 
-/// Decodes one entry of `promotion`'s stream as the projector needs it.
-pub(super) fn decode_entry(promotion: &PromotionId, entry: &RawEntry) -> Result<Event, SkipReason> {
+/// What an entry is to the projector.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum Decoded {
+    /// An event of the read models.
+    Event(Event),
+    /// A stock move's audit entry (a sharded promotion's; its type): it
+    /// changes no read model, so it is acknowledged and counted, not
+    /// applied.
+    StockMove(&'static str),
+}
+
+impl Decoded {
+    /// The entry's type, for metrics.
+    pub(super) fn type_name(&self) -> &'static str {
+        match self {
+            Self::Event(e) => e.type_name(),
+            Self::StockMove(kind) => kind,
+        }
+    }
+}
+
+/// Decodes one entry read from `stream` of `promotion`: an event (checked
+/// for that stream, see [`read_model::check_in`]) or a stock move's audit
+/// entry, or the reason it is skipped.
+pub(super) fn decode_in(
+    promotion: &PromotionId,
+    stream: ShardStream,
+    entry: &RawEntry,
+) -> Result<Decoded, SkipReason> {
+    if let Some(kind) =
+        protocol::stock_move_entry(entry.field_slices()).map_err(SkipReason::Decode)?
+    {
+        return Ok(Decoded::StockMove(kind));
+    }
     let event = Event::decode_entry(promotion, entry.field_slices()).map_err(SkipReason::Decode)?;
-    read_model::check(&event).map_err(SkipReason::Project)?;
-    Ok(event)
+    read_model::check_in(&event, stream).map_err(SkipReason::Project)?;
+    Ok(Decoded::Event(event))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,9 +200,60 @@ mod tests {
     fn an_entry_without_the_event_field_is_skipped_as_missing_field() {
         let entry = RawEntry::default();
         assert_eq!(
-            decode_entry(&promotion(), &entry).unwrap_err().kind(),
+            decode_in(&promotion(), ShardStream::UNSHARDED, &entry)
+                .unwrap_err()
+                .kind(),
             "missing_field"
         );
+    }
+
+    fn raw(fields: &[(&str, &str)]) -> RawEntry {
+        RawEntry {
+            id: "1-0".into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn stock_moves_are_acknowledged_as_such_and_a_sharded_streams_grab_needs_its_count() {
+        let sharded = ShardStream {
+            shard: 1,
+            shards: 3,
+        };
+        let moved = raw(&[("type", "StockMovedIn"), ("version", "1"), ("move", "0.1")]);
+        assert_eq!(
+            decode_in(&promotion(), sharded, &moved).unwrap(),
+            Decoded::StockMove("StockMovedIn")
+        );
+        let newer = raw(&[("type", "StockMovedOut"), ("version", "2")]);
+        assert_eq!(
+            decode_in(&promotion(), sharded, &newer).unwrap_err().kind(),
+            "unsupported_version"
+        );
+        let mut fields: Vec<(&str, String)> = grab_entry::fields("c", 9, 1).into();
+        let uncounted = raw(&fields
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>());
+        assert_eq!(
+            decode_in(&promotion(), sharded, &uncounted)
+                .unwrap_err()
+                .kind(),
+            "no_shard_granted"
+        );
+        assert!(decode_in(&promotion(), ShardStream::UNSHARDED, &uncounted).is_ok());
+        fields.push((grab_entry::SHARD_GRANTED_FIELD, "4".into()));
+        let counted = raw(&fields
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>());
+        match decode_in(&promotion(), sharded, &counted).unwrap() {
+            Decoded::Event(Event::CouponGrabbed(g)) => assert_eq!(g.shard_granted, Some(4)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -183,7 +266,9 @@ mod tests {
                 .collect(),
         };
         assert_eq!(
-            decode_entry(&promotion(), &entry).unwrap_err().kind(),
+            decode_in(&promotion(), ShardStream::UNSHARDED, &entry)
+                .unwrap_err()
+                .kind(),
             "bad_customer_id"
         );
     }

@@ -2,6 +2,14 @@
 //! claims what other replicas left idle, reads the next batch of every
 //! stream while applying the current one, and acknowledges what it applied
 //! together with its progress report.
+//!
+//! A stream is one shard's of one promotion: an unsharded promotion has one
+//! (shard 0 of 1), a sharded one (issue 14) one per shard, found through its
+//! shard map once the promotion has started ([`super::discovery`]). Each has
+//! its own consumer group and cursor; one XREADGROUP per stream, never one
+//! naming several (a cluster refuses keys of different slots in one
+//! command), all sent at once: the cluster client pipelines those of one
+//! node over its connection to that node.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,20 +20,25 @@ use redis::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::args::ProjectorOptions;
-use super::entries::{auto_claim_of, decode_entry, read_group_entries, RawEntry};
+use super::discovery;
+use super::entries::{auto_claim_of, decode_in, read_group_entries, Decoded, RawEntry};
 use super::metrics::{EventTypeLabels, ProjectorMetrics, SkipKindLabels};
 use super::rebuild::upgrade_layout;
 use super::ProjectorError;
-use crate::protocol::{
-    Event, Phase, PromotionId, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
-};
-use crate::read_model::{self, ReadModelError};
+use crate::protocol::shards::ShardMap;
+use crate::protocol::{Phase, PromotionId, PromotionKeys, PROJECTOR_GROUP, PROMOTION_INDEX_KEY};
+use crate::read_model::{self, ReadModelError, ShardStream};
 use crate::redis_connection::RedisConnection;
+
+/// One stream: shard `.1` of promotion `.0` (0 for an unsharded one).
+type StreamId = (PromotionId, u32);
 
 /// Where this replica stands on one stream.
 #[derive(Debug)]
 struct StreamCursor {
     id: PromotionId,
+    /// The shard whose stream this is (0: the promotion's own stream).
+    shard: u32,
     stream: String,
     /// The consumer group is known to exist.
     group_ready: bool,
@@ -43,6 +56,22 @@ struct StreamCursor {
     indexed: Option<Phase>,
 }
 
+impl StreamCursor {
+    /// A stream this replica has not read yet: its own pending entries
+    /// first (a restart under the same name), then new ones.
+    fn new(id: PromotionId, shard: u32, stream: String) -> Self {
+        Self {
+            id,
+            shard,
+            stream,
+            group_ready: false,
+            own_pending_from: Some("0".to_owned()),
+            claim_from: "0-0".to_owned(),
+            indexed: None,
+        }
+    }
+}
+
 /// What one [`Projector::step`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StepReport {
@@ -57,14 +86,14 @@ pub struct StepReport {
     pub claimed: usize,
 }
 
-/// The entries read from one stream, for one promotion.
-type Batch = (PromotionId, Vec<RawEntry>);
+/// The entries read from one stream.
+type Batch = (StreamId, Vec<RawEntry>);
 
 /// XREADGROUP of the next batch of every stream, started while the previous
 /// batch is applied so that Redis reads while this process decodes.
 struct ReadAhead {
-    /// Promotions in the order of the answers.
-    ids: Vec<PromotionId>,
+    /// Streams in the order of the answers.
+    ids: Vec<StreamId>,
     answers: redis::RedisResult<Vec<Value>>,
 }
 
@@ -76,7 +105,10 @@ pub struct Projector {
     models: RedisConnection,
     options: ProjectorOptions,
     metrics: ProjectorMetrics,
-    streams: BTreeMap<PromotionId, StreamCursor>,
+    streams: BTreeMap<StreamId, StreamCursor>,
+    /// Per promotion of the index: S once its shard map is locked (it has
+    /// started), `None` before, while only its stream 0 is followed.
+    shards: BTreeMap<PromotionId, Option<u32>>,
     /// Entries already reported as skipped by this process (reported once).
     skipped: HashSet<(String, String)>,
     last_discovery: Option<Instant>,
@@ -139,6 +171,7 @@ impl Projector {
             options,
             metrics,
             streams: BTreeMap::new(),
+            shards: BTreeMap::new(),
             skipped: HashSet::new(),
             last_discovery: None,
             last_claim: None,
@@ -317,7 +350,7 @@ impl Projector {
     /// [`Self::take_read`].
     fn start_read(&self) -> impl std::future::Future<Output = ReadAhead> + 'static {
         let mut con = self.con.clone();
-        let ids: Vec<PromotionId> = self.streams.keys().cloned().collect();
+        let ids: Vec<StreamId> = self.streams.keys().cloned().collect();
         let commands: Vec<redis::Cmd> = self
             .streams
             .values()
@@ -472,23 +505,59 @@ impl Projector {
                 tracing::warn!(promotion = %raw, "promotion index holds an invalid id; ignored");
                 continue;
             };
-            if !self.streams.contains_key(&id) {
+            if !self.shards.contains_key(&id) {
                 tracing::info!(promotion = %id, "projecting a new promotion stream");
                 let stream = PromotionKeys::new(&id).events;
-                self.streams.insert(
-                    id.clone(),
-                    StreamCursor {
-                        id,
-                        stream,
-                        group_ready: false,
-                        own_pending_from: Some("0".to_owned()),
-                        claim_from: "0-0".to_owned(),
-                        indexed: None,
-                    },
-                );
+                self.streams
+                    .entry((id.clone(), 0))
+                    .or_insert_with(|| StreamCursor::new(id.clone(), 0, stream));
+                self.shards.insert(id, None);
             }
         }
+        // Promotions whose shard map may still change: those that started
+        // since have a locked one, and their other shards' streams (if any)
+        // are followed from now on.
+        let unsettled: Vec<PromotionId> = self
+            .shards
+            .iter()
+            .filter(|(_, s)| s.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for map in discovery::locked_maps(&mut self.con, &unsettled)
+            .await?
+            .into_iter()
+            .flatten()
+        {
+            self.settle(&map);
+        }
         self.update_pending_gauge().await
+    }
+
+    /// Records `map` (locked) as its promotion's and follows each of its
+    /// streams not followed yet.
+    fn settle(&mut self, map: &ShardMap) {
+        let id = map.id();
+        self.shards.insert(id.clone(), Some(map.shards()));
+        if map.is_sharded() {
+            tracing::info!(promotion = %id, shards = map.shards(), "projecting every shard's stream");
+        }
+        for (stream, key) in discovery::streams_of(map) {
+            self.streams
+                .entry((id.clone(), stream.shard))
+                .or_insert_with(|| StreamCursor::new(id.clone(), stream.shard, key));
+        }
+    }
+
+    /// S of promotion `id`, one of whose streams delivered entries: its
+    /// shard map is locked then (entries follow the start), so it is read
+    /// now if discovery has not yet.
+    async fn shards_of(&mut self, id: &PromotionId) -> Result<u32, ProjectorError> {
+        if let Some(Some(shards)) = self.shards.get(id) {
+            return Ok(*shards);
+        }
+        let map = discovery::locked_map(&mut self.con, id).await?;
+        self.settle(&map);
+        Ok(map.shards())
     }
 
     async fn update_pending_gauge(&mut self) -> Result<(), ProjectorError> {
@@ -585,55 +654,67 @@ impl Projector {
                     "claimed entries another projector held idle");
             }
             if !claimed.is_empty() {
-                out.push((cursor.id.clone(), claimed));
+                out.push(((cursor.id.clone(), cursor.shard), claimed));
             }
         }
         Ok((out, total_fresh))
     }
 
     /// Decodes and applies the entries of one stream, and notes them for
-    /// acknowledgement; the undecodable ones are reported and left pending.
+    /// acknowledgement (stock move entries too: they change no read model);
+    /// the undecodable ones are reported and left pending.
     async fn apply_entries(
         &mut self,
-        id: &PromotionId,
+        key: &StreamId,
         entries: Vec<RawEntry>,
         done: &mut Applied,
     ) -> Result<(), ProjectorError> {
-        let Some(stream) = self.streams.get(id).map(|c| c.stream.clone()) else {
+        let Some(stream_key) = self.streams.get(key).map(|c| c.stream.clone()) else {
             return Ok(());
         };
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let (id, shard) = (&key.0, key.1);
+        let shards = self.shards_of(id).await?;
+        let stream = ShardStream { shard, shards };
         let mut events = Vec::with_capacity(entries.len());
+        let mut types = Vec::with_capacity(entries.len());
         let mut ack = Vec::with_capacity(entries.len());
         for entry in entries {
-            match decode_entry(id, &entry) {
-                Ok(event) => {
-                    events.push(event);
+            match decode_in(id, stream, &entry) {
+                Ok(decoded) => {
+                    types.push(decoded.type_name());
+                    if let Decoded::Event(event) = decoded {
+                        events.push(event);
+                    }
                     ack.push(entry.id);
                 }
                 Err(reason) => {
                     done.skipped += 1;
-                    if self.skipped.insert((stream.clone(), entry.id.clone())) {
+                    if self.skipped.insert((stream_key.clone(), entry.id.clone())) {
                         self.metrics
                             .decode_failures
                             .get_or_create(&SkipKindLabels {
                                 kind: reason.kind(),
                             })
                             .inc();
-                        tracing::warn!(promotion = %id, entry = %entry.id, kind = reason.kind(), error = %reason,
+                        tracing::warn!(promotion = %id, shard, entry = %entry.id, kind = reason.kind(), error = %reason,
                             "skipping an entry this projector cannot apply; it stays pending");
                     }
                 }
             }
         }
-        if events.is_empty() {
+        if ack.is_empty() {
             return Ok(());
         }
         let written = async {
-            let phase = read_model::apply_to_models(&mut self.models, id, &events).await?;
-            let indexed = self.streams.get(id).and_then(|c| c.indexed);
+            let phase =
+                read_model::apply_stream_to_models(&mut self.models, id, stream, &events).await?;
+            let indexed = self.streams.get(key).and_then(|c| c.indexed);
             if let Some(phase) = phase.filter(|p| Some(*p) != indexed) {
                 read_model::index_phase(&mut self.models, id, phase).await?;
-                if let Some(c) = self.streams.get_mut(id) {
+                if let Some(c) = self.streams.get_mut(key) {
                     c.indexed = Some(phase);
                 }
             }
@@ -642,14 +723,13 @@ impl Projector {
         .await;
         if let Err(e) = written {
             // Nothing acknowledged: re-read our own pending entries next time.
-            if let Some(c) = self.streams.get_mut(id) {
+            if let Some(c) = self.streams.get_mut(key) {
                 c.own_pending_from = Some("0".to_owned());
             }
             return Err(e.into());
         }
-        done.types
-            .push(events.iter().map(Event::type_name).collect());
-        done.acks.push((stream, ack));
+        done.types.push(types);
+        done.acks.push((stream_key, ack));
         Ok(())
     }
 }

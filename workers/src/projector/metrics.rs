@@ -1,5 +1,9 @@
 //! What projectors report to Prometheus: events applied by type, the lag
 //! from XADD to applied, pending and reclaimed entries, and decode failures.
+//! A sharded promotion's stock move entries (`StockMovedOut`,
+//! `StockMovedIn`) change no read model; they are acknowledged and counted
+//! under their type in `projector_events_applied`, which is how many moves
+//! the projectors saw.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

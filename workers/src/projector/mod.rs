@@ -23,6 +23,12 @@
 //! decoded without a JSON tree. Discovery, XPENDING and the Redis clock are refreshed once a
 //! second, XAUTOCLAIM every quarter of `--claim-idle-ms`, not every step.
 //!
+//! A sharded promotion (issue 14) has a stream per stock shard; projectors
+//! follow each of them once its shard map is locked (see [`discovery`]),
+//! with a consumer group per stream as for any stream. Its read model counts
+//! grants per shard (`lua/project.lua`), so it converges however the
+//! shards' batches interleave.
+//!
 //! `--rebuild` replays all streams from the start with XRANGE into fresh
 //! read models, built aside and swapped in on a standalone Redis (see
 //! [`rebuild()`]), then exits. It leaves the consumer groups alone, so live
@@ -33,12 +39,14 @@
 //! - [`metrics`]: what projectors report to Prometheus.
 //! - [`entries`]: raw reply decoding (stream entries without a field map)
 //!   and an entry's event, or why it is skipped.
+//! - [`discovery`]: which streams a promotion has (one, or one per shard).
 //! - [`group`]: the consumer-group loop of one replica ([`Projector`]).
 //! - [`rebuild`]: the replay of every stream into fresh read models.
 //! - [`run`] (here): the role, from its flags to a running replica or a
 //!   rebuild, with /healthz, /readyz and /metrics served beside it.
 
 pub mod args;
+mod discovery;
 pub mod entries;
 pub mod group;
 pub mod metrics;
@@ -68,6 +76,8 @@ pub enum ProjectorError {
     Redis(#[from] redis::RedisError),
     #[error("read model: {0}")]
     ReadModel(#[from] ReadModelError),
+    #[error("shard map: {0}")]
+    Shards(#[from] crate::protocol::shards::ShardError),
     #[error("http: {0}")]
     Http(#[from] http::HttpError),
     #[error("--rebuild-db {0} must be a database of its own, neither the streams' nor the read models' (--redis-read-model-db)")]

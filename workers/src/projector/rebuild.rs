@@ -8,11 +8,12 @@ use futures::{StreamExt, TryStreamExt};
 use redis::aio::ConnectionLike;
 use redis::Value;
 
-use super::entries::{decode_entry, entries_of, RawEntry};
+use super::discovery;
+use super::entries::{decode_in, entries_of, Decoded, RawEntry};
 use super::metrics::{EventTypeLabels, ProjectorMetrics, SkipKindLabels};
 use super::ProjectorError;
-use crate::protocol::{self, Event, Phase, PromotionId, PromotionKeys, PROMOTION_INDEX_KEY};
-use crate::read_model::{self, ReadModelError};
+use crate::protocol::{self, Event, Phase, PromotionId, PROMOTION_INDEX_KEY};
+use crate::read_model::{self, ReadModelError, ShardStream};
 use crate::redis_connection::{RedisArgs, RedisConnection, RedisSetupError};
 
 /// What a rebuild did.
@@ -21,6 +22,8 @@ pub struct RebuildReport {
     /// Read-model keys deleted: the old read models (after a swap) or the
     /// ones dropped before replaying in place.
     pub keys_dropped: u64,
+    /// Streams replayed: one per unsharded promotion, one per shard of a
+    /// sharded one.
     pub streams: usize,
     /// Entries applied, the catch-up after a swap included.
     pub applied: usize,
@@ -74,7 +77,7 @@ pub async fn rebuild(
     page: usize,
 ) -> Result<RebuildReport, ProjectorError> {
     let page = page.max(1);
-    let ids = indexed_promotions(con).await?;
+    let ids = indexed_streams(con).await?;
     let mut report = RebuildReport {
         streams: ids.len(),
         ..RebuildReport::default()
@@ -100,7 +103,7 @@ pub async fn rebuild(
         report.applied += replayed.applied;
         report.skipped += replayed.skipped;
         // Entries appended since each stream was read, and new streams.
-        let ids = indexed_promotions(con).await?;
+        let ids = indexed_streams(con).await?;
         report.streams = ids.len();
         let caught = replay_all(con, models, metrics, page, &ids, &replayed.read_up_to).await?;
         report.caught_up = caught.applied;
@@ -166,11 +169,11 @@ pub async fn upgrade_layout(
     if read_model::layout_complete(models).await? {
         return Ok(LayoutUpgrade::Complete);
     }
-    let ids = indexed_promotions(con).await?;
-    let built = if ids.is_empty() {
+    let promotions = indexed_promotions(con).await?;
+    let built = if promotions.is_empty() {
         Vec::new()
     } else {
-        let exists = ids
+        let exists = promotions
             .iter()
             .map(|id| {
                 let mut cmd = redis::cmd("EXISTS");
@@ -184,6 +187,7 @@ pub async fn upgrade_layout(
         read_model::mark_layout_complete(models).await?;
         return Ok(LayoutUpgrade::Marked);
     }
+    let ids = streams_of_promotions(con, &promotions).await?;
     tracing::warn!(
         streams = ids.len(),
         "the read models have no layout marker (written by an older release): replaying every stream into layout {} beside them",
@@ -220,6 +224,43 @@ pub fn connect_rebuild_database(
         Some(db) => redis.connect_database(rebuild_db.unwrap_or(db + 1)),
         None => Ok(None),
     }
+}
+
+/// One stream to replay: shard `stream.shard` of promotion `id`, key `key`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ReplayStream {
+    id: PromotionId,
+    stream: ShardStream,
+    key: String,
+}
+
+/// Every stream of every promotion of the index: promotions sorted, each
+/// promotion's streams in shard order.
+async fn indexed_streams(con: &mut RedisConnection) -> Result<Vec<ReplayStream>, ProjectorError> {
+    let ids = indexed_promotions(con).await?;
+    streams_of_promotions(con, &ids).await
+}
+
+/// The streams of `ids`, found through their shard maps as they are now
+/// ([`discovery::locked_map`]; an unstarted promotion's other shards are
+/// empty, so reading a map that may still be replanned costs nothing).
+async fn streams_of_promotions(
+    con: &RedisConnection,
+    ids: &[PromotionId],
+) -> Result<Vec<ReplayStream>, ProjectorError> {
+    let maps = discovery::locked_maps_of(con, ids).await?;
+    Ok(maps
+        .iter()
+        .flat_map(|map| {
+            discovery::streams_of(map)
+                .into_iter()
+                .map(|(stream, key)| ReplayStream {
+                    id: map.id().clone(),
+                    stream,
+                    key,
+                })
+        })
+        .collect())
 }
 
 /// Every promotion of the index, sorted.
@@ -263,18 +304,18 @@ struct Replayed {
     applied: usize,
     skipped: usize,
     /// Per stream, the last entry id read.
-    read_up_to: HashMap<PromotionId, String>,
+    read_up_to: HashMap<ReplayStream, String>,
 }
 
-/// Replays the streams of `ids` into `models`, each after the entry id
+/// Replays the streams `ids` into `models`, each after the entry id
 /// `after` holds for it (from the start when none), several at once.
 async fn replay_all(
     con: &RedisConnection,
     models: &RedisConnection,
     metrics: &ProjectorMetrics,
     page: usize,
-    ids: &[PromotionId],
-    after: &HashMap<PromotionId, String>,
+    ids: &[ReplayStream],
+    after: &HashMap<ReplayStream, String>,
 ) -> Result<Replayed, ProjectorError> {
     // Built before they are polled, so that no borrowing closure is held
     // across an await (the projector's task must be Send).
@@ -291,7 +332,7 @@ async fn replay_all(
         })
         .collect();
     let replays = futures::stream::iter(replays).buffer_unordered(REBUILD_STREAMS_AT_ONCE);
-    let totals: Vec<(PromotionId, StreamReplayed)> = replays.try_collect().await?;
+    let totals: Vec<(ReplayStream, StreamReplayed)> = replays.try_collect().await?;
     let mut out = Replayed::default();
     for (id, done) in totals {
         out.applied += done.applied;
@@ -335,11 +376,15 @@ async fn replay_stream(
     con: RedisConnection,
     models: RedisConnection,
     metrics: ProjectorMetrics,
-    id: PromotionId,
+    replay: ReplayStream,
     page: usize,
     after: Option<String>,
 ) -> Result<StreamReplayed, ProjectorError> {
-    let stream = PromotionKeys::new(&id).events;
+    let ReplayStream {
+        id,
+        stream: shard,
+        key: stream,
+    } = replay;
     let mut applying: tokio::task::JoinSet<Result<PageApplied, ProjectorError>> =
         tokio::task::JoinSet::new();
     let (mut applied, mut skipped, mut phase) = (0, 0, None::<Phase>);
@@ -366,7 +411,7 @@ async fn replay_stream(
             }
         }
         let (mut models, metrics, id) = (models.clone(), metrics.clone(), id.clone());
-        applying.spawn(async move { apply_page(&mut models, &metrics, &id, entries).await });
+        applying.spawn(async move { apply_page(&mut models, &metrics, &id, shard, entries).await });
         if !full {
             break;
         }
@@ -393,18 +438,27 @@ struct PageApplied {
     phase: Option<Phase>,
 }
 
-/// Decodes and applies one rebuild page.
+/// Decodes and applies one rebuild page of `stream`.
 async fn apply_page(
     con: &mut RedisConnection,
     metrics: &ProjectorMetrics,
     id: &PromotionId,
+    stream: ShardStream,
     entries: Vec<RawEntry>,
 ) -> Result<PageApplied, ProjectorError> {
     let mut events = Vec::with_capacity(entries.len());
     let mut skipped = 0;
+    let mut moves = 0;
     for entry in &entries {
-        match decode_entry(id, entry) {
-            Ok(e) => events.push(e),
+        match decode_in(id, stream, entry) {
+            Ok(Decoded::Event(e)) => events.push(e),
+            Ok(Decoded::StockMove(kind)) => {
+                moves += 1;
+                metrics
+                    .applied
+                    .get_or_create(&EventTypeLabels { r#type: kind })
+                    .inc();
+            }
             Err(reason) => {
                 skipped += 1;
                 metrics
@@ -419,7 +473,7 @@ async fn apply_page(
         }
     }
     drop(entries);
-    let phase = read_model::apply_to_models(con, id, &events).await?;
+    let phase = read_model::apply_stream_to_models(con, id, stream, &events).await?;
     for e in &events {
         metrics
             .applied
@@ -429,7 +483,7 @@ async fn apply_page(
             .inc();
     }
     Ok(PageApplied {
-        applied: events.len(),
+        applied: events.len() + moves,
         skipped,
         phase,
     })
@@ -440,7 +494,7 @@ async fn apply_page(
 /// version 1 key, left by an upgrade).
 async fn cluster_read_model_keys(
     con: &mut RedisConnection,
-    ids: &[PromotionId],
+    ids: &[ReplayStream],
     page: usize,
 ) -> Result<Vec<String>, ProjectorError> {
     let mut keys: HashSet<String> = [
@@ -450,16 +504,20 @@ async fn cluster_read_model_keys(
     ]
     .into_iter()
     .collect();
-    for id in ids {
+    for ReplayStream {
+        id,
+        stream: shard,
+        key: stream,
+    } in ids
+    {
         keys.insert(protocol::read_model::promotion(id));
-        let stream = PromotionKeys::new(id).events;
         let mut after: Option<String> = None;
         loop {
-            let entries = read_page(con, &stream, after.as_deref(), page).await?;
+            let entries = read_page(con, stream, after.as_deref(), page).await?;
             let Some(last) = entries.last() else { break };
             after = Some(last.id.clone());
             for entry in &entries {
-                if let Ok(Event::CouponGrabbed(g)) = decode_entry(id, entry) {
+                if let Ok(Decoded::Event(Event::CouponGrabbed(g))) = decode_in(id, *shard, entry) {
                     if let Ok(c) = protocol::CustomerId::parse(&g.customer_id) {
                         keys.insert(protocol::read_model::customer_coupons(&c));
                         keys.insert(protocol::read_model::legacy_customer_coupons(&c));

@@ -46,6 +46,10 @@ pub struct PromotionStarted {
     /// When the start was recorded (Redis clock); at or after publishTime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
+    /// S of a sharded promotion (issue 14); absent for an unsharded one
+    /// (S = 1), whose Started is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +64,13 @@ pub struct CouponGrabbed {
     pub discount: Option<f64>,
     /// Millisecond precision in both versions.
     pub granted_at: DateTime<Utc>,
+    /// A sharded promotion's grab only (version 2 field
+    /// [`grab_entry::SHARD_GRANTED_FIELD`]): the granting shard's count of
+    /// grants after this one. Coupon numbers of a sharded promotion are not
+    /// in arrival order, so the read model counts grants per shard from
+    /// this instead. Never in version 1 JSON.
+    #[serde(skip)]
+    pub shard_granted: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -96,6 +107,48 @@ pub struct PromotionFinished {
     pub granted: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// The types of the audit entries of a stock move (S > 1), appended by the
+/// move's steps in `functions/shards.lua`: plain fields `type <T> version 1
+/// move <id> to|from <shard> count <n> ranges <lo-hi,...>`. They change no
+/// read model (the promotion's counts come from the grabs), so they are not
+/// [`Event`]s: readers acknowledge and count them ([`stock_move_entry`]).
+pub const STOCK_MOVE_TYPES: [&str; 2] = ["StockMovedOut", "StockMovedIn"];
+
+/// The version of the stock move entries.
+pub const STOCK_MOVE_VERSION: u32 = 1;
+
+/// Whether an entry (its fields, name and value) is a stock move's audit
+/// entry: `Ok(Some(type))` for one of [`STOCK_MOVE_TYPES`] in
+/// [`STOCK_MOVE_VERSION`], `Ok(None)` for any other entry, and an
+/// unsupported version reported as such (readers leave it pending).
+pub fn stock_move_entry<'a>(
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<Option<&'static str>, DecodeError> {
+    let (mut kind, mut version) = (None, None);
+    for (name, value) in fields {
+        match name {
+            b"type" => kind = Some(value),
+            b"version" => version = Some(value),
+            _ => {}
+        }
+    }
+    let Some(kind) = kind.and_then(|k| STOCK_MOVE_TYPES.into_iter().find(|t| t.as_bytes() == k))
+    else {
+        return Ok(None);
+    };
+    let version: u64 = version
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if version != u64::from(STOCK_MOVE_VERSION) {
+        return Err(DecodeError::UnsupportedVersion {
+            kind: kind.to_owned(),
+            version,
+        });
+    }
+    Ok(Some(kind))
 }
 
 /// One event of a promotion stream.
@@ -333,6 +386,50 @@ mod tests {
 
     fn promotion() -> PromotionId {
         PromotionId::parse("a/b").unwrap()
+    }
+
+    #[test]
+    fn stock_move_entries_are_recognised_by_type_and_version_and_nothing_else_is() {
+        let entry = |kind: &'static str, version: &'static str| {
+            [
+                (&b"type"[..], kind.as_bytes()),
+                (&b"version"[..], version.as_bytes()),
+                (&b"move"[..], &b"1.1"[..]),
+            ]
+        };
+        assert_eq!(
+            stock_move_entry(entry("StockMovedOut", "1")).unwrap(),
+            Some("StockMovedOut")
+        );
+        assert_eq!(
+            stock_move_entry(entry("StockMovedIn", "1")).unwrap(),
+            Some("StockMovedIn")
+        );
+        assert!(matches!(
+            stock_move_entry(entry("StockMovedIn", "2")),
+            Err(DecodeError::UnsupportedVersion { version: 2, .. })
+        ));
+        assert_eq!(stock_move_entry(entry("CouponGrabbed", "2")).unwrap(), None);
+        assert_eq!(
+            stock_move_entry([(EVENT_FIELD.as_bytes(), &b"{}"[..])]).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn the_shard_functions_append_started_with_shards_and_moves_of_these_types() {
+        let lua = include_str!("functions/shards.lua");
+        assert!(lua.contains("startedAt = at, shards = s.shards,"));
+        for kind in STOCK_MOVE_TYPES {
+            let xadd =
+                format!("'XADD', stream, '*', 'type', '{kind}', 'version', '{STOCK_MOVE_VERSION}'");
+            assert!(lua.contains(&xadd), "shards.lua no longer writes {xadd}");
+        }
+        let started = Event::decode(
+            br#"{"type":"PromotionStarted","version":1,"promotion":"a/b","discount":0.5,"numberOfCoupons":9,"publishTime":"2026-12-01T10:00:00Z","finishTime":"2026-12-01T11:00:00Z","shards":3}"#,
+        )
+        .unwrap();
+        assert!(matches!(started, Event::PromotionStarted(s) if s.shards == Some(3)));
     }
 
     fn decode_fields(fields: &[(&str, &str)]) -> Result<Event, DecodeError> {

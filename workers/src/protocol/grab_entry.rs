@@ -19,6 +19,9 @@ pub const CUSTOMER_ID_FIELD: &str = "customerId";
 pub const SEQ_FIELD: &str = "seq";
 /// Field holding when the coupon was granted: Redis' clock, epoch ms.
 pub const GRANTED_AT_MS_FIELD: &str = "grantedAtMs";
+/// Field of a sharded promotion's grab only (S > 1, `functions/shards.lua`):
+/// the granting shard's count of grants after this one.
+pub const SHARD_GRANTED_FIELD: &str = "shardGranted";
 /// The value of [`TYPE_FIELD`].
 pub const TYPE: &str = "CouponGrabbed";
 /// The value of [`VERSION_FIELD`].
@@ -44,6 +47,7 @@ pub fn decode<'a>(
     fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Result<CouponGrabbed, DecodeError> {
     let (mut kind, mut version, mut customer, mut seq, mut at) = (None, None, None, None, None);
+    let mut shard_granted = None;
     for (name, value) in fields {
         let slot = match std::str::from_utf8(name).unwrap_or_default() {
             TYPE_FIELD => &mut kind,
@@ -51,6 +55,7 @@ pub fn decode<'a>(
             CUSTOMER_ID_FIELD => &mut customer,
             SEQ_FIELD => &mut seq,
             GRANTED_AT_MS_FIELD => &mut at,
+            SHARD_GRANTED_FIELD => &mut shard_granted,
             _ => continue,
         };
         *slot = std::str::from_utf8(value).ok();
@@ -81,12 +86,22 @@ pub fn decode<'a>(
         .and_then(|ms| ms.parse().ok())
         .and_then(DateTime::from_timestamp_millis)
         .ok_or_else(|| malformed("grantedAtMs is not epoch milliseconds"))?;
+    let shard_granted = match shard_granted {
+        None => None,
+        Some(k) => Some(
+            k.parse()
+                .ok()
+                .filter(|k: &u64| *k > 0)
+                .ok_or_else(|| malformed("shardGranted is not a number from 1"))?,
+        ),
+    };
     Ok(CouponGrabbed {
         coupon_id: format!("{promotion}#{seq}"),
         promotion: promotion.to_string(),
         customer_id: customer.to_owned(),
         discount: None,
         granted_at,
+        shard_granted,
     })
 }
 
@@ -116,6 +131,29 @@ mod tests {
         assert_eq!(g.customer_id, "carol");
         assert_eq!(g.discount, None);
         assert_eq!(g.granted_at.timestamp_millis(), 1_764_583_200_123);
+        assert_eq!(g.shard_granted, None);
+    }
+
+    #[test]
+    fn a_sharded_grab_carries_its_shards_count_and_a_bad_one_is_malformed() {
+        let grab = |k: &str| {
+            decode_pairs(&[
+                (TYPE_FIELD, TYPE),
+                (VERSION_FIELD, "2"),
+                (CUSTOMER_ID_FIELD, "c"),
+                (SEQ_FIELD, "900"),
+                (GRANTED_AT_MS_FIELD, "1"),
+                (SHARD_GRANTED_FIELD, k),
+            ])
+        };
+        assert_eq!(grab("17").unwrap().shard_granted, Some(17));
+        for k in ["0", "x", ""] {
+            assert!(matches!(grab(k), Err(DecodeError::Malformed { .. })), "{k}");
+        }
+        let lua = include_str!("functions/shards.lua");
+        assert!(lua.contains(&format!(
+            "'{SEQ_FIELD}', n, '{GRANTED_AT_MS_FIELD}', now, '{SHARD_GRANTED_FIELD}', s.granted)"
+        )));
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub use durability::{
     grab_batch_durable, grab_durable, replication_probe_key, Durability, DurableGrabError,
 };
 pub use events::{
-    rfc3339, rfc3339_ms, CouponGrabbed, DecodeError, Event, FinishReason, PromotionFinished,
-    PromotionStarted, EVENT_FIELD, EVENT_VERSION,
+    rfc3339, rfc3339_ms, stock_move_entry, CouponGrabbed, DecodeError, Event, FinishReason,
+    PromotionFinished, PromotionStarted, EVENT_FIELD, EVENT_VERSION, STOCK_MOVE_TYPES,
+    STOCK_MOVE_VERSION,
 };
 pub use grab::{decode_reply, grab, grab_batch, holders, Coupon, GrabOutcome};
 pub use ids::{CustomerId, IdError, PromotionId};
