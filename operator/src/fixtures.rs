@@ -40,6 +40,7 @@ impl Promotion {
                 number_of_coupons: 3,
                 discount: 0.25,
                 description: None,
+                shards: 1,
             },
         );
         p.meta_mut().namespace = Some(NS.into());

@@ -144,6 +144,7 @@ pub fn promotion(
             number_of_coupons: coupons,
             discount: 0.25,
             description: None,
+            shards: 1,
         },
     );
     p.metadata.namespace = Some(ns.into());
