@@ -98,7 +98,7 @@ pub struct ShardsReport {
 }
 
 impl ShardsReport {
-    /// Coupons in moves not yet completed, over every shard.
+    /// Stock moves not yet completed (pending records), over every shard.
     pub fn pending(&self) -> u64 {
         self.figures.iter().map(|f| f.pending).sum()
     }

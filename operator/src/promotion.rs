@@ -165,8 +165,8 @@ pub struct PromotionStatus {
     #[schemars(schema_with = "optional_generation")]
     pub observed_generation: Option<i64>,
 
-    /// Coupons in stock moves between shards not yet completed (sharded
-    /// promotions only): the reconcile completes those older than
+    /// Stock moves between shards not yet completed (sharded promotions
+    /// only; a count of moves, each carrying one or more coupons): the reconcile completes those older than
     /// --move-stale-ms, so a lasting non-zero value means Redis refuses the
     /// recovery (see the Ready condition and the operator's log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
