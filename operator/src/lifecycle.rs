@@ -481,7 +481,11 @@ fn decide_sharded(
         status.conditions.retain(|c| c.type_ != READY);
         status.conditions.insert(0, ready);
     }
-    let transitions = transitions(previous, &status);
+    let mut transitions = transitions(previous, &status);
+    if refused && !snap.exists {
+        // Nothing was registered in Redis.
+        transitions.retain(|t| t.reason != "Scheduled");
+    }
     let running = snap.exists && phase == Phase::Active;
     let deadline = if refused {
         None
@@ -1823,10 +1827,9 @@ mod tests {
             ("False", SHARDS_NEED_DURABLE_STEPS)
         );
         assert!(ready.message.contains("--durable-replicas"));
-        assert!(d
-            .transitions
-            .iter()
-            .any(|t| t.reason == "ShardsRefused" && t.warning));
+        let reasons: Vec<&str> = d.transitions.iter().map(|t| t.reason).collect();
+        assert_eq!(reasons, ["ShardsRefused"], "not Scheduled: nothing was");
+        assert!(d.transitions[0].warning);
         // Announced once.
         let again = decide_with(
             &sharded_spec(3),
