@@ -20,7 +20,9 @@ use seckill_workers::protocol::placement::key_slot;
 use seckill_workers::protocol::shards::{
     self, MoveOut, ShardAnswer, ShardMap, ShardPhase, StockView,
 };
-use seckill_workers::protocol::{shard_map_key, FinishReason, PromotionId, ScheduleResult};
+use seckill_workers::protocol::{
+    shard_map_key, Durability, FinishReason, PromotionId, ScheduleResult,
+};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 
 /// The operator as these tests run it: no replicas, every master on
@@ -34,10 +36,12 @@ fn settings() -> ShardSettings {
     }
 }
 
-fn cluster() -> RedisCluster {
+/// 3 masters with `replicas` replicas each, every node on `appendfsync
+/// always`.
+fn cluster(replicas: usize) -> RedisCluster {
     RedisCluster::start(RedisClusterOptions {
         masters: 3,
-        replicas_per_master: 0,
+        replicas_per_master: replicas,
         node_timeout: Duration::from_millis(1000),
         appendfsync: Some(Fsync::Always),
         extra: Vec::new(),
@@ -71,8 +75,9 @@ async fn drive(
     p: &PromotionId,
     spec: &PromotionSpec,
     previous: Option<&PromotionStatus>,
+    settings: &ShardSettings,
 ) -> Driven {
-    drive_with(con, p, spec, Some(1), previous, &settings())
+    drive_with(con, p, spec, Some(1), previous, settings)
         .await
         .expect("drive")
 }
@@ -163,8 +168,33 @@ fn condition<'a>(s: &'a PromotionStatus, t: &str) -> (&'a str, &'a str) {
 #[tokio::test]
 async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_recovered_and_expired_with_one_finish(
 ) {
-    let c = cluster();
-    let mut con = connect(&c);
+    let c = cluster(0);
+    life_of_an_s3_promotion(&c, settings()).await;
+}
+
+/// The same life with durable steps (WAIT for 1 replica) on 3 masters with
+/// one replica each: every step the operator takes on the strength of
+/// another (open after Started, recovery's move_in after the record, the
+/// closes after the begin, the commit after the closes) goes through
+/// probe + WAIT and is acknowledged.
+#[tokio::test]
+async fn the_same_life_with_durable_steps_on_replicated_masters() {
+    let c = cluster(1);
+    let durable = ShardSettings {
+        durable: Some(Durability {
+            replicas: 1,
+            timeout: Duration::from_millis(300),
+        }),
+        fsync_always: false,
+        move_stale_ms: 300,
+    };
+    assert!(durable.allows_shards());
+    life_of_an_s3_promotion(&c, durable).await;
+}
+
+async fn life_of_an_s3_promotion(c: &RedisCluster, settings: ShardSettings) {
+    let mut con = connect(c);
+    let durable = settings.durable;
     let p = id("big-sale");
     let now = redis_now_ms(&mut con).await;
     let publish = now + 2_500;
@@ -172,7 +202,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
     let s = spec(30, 3, publish, finish);
 
     // Before the publish time: planned, every shard scheduled, one per master.
-    let first = drive(&mut con, &p, &s, None).await;
+    let first = drive(&mut con, &p, &s, None, &settings).await;
     assert_eq!(first.status.phase, Some(Phase::Pending));
     let map = shards::load_map(&mut con, &p).await.expect("a ready map");
     assert_eq!(map.shards(), 3);
@@ -205,7 +235,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
         counts(&events_by_shard(&mut con, &map, "PromotionStarted").await),
         [0, 0, 0]
     );
-    let again = drive(&mut con, &p, &s, Some(&first.status)).await;
+    let again = drive(&mut con, &p, &s, Some(&first.status), &settings).await;
     assert!(again.transitions.is_empty(), "{:?}", again.transitions);
     assert_eq!(
         shards::load_map(&mut con, &p).await.unwrap(),
@@ -215,7 +245,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
 
     // At the publish time: exactly one PromotionStarted, every shard open.
     until_redis(&mut con, publish).await;
-    let started = drive(&mut con, &p, &s, Some(&again.status)).await;
+    let started = drive(&mut con, &p, &s, Some(&again.status), &settings).await;
     assert_eq!(started.status.phase, Some(Phase::Active));
     let reasons: Vec<&str> = started.transitions.iter().map(|t| t.reason).collect();
     assert_eq!(reasons, ["Started"]);
@@ -223,7 +253,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
         .await
         .iter()
         .all(|f| f.phase == ShardPhase::Active));
-    let after = drive(&mut con, &p, &s, Some(&started.status)).await;
+    let after = drive(&mut con, &p, &s, Some(&started.status), &settings).await;
     assert!(after.transitions.is_empty());
     assert_eq!(
         counts(&events_by_shard(&mut con, &map, "PromotionStarted").await),
@@ -236,7 +266,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
     for n in 0..12 {
         let who = customer(n);
         let home = map.home(&who);
-        let answers = shards::grab(&mut con, &map, home, &[who], &mut view, None)
+        let answers = shards::grab(&mut con, &map, home, &[who], &mut view, durable)
             .await
             .expect("grab");
         granted += answers
@@ -245,7 +275,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
             .count() as u64;
     }
     assert_eq!(granted, 12);
-    let summed = drive(&mut con, &p, &s, Some(&after.status)).await;
+    let summed = drive(&mut con, &p, &s, Some(&after.status), &settings).await;
     let per_shard: Vec<u64> = collects(&mut con, &map)
         .await
         .iter()
@@ -266,7 +296,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
         })
         .unwrap();
     let to = (donor + 1) % 3;
-    let MoveOut::Moved { pending, .. } = shards::move_out(&mut con, &map, donor, to, 1, None)
+    let MoveOut::Moved { pending, .. } = shards::move_out(&mut con, &map, donor, to, 1, durable)
         .await
         .expect("move out")
     else {
@@ -274,7 +304,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
     };
     let moving = pending.ranges.len();
     assert!(moving >= 1);
-    let young = drive(&mut con, &p, &s, Some(&summed.status)).await;
+    let young = drive(&mut con, &p, &s, Some(&summed.status), &settings).await;
     assert_eq!(
         young.status.stock_moves_in_flight,
         Some(1),
@@ -289,7 +319,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
         "a young move is left to its mover"
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let recovered = drive(&mut con, &p, &s, Some(&young.status)).await;
+    let recovered = drive(&mut con, &p, &s, Some(&young.status), &settings).await;
     assert!(shards::moves_pending(&mut con, &map, donor, None)
         .await
         .unwrap()
@@ -310,7 +340,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
 
     // At the finish time: every shard closed, one Finished with the sum.
     until_redis(&mut con, finish).await;
-    let expired = drive(&mut con, &p, &s, Some(&recovered.status)).await;
+    let expired = drive(&mut con, &p, &s, Some(&recovered.status), &settings).await;
     assert_eq!(expired.status.phase, Some(Phase::Finished));
     assert_eq!(expired.status.finish_reason, Some(FinishReason::Expired));
     assert_eq!((expired.status.granted, expired.status.remaining), (12, 18));
@@ -325,7 +355,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
     let event = finished_event(&finishes);
     assert_eq!(event["granted"], 12);
     assert_eq!(event["reason"], "Expired");
-    let last = drive(&mut con, &p, &s, Some(&expired.status)).await;
+    let last = drive(&mut con, &p, &s, Some(&expired.status), &settings).await;
     assert!(last.transitions.is_empty());
     assert_eq!(last.deadline, None);
     assert_eq!(
@@ -337,7 +367,7 @@ async fn an_s3_promotion_is_placed_one_shard_per_master_started_once_summed_reco
 #[tokio::test]
 async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_quiet_sale_closed_and_deleted_in_three_phases(
 ) {
-    let c = cluster();
+    let c = cluster(0);
     let mut con = connect(&c);
     let now = redis_now_ms(&mut con).await;
 
@@ -374,14 +404,14 @@ async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_
     // Replanned before the start: 3 -> 2 drops shard 2; 2 -> 1 unshards.
     let p = id("replanned");
     let three = spec(10, 3, now + 60_000, now + 120_000);
-    let d3 = drive(&mut con, &p, &three, None).await;
+    let d3 = drive(&mut con, &p, &three, None, &settings()).await;
     let map3 = shards::load_map(&mut con, &p).await.unwrap();
     assert_eq!(map3.shards(), 3);
     let two = PromotionSpec {
         shards: 2,
         ..three.clone()
     };
-    let d2 = drive(&mut con, &p, &two, Some(&d3.status)).await;
+    let d2 = drive(&mut con, &p, &two, Some(&d3.status), &settings()).await;
     let map2 = shards::load_map(&mut con, &p).await.unwrap();
     assert_eq!(map2.shards(), 2);
     assert_eq!(d2.status.shards.len(), 2);
@@ -402,7 +432,7 @@ async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_
         shards: 1,
         ..three.clone()
     };
-    let d1 = drive(&mut con, &p, &one, Some(&d2.status)).await;
+    let d1 = drive(&mut con, &p, &one, Some(&d2.status), &settings()).await;
     assert!(!shards::load_map(&mut con, &p).await.unwrap().is_sharded());
     assert_eq!(d1.status.stock_moves_in_flight, None, "an unsharded status");
     assert!(d1.status.shards.is_empty());
@@ -415,7 +445,7 @@ async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_
     let quiet = id("quiet");
     let publish = redis_now_ms(&mut con).await - 1_000;
     let s = spec(3, 3, publish, publish + 60_000);
-    let open = drive(&mut con, &quiet, &s, None).await;
+    let open = drive(&mut con, &quiet, &s, None, &settings()).await;
     assert_eq!(open.status.phase, Some(Phase::Active));
     let map = shards::load_map(&mut con, &quiet).await.unwrap();
     for shard in 0..3 {
@@ -430,7 +460,7 @@ async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_
         [0, 0, 0],
         "nobody has closed it yet"
     );
-    let sold = drive(&mut con, &quiet, &s, Some(&open.status)).await;
+    let sold = drive(&mut con, &quiet, &s, Some(&open.status), &settings()).await;
     assert_eq!(sold.status.phase, Some(Phase::Finished));
     assert_eq!(sold.status.finish_reason, Some(FinishReason::SoldOut));
     assert_eq!((sold.status.granted, sold.status.remaining), (3, 0));
@@ -443,7 +473,7 @@ async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_
     let del = id("deleted");
     let publish = redis_now_ms(&mut con).await - 1_000;
     let s = spec(9, 3, publish, publish + 60_000);
-    let active = drive(&mut con, &del, &s, None).await;
+    let active = drive(&mut con, &del, &s, None, &settings()).await;
     assert_eq!(active.status.phase, Some(Phase::Active));
     let map = shards::load_map(&mut con, &del).await.unwrap();
     let mut view = StockView::new(3);
