@@ -28,13 +28,13 @@ use kube::runtime::{predicates, watcher, Predicate, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::MetricsRegistry;
-use seckill_workers::protocol::{PromotionId, ScheduleResult};
+use seckill_workers::protocol::{Durability, PromotionId, ScheduleResult};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use serde_json::json;
 use tokio::time::Instant;
 
 use crate::leader::{self, LeaseConfig};
-use crate::lifecycle::{self, StatusWrite, Transition};
+use crate::lifecycle::{self, ShardSettings, StatusWrite, Transition};
 use crate::metrics::Metrics;
 use crate::promotion::{Phase, Promotion, PromotionStatus};
 use crate::sales::{self, Reported, RunningSales};
@@ -126,6 +126,81 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub shards: ShardArgs,
+}
+
+/// Flags of sharded promotions (`spec.shards` > 1, DESIGN-14). Unsharded
+/// promotions ignore them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ShardArgs {
+    /// Durable steps for sharded promotions: a step that another shard's
+    /// step builds on (PromotionStarted before a shard opens, each step of a
+    /// stock move, the sold-out collects, the closes of a finish) is
+    /// followed by a probe write and WAIT, and the next step runs only once
+    /// this many replicas of its master hold it. Use the number of replicas
+    /// per master (a failover may elect any of them). 0 (no replicas):
+    /// sharded promotions are refused (condition Ready=False,
+    /// ShardsNeedDurableSteps; not scheduled) unless
+    /// --shards-without-replicas-needs-fsync-always, because a step lost in
+    /// one master's failover or restart while another master kept what was
+    /// built on it oversells.
+    #[arg(long, env = "SECKILL_DURABLE_REPLICAS", default_value_t = 0)]
+    pub durable_replicas: u32,
+
+    /// Longest wait for those replicas per step, in milliseconds; must be
+    /// below --redis-timeout-ms. A step not confirmed in time fails the
+    /// reconcile (retried with backoff; a stock move is left recorded and
+    /// completed later).
+    #[arg(long, env = "SECKILL_DURABLE_TIMEOUT_MS", default_value_t = 200)]
+    pub durable_timeout_ms: u64,
+
+    /// Run sharded promotions without replicas (--durable-replicas 0),
+    /// acknowledging that EVERY master runs `appendfsync always`: then an
+    /// acknowledged step survives a restart, and with no replica there is no
+    /// failover to lose one. The operator cannot check this (CONFIG is
+    /// usually outside its ACL): with `everysec`, a crash loses up to a
+    /// second of one master's steps while the others keep what followed
+    /// them, which can oversell. Chosen for DESIGN-14 Q2: refuse by default.
+    #[arg(long, env = "SECKILL_SHARDS_WITHOUT_REPLICAS_NEEDS_FSYNC_ALWAYS")]
+    pub shards_without_replicas_needs_fsync_always: bool,
+
+    /// A stock move pending this long (milliseconds, on its donor's clock)
+    /// is taken as abandoned by its mover (killed between its steps) and
+    /// completed by the reconcile of its Active promotion; younger ones are
+    /// left to their mover (a move normally takes a few milliseconds).
+    #[arg(long, env = "SECKILL_MOVE_STALE_MS", default_value_t = 2_000)]
+    pub move_stale_ms: u64,
+}
+
+impl ShardArgs {
+    /// The settings these flags ask for. Refused when the replica wait does
+    /// not fit in the Redis timeout: the pipeline would be abandoned before
+    /// WAIT answers, and every step would fail.
+    pub fn settings(&self, redis_timeout: Duration) -> Result<ShardSettings, Error> {
+        let durable = if self.durable_replicas == 0 {
+            None
+        } else {
+            let timeout = Duration::from_millis(self.durable_timeout_ms.max(1));
+            if timeout >= redis_timeout {
+                return Err(Error::Config(format!(
+                    "--durable-timeout-ms {} must be below --redis-timeout-ms {}",
+                    self.durable_timeout_ms,
+                    redis_timeout.as_millis()
+                )));
+            }
+            Some(Durability {
+                replicas: self.durable_replicas,
+                timeout,
+            })
+        };
+        Ok(ShardSettings {
+            durable,
+            fsync_always: self.shards_without_replicas_needs_fsync_always,
+            move_stale_ms: self.move_stale_ms,
+        })
+    }
 }
 
 /// What reconcile and error_policy share.
@@ -135,6 +210,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub intervals: Intervals,
+    /// How sharded promotions are run.
+    pub shards: ShardSettings,
     /// The running sales, read from Redis by [`sales::changes`].
     pub sales: Arc<RunningSales>,
     /// Consecutive failures per promotion, for the backoff.
@@ -161,6 +238,25 @@ impl Context {
         identity: Option<String>,
         intervals: Intervals,
     ) -> Arc<Self> {
+        Self::with_shards(
+            client,
+            redis,
+            metrics,
+            identity,
+            intervals,
+            ShardSettings::default(),
+        )
+    }
+
+    /// [`Context::new`] with the settings of sharded promotions.
+    pub fn with_shards(
+        client: Client,
+        redis: RedisConnection,
+        metrics: Metrics,
+        identity: Option<String>,
+        intervals: Intervals,
+        shards: ShardSettings,
+    ) -> Arc<Self> {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
             instance: identity,
@@ -171,6 +267,7 @@ impl Context {
             redis,
             metrics,
             intervals,
+            shards,
             sales: Arc::new(RunningSales::default()),
             failures: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
@@ -238,7 +335,7 @@ async fn apply(p: &Promotion, api: &Api<Promotion>, ctx: &Context) -> Result<Act
     let (previous, since_write) = ctx.reported(p);
     let previous = previous.as_ref();
     let mut redis = ctx.redis.clone();
-    match lifecycle::drive(&mut redis, &id, &p.spec, generation, previous).await {
+    match lifecycle::drive_with(&mut redis, &id, &p.spec, generation, previous, &ctx.shards).await {
         Ok(driven) => {
             // The deadline counts from Redis' answer; kube-runtime counts a
             // requeue from the end of the reconcile, after the status write
@@ -250,7 +347,11 @@ async fn apply(p: &Promotion, api: &Api<Promotion>, ctx: &Context) -> Result<Act
             }
             ctx.metrics
                 .observe_promotion(&id.to_string(), &p.spec, &driven.status);
-            if driven.status.phase == Some(Phase::Active) {
+            // A sharded sale is not watched: its grabs on shards >= 1 do
+            // not grow shard 0's stream, so its drive requeues every
+            // ACTIVE_REFRESH instead (sums, stale moves, sold-out check).
+            let sharded = driven.status.stock_moves_in_flight.is_some();
+            if driven.status.phase == Some(Phase::Active) && !sharded {
                 ctx.sales.watch(promotion, id.clone(), reported);
             } else {
                 ctx.sales.forget(&promotion);
@@ -341,7 +442,9 @@ async fn cleanup(p: &Promotion, ctx: &Context) -> Result<Action, Error> {
     ctx.written().remove(&key(p));
     let id = promotion_id(p)?;
     let mut redis = ctx.redis.clone();
-    let snap = lifecycle::finish_deleted(&mut redis, &id).await?;
+    let snap =
+        lifecycle::finish_deleted_with(&mut redis, &id, &p.spec, p.status.as_ref(), &ctx.shards)
+            .await?;
     if snap.result == ScheduleResult::Finished {
         let t = Transition {
             reason: "Finished",
@@ -499,12 +602,20 @@ pub async fn run(args: RunArgs) -> Result<(), Error> {
         status: args.status_interval,
         redis_poll: args.redis_poll_interval,
     };
-    let ctx = Context::new(
+    let shards = args.shards.settings(args.redis.timeout())?;
+    if shards.durable.is_none() {
+        tracing::info!(
+            fsync_always = shards.fsync_always,
+            "no durable steps: sharded promotions (spec.shards > 1) are refused unless --shards-without-replicas-needs-fsync-always"
+        );
+    }
+    let ctx = Context::with_shards(
         client.clone(),
         redis,
         metrics,
         Some(identity.clone()),
         intervals,
+        shards,
     );
 
     let result = if args.no_leader_election {

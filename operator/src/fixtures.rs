@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tower_test::mock::{Handle, SendResponse};
 
 use crate::controller::{error_policy, reconcile, Context, Intervals, FINALIZER};
-use crate::lifecycle;
+use crate::lifecycle::{self, ShardSettings};
 use crate::metrics::Metrics;
 use crate::promotion::{Phase, Promotion, PromotionSpec, PromotionStatus};
 use crate::Error;
@@ -40,12 +40,21 @@ impl Promotion {
                 number_of_coupons: 3,
                 discount: 0.25,
                 description: None,
+                shards: 1,
             },
         );
         p.meta_mut().namespace = Some(NS.into());
         p.meta_mut().uid = Some("5a1e0000-0000-0000-0000-000000000001".into());
         p.meta_mut().generation = Some(1);
         p.meta_mut().resource_version = Some("1".into());
+        p
+    }
+
+    /// [`Promotion::test`] with `shards` shards of 6 coupons.
+    fn sharded(publish: DateTime<Utc>, finish: DateTime<Utc>, shards: u32) -> Self {
+        let mut p = Self::test(publish, finish);
+        p.spec.number_of_coupons = 6;
+        p.spec.shards = shards;
         p
     }
 
@@ -131,6 +140,36 @@ fn test_context_with(
             metrics,
             Some("test-operator".into()),
             intervals,
+        ),
+        ApiServerVerifier(handle),
+    )
+}
+
+/// An action requeuing within [`lifecycle::ACTIVE_REFRESH`] (less the time
+/// the reconcile took after deciding).
+fn refreshed(action: &Action) -> bool {
+    (0..=lifecycle::ACTIVE_REFRESH.as_millis() as u64)
+        .any(|ms| *action == requeue(Duration::from_millis(ms)))
+}
+
+/// A Context whose operator runs sharded promotions without replicas,
+/// acknowledging `appendfsync always` (a test's redis-server: one master).
+fn sharding_context(redis: RedisConnection) -> (Arc<Context>, ApiServerVerifier) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let metrics = Metrics::register(&MetricsRegistry::new());
+    let shards = ShardSettings {
+        fsync_always: true,
+        ..ShardSettings::default()
+    };
+    (
+        Context::with_shards(
+            client,
+            redis,
+            metrics,
+            Some("test-operator".into()),
+            Intervals::default(),
+            shards,
         ),
         ApiServerVerifier(handle),
     )
@@ -705,4 +744,99 @@ mod running_sales {
         assert_eq!(first, ObjectRef::from_obj(&p));
         assert_eq!(sales.len(), 1);
     }
+}
+
+#[tokio::test]
+async fn a_sharded_promotion_without_durable_steps_is_refused_with_a_warning_and_redis_untouched() {
+    let (_server, mut con, ctx, mut api) = scenario();
+    let publish = Utc::now() - secs(1);
+    let p = Promotion::sharded(publish, publish + secs(60), 3).finalized();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    let status = api.status_applied(&p).await;
+    let events = api.events_posted(&["ShardsRefused"]).await;
+    assert_eq!(events[0]["type"], "Warning");
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    let ready = status.condition("Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", lifecycle::SHARDS_NEED_DURABLE_STEPS)
+    );
+    assert!(!protocol::snapshot(&mut con, &id()).await.unwrap().exists);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+    assert!(ctx.sales.is_empty());
+}
+
+#[tokio::test]
+async fn a_due_sharded_promotion_is_planned_started_once_placed_and_refreshed_on_a_timer() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = sharding_context(con.clone());
+    let mut p = Promotion::sharded(Utc::now() - secs(1), Utc::now() + secs(60), 3).finalized();
+
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx.clone()));
+    let status = api.status_applied(&p).await;
+    // One redis-server: every shard on one master.
+    api.events_posted(&["Scheduled", "Started", "ShardsColocated"])
+        .await;
+    let action = task.await.unwrap().unwrap();
+    assert!(refreshed(&action), "{action:?}");
+    assert_eq!(status.phase, Some(Phase::Active));
+    assert_eq!((status.granted, status.remaining), (0, 6));
+    assert_eq!(status.stock_moves_in_flight, Some(0));
+    let masters: Vec<&str> = status.shards.iter().map(|s| s.master.as_str()).collect();
+    assert_eq!(masters, [lifecycle::STANDALONE; 3]);
+    assert_eq!(
+        status
+            .condition(lifecycle::SHARDS_COLOCATED)
+            .unwrap()
+            .status,
+        "True"
+    );
+    // Not on the poll of running sales: shard 0's stream does not see the
+    // grabs of shards 1 and 2.
+    assert!(ctx.sales.is_empty());
+
+    p.status = Some(status);
+    p.meta_mut().resource_version = Some("2".into());
+    for _ in 0..2 {
+        let action = reconcile_quietly(&p, &ctx).await;
+        assert!(refreshed(&action), "{action:?}");
+    }
+    let events = stream(&mut con).await;
+    assert_eq!(count(&events, "PromotionStarted"), 1, "{events:?}");
+    assert_eq!(events.len(), 1);
+}
+
+#[tokio::test]
+async fn deleting_an_active_sharded_promotion_finishes_it_once_through_the_three_phases() {
+    let (_server, mut con) = redis();
+    let (ctx, mut api) = sharding_context(con.clone());
+    let p = Promotion::sharded(Utc::now() - secs(1), Utc::now() + secs(60), 3).finalized();
+    let shards = ShardSettings {
+        fsync_always: true,
+        ..ShardSettings::default()
+    };
+    let driven = lifecycle::drive_with(&mut con, &id(), &p.spec, Some(1), None, &shards)
+        .await
+        .unwrap();
+    assert_eq!(driven.status.phase, Some(Phase::Active));
+
+    let p = p.with_status(driven.status).being_deleted();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    let events = api.events_posted(&["Finished"]).await;
+    assert!(events[0]["note"].as_str().unwrap().contains("Deleted"));
+    api.finalizer_removed(&p).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    let events = stream(&mut con).await;
+    match events.last() {
+        Some(Event::PromotionFinished(f)) => {
+            assert_eq!((f.reason, f.granted), (FinishReason::Deleted, 0))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(count(&events, "PromotionFinished"), 1);
 }

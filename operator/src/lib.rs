@@ -29,6 +29,8 @@ pub mod sales;
 
 use promotion::FieldError;
 use seckill_workers::http::HttpError;
+use seckill_workers::protocol::placement::PlacementError;
+use seckill_workers::protocol::shards::ShardError;
 use seckill_workers::protocol::{IdError, ScriptError};
 use seckill_workers::redis_connection::RedisSetupError;
 
@@ -41,6 +43,16 @@ pub enum Error {
     /// Redis could not be reached or answered an error: retried with backoff.
     #[error("redis unavailable: {0}")]
     Redis(#[from] ScriptError),
+
+    /// A step of a sharded promotion failed or could not be taken safely
+    /// (e.g. not acknowledged by the replicas asked for): retried with
+    /// backoff; every step is idempotent or recorded for recovery.
+    #[error("shards: {0}")]
+    Shard(#[from] ShardError),
+
+    /// The shards cannot be placed on the cluster's masters.
+    #[error("shard placement: {0}")]
+    Placement(#[from] PlacementError),
 
     /// The spec breaks a rule of the CRD (only possible where admission did
     /// not run: an API server without the CEL rule, or file manifests).
@@ -70,6 +82,10 @@ pub enum Error {
 
     #[error("{0}")]
     Http(#[from] HttpError),
+
+    /// The operator's flags contradict each other.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl Error {
@@ -78,6 +94,10 @@ impl Error {
         match self {
             Self::Yaml(_) => "yaml",
             Self::Redis(_) => "RedisUnavailable",
+            Self::Shard(ShardError::Script(_)) => "RedisUnavailable",
+            Self::Shard(ShardError::NotDurable { .. }) => "ShardStepNotDurable",
+            Self::Shard(_) => "ShardError",
+            Self::Placement(_) => "ShardPlacement",
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::InvalidId(_) => "InvalidId",
             Self::MissingNamespace => "MissingNamespace",
@@ -90,6 +110,7 @@ impl Error {
             Self::Lease(_) => "LeaseError",
             Self::RedisSetup(_) => "RedisSetup",
             Self::Http(_) => "HttpError",
+            Self::Config(_) => "Config",
         }
     }
 }

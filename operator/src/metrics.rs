@@ -356,6 +356,7 @@ mod tests {
             number_of_coupons: 10,
             discount: 0.2,
             description: None,
+            shards: 1,
         }
     }
 

@@ -22,6 +22,17 @@ pub use seckill_workers::protocol::Phase;
 pub const FINISH_AFTER_PUBLISH_RULE: &str =
     "timestamp(self.finishTime) > timestamp(self.publishTime)";
 
+/// The CEL rule that every shard starts with at least one coupon (each
+/// shard is dealt a block of the numbers 1..numberOfCoupons; an empty shard
+/// could never grant). A numberOfCoupons below 1 is refused by its own
+/// rule, so this one stays silent then (one error per broken rule).
+/// [`validate`] is its Rust twin.
+pub const SHARDS_WITHIN_COUPONS_RULE: &str =
+    "!has(self.shards) || self.numberOfCoupons < 1 || self.shards <= self.numberOfCoupons";
+
+/// Most shards a promotion may have (the protocol's placement bound).
+pub const MAX_SHARDS: u32 = 1024;
+
 /// A flash sale: from `publishTime` to `finishTime`, customers may grab one
 /// coupon each, `numberOfCoupons` in total, each worth `discount` off.
 // clippy reads the repeated `type_ = ...` of the printer columns as duplicated
@@ -52,6 +63,12 @@ pub const FINISH_AFTER_PUBLISH_RULE: &str =
     printcolumn(name = "Publish", type_ = "string", json_path = ".spec.publishTime"),
     printcolumn(name = "Finish", type_ = "string", json_path = ".spec.finishTime"),
     printcolumn(
+        name = "Shards",
+        type_ = "integer",
+        json_path = ".spec.shards",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -62,6 +79,11 @@ pub const FINISH_AFTER_PUBLISH_RULE: &str =
     "rule": FINISH_AFTER_PUBLISH_RULE,
     "message": "finishTime must be after publishTime",
     "fieldPath": ".finishTime",
+    "reason": "FieldValueInvalid",
+}, {
+    "rule": SHARDS_WITHIN_COUPONS_RULE,
+    "message": "shards must be at most numberOfCoupons",
+    "fieldPath": ".shards",
     "reason": "FieldValueInvalid",
 }]))]
 pub struct PromotionSpec {
@@ -88,6 +110,20 @@ pub struct PromotionSpec {
     /// Free text for people; the operator ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+
+    /// Stock shards (1 to 1024, at most numberOfCoupons; default 1): the
+    /// stock is split over this many shards, each on its own Redis Cluster
+    /// slot, so one promotion's grabs spread over that many masters. Use the
+    /// number of masters, and only when one promotion's peak exceeds what
+    /// one Redis core serves. Needs durable steps (see the operator's
+    /// --durable-replicas). Locked once the promotion starts.
+    #[serde(default = "one_shard")]
+    #[schemars(schema_with = "shard_count")]
+    pub shards: u32,
+}
+
+fn one_shard() -> u32 {
+    1
 }
 
 /// What the operator observed, from the promotion's state in Redis.
@@ -129,11 +165,40 @@ pub struct PromotionStatus {
     #[schemars(schema_with = "optional_generation")]
     pub observed_generation: Option<i64>,
 
-    /// Ready (the operator reached Redis and the status is current) and
-    /// SpecLocked (a spec change after the start was refused).
+    /// Stock moves between shards not yet completed (sharded promotions
+    /// only; a count of moves, each carrying one or more coupons): the reconcile completes those older than
+    /// --move-stale-ms, so a lasting non-zero value means Redis refuses the
+    /// recovery (see the Ready condition and the operator's log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_count")]
+    pub stock_moves_in_flight: Option<u64>,
+
+    /// Where each shard lives now (sharded promotions only): the master
+    /// serving its slot. Slots move in a failover or a resharding; tags do
+    /// not, so this is read afresh on every reconcile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shards: Vec<ShardPlacement>,
+
+    /// Ready (the operator reached Redis and the status is current),
+    /// SpecLocked (a spec change after the start was refused) and, for a
+    /// sharded promotion, ShardsColocated (two shards share a master).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions")]
     pub conditions: Vec<Condition>,
+}
+
+/// One shard of a sharded promotion and where it lives.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardPlacement {
+    /// The shard's index (0 holds the promotion's stream and its finish).
+    #[schemars(schema_with = "shard_index")]
+    pub shard: u32,
+    /// The cluster slot of the shard's hash tag.
+    #[schemars(schema_with = "cluster_slot")]
+    pub slot: u16,
+    /// The master serving that slot (host:port), as the slot map says.
+    pub master: String,
 }
 
 impl PromotionStatus {
@@ -173,6 +238,24 @@ fn optional_date_time(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "string", "format": "date-time", "nullable": true })
 }
 
+fn shard_count(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "integer",
+        "format": "int32",
+        "minimum": 1,
+        "maximum": MAX_SHARDS,
+        "default": 1,
+    })
+}
+
+fn shard_index(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "integer", "format": "int32", "minimum": 0, "maximum": MAX_SHARDS - 1 })
+}
+
+fn cluster_slot(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "integer", "format": "int32", "minimum": 0, "maximum": 16383 })
+}
+
 fn coupon_count(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "integer", "format": "int64", "minimum": 1 })
 }
@@ -186,6 +269,10 @@ fn phase(_: &mut SchemaGenerator) -> Schema {
 
 fn count(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "integer", "format": "int64", "minimum": 0 })
+}
+
+fn optional_count(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "integer", "format": "int64", "minimum": 0, "nullable": true })
 }
 
 fn optional_generation(_: &mut SchemaGenerator) -> Schema {
@@ -254,7 +341,8 @@ impl std::fmt::Display for FieldError {
 }
 
 /// Checks the rules the CRD schema enforces beyond the Rust types: ranges
-/// and the CEL rule that finishTime is after publishTime. Types, required
+/// and the CEL rules (finishTime after publishTime, shards at most
+/// numberOfCoupons). Types, required
 /// fields and date-time formats are guaranteed by deserialization (see
 /// [`crate::admission`] to check a raw manifest the way the API server does).
 pub fn validate(spec: &PromotionSpec) -> Result<(), Vec<FieldError>> {
@@ -269,6 +357,20 @@ pub fn validate(spec: &PromotionSpec) -> Result<(), Vec<FieldError>> {
         errors.push(FieldError {
             field: "spec.discount".into(),
             reason: format!("must be more than 0 and at most 1, got {}", spec.discount),
+        });
+    }
+    if !(1..=MAX_SHARDS).contains(&spec.shards) {
+        errors.push(FieldError {
+            field: "spec.shards".into(),
+            reason: format!("must be 1 to {MAX_SHARDS}, got {}", spec.shards),
+        });
+    } else if spec.number_of_coupons >= 1 && u64::from(spec.shards) > spec.number_of_coupons {
+        errors.push(FieldError {
+            field: "spec.shards".into(),
+            reason: format!(
+                "must be at most numberOfCoupons ({}), got {}",
+                spec.number_of_coupons, spec.shards
+            ),
         });
     }
     if spec.finish_time <= spec.publish_time {
@@ -299,6 +401,7 @@ mod tests {
             number_of_coupons: 100,
             discount: 0.2,
             description: None,
+            shards: 1,
         }
     }
 
@@ -340,6 +443,34 @@ mod tests {
             ..spec()
         };
         assert_eq!(fields(validate(&same)), ["spec.finishTime"]);
+        for shards in [0, 1025] {
+            let bad = PromotionSpec { shards, ..spec() };
+            assert_eq!(fields(validate(&bad)), ["spec.shards"], "shards {shards}");
+        }
+    }
+
+    #[test]
+    fn more_shards_than_coupons_is_refused_and_as_many_is_accepted() {
+        let many = PromotionSpec {
+            number_of_coupons: 3,
+            shards: 4,
+            ..spec()
+        };
+        assert_eq!(fields(validate(&many)), ["spec.shards"]);
+        let same = PromotionSpec { shards: 3, ..many };
+        assert_eq!(validate(&same), Ok(()));
+    }
+
+    #[test]
+    fn a_manifest_without_shards_reads_as_one_shard() {
+        let spec: PromotionSpec = serde_json::from_value(serde_json::json!({
+            "publishTime": "2026-11-26T10:00:00Z",
+            "finishTime": "2026-11-26T11:00:00Z",
+            "numberOfCoupons": 5,
+            "discount": 0.5,
+        }))
+        .unwrap();
+        assert_eq!(spec.shards, 1);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SubsecRound, Utc};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, PostParams};
-use kube::{Api, Client};
+use kube::Api;
 use seckill_operator::crdgen;
 use seckill_operator::promotion::{Phase, Promotion};
 use seckill_workers::protocol::{self, CustomerId, FinishReason, PromotionId};
@@ -32,170 +32,12 @@ use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
 mod kube_apiserver;
 
 use kube_apiserver::{
-    create_all, create_namespaces, delta, expected_phase, phase_of, request_totals, wait_for,
-    Process, Totals,
+    create_all, create_namespaces, delta, expected_phase, on_path, phase_of, request_totals,
+    wait_for, ControlPlane, Process, Totals,
 };
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_seckill-operator");
-const TOKEN: &str = "seckill-test-token";
 const NAMESPACES: usize = 5;
-
-/// etcd and kube-apiserver on loopback, in a temporary directory.
-struct ControlPlane {
-    // Dropped in this order: the API server before its etcd.
-    _apiserver: Process,
-    _etcd: Process,
-    dir: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
-}
-
-fn spawn_logged(command: &mut Command, log: &Path) -> Process {
-    let file = std::fs::File::create(log).unwrap();
-    Process(
-        command
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}")),
-    )
-}
-
-impl ControlPlane {
-    /// Starts etcd and the API server, or says why the test is skipped.
-    fn start() -> Result<Self, String> {
-        let apiserver = std::env::var("SECKILL_KUBE_APISERVER")
-            .ok()
-            .filter(|s| !s.is_empty())
-            .ok_or("SECKILL_KUBE_APISERVER is not set (the path of a kube-apiserver v1.26 binary, e.g. ../shared/kube/kube-apiserver)")?;
-        if !Path::new(&apiserver).is_file() {
-            return Err(format!("SECKILL_KUBE_APISERVER={apiserver} is not a file"));
-        }
-        if !on_path("etcd") {
-            return Err("no etcd on PATH (apt-get install etcd-server)".into());
-        }
-        if !on_path("openssl") {
-            return Err("no openssl on PATH (for the service-account key)".into());
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let (client_port, peer_port, api_port) = (
-            free_port().unwrap(),
-            free_port().unwrap(),
-            free_port().unwrap(),
-        );
-        let etcd = spawn_logged(
-            Command::new("etcd")
-                .arg("--data-dir")
-                .arg(d.join("etcd"))
-                .arg(format!(
-                    "--listen-client-urls=http://127.0.0.1:{client_port}"
-                ))
-                .arg(format!(
-                    "--advertise-client-urls=http://127.0.0.1:{client_port}"
-                ))
-                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
-                .arg(format!(
-                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"
-                ))
-                .arg(format!(
-                    "--initial-cluster=default=http://127.0.0.1:{peer_port}"
-                )),
-            &d.join("etcd.log"),
-        );
-        let key = d.join("sa.key");
-        let made = Command::new("openssl")
-            .args(["genrsa", "-out"])
-            .arg(&key)
-            .arg("2048")
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(made.success(), "openssl genrsa failed");
-        std::fs::write(
-            d.join("tokens.csv"),
-            format!("{TOKEN},admin,admin,\"system:masters\"\n"),
-        )
-        .unwrap();
-        let server = spawn_logged(
-            Command::new(&apiserver)
-                .arg(format!("--etcd-servers=http://127.0.0.1:{client_port}"))
-                .arg(format!("--service-account-key-file={}", key.display()))
-                .arg(format!(
-                    "--service-account-signing-key-file={}",
-                    key.display()
-                ))
-                .arg("--service-account-issuer=https://kubernetes.default.svc")
-                .arg(format!(
-                    "--token-auth-file={}",
-                    d.join("tokens.csv").display()
-                ))
-                .arg("--authorization-mode=RBAC")
-                .arg(format!("--secure-port={api_port}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg(format!("--cert-dir={}", d.join("certs").display()))
-                .arg("--service-cluster-ip-range=10.0.0.0/24")
-                .arg("--disable-admission-plugins=ServiceAccount"),
-            &d.join("apiserver.log"),
-        );
-        let kubeconfig = d.join("kubeconfig");
-        std::fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1
-kind: Config
-clusters: [{{name: local, cluster: {{server: \"https://127.0.0.1:{api_port}\", insecure-skip-tls-verify: true}}}}]
-users: [{{name: admin, user: {{token: {TOKEN}}}}}]
-contexts: [{{name: local, context: {{cluster: local, user: admin, namespace: default}}}}]
-current-context: local
-"
-            ),
-        )
-        .unwrap();
-        Ok(Self {
-            _apiserver: server,
-            _etcd: etcd,
-            dir,
-            kubeconfig,
-        })
-    }
-
-    async fn client(&self) -> Client {
-        kube_apiserver::client(&self.kubeconfig).await
-    }
-
-    fn log_tail(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(10)..].join("\n")
-    }
-
-    /// Waits for /readyz (at most two minutes: a loaded 2-core machine).
-    async fn ready(&self) -> Client {
-        let client = self.client().await;
-        let started = Instant::now();
-        loop {
-            let request = http::Request::get("/readyz").body(Vec::new()).unwrap();
-            if let Ok(text) = client.request_text(request).await {
-                if text.starts_with("ok") {
-                    return client;
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "kube-apiserver not ready within two minutes:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-}
-
 /// What the operator costs the server between two readings: requests on
 /// Promotions and on events.k8s.io Events, of one verb and subresource when
 /// given.

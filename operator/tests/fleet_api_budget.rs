@@ -331,6 +331,7 @@ async fn fleet(con: &mut RedisConnection) -> Fleet {
             number_of_coupons: coupons,
             discount: 0.3,
             description: None,
+            shards: 1,
         };
         let id = PromotionId::new(&ns, &name).unwrap();
         let driven = lifecycle::drive(con, &id, &spec, Some(1), None)

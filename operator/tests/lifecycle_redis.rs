@@ -27,6 +27,7 @@ fn spec(publish_in: Span, length: Span) -> PromotionSpec {
         number_of_coupons: 5,
         discount: 0.5,
         description: None,
+        shards: 1,
     }
 }
 

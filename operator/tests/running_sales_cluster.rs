@@ -24,6 +24,7 @@ async fn the_running_sales_are_read_in_one_batch_across_the_masters_of_a_cluster
         number_of_coupons: 100,
         discount: 0.1,
         description: None,
+        shards: 1,
     };
     let ids: Vec<PromotionId> = (0..40)
         .map(|i| PromotionId::new(&format!("shop-{}", i % 4), &format!("sale-{i}")).unwrap())

@@ -1,12 +1,14 @@
 //! What the tests and the benchmark that talk to a real kube-apiserver
-//! share: the server's own count of requests, and a fleet of Promotions.
-//! `tests/apiserver_fleet.rs` has it as `mod kube_apiserver;`,
+//! share: the control plane (etcd and kube-apiserver on loopback), the
+//! server's own count of requests, and a fleet of Promotions.
+//! `tests/apiserver_fleet.rs` and `tests/apiserver_shards.rs` have it as
+//! `mod kube_apiserver;`,
 //! `examples/fleet_bench.rs` by path; each uses part of it.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Child;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
@@ -16,6 +18,7 @@ use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
 use seckill_operator::promotion::{Phase, Promotion, PromotionSpec};
+use seckill_workers::redis_server::free_port;
 
 /// A child process (etcd, kube-apiserver, the operator) killed and reaped
 /// when dropped.
@@ -144,6 +147,7 @@ pub fn promotion(
             number_of_coupons: coupons,
             discount: 0.25,
             description: None,
+            shards: 1,
         },
     );
     p.metadata.namespace = Some(ns.into());
@@ -185,4 +189,162 @@ pub async fn create_all(client: &Client, promotions: &[Promotion]) {
         .try_collect::<Vec<()>>()
         .await
         .expect("promotions created");
+}
+
+pub const TOKEN: &str = "seckill-test-token";
+
+/// etcd and kube-apiserver on loopback, in a temporary directory.
+pub struct ControlPlane {
+    // Dropped in this order: the API server before its etcd.
+    _apiserver: Process,
+    _etcd: Process,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+}
+
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+pub fn spawn_logged(command: &mut Command, log: &Path) -> Process {
+    let file = std::fs::File::create(log).unwrap();
+    Process(
+        command
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}")),
+    )
+}
+
+impl ControlPlane {
+    /// Starts etcd and the API server, or says why the test is skipped.
+    pub fn start() -> Result<Self, String> {
+        let apiserver = std::env::var("SECKILL_KUBE_APISERVER")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .ok_or("SECKILL_KUBE_APISERVER is not set (the path of a kube-apiserver v1.26 binary, e.g. ../shared/kube/kube-apiserver)")?;
+        if !Path::new(&apiserver).is_file() {
+            return Err(format!("SECKILL_KUBE_APISERVER={apiserver} is not a file"));
+        }
+        if !on_path("etcd") {
+            return Err("no etcd on PATH (apt-get install etcd-server)".into());
+        }
+        if !on_path("openssl") {
+            return Err("no openssl on PATH (for the service-account key)".into());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (client_port, peer_port, api_port) = (
+            free_port().unwrap(),
+            free_port().unwrap(),
+            free_port().unwrap(),
+        );
+        let etcd = spawn_logged(
+            Command::new("etcd")
+                .arg("--data-dir")
+                .arg(d.join("etcd"))
+                .arg(format!(
+                    "--listen-client-urls=http://127.0.0.1:{client_port}"
+                ))
+                .arg(format!(
+                    "--advertise-client-urls=http://127.0.0.1:{client_port}"
+                ))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"
+                ))
+                .arg(format!(
+                    "--initial-cluster=default=http://127.0.0.1:{peer_port}"
+                )),
+            &d.join("etcd.log"),
+        );
+        let key = d.join("sa.key");
+        let made = Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(made.success(), "openssl genrsa failed");
+        std::fs::write(
+            d.join("tokens.csv"),
+            format!("{TOKEN},admin,admin,\"system:masters\"\n"),
+        )
+        .unwrap();
+        let server = spawn_logged(
+            Command::new(&apiserver)
+                .arg(format!("--etcd-servers=http://127.0.0.1:{client_port}"))
+                .arg(format!("--service-account-key-file={}", key.display()))
+                .arg(format!(
+                    "--service-account-signing-key-file={}",
+                    key.display()
+                ))
+                .arg("--service-account-issuer=https://kubernetes.default.svc")
+                .arg(format!(
+                    "--token-auth-file={}",
+                    d.join("tokens.csv").display()
+                ))
+                .arg("--authorization-mode=RBAC")
+                .arg(format!("--secure-port={api_port}"))
+                .arg("--bind-address=127.0.0.1")
+                .arg(format!("--cert-dir={}", d.join("certs").display()))
+                .arg("--service-cluster-ip-range=10.0.0.0/24")
+                .arg("--disable-admission-plugins=ServiceAccount"),
+            &d.join("apiserver.log"),
+        );
+        let kubeconfig = d.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1
+kind: Config
+clusters: [{{name: local, cluster: {{server: \"https://127.0.0.1:{api_port}\", insecure-skip-tls-verify: true}}}}]
+users: [{{name: admin, user: {{token: {TOKEN}}}}}]
+contexts: [{{name: local, context: {{cluster: local, user: admin, namespace: default}}}}]
+current-context: local
+"
+            ),
+        )
+        .unwrap();
+        Ok(Self {
+            _apiserver: server,
+            _etcd: etcd,
+            dir,
+            kubeconfig,
+        })
+    }
+
+    pub async fn client(&self) -> Client {
+        client(&self.kubeconfig).await
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+
+    /// Waits for /readyz (at most two minutes: a loaded 2-core machine).
+    pub async fn ready(&self) -> Client {
+        let client = self.client().await;
+        let started = Instant::now();
+        loop {
+            let request = http::Request::get("/readyz").body(Vec::new()).unwrap();
+            if let Ok(text) = client.request_text(request).await {
+                if text.starts_with("ok") {
+                    return client;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "kube-apiserver not ready within two minutes:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }

@@ -53,6 +53,9 @@ pub const GRAB: Function = Function("seckill_v2_grab");
 pub const SHARD_GRAB: Function = Function("seckill_v2_shard_grab");
 /// Records the shard map (salts) of a sharded promotion; the first plan wins.
 pub const SHARD_PLAN: Function = Function("seckill_v2_shard_plan");
+/// Replaces the shard map of a promotion that has not started (a changed
+/// `spec.shards`).
+pub const SHARD_REPLAN: Function = Function("seckill_v2_shard_replan");
 /// Every shard is scheduled: shard 0 may start.
 pub const SHARD_READY: Function = Function("seckill_v2_shard_ready");
 /// Registers one shard: spec, index, S and its initial numbers.
@@ -81,13 +84,14 @@ pub const SHARD_CLOSE: Function = Function("seckill_v2_shard_close");
 pub const FINISH_COMMIT: Function = Function("seckill_v2_finish_commit");
 
 /// Every function the library registers.
-pub const ALL: [Function; 19] = [
+pub const ALL: [Function; 20] = [
     SCHEDULE,
     FINISH,
     SNAPSHOT,
     GRAB,
     SHARD_GRAB,
     SHARD_PLAN,
+    SHARD_REPLAN,
     SHARD_READY,
     SHARD_SCHEDULE,
     SHARD_START,

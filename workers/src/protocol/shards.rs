@@ -33,7 +33,7 @@ use super::durability::call_then_wait;
 use super::functions::{
     self, Function, FINISH_BEGIN, FINISH_COMMIT, FINISH_SOLDOUT, MOVES_PENDING, MOVE_DONE, MOVE_IN,
     MOVE_OUT, SHARD_CLOSE, SHARD_COLLECT, SHARD_GRAB, SHARD_OPEN, SHARD_PLAN, SHARD_READY,
-    SHARD_SCHEDULE, SHARD_START,
+    SHARD_REPLAN, SHARD_SCHEDULE, SHARD_START,
 };
 use super::grab::{bad, coupon, granted_at, held_coupon, int, text};
 use super::keys::shard_map_key;
@@ -355,6 +355,88 @@ pub async fn plan<C: ConnectionLike>(
         count,
         reply.get(1).cloned().flatten().as_deref().unwrap_or(""),
     )
+}
+
+/// What [`replan`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replan {
+    /// The map was replaced (`ready` 0 until [`schedule`] runs again; for
+    /// S = 1 the map and shard 0's state are gone, and the unsharded
+    /// schedule registers it afresh). `dropped` old shards the new plan does
+    /// not keep were deleted.
+    Replanned { dropped: u32 },
+    /// The promotion has started: its shards are locked.
+    Started,
+    /// No map is recorded: [`plan`] instead.
+    Unplanned,
+}
+
+/// Replaces `id`'s shard map before the start (a changed `spec.shards`,
+/// DESIGN-14 §1.2): atomically on shard 0's slot, refused once shard 0 has
+/// started; then deletes the keys of the old shards >= 1 the new plan does
+/// not keep (Pending, so nothing was granted and no stock moved: they hold
+/// a spec and a block of numbers only). `placement` None means S = 1.
+/// Shards the new plan keeps are rewritten by the next [`schedule`]
+/// (`updated`, as their S differs).
+pub async fn replan<C: ConnectionLike>(
+    con: &mut C,
+    id: &PromotionId,
+    placement: Option<&Placement>,
+) -> Result<Replan, ShardError> {
+    let (shards, salts, describe) = match placement {
+        Some(p) => (
+            p.salts.len() + 1,
+            p.salts
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            p.describe(id),
+        ),
+        None => (1, String::new(), String::new()),
+    };
+    let map_key = shard_map_key(id);
+    let state0 = ShardKeys::new(id, 0, 0).state;
+    let cmd = functions::command(
+        SHARD_REPLAN,
+        &[&map_key, &state0],
+        [
+            shards.to_string().as_str(),
+            salts.as_str(),
+            describe.as_str(),
+        ],
+    );
+    let reply: Value = functions::call(con, &cmd).await?;
+    let it = items(reply, "shard replan")?;
+    match item_text(&it, 0, "shard replan")?.as_str() {
+        "replanned" => {}
+        "started" => return Ok(Replan::Started),
+        "unplanned" => return Ok(Replan::Unplanned),
+        other => return Err(bad(format!("shard replan: {other:?}")).into()),
+    }
+    let count: u32 = item_text(&it, 1, "shard replan")?
+        .parse()
+        .map_err(|_| bad(format!("shard replan: {it:?}")))?;
+    let old = map_from(id, count, &item_text(&it, 2, "shard replan")?)?;
+    let kept = placement.map_or(&[][..], |p| &p.salts[..]);
+    let mut dropped = 0;
+    for (i, salt) in old.salts().iter().enumerate() {
+        if kept.get(i) == Some(salt) {
+            continue;
+        }
+        let k = ShardKeys::new(id, i as u32 + 1, *salt);
+        redis::cmd("DEL")
+            .arg(&k.state)
+            .arg(&k.customers)
+            .arg(&k.events)
+            .arg(&k.moves_out)
+            .arg(&k.moves_in)
+            .arg(&k.probe)
+            .query_async::<i64>(con)
+            .await?;
+        dropped += 1;
+    }
+    Ok(Replan::Replanned { dropped })
 }
 
 /// How a shard treated the spec it was given.

@@ -224,6 +224,29 @@ redis.register_function('seckill_v2_shard_plan', function(keys, args)
   return redis.call('HMGET', keys[1], 'count', 'salts', 'ready')
 end)
 
+-- seckill_v2_shard_replan: KEYS shard map, shard 0's state (one slot). ARGV
+-- S, salts, placement. Before the start only (the shards open after Started,
+-- so nothing was granted and no stock moved): replaces the plan and sets
+-- ready = 0, so shard 0 cannot start until the caller has scheduled the new
+-- shards and set ready again. With S = 1 it deletes the map and shard 0's
+-- state: the unsharded schedule registers the promotion afresh. Answers
+-- { 'replanned', old S, old salts } | { 'started' } (refused: the shards are
+-- locked) | { 'unplanned' } (no map: plan instead).
+redis.register_function('seckill_v2_shard_replan', function(keys, args)
+  local map, state = keys[1], keys[2]
+  local old = redis.call('HMGET', map, 'count', 'salts')
+  if not old[1] then return { 'unplanned' } end
+  local v = redis.call('HMGET', state, 'phase', 'started')
+  if v[2] == '1' or (v[1] and v[1] ~= 'Pending') then return { 'started' } end
+  if tonumber(args[1]) == 1 then
+    redis.call('DEL', map, state)
+  else
+    redis.call('HSET', map, 'count', args[1], 'salts', args[2], 'ready', '0',
+      'placement', args[3] or '')
+  end
+  return { 'replanned', old[1], old[2] or '' }
+end)
+
 -- seckill_v2_shard_ready: KEYS shard map. Every shard is scheduled: shard 0
 -- may now append PromotionStarted.
 redis.register_function('seckill_v2_shard_ready', function(keys, _)
