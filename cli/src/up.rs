@@ -9,7 +9,8 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use seckill_operator::lifecycle::{self, Driven};
+use seckill_operator::controller::ShardRunArgs;
+use seckill_operator::lifecycle::{self, Driven, ShardSettings};
 use seckill_operator::metrics::Metrics as OperatorMetrics;
 use seckill_operator::promotion::PromotionStatus;
 use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs, GrabBatchArgs};
@@ -93,6 +94,13 @@ pub struct UpArgs {
     #[command(flatten)]
     pub durable: DurableGrabArgs,
 
+    /// Sharded promotions (`spec.shards` > 1): their steps are durable as
+    /// grabs are (--durable-replicas); with the private redis-server,
+    /// --shards-without-replicas-needs-fsync-always also runs it with
+    /// `appendfsync always`, which makes that acknowledgement true.
+    #[command(flatten)]
+    pub shards: ShardRunArgs,
+
     #[command(flatten)]
     pub batch: GrabBatchArgs,
 
@@ -169,15 +177,21 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
             path: dir.clone(),
             source,
         })?;
+        let fsync = if args.shards.shards_without_replicas_needs_fsync_always {
+            Fsync::Always
+        } else {
+            Fsync::EverySec
+        };
         let server = RedisServer::start(RedisServerOptions {
-            appendfsync: Some(Fsync::EverySec),
+            appendfsync: Some(fsync),
             dir: Some(dir.clone()),
             ..RedisServerOptions::default()
         })?;
         println!(
-            "{} private redis-server on 127.0.0.1:{} (AOF on, appendfsync everysec), data directory {}",
+            "{} private redis-server on 127.0.0.1:{} (AOF on, appendfsync {}), data directory {}",
             stamp(),
             server.port(),
+            fsync.as_str(),
             dir.display()
         );
         let redis = RedisArgs {
@@ -272,8 +286,10 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
         tasks.push(tokio::spawn(projector.run(shutdown)));
     }
 
+    let shards = args.shards.settings(args.durable.durability(timeout)?);
     operate(
         &args,
+        &shards,
         operator_metrics.as_ref(),
         redis.clone(),
         &mut board,
@@ -304,6 +320,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
 /// plus the table: runs until shutdown.
 async fn operate(
     args: &UpArgs,
+    shards: &ShardSettings,
     operator: Option<&OperatorMetrics>,
     mut redis: RedisConnection,
     board: &mut Board,
@@ -346,10 +363,20 @@ async fn operate(
                     .cloned()
                     .collect();
                 for id in removed {
-                    tracked.remove(&id);
+                    let Some(gone) = tracked.remove(&id) else {
+                        continue;
+                    };
                     if let Some(metrics) = operator {
                         metrics.set_phase(&id.to_string(), None);
-                        match lifecycle::finish_deleted(&mut redis, &id).await {
+                        let finished = lifecycle::finish_deleted_with(
+                            &mut redis,
+                            &id,
+                            &gone.declared.spec,
+                            gone.status.as_ref(),
+                            shards,
+                        )
+                        .await;
+                        match finished {
                             Ok(snap) => board.say(format!(
                                 "{} {id}: manifest removed; finished (Deleted) with {} granted",
                                 stamp(),
@@ -408,12 +435,13 @@ async fn operate(
                 continue;
             };
             let timer = metrics.reconcile_started();
-            let result: Result<Driven, _> = lifecycle::drive(
+            let result: Result<Driven, _> = lifecycle::drive_with(
                 &mut redis,
                 id,
                 &t.declared.spec,
                 Some(t.generation),
                 t.status.as_ref(),
+                shards,
             )
             .await;
             drop(timer);

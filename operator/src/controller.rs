@@ -131,7 +131,7 @@ pub struct RunArgs {
     pub shards: ShardArgs,
 }
 
-/// Flags of sharded promotions (`spec.shards` > 1, DESIGN-14). Unsharded
+/// Flags of sharded promotions (`spec.shards` > 1, docs/SHARDING.md). Unsharded
 /// promotions ignore them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ShardArgs {
@@ -156,13 +156,21 @@ pub struct ShardArgs {
     #[arg(long, env = "SECKILL_DURABLE_TIMEOUT_MS", default_value_t = 200)]
     pub durable_timeout_ms: u64,
 
+    #[command(flatten)]
+    pub run: ShardRunArgs,
+}
+
+/// The flags of sharded promotions besides their durable steps, shared with
+/// `seckill up` (which takes its durable steps from its grab's flags).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ShardRunArgs {
     /// Run sharded promotions without replicas (--durable-replicas 0),
     /// acknowledging that EVERY master runs `appendfsync always`: then an
     /// acknowledged step survives a restart, and with no replica there is no
     /// failover to lose one. The operator cannot check this (CONFIG is
     /// usually outside its ACL): with `everysec`, a crash loses up to a
     /// second of one master's steps while the others keep what followed
-    /// them, which can oversell. Chosen for DESIGN-14 Q2: refuse by default.
+    /// them, which can oversell; so without replicas they are refused by default.
     #[arg(long, env = "SECKILL_SHARDS_WITHOUT_REPLICAS_NEEDS_FSYNC_ALWAYS")]
     pub shards_without_replicas_needs_fsync_always: bool,
 
@@ -172,6 +180,17 @@ pub struct ShardArgs {
     /// left to their mover (a move normally takes a few milliseconds).
     #[arg(long, env = "SECKILL_MOVE_STALE_MS", default_value_t = 2_000)]
     pub move_stale_ms: u64,
+}
+
+impl ShardRunArgs {
+    /// The settings these flags ask for, with `durable` steps.
+    pub fn settings(&self, durable: Option<Durability>) -> ShardSettings {
+        ShardSettings {
+            durable,
+            fsync_always: self.shards_without_replicas_needs_fsync_always,
+            move_stale_ms: self.move_stale_ms,
+        }
+    }
 }
 
 impl ShardArgs {
@@ -195,11 +214,7 @@ impl ShardArgs {
                 timeout,
             })
         };
-        Ok(ShardSettings {
-            durable,
-            fsync_always: self.shards_without_replicas_needs_fsync_always,
-            move_stale_ms: self.move_stale_ms,
-        })
+        Ok(self.run.settings(durable))
     }
 }
 

@@ -44,7 +44,7 @@ pub const READY: &str = "Ready";
 /// Condition type: a spec change made after the start was refused.
 pub const SPEC_LOCKED: &str = "SpecLocked";
 /// Condition type (sharded promotions): two shards share a master, so the
-/// promotion gets fewer cores than shards (DESIGN-14 §1.2, topology drift).
+/// promotion gets fewer cores than shards (docs/SHARDING.md, topology drift).
 pub const SHARDS_COLOCATED: &str = "ShardsColocated";
 /// Ready's reason when S > 1 is refused for want of durable steps.
 pub const SHARDS_NEED_DURABLE_STEPS: &str = "ShardsNeedDurableSteps";
@@ -74,7 +74,7 @@ impl Default for ShardSettings {
 }
 
 impl ShardSettings {
-    /// Whether S > 1 may run (DESIGN-14 Q2): a step acknowledged by one
+    /// Whether S > 1 may run (docs/SHARDING.md): a step acknowledged by one
     /// master and lost in its restart or failover, while another master
     /// keeps what was built on it, oversells. Only replicas that hold every
     /// step (WAIT) or a master that fsyncs every write prevent that.
@@ -414,8 +414,8 @@ fn decide_sharded(
     match shards.planned {
         None if !allowed => refused = true,
         None => actions.push(Action::PlanShards),
-        // A changed shard count: replanned before the start (DESIGN-14
-        // §1.2), locked after it like the rest of the spec.
+        // A changed shard count: replanned before the start (docs/SHARDING.md),
+        // locked after it like the rest of the spec.
         Some(s) if s != spec.shards => {
             if started {
                 locked = true;

@@ -34,7 +34,8 @@ pub enum Fsync {
 }
 
 impl Fsync {
-    fn as_str(self) -> &'static str {
+    /// The policy as redis.conf spells it.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Always => "always",
             Self::EverySec => "everysec",

@@ -372,7 +372,7 @@ pub enum Replan {
 }
 
 /// Replaces `id`'s shard map before the start (a changed `spec.shards`,
-/// DESIGN-14 §1.2): atomically on shard 0's slot, refused once shard 0 has
+/// docs/SHARDING.md): atomically on shard 0's slot, refused once shard 0 has
 /// started; then deletes the keys of the old shards >= 1 the new plan does
 /// not keep (Pending, so nothing was granted and no stock moved: they hold
 /// a spec and a block of numbers only). `placement` None means S = 1.
