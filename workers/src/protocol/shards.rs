@@ -1638,8 +1638,18 @@ pub async fn refill<C: ConnectionLike>(
         let Some(mv) = moved else {
             match check_sold_out(con, map, view, durable).await? {
                 SoldOutCheck::Finished { reason, .. } => {
-                    for i in open {
-                        answers[i] = Some(finished_answer(reason));
+                    // A waiting customer may have been granted meanwhile by
+                    // another caller (the same customer in two batches at
+                    // once): home answers a holder its coupon in every
+                    // phase, so it is asked once more before any 410.
+                    let batch = shard_grab(con, map, home, &who, durable).await?;
+                    for (i, answer) in open.into_iter().zip(batch.answers) {
+                        answers[i] = Some(match answer {
+                            a @ (ShardAnswer::Granted(_)
+                            | ShardAnswer::AlreadyGranted(_)
+                            | ShardAnswer::Unconfirmed(_)) => a,
+                            _ => finished_answer(reason),
+                        });
                     }
                 }
                 SoldOutCheck::Stock | SoldOutCheck::Recovered(_) | SoldOutCheck::Changed => {}
