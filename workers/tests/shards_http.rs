@@ -17,6 +17,7 @@ use redis::streams::StreamRangeReply;
 use seckill_testkit::client::{self, metric_value};
 use seckill_testkit::eventually;
 use seckill_testkit::promotions::{id, spec_from_now};
+use seckill_testkit::redis::Fsync;
 use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_testkit::worker::Worker;
 use seckill_workers::protocol::placement::{self, key_slot, SlotMap};
@@ -34,11 +35,16 @@ const WITHIN: Duration = Duration::from_secs(60);
 const IN_FLIGHT: usize = 24;
 
 fn cluster() -> RedisCluster {
+    cluster_with(0)
+}
+
+/// 3 masters with `replicas` replicas each.
+fn cluster_with(replicas: usize) -> RedisCluster {
     RedisCluster::start(RedisClusterOptions {
         masters: 3,
-        replicas_per_master: 0,
+        replicas_per_master: replicas,
         node_timeout: Duration::from_millis(1000),
-        appendfsync: None,
+        appendfsync: (replicas > 0).then_some(Fsync::Always),
         extra: Vec::new(),
     })
     .expect("redis cluster starts")
@@ -52,15 +58,20 @@ fn connect(c: &RedisCluster) -> RedisConnection {
 
 /// `seckill-worker command` pointed at the cluster, as `cluster.rs` does.
 async fn worker(c: &RedisCluster) -> Worker {
+    worker_with(c, &[]).await
+}
+
+async fn worker_with(c: &RedisCluster, extra: &[&str]) -> Worker {
     let nodes = c.seed_nodes().join(",");
     // A busy 2-core machine: a grab expecting 200 must not get a 503 for
     // being slow (see testkit's CommandOptions).
-    let args = [
+    let mut args = vec![
         "--redis-cluster-nodes",
         &nodes,
         "--redis-timeout-ms",
         "5000",
     ];
+    args.extend(extra);
     Worker::serving("command", &args, Some("warn"), None).await
 }
 
@@ -691,4 +702,45 @@ async fn sharded_promotion_past_its_finish_time_answers_410_finished_once_the_on
         assert_eq!(r.json["couponId"], format!("shop/brief#{n}"));
     }
     assert_eq!(s.stock + s.grants.len() as u64, 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_workers_on_three_shards_with_replicas_answer_200_only_for_grants_in_the_streams() {
+    // 3 masters + 3 replicas; every worker waits for one replica before a
+    // 200 and takes every move step only once the step before it is on a
+    // replica (DESIGN-14 §3.2).
+    let c = cluster_with(1);
+    let mut con = connect(&c);
+    let coupons = 60;
+    let map = sharded(&c, &mut con, "durable", coupons).await;
+    let durable = ["--durable-replicas", "1", "--durable-timeout-ms", "1000"];
+    let (a, b) = (
+        worker_with(&c, &durable).await,
+        worker_with(&c, &durable).await,
+    );
+    let ports: Ports = Arc::new(Mutex::new(vec![a.port, b.port]));
+    let arriving = arrivals("d", 200, |i, c| home_of(c, &map) != 2 || i % 6 == 0);
+    let answered = start_crowd(&ports, "durable", arriving).answers().await;
+
+    let s = sale(&mut con, &map, coupons).await;
+    assert_eq!(
+        (s.grants.len() as u64, s.stock, s.in_flight),
+        (coupons, 0, 0)
+    );
+    let (reason, total, finished_ms) = s.finished.expect("the sale finished");
+    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
+    let granted_now = check_200s(&answered, &s.grants);
+    // A grant whose replica ack came late was answered 503 and its retry
+    // alreadyGranted: every holder has one 200 at least, nobody else any.
+    let answered_200: BTreeSet<&String> = answered
+        .iter()
+        .filter(|a| a.status == 200)
+        .map(|a| &a.customer)
+        .collect();
+    assert_eq!(answered_200, s.grants.keys().collect());
+    assert!(granted_now.len() as u64 <= coupons);
+    assert!(answered
+        .iter()
+        .filter(|a| a.status == 410)
+        .all(|a| a.error == "sold_out" && a.at_ms >= finished_ms));
 }
