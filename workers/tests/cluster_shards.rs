@@ -535,6 +535,67 @@ async fn crowd_on_three_shards_grants_exactly_the_stock_and_every_number_once() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_customer_granted_meanwhile_elsewhere_gets_their_coupon_not_the_sold_out() {
+    // The same customer in two batches at once: one batch finds home empty
+    // and waits for a refill while the other is granted the last coupon;
+    // the waiting batch's sold-out check then finishes the promotion. Its
+    // refill is called here in that state: home empty, every shard known
+    // empty, the customer a holder.
+    let c = cluster(3, 0);
+    let mut con = connect(&c);
+    let map = sharded(&c, &mut con, "meanwhile", 3, 3, 600_000, None).await;
+    let mut view = StockView::new(3);
+    let everyone: Vec<CustomerId> = (0..60).map(|i| customer(format!("m-{i}"))).collect();
+    let mut holder = None;
+    for who in &everyone {
+        let home = map.home(who);
+        let answers = shards::grab(
+            &mut con,
+            &map,
+            home,
+            std::slice::from_ref(who),
+            &mut view,
+            None,
+        )
+        .await
+        .unwrap();
+        if let ShardAnswer::Granted(coupon) = &answers[0] {
+            holder = Some((who.clone(), coupon.clone()));
+        }
+    }
+    let (holder, coupon) = holder.expect("three coupons granted");
+    let home = map.home(&holder);
+    let other = everyone
+        .iter()
+        .find(|c| map.home(c) == home && **c != holder)
+        .unwrap()
+        .clone();
+    let mut all_empty = StockView::new(3);
+    for i in 0..3 {
+        all_empty.saw(i, 0);
+    }
+    let answers = shards::refill(
+        &mut con,
+        &map,
+        home,
+        &[holder.clone(), other],
+        &mut all_empty,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        answers,
+        [ShardAnswer::AlreadyGranted(coupon), ShardAnswer::SoldOut],
+        "the holder gets their coupon, the other the sold-out"
+    );
+    let reads = read_all(&mut con, &map).await;
+    assert_conserved(&reads, 3);
+    let (reason, total, _) = audit(&map, &reads).finished.expect("finished");
+    assert_eq!((reason, total), (FinishReason::SoldOut, 3));
+}
+
 /// Takes a move of `map` from shard `from` to shard `to` (grants `waiting`
 /// in step 2) up to step `stop_after` (1, 2 or 3), as a mover killed there
 /// would leave it; returns the move.

@@ -1,6 +1,9 @@
 //! Group commit: grabs of one promotion share Redis calls.
 //!
-//! Every promotion has a lane. A grab that finds its lane idle starts a
+//! Every promotion has a lane per home shard ([`Home`]): one lane for an
+//! unsharded promotion, S for one sharded over S shards, since a batch must
+//! be one shard's customers to be one slot's atomic call. A grab that finds
+//! its lane idle starts a
 //! driver and is sent at once, alone (no timer: no added latency when the
 //! load is light). Grabs that arrive while a call of their promotion is in
 //! flight queue in the lane and go together in the next call, up to
@@ -9,8 +12,8 @@
 //! read and one clock reading serve a whole batch.
 //!
 //! Each lane has its own driver task, so a grab never waits behind another
-//! promotion's batch; only behind the one call of its own promotion in
-//! flight. The driver, not the request, owns the call: a client that
+//! promotion's batch, nor behind another shard's of its own promotion; only
+//! behind the one call of its own lane in flight. The driver, not the request, owns the call: a client that
 //! disconnects cannot cancel a batch other customers are in.
 //!
 //! Every customer gets its own answer from the batch's reply; when the call
@@ -24,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
+use crate::protocol::shards::ShardError;
 use crate::protocol::{CustomerId, DurableGrabError, GrabOutcome, PromotionId, ScriptError};
 
 /// Why a customer's grab has no outcome.
@@ -35,6 +39,14 @@ pub enum GrabFailure {
     Store(Arc<ScriptError>),
     /// Granted (or held) on the master, but too few replicas confirmed it.
     NotReplicated(Arc<DurableGrabError>),
+    /// The same, from a shard of a sharded promotion.
+    Unconfirmed,
+    /// A shard's window ended on its own clock but the promotion's finish
+    /// is not recorded yet (shard clocks skewed): nothing was granted, retry.
+    Closing,
+    /// A grab of a sharded promotion failed for the whole batch (see
+    /// [`ShardError`]: Redis, a step not durable, a stale map...).
+    Shards(Arc<ShardError>),
 }
 
 /// One customer's answer.
@@ -44,24 +56,49 @@ pub type GrabAnswer = Result<GrabOutcome, GrabFailure>;
 /// failure of the whole batch.
 pub type BatchFuture = Pin<Box<dyn Future<Output = Result<Vec<GrabAnswer>, GrabFailure>> + Send>>;
 
-/// Sends one batch of one promotion to Redis.
-pub type BatchCall = Arc<dyn Fn(PromotionId, Vec<CustomerId>) -> BatchFuture + Send + Sync>;
+/// Sends one batch of one lane (promotion and home shard) to Redis.
+pub type BatchCall = Arc<dyn Fn(PromotionId, Home, Vec<CustomerId>) -> BatchFuture + Send + Sync>;
+
+/// Which lane of its promotion a grab joins: the customer's home shard
+/// under the shard map of `shards` shards it was placed with. The count is
+/// part of the key so that customers placed with two different maps (a map
+/// re-read before the start) never share a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Home {
+    pub shards: u32,
+    pub shard: u32,
+}
+
+impl Home {
+    /// The one lane of an unsharded promotion (S = 1).
+    pub const UNSHARDED: Home = Home {
+        shards: 1,
+        shard: 0,
+    };
+
+    pub fn is_sharded(self) -> bool {
+        self.shards > 1
+    }
+}
 
 struct Waiter {
     customer: CustomerId,
     answer: oneshot::Sender<GrabAnswer>,
 }
 
-/// The grabs of one promotion waiting for the call in flight to return.
-#[derive(Default)]
+/// The grabs of one home shard of one promotion waiting for the call in
+/// flight to return.
 struct Lane {
+    home: Home,
     waiting: Vec<Waiter>,
 }
 
-/// The lanes of every promotion with a call in flight; a promotion without
-/// one has no lane.
+/// The lanes of every promotion with a call in flight; a lane without one
+/// is removed. A promotion's lanes are few (at most S, and only those with
+/// a call in flight), so they are found by a scan, which costs the
+/// unsharded promotion's one lane nothing.
 struct Lanes {
-    by_promotion: Mutex<HashMap<PromotionId, Lane>>,
+    by_promotion: Mutex<HashMap<PromotionId, Vec<Lane>>>,
     max: usize,
     call: BatchCall,
     on_batch: Option<Arc<dyn Fn(usize) + Send + Sync>>,
@@ -100,9 +137,15 @@ impl GroupCommit {
         this
     }
 
-    /// `customer` grabs a coupon of `promotion`: sent at once when no call
-    /// of that promotion is in flight, else with the next batch.
-    pub async fn grab(&self, promotion: &PromotionId, customer: CustomerId) -> GrabAnswer {
+    /// `customer`, whose home shard is `home`, grabs a coupon of
+    /// `promotion`: sent at once when no call of that lane is in flight,
+    /// else with the lane's next batch.
+    pub async fn grab(
+        &self,
+        promotion: &PromotionId,
+        home: Home,
+        customer: CustomerId,
+    ) -> GrabAnswer {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut lanes = self
@@ -114,24 +157,38 @@ impl GroupCommit {
                 customer,
                 answer: tx,
             };
+            let lane = Lane {
+                home,
+                waiting: Vec::new(),
+            };
             match lanes.get_mut(promotion) {
-                Some(lane) => {
-                    lane.waiting.push(waiter);
-                    false
-                }
+                Some(of_promotion) => match of_promotion.iter_mut().find(|l| l.home == home) {
+                    Some(lane) => {
+                        lane.waiting.push(waiter);
+                        false
+                    }
+                    None => {
+                        of_promotion.push(Lane {
+                            waiting: vec![waiter],
+                            ..lane
+                        });
+                        true
+                    }
+                },
                 None => {
                     lanes.insert(
                         promotion.clone(),
-                        Lane {
+                        vec![Lane {
                             waiting: vec![waiter],
-                        },
+                            ..lane
+                        }],
                     );
                     true
                 }
             }
         };
         if start {
-            tokio::spawn(drive(self.lanes.clone(), promotion.clone()));
+            tokio::spawn(drive(self.lanes.clone(), promotion.clone(), home));
         }
         // The driver always answers (or drops the sender only if the
         // runtime shuts down under it).
@@ -141,15 +198,22 @@ impl GroupCommit {
 
 /// Sends the lane's waiting grabs, `max` at a time, until none is left; then
 /// removes the lane, so that the next grab starts a new driver.
-async fn drive(lanes: Arc<Lanes>, promotion: PromotionId) {
+async fn drive(lanes: Arc<Lanes>, promotion: PromotionId, home: Home) {
     loop {
         let batch: Vec<Waiter> = {
             let mut by_promotion = lanes.by_promotion.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(lane) = by_promotion.get_mut(&promotion) else {
+            let Some(of_promotion) = by_promotion.get_mut(&promotion) else {
                 return;
             };
+            let Some(i) = of_promotion.iter().position(|l| l.home == home) else {
+                return;
+            };
+            let lane = &mut of_promotion[i];
             if lane.waiting.is_empty() {
-                by_promotion.remove(&promotion);
+                of_promotion.swap_remove(i);
+                if of_promotion.is_empty() {
+                    by_promotion.remove(&promotion);
+                }
                 return;
             }
             let n = lane.waiting.len().min(lanes.max);
@@ -159,7 +223,7 @@ async fn drive(lanes: Arc<Lanes>, promotion: PromotionId) {
             observe(batch.len());
         }
         let customers = batch.iter().map(|w| w.customer.clone()).collect();
-        match (lanes.call)(promotion.clone(), customers).await {
+        match (lanes.call)(promotion.clone(), home, customers).await {
             Ok(answers) if answers.len() == batch.len() => {
                 for (waiter, answer) in batch.into_iter().zip(answers) {
                     let _ = waiter.answer.send(answer);
@@ -198,11 +262,10 @@ mod tests {
         CustomerId::parse(&format!("c{n}")).unwrap()
     }
 
-    /// A fake store: each call of promotion "held" waits for its gate;
-    /// others answer at once. Every customer is granted its position in
-    /// the call, and every batch is recorded.
+    /// A fake store: each call of promotion "held" on shard 0 waits for its
+    /// gate; others answer at once. Every batch is recorded.
     struct Fake {
-        batches: Mutex<Vec<(String, Vec<String>)>>,
+        batches: Mutex<Vec<(String, Home, Vec<String>)>>,
         gates: Mutex<Vec<oneshot::Sender<()>>>,
         calls: AtomicUsize,
     }
@@ -214,7 +277,7 @@ mod tests {
             calls: AtomicUsize::new(0),
         });
         let g = f.clone();
-        let call: BatchCall = Arc::new(move |p: PromotionId, cs: Vec<CustomerId>| {
+        let call: BatchCall = Arc::new(move |p: PromotionId, home: Home, cs: Vec<CustomerId>| {
             let g = g.clone();
             Box::pin(async move {
                 g.calls.fetch_add(1, Ordering::SeqCst);
@@ -222,8 +285,8 @@ mod tests {
                 g.batches
                     .lock()
                     .unwrap()
-                    .push((p.name().to_owned(), names.clone()));
-                if p.name() == "held" {
+                    .push((p.name().to_owned(), home, names.clone()));
+                if p.name() == "held" && home.shard == 0 {
                     let (tx, rx) = oneshot::channel();
                     g.gates.lock().unwrap().push(tx);
                     let _ = rx.await;
@@ -248,7 +311,7 @@ mod tests {
     async fn held_at_its_gate(gc: &GroupCommit, f: &Fake) -> tokio::task::JoinHandle<GrabAnswer> {
         let held = tokio::spawn({
             let gc = gc.clone();
-            async move { gc.grab(&id("held"), customer(0)).await }
+            async move { gc.grab(&id("held"), Home::UNSHARDED, customer(0)).await }
         });
         until(|| f.gates.lock().unwrap().len() == 1).await;
         held
@@ -263,11 +326,11 @@ mod tests {
         for n in 1..=5 {
             let gc = gc.clone();
             queued.push(tokio::spawn(async move {
-                gc.grab(&id("held"), customer(n)).await
+                gc.grab(&id("held"), Home::UNSHARDED, customer(n)).await
             }));
         }
         until(|| {
-            gc.lanes.by_promotion.lock().unwrap()[&id("held")]
+            gc.lanes.by_promotion.lock().unwrap()[&id("held")][0]
                 .waiting
                 .len()
                 == 5
@@ -286,7 +349,7 @@ mod tests {
             assert!(q.await.unwrap().is_ok());
         }
         let batches = f.batches.lock().unwrap().clone();
-        let sizes: Vec<Vec<String>> = batches.into_iter().map(|(_, b)| b).collect();
+        let sizes: Vec<Vec<String>> = batches.into_iter().map(|(_, _, b)| b).collect();
         assert_eq!(
             sizes,
             vec![
@@ -309,7 +372,7 @@ mod tests {
         let held = held_at_its_gate(&gc, &f).await;
         // "held"'s call never returns until its gate opens, yet another
         // promotion's grab is answered meanwhile.
-        let other = gc.grab(&id("other"), customer(1)).await;
+        let other = gc.grab(&id("other"), Home::UNSHARDED, customer(1)).await;
         assert!(other.is_ok());
         assert!(!held.is_finished());
         f.gates.lock().unwrap().pop().unwrap().send(()).unwrap();
@@ -322,7 +385,7 @@ mod tests {
         let gc = GroupCommit::new(64, call);
         let answers = futures::future::join_all((0..4).map(|n| {
             let gc = gc.clone();
-            async move { gc.grab(&id("broken"), customer(n)).await }
+            async move { gc.grab(&id("broken"), Home::UNSHARDED, customer(n)).await }
         }))
         .await;
         assert!(answers
@@ -330,6 +393,65 @@ mod tests {
             .all(|a| matches!(a, Err(GrabFailure::Timeout))));
         assert!(f.calls.load(Ordering::SeqCst) >= 1);
         assert!(gc.lanes.by_promotion.lock().unwrap().is_empty());
-        assert!(gc.grab(&id("fine"), customer(9)).await.is_ok());
+        assert!(gc
+            .grab(&id("fine"), Home::UNSHARDED, customer(9))
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn each_home_shard_of_a_promotion_has_its_own_lane_and_batches_never_mix_shards() {
+        let (f, call) = fake();
+        let gc = GroupCommit::new(64, call);
+        let shard = |shard| Home { shards: 3, shard };
+        // Shard 0 of "held" is held at its gate: shards 1 and 2 of the same
+        // promotion are answered meanwhile.
+        let held = tokio::spawn({
+            let gc = gc.clone();
+            async move { gc.grab(&id("held"), shard(0), customer(0)).await }
+        });
+        until(|| f.gates.lock().unwrap().len() == 1).await;
+        assert!(gc.grab(&id("held"), shard(1), customer(1)).await.is_ok());
+        assert!(gc.grab(&id("held"), shard(2), customer(2)).await.is_ok());
+        // Grabs of shard 0 queue behind its call; one of S = 1 has a lane of
+        // its own (a map re-read before the start).
+        let queued: Vec<_> = [(shard(0), 3), (Home::UNSHARDED, 4), (shard(0), 5)]
+            .into_iter()
+            .map(|(home, n)| {
+                let gc = gc.clone();
+                tokio::spawn(async move { gc.grab(&id("held"), home, customer(n)).await })
+            })
+            .collect();
+        // The S = 1 lane starts its own call (held too: its shard is 0).
+        until(|| {
+            let lanes = gc.lanes.by_promotion.lock().unwrap();
+            let waiting: usize = lanes[&id("held")].iter().map(|l| l.waiting.len()).sum();
+            waiting == 2 && f.gates.lock().unwrap().len() == 2
+        })
+        .await;
+        // Release calls until every grab is answered.
+        while !(held.is_finished() && queued.iter().all(|q| q.is_finished())) {
+            if let Some(gate) = f.gates.lock().unwrap().pop() {
+                let _ = gate.send(());
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(held.await.unwrap().is_ok());
+        for q in queued {
+            assert!(q.await.unwrap().is_ok());
+        }
+        let batches = f.batches.lock().unwrap().clone();
+        let of = |home: Home| -> Vec<Vec<String>> {
+            batches
+                .iter()
+                .filter(|(_, h, _)| *h == home)
+                .map(|(_, _, b)| b.clone())
+                .collect()
+        };
+        assert_eq!(of(shard(0)), [vec!["c0"], vec!["c3", "c5"]]);
+        assert_eq!(of(shard(1)), [vec!["c1"]]);
+        assert_eq!(of(shard(2)), [vec!["c2"]]);
+        assert_eq!(of(Home::UNSHARDED), [vec!["c4"]]);
+        assert!(gc.lanes.by_promotion.lock().unwrap().is_empty());
     }
 }

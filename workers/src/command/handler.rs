@@ -7,9 +7,12 @@
 //! 3. A promotion remembered over answers its prepared 410 at once to
 //!    everyone its holders' set says holds nothing (most of the load after
 //!    a sale); a promotion remembered unknown is answered from memory.
-//! 4. Anything else joins its promotion's group commit ([`GroupCommit`]):
-//!    sent at once when no call of that promotion is in flight, else with
-//!    the next batch, one Redis round trip for the whole batch.
+//! 4. Anything else joins its lane of the group commit ([`GroupCommit`]):
+//!    the promotion's one lane, or for a promotion sharded over S shards
+//!    (its map read once, [`ShardMaps`]) the lane of the customer's home
+//!    shard. Sent at once when no call of that lane is in flight, else with
+//!    the next batch: one Redis round trip for the whole batch (a sharded
+//!    batch whose home shard is empty also moves stock, see [`sharded`]).
 //!
 //! The handler never answers 200 unless the grab function said granted or
 //! already granted, i.e. the coupon is in the stream.
@@ -23,13 +26,16 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::group_commit::{BatchCall, GrabFailure, GroupCommit};
+use super::group_commit::{BatchCall, BatchFuture, GrabAnswer, GrabFailure, GroupCommit, Home};
 use super::holders::HolderSetBuilder;
 use super::memory::{Closed, Known, PromotionMemory};
 use super::request::{grab_customer, parse_grab, GrabRequest};
+use super::shard_maps::{Route, ShardMaps};
+use super::sharded::{self, Opening};
 use crate::http::extract::{read_body, PromotionPath};
 use crate::http::{json, ApiError, Outcome};
 use crate::metrics::{CommandMetrics, RedisMetrics};
+use crate::protocol::shards::{self, ShardError};
 use crate::protocol::{
     self, Coupon, CustomerId, Durability, FinishReason, GrabOutcome, PromotionId, ScriptError,
 };
@@ -53,6 +59,13 @@ pub struct CommandOptions {
 /// The default of `--grab-batch-max`.
 pub const DEFAULT_BATCH_MAX: usize = 64;
 
+/// A sharded batch may take several calls (a stock move is two before its
+/// customers are answered; the sold-out check 2S - 1 reads, a finish and S -
+/// 1 closes), each bounded by the Redis timeout: the batch as a whole gets
+/// this many timeouts. Past it the batch is answered 503 (outcome unknown);
+/// every step it left half done is completed by whoever meets it next.
+pub const SHARDED_BATCH_TIMEOUTS: u32 = 4;
+
 /// The rate limit of the grab path, by what it tells clients apart.
 enum GrabRateLimit {
     ByIp {
@@ -68,6 +81,7 @@ pub struct CommandApi {
     options: CommandOptions,
     group: GroupCommit,
     memory: PromotionMemory,
+    maps: Arc<ShardMaps>,
     rate_limit: Option<GrabRateLimit>,
     redis_metrics: Option<RedisMetrics>,
     metrics: Option<CommandMetrics>,
@@ -75,12 +89,14 @@ pub struct CommandApi {
 
 impl CommandApi {
     pub fn new(redis: RedisConnection, options: CommandOptions) -> Self {
-        let group = GroupCommit::new(options.batch_max, batch_call(&redis, &options));
+        let maps = Arc::new(ShardMaps::default());
+        let group = GroupCommit::new(options.batch_max, batch_call(&redis, &options, &maps));
         Self {
             redis,
             options,
             group,
             memory: PromotionMemory::default(),
+            maps,
             rate_limit: None,
             redis_metrics: None,
             metrics: None,
@@ -108,7 +124,7 @@ impl CommandApi {
         let observed = command.clone();
         self.group = GroupCommit::observing(
             self.options.batch_max,
-            batch_call(&self.redis, &self.options),
+            batch_call(&self.redis, &self.options, &self.maps),
             Arc::new(move |n| observed.batch(n)),
         );
         self.redis_metrics = Some(redis);
@@ -192,7 +208,11 @@ impl CommandApi {
             promotion,
             customer,
         } = grab;
-        let outcome = match self.group.grab(promotion, customer.clone()).await {
+        let home = match self.home(promotion, customer).await {
+            Ok(home) => home,
+            Err(response) => return response,
+        };
+        let outcome = match self.group.grab(promotion, home, customer.clone()).await {
             Ok(outcome) => outcome,
             Err(GrabFailure::Timeout) => {
                 return self.redis_failed(
@@ -201,28 +221,14 @@ impl CommandApi {
                     format!("no answer within {:?}", self.options.redis_timeout),
                 )
             }
-            Err(GrabFailure::Store(e)) => match &*e {
-                ScriptError::Redis(e) => {
-                    let kind = if e.is_timeout() {
-                        "timeout"
-                    } else {
-                        "connection"
-                    };
-                    return self.redis_failed(kind, promotion, e.to_string());
-                }
-                e @ ScriptError::BadReply(_) => {
-                    if let Some(m) = &self.redis_metrics {
-                        m.error("grab", "reply");
-                    }
-                    tracing::error!(%promotion, error = %e, "grab function answered unexpectedly");
-                    return ApiError::internal(
-                        "the coupon store answered unexpectedly, so whether this grab was recorded \
-                         is unknown; a retry is safe and answers your coupon if you got one",
-                    )
-                    .into_response();
-                }
-            },
-            Err(GrabFailure::NotReplicated(e)) => return self.not_replicated(promotion, &e),
+            Err(GrabFailure::Store(e)) => return self.store_failed(promotion, &e),
+            Err(GrabFailure::NotReplicated(e)) => return self.not_replicated(promotion, &*e),
+            Err(GrabFailure::Unconfirmed) => {
+                return self
+                    .not_replicated(promotion, &"a shard's grant is not on its replicas yet")
+            }
+            Err(GrabFailure::Closing) => return closing(promotion),
+            Err(GrabFailure::Shards(e)) => return self.shards_failed(promotion, &e),
         };
         match outcome {
             GrabOutcome::Granted { coupon, sold_out } => {
@@ -241,16 +247,96 @@ impl CommandApi {
                 publish_time,
             } => {
                 self.memory.forget_unknown(promotion);
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "not_started",
-                    format!("promotion {promotion} opens at {publish_time}, in {opens_in_ms} ms"),
-                )
-                .retry_after(opens_in_ms.div_ceil(1000).max(1))
-                .into_response()
+                not_started(promotion, opens_in_ms, &publish_time)
             }
             GrabOutcome::SoldOut => self.over(promotion, FinishReason::SoldOut).response(),
             GrabOutcome::Finished { reason } => self.over(promotion, reason).response(),
+        }
+    }
+
+    /// The lane of `customer`'s grab of `promotion`: the one lane of an
+    /// unsharded promotion, else their home shard's. The map is in memory
+    /// after a promotion's first grab; reading it (once, however many grabs
+    /// wait for it) is bounded by the Redis timeout.
+    async fn home(&self, promotion: &PromotionId, customer: &CustomerId) -> Result<Home, Response> {
+        if let Some(route) = self.maps.cached(promotion) {
+            return Ok(route.home(customer));
+        }
+        let mut con = self.redis.clone();
+        let read = self.maps.route(&mut con, promotion);
+        match tokio::time::timeout(self.options.redis_timeout, read).await {
+            Ok(Ok(route)) => Ok(route.home(customer)),
+            Ok(Err(e)) => Err(self.shards_failed(promotion, &e)),
+            Err(_) => Err(self.redis_failed(
+                "timeout",
+                promotion,
+                format!(
+                    "shard map: no answer within {:?}",
+                    self.options.redis_timeout
+                ),
+            )),
+        }
+    }
+
+    /// The answer to a Redis failure of the whole batch: 503 when Redis did
+    /// not answer (outcome unknown), 500 when it answered nonsense.
+    fn store_failed(&self, promotion: &PromotionId, e: &ScriptError) -> Response {
+        match e {
+            ScriptError::Redis(e) => {
+                let kind = if e.is_timeout() {
+                    "timeout"
+                } else {
+                    "connection"
+                };
+                self.redis_failed(kind, promotion, e.to_string())
+            }
+            e @ ScriptError::BadReply(_) => {
+                if let Some(m) = &self.redis_metrics {
+                    m.error("grab", "reply");
+                }
+                tracing::error!(%promotion, error = %e, "grab function answered unexpectedly");
+                ApiError::internal(
+                    "the coupon store answered unexpectedly, so whether this grab was recorded \
+                     is unknown; a retry is safe and answers your coupon if you got one",
+                )
+                .into_response()
+            }
+        }
+    }
+
+    /// The answer to a sharded batch that failed as a whole. Whatever it
+    /// left half done (a stock move) is completed by whoever meets it next,
+    /// so every one of these is safe to retry.
+    fn shards_failed(&self, promotion: &PromotionId, e: &ShardError) -> Response {
+        match e {
+            ShardError::Script(e) => self.store_failed(promotion, e),
+            // A step (a move's, or the finish's) not on the replicas yet:
+            // its customers may have been granted on the master.
+            ShardError::NotDurable { .. } => self.not_replicated(promotion, e),
+            ShardError::Unknown(0) => {
+                self.memory.unknown(promotion);
+                unknown(promotion.namespace(), promotion.name())
+            }
+            // Due on a shard's clock, not yet on shard 0's (skewed clocks).
+            ShardError::NotOpen {
+                publish_ms, now_ms, ..
+            } => {
+                let o = Opening::at(*publish_ms, *now_ms);
+                not_started(promotion, o.opens_in_ms, &o.publish_time)
+            }
+            ShardError::Unknown(_)
+            | ShardError::StaleMap { .. }
+            | ShardError::Map { .. }
+            | ShardError::NoSuchShard { .. }
+            | ShardError::NotHome { .. }
+            | ShardError::NoProgress(_) => {
+                tracing::debug!(%promotion, error = %e, "sharded grab to retry");
+                ApiError::unavailable(format!(
+                    "promotion {promotion} could not take this grab now ({e}); nothing was \
+                     granted by it: retry in a moment"
+                ))
+                .into_response()
+            }
         }
     }
 
@@ -271,9 +357,22 @@ impl CommandApi {
         }
         let mut con = self.redis.clone();
         let promotion = promotion.clone();
+        let maps = self.maps.clone();
         tokio::spawn(async move {
             let mut builder = HolderSetBuilder::default();
-            match protocol::holders(&mut con, &promotion, |id| builder.add(id)).await {
+            let add = |id: &[u8]| builder.add(id);
+            // A sharded promotion's holders are in every shard's hash: a set
+            // of shard 0's alone would turn the others' holders away.
+            let read = match maps.route(&mut con, &promotion).await {
+                Ok(Route::Sharded(s)) => shards::holders(&mut con, &s.map, add)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Ok(Route::Unsharded) => protocol::holders(&mut con, &promotion, add)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match read {
                 Ok(()) => {
                     let set = builder.build();
                     tracing::info!(%promotion, bytes = set.bytes(), "holders of a finished promotion loaded");
@@ -309,7 +408,7 @@ impl CommandApi {
     /// 503 for a grant the master holds but too few replicas confirmed: it
     /// may be lost in a failover, so it is not promised; the retry finds it
     /// (same coupon) or, if a failover lost it, grabs again.
-    fn not_replicated(&self, promotion: &PromotionId, e: &protocol::DurableGrabError) -> Response {
+    fn not_replicated(&self, promotion: &PromotionId, e: &dyn std::fmt::Display) -> Response {
         if let Some(m) = &self.metrics {
             m.not_replicated();
         }
@@ -386,36 +485,119 @@ pub async fn grab(
 }
 
 /// What sends one batch: the group commit's call, bounded by the Redis
-/// timeout, with one `WAIT` per batch for durable grabs.
-fn batch_call(redis: &RedisConnection, options: &CommandOptions) -> BatchCall {
+/// timeout, with one `WAIT` per batch for durable grabs. A sharded lane's
+/// batch is [`sharded_batch`], boxed apart so that its larger state never
+/// weighs on the unsharded batch's future.
+fn batch_call(
+    redis: &RedisConnection,
+    options: &CommandOptions,
+    maps: &Arc<ShardMaps>,
+) -> BatchCall {
     let redis = redis.clone();
     let timeout = options.redis_timeout;
     let durability = options.durability;
-    Arc::new(move |promotion: PromotionId, customers: Vec<CustomerId>| {
-        let mut con = redis.clone();
-        Box::pin(async move {
-            let call = async {
-                match durability {
-                    None => protocol::grab_batch(&mut con, &promotion, &customers)
-                        .await
-                        .map(|outcomes| outcomes.into_iter().map(Ok).collect()),
-                    Some(d) => protocol::grab_batch_durable(&mut con, &promotion, &customers, d)
-                        .await
-                        .map(|answers| {
-                            answers
-                                .into_iter()
-                                .map(|a| a.map_err(|e| GrabFailure::NotReplicated(Arc::new(e))))
-                                .collect()
-                        }),
-                }
-            };
-            match tokio::time::timeout(timeout, call).await {
-                Err(_) => Err(GrabFailure::Timeout),
-                Ok(Err(e)) => Err(GrabFailure::Store(Arc::new(e))),
-                Ok(Ok(answers)) => Ok(answers),
+    let maps = maps.clone();
+    Arc::new(
+        move |promotion: PromotionId, home: Home, customers: Vec<CustomerId>| -> BatchFuture {
+            let (con, maps) = (redis.clone(), maps.clone());
+            if home.is_sharded() {
+                let bound = timeout * SHARDED_BATCH_TIMEOUTS;
+                return Box::pin(sharded_batch(
+                    con, maps, promotion, home, customers, durability, bound,
+                ));
             }
-        })
-    })
+            Box::pin(unsharded_batch(
+                con, maps, promotion, customers, durability, timeout,
+            ))
+        },
+    )
+}
+
+/// One batch of an unsharded promotion: one `FCALL` (and `WAIT` when
+/// durable), as before shards existed.
+async fn unsharded_batch(
+    mut con: RedisConnection,
+    maps: Arc<ShardMaps>,
+    promotion: PromotionId,
+    customers: Vec<CustomerId>,
+    durability: Option<Durability>,
+    timeout: Duration,
+) -> Result<Vec<GrabAnswer>, GrabFailure> {
+    let call = async {
+        match durability {
+            None => protocol::grab_batch(&mut con, &promotion, &customers)
+                .await
+                .map(|outcomes| outcomes.into_iter().map(Ok).collect::<Vec<GrabAnswer>>()),
+            Some(d) => protocol::grab_batch_durable(&mut con, &promotion, &customers, d)
+                .await
+                .map(|answers| {
+                    answers
+                        .into_iter()
+                        .map(|a| a.map_err(|e| GrabFailure::NotReplicated(Arc::new(e))))
+                        .collect()
+                }),
+        }
+    };
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(GrabFailure::Timeout),
+        Ok(Err(e)) => {
+            // Among the nonsense: "this promotion is sharded" (its map was
+            // written after this worker read none). Read the map again.
+            if matches!(e, ScriptError::BadReply(_)) {
+                maps.forget(&promotion);
+            }
+            Err(GrabFailure::Store(Arc::new(e)))
+        }
+        Ok(Ok(answers)) => {
+            if let Some(Ok(GrabOutcome::UnknownPromotion)) = answers.first() {
+                maps.forget(&promotion);
+            }
+            Ok(answers)
+        }
+    }
+}
+
+/// One batch of a sharded lane: the customers of `home`'s shard, served
+/// with the promotion's map and shared stock view (see [`sharded`]). A map
+/// that turns out wrong (Redis refuses it, or it changed since these
+/// customers were placed) is forgotten, so the next grab reads it again.
+async fn sharded_batch(
+    mut con: RedisConnection,
+    maps: Arc<ShardMaps>,
+    promotion: PromotionId,
+    home: Home,
+    customers: Vec<CustomerId>,
+    durability: Option<Durability>,
+    bound: Duration,
+) -> Result<Vec<GrabAnswer>, GrabFailure> {
+    let call = async {
+        let route = maps
+            .route(&mut con, &promotion)
+            .await
+            .map_err(|e| GrabFailure::Shards(Arc::new(e)))?;
+        let recorded = match &route {
+            Route::Sharded(s) if s.map.shards() == home.shards => {
+                return sharded::grab_batch(&mut con, s, home.shard, &customers, durability).await
+            }
+            Route::Sharded(s) => s.map.shards(),
+            Route::Unsharded => 1,
+        };
+        Err(GrabFailure::Shards(Arc::new(ShardError::StaleMap {
+            shard: home.shard,
+            recorded,
+            known: home.shards,
+        })))
+    };
+    let result = match tokio::time::timeout(bound, call).await {
+        Err(_) => Err(GrabFailure::Timeout),
+        Ok(result) => result,
+    };
+    if let Err(GrabFailure::Shards(e)) = &result {
+        if sharded::map_is_wrong(e) {
+            maps.forget(&promotion);
+        }
+    }
+    result
 }
 
 #[derive(Serialize)]
@@ -450,6 +632,27 @@ fn grabbed(coupon: &Coupon, already_granted: bool) -> Response {
             "granted"
         }));
     response
+}
+
+/// 409 `not_started`, with a `Retry-After` of the time left.
+fn not_started(promotion: &PromotionId, opens_in_ms: u64, publish_time: &str) -> Response {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "not_started",
+        format!("promotion {promotion} opens at {publish_time}, in {opens_in_ms} ms"),
+    )
+    .retry_after(opens_in_ms.div_ceil(1000).max(1))
+    .into_response()
+}
+
+/// 503 for a customer whose shard's window ended on its own clock while
+/// the promotion's finish is not recorded yet (shard clocks apart): no 410
+/// may precede PromotionFinished, and nothing was granted.
+fn closing(promotion: &PromotionId) -> Response {
+    ApiError::unavailable(format!(
+        "promotion {promotion} is closing; retry in a moment for its final answer"
+    ))
+    .into_response()
 }
 
 fn unknown(namespace: &str, name: &str) -> Response {

@@ -6,12 +6,20 @@
 //! validates input, maps each customer's answer to HTTP, and remembers what
 //! saves Redis a round trip.
 //!
+//! A promotion sharded over S shards (issue 14) has a lane per home shard:
+//! a batch is one shard's customers, one `FCALL seckill_v2_shard_grab` on
+//! one slot, plus the stock moves and the sold-out check of
+//! `protocol::shards` when that shard runs dry. Its answers are put in the
+//! unsharded terms, so the HTTP contract does not depend on S.
+//!
 //! | module | holds |
 //! |---|---|
 //! | [`request`] | parsing a grab (pure, property-tested and fuzzed) |
 //! | [`memory`] | the promotions remembered over or unknown, and the 410 |
 //! | [`holders`] | who holds a coupon of a promotion that is over |
-//! | [`group_commit`] | grabs of one promotion batched into one Redis call |
+//! | [`group_commit`] | grabs of one promotion (one home shard) batched into one Redis call |
+//! | [`shard_maps`] | each promotion's shard map, read once (S = 1 when it has none) |
+//! | [`sharded`] | a batch of a sharded promotion, its answers in the unsharded terms |
 //! | [`handler`] | [`CommandApi`] and the [`grab`] handler |
 //! | this one | the flags of `seckill-worker command` and [`run`] |
 //!
@@ -25,6 +33,8 @@ pub mod handler;
 pub mod holders;
 pub mod memory;
 pub mod request;
+pub mod shard_maps;
+pub mod sharded;
 
 use std::time::Duration;
 

@@ -97,13 +97,22 @@ pub async fn grab_batch<C: ConnectionLike>(
 pub async fn holders<C: ConnectionLike>(
     con: &mut C,
     id: &PromotionId,
+    each: impl FnMut(&[u8]),
+) -> Result<(), ScriptError> {
+    customers_of(con, &PromotionKeys::new(id).customers, each).await
+}
+
+/// The fields of the customers hash `key`, page by page (HSCAN): the
+/// holders of one promotion, or of one shard of a sharded one.
+pub(super) async fn customers_of<C: ConnectionLike>(
+    con: &mut C,
+    key: &str,
     mut each: impl FnMut(&[u8]),
 ) -> Result<(), ScriptError> {
-    let key = PromotionKeys::new(id).customers;
     let mut cursor: u64 = 0;
     loop {
         let (next, page): (u64, Vec<Vec<u8>>) = redis::cmd("HSCAN")
-            .arg(&key)
+            .arg(key)
             .arg(cursor)
             .arg("COUNT")
             .arg(10_000)

@@ -35,7 +35,7 @@ use super::functions::{
     MOVE_OUT, SHARD_CLOSE, SHARD_COLLECT, SHARD_GRAB, SHARD_OPEN, SHARD_PLAN, SHARD_READY,
     SHARD_REPLAN, SHARD_SCHEDULE, SHARD_START,
 };
-use super::grab::{bad, coupon, granted_at, held_coupon, int, text};
+use super::grab::{bad, coupon, customers_of, granted_at, held_coupon, int, text};
 use super::keys::shard_map_key;
 use super::lifecycle::spec_args;
 use super::placement::{home_shard, Placement};
@@ -1554,6 +1554,13 @@ impl StockView {
         }
     }
 
+    /// The last-known stock of `shard` (`None`: not yet seen), so that a
+    /// caller sharing one view among concurrent batches can merge back what
+    /// a batch saw.
+    pub fn stock(&self, shard: u32) -> Option<u64> {
+        self.0.get(shard as usize).copied().flatten()
+    }
+
     /// Whether `shard` is known to have stock.
     pub fn has_stock(&self, shard: u32) -> bool {
         matches!(self.0.get(shard as usize), Some(Some(n)) if *n > 0)
@@ -1568,6 +1575,21 @@ impl StockView {
         donors.sort_by_key(|&d| std::cmp::Reverse(self.0[d as usize].unwrap_or(u64::MAX)));
         donors
     }
+}
+
+/// Every customer holding a coupon of `map`'s promotion, shard after shard
+/// (HSCAN of each shard's customers hash), handed to `each`: what a worker
+/// reads once the promotion is over. A customer holds on their home shard
+/// only, so nobody is handed twice. For S = 1, [`super::holders`].
+pub async fn holders<C: ConnectionLike>(
+    con: &mut C,
+    map: &ShardMap,
+    mut each: impl FnMut(&[u8]),
+) -> Result<(), ShardError> {
+    for keys in &map.keys {
+        customers_of(con, &keys.customers, &mut each).await?;
+    }
+    Ok(())
 }
 
 /// `customers` (all of home shard `home`, arrival order) grab on their
@@ -1693,8 +1715,18 @@ pub async fn refill<C: ConnectionLike>(
         let Some(mv) = moved else {
             match check_sold_out(con, map, view, durable).await? {
                 SoldOutCheck::Finished { reason, .. } => {
-                    for i in open {
-                        answers[i] = Some(finished_answer(reason));
+                    // A waiting customer may have been granted meanwhile by
+                    // another caller (the same customer in two batches at
+                    // once): home answers a holder its coupon in every
+                    // phase, so it is asked once more before any 410.
+                    let batch = shard_grab(con, map, home, &who, durable).await?;
+                    for (i, answer) in open.into_iter().zip(batch.answers) {
+                        answers[i] = Some(match answer {
+                            a @ (ShardAnswer::Granted(_)
+                            | ShardAnswer::AlreadyGranted(_)
+                            | ShardAnswer::Unconfirmed(_)) => a,
+                            _ => finished_answer(reason),
+                        });
                     }
                 }
                 SoldOutCheck::Stock | SoldOutCheck::Recovered(_) | SoldOutCheck::Changed => {}
@@ -1869,6 +1901,10 @@ mod tests {
         view.saw(1, 5);
         view.saw(2, 0);
         view.saw(3, 9);
+        assert_eq!(
+            (view.stock(1), view.stock(0), view.stock(7)),
+            (Some(5), None, None)
+        );
         assert_eq!(view.donors(1), [0, 3]);
         assert_eq!(view.donors(0), [3, 1]);
         view.saw(0, 0);

@@ -1,0 +1,746 @@
+//! The command worker's grab path over stock shards (issue 14), end to end:
+//! real `seckill-worker command` processes on a real 3-master Redis Cluster
+//! started by each test, customers over HTTP, a promotion sharded over
+//! S = 3 (one shard per master) scheduled and made ready through
+//! `protocol::shards` as the operator does (the workers start it: the
+//! first grab past its publish time opens it). Every test ends with what
+//! every shard holds, read straight from Redis: each number 1..N in exactly
+//! one place, every holder on their home shard only, one Started and one
+//! Finished in shard 0's stream, and every 200 a grant of some stream.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis::streams::StreamRangeReply;
+use seckill_testkit::client::{self, metric_value};
+use seckill_testkit::eventually;
+use seckill_testkit::promotions::{id, spec_from_now};
+use seckill_testkit::redis::Fsync;
+use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+use seckill_testkit::worker::Worker;
+use seckill_workers::protocol::placement::{self, key_slot, SlotMap};
+use seckill_workers::protocol::ranges::NumberRanges;
+use seckill_workers::protocol::shards::{self, ShardMap};
+use seckill_workers::protocol::{
+    self, home_shard, shard_map_key, CustomerId, Event, FinishReason, PromotionId, EVENT_FIELD,
+};
+use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+
+/// Bounds every wait for something that must happen.
+const WITHIN: Duration = Duration::from_secs(60);
+
+/// Requests a client has in flight at once, over all workers.
+const IN_FLIGHT: usize = 24;
+
+fn cluster() -> RedisCluster {
+    cluster_with(0)
+}
+
+/// 3 masters with `replicas` replicas each.
+fn cluster_with(replicas: usize) -> RedisCluster {
+    RedisCluster::start(RedisClusterOptions {
+        masters: 3,
+        replicas_per_master: replicas,
+        node_timeout: Duration::from_millis(1000),
+        appendfsync: (replicas > 0).then_some(Fsync::Always),
+        extra: Vec::new(),
+    })
+    .expect("redis cluster starts")
+}
+
+fn connect(c: &RedisCluster) -> RedisConnection {
+    RedisArgs::for_cluster(c.seed_nodes())
+        .connect()
+        .expect("cluster connection")
+}
+
+/// `seckill-worker command` pointed at the cluster, as `cluster.rs` does.
+async fn worker(c: &RedisCluster) -> Worker {
+    worker_with(c, &[]).await
+}
+
+async fn worker_with(c: &RedisCluster, extra: &[&str]) -> Worker {
+    let nodes = c.seed_nodes().join(",");
+    // A busy 2-core machine: a grab expecting 200 must not get a 503 for
+    // being slow (see testkit's CommandOptions).
+    let mut args = vec![
+        "--redis-cluster-nodes",
+        &nodes,
+        "--redis-timeout-ms",
+        "5000",
+    ];
+    args.extend(extra);
+    Worker::serving("command", &args, Some("warn"), None).await
+}
+
+/// `shop/<name>` with `coupons` over 3 shards placed one per master, open
+/// since a second ago (not started: the workers start it), as the operator
+/// schedules it: plan, schedule every shard, ready.
+async fn sharded(
+    c: &RedisCluster,
+    con: &mut RedisConnection,
+    name: &str,
+    coupons: u64,
+) -> ShardMap {
+    sharded_from(c, con, name, coupons, -1000).await
+}
+
+async fn sharded_from(
+    c: &RedisCluster,
+    con: &mut RedisConnection,
+    name: &str,
+    coupons: u64,
+    open_in_ms: i64,
+) -> ShardMap {
+    let p = id(name);
+    let slots = SlotMap::new(
+        c.slot_map()
+            .expect("slot map")
+            .into_iter()
+            .map(|r| (r.start, r.end, r.master)),
+    );
+    let placement = placement::place(&p, 3, &slots).expect("placement");
+    let map = shards::plan(con, &p, &placement).await.expect("plan");
+    let spec = spec_from_now(0.7, coupons, open_in_ms, 600_000);
+    shards::schedule(con, &map, &spec, None)
+        .await
+        .expect("schedule");
+    let masters: BTreeSet<String> = (0..3)
+        .map(|i| {
+            c.master_for_slot(key_slot(&map.keys(i).unwrap().state))
+                .expect("master of a shard")
+        })
+        .collect();
+    assert_eq!(masters.len(), 3, "one shard per master");
+    map
+}
+
+fn host_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// One customer's final answer (200 or 410) over HTTP.
+#[derive(Debug, Clone)]
+struct Answer {
+    customer: String,
+    status: u16,
+    /// `error` of an error answer.
+    error: String,
+    coupon: Option<String>,
+    already: bool,
+    /// Host ms when it came back.
+    at_ms: i64,
+}
+
+/// The ports of the workers clients send to; a restarted worker replaces
+/// a killed one.
+type Ports = Arc<Mutex<Vec<u16>>>;
+
+/// `customer` grabs `shop/<name>` from the worker `pick` names among
+/// `ports`, retrying as a client does a 503 or a connection that failed
+/// (a worker killed), on the next worker, until a final answer.
+/// `unanswered` counts the requests that got no HTTP answer at all.
+async fn grab_until_final(
+    ports: Ports,
+    mut pick: usize,
+    name: String,
+    customer: String,
+    unanswered: &AtomicUsize,
+) -> Answer {
+    for _ in 0..1000 {
+        let port = {
+            let p = ports.lock().unwrap();
+            p[pick % p.len()]
+        };
+        match client::grab(port, "shop", &name, &customer).await {
+            Ok(r) if r.status == 503 => {}
+            Ok(r) => {
+                assert!(
+                    r.status == 200 || r.status == 410,
+                    "{customer}: HTTP {} {}",
+                    r.status,
+                    r.text
+                );
+                return Answer {
+                    customer,
+                    status: r.status,
+                    error: r.error().to_owned(),
+                    coupon: r.json["couponId"].as_str().map(str::to_owned),
+                    already: r.json["alreadyGranted"].as_bool() == Some(true),
+                    at_ms: host_ms(),
+                };
+            }
+            Err(_) => {
+                unanswered.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        pick += 1;
+        // A client's pause before retrying a 503.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{customer}: no final answer after 1000 tries");
+}
+
+/// `arrivals` (in order; repeats allowed) grab `shop/<name>`, at most
+/// [`IN_FLIGHT`] at a time, spread over `ports`, each retrying until final.
+fn start_crowd(ports: &Ports, name: &str, arrivals: Vec<String>) -> Crowd {
+    let limit = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let unanswered = Arc::new(AtomicUsize::new(0));
+    let tasks = arrivals
+        .into_iter()
+        .enumerate()
+        .map(|(n, customer)| {
+            let (ports, limit, answered) = (ports.clone(), limit.clone(), answered.clone());
+            let unanswered = unanswered.clone();
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                let _permit = limit
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore stays open");
+                let a = grab_until_final(ports, n, name, customer, &unanswered).await;
+                answered.lock().unwrap().push(a);
+            })
+        })
+        .collect();
+    Crowd {
+        answered,
+        unanswered,
+        tasks,
+    }
+}
+
+struct Crowd {
+    answered: Arc<Mutex<Vec<Answer>>>,
+    /// Requests that got no HTTP answer (their worker died under them).
+    unanswered: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Crowd {
+    fn granted(&self) -> usize {
+        let answered = self.answered.lock().unwrap();
+        answered
+            .iter()
+            .filter(|a| a.status == 200 && !a.already)
+            .count()
+    }
+
+    async fn answers(self) -> Vec<Answer> {
+        for t in self.tasks {
+            t.await.expect("a client task");
+        }
+        let out = self.answered.lock().unwrap().clone();
+        out
+    }
+}
+
+/// The customers `<prefix>-i` for i < n that `keep` keeps, 10% of them
+/// arriving twice: half of those right after their first arrival (in quick
+/// succession, likely in one batch or on two workers at once), half much
+/// later. Deterministic order.
+fn arrivals(prefix: &str, n: usize, keep: impl Fn(usize, &str) -> bool) -> Vec<String> {
+    let mut all: Vec<String> = (0..n)
+        .map(|i| format!("{prefix}-{i}"))
+        .enumerate()
+        .filter(|(i, c)| keep(*i, c))
+        .map(|(_, c)| c)
+        .collect();
+    // Interleave deterministically so homes and repeats are mixed.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in (1..all.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        all.swap(i, (seed % (i as u64 + 1)) as usize);
+    }
+    let mut out = Vec::with_capacity(n + n / 10);
+    for (i, c) in all.iter().enumerate() {
+        out.push(c.clone());
+        if i % 20 == 0 {
+            out.push(c.clone());
+        }
+    }
+    for (i, c) in all.iter().enumerate() {
+        if i % 20 == 10 {
+            out.push(c.clone());
+        }
+    }
+    out
+}
+
+async fn hash(con: &mut RedisConnection, key: &str) -> HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(con)
+        .await
+        .expect("HGETALL")
+}
+
+async fn entries(con: &mut RedisConnection, key: &str) -> Vec<(String, HashMap<String, String>)> {
+    let page: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(con)
+        .await
+        .expect("XRANGE");
+    page.ids
+        .into_iter()
+        .map(|e| {
+            let fields = e
+                .map
+                .into_iter()
+                .map(|(k, v)| (k, redis::from_redis_value(v).expect("a string field")))
+                .collect();
+            (e.id, fields)
+        })
+        .collect()
+}
+
+fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str) -> T {
+    h.get(name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("field {name} of {h:?}"))
+}
+
+/// What every shard of a sale holds, checked: conservation number by
+/// number (DESIGN-14 §7 row 4: every shard's ranges, every holder's number
+/// and the ranges of moves not yet received are exactly 1..N, none twice),
+/// every holder on their home shard and in one shard only, each shard's
+/// stream granting exactly its holders their numbers, one Started and at
+/// most one Finished, in shard 0's stream, the Finished total every
+/// stream's grants.
+#[derive(Debug)]
+struct Sale {
+    /// customer -> coupon number, from the streams.
+    grants: BTreeMap<String, u64>,
+    stock: u64,
+    in_flight: u64,
+    /// (reason, total, entry id ms) of the one PromotionFinished.
+    finished: Option<(FinishReason, u64, i64)>,
+}
+
+async fn sale(con: &mut RedisConnection, map: &ShardMap, coupons: u64) -> Sale {
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    let mut grants = BTreeMap::new();
+    let (mut stock, mut in_flight) = (0, 0);
+    let mut started = Vec::new();
+    let mut finished = Vec::new();
+    let mut moves_in = Vec::new();
+    for i in 0..map.shards() {
+        moves_in.push(hash(con, &map.keys(i).unwrap().moves_in).await);
+    }
+    for i in 0..map.shards() {
+        let k = map.keys(i).unwrap();
+        let state = hash(con, &k.state).await;
+        let mut left = NumberRanges::span(field(&state, "next"), field(&state, "upto"));
+        left.extend(&NumberRanges::parse(state.get("more").map_or("", String::as_str)).unwrap());
+        assert_eq!(left.len(), field::<u64>(&state, "stock"), "shard {i} stock");
+        stock += left.len();
+        for n in left.numbers() {
+            *seen.entry(n).or_default() += 1;
+        }
+        let customers = hash(con, &k.customers).await;
+        for (c, held) in &customers {
+            let n: u64 = held.split(':').next().unwrap().parse().unwrap();
+            *seen.entry(n).or_default() += 1;
+            let home = home_shard(&CustomerId::parse(c).unwrap(), map.shards());
+            assert_eq!(home, i, "{c} holds away from home");
+        }
+        for (move_id, record) in hash(con, &k.moves_out).await {
+            let mut parts = record.split('|');
+            let to: usize = parts.next().unwrap().parse().unwrap();
+            if !moves_in[to].contains_key(&move_id) {
+                let moving = NumberRanges::parse(parts.next().unwrap()).unwrap();
+                in_flight += moving.len();
+                for n in moving.numbers() {
+                    *seen.entry(n).or_default() += 1;
+                }
+            }
+        }
+        let mut on_shard = 0;
+        for (entry, f) in entries(con, &k.events).await {
+            if let Some(json) = f.get(EVENT_FIELD) {
+                match Event::decode(json.as_bytes()).expect("a lifecycle event") {
+                    Event::PromotionStarted(_) => started.push(i),
+                    Event::PromotionFinished(e) => {
+                        let ms = entry.split('-').next().unwrap().parse().unwrap();
+                        finished.push((i, e.reason, e.granted, ms));
+                    }
+                    other => panic!("unexpected JSON event {other:?}"),
+                }
+                continue;
+            }
+            if f.get("type").map(String::as_str) == Some("CouponGrabbed") {
+                on_shard += 1;
+                let c = f["customerId"].clone();
+                let n: u64 = field(&f, "seq");
+                let held = customers.get(&c).map(|h| h.split(':').next().unwrap());
+                assert_eq!(held, Some(f["seq"].as_str()), "the grant is the holding");
+                assert!(grants.insert(c.clone(), n).is_none(), "{c} granted twice");
+            }
+        }
+        assert_eq!(
+            on_shard,
+            customers.len(),
+            "shard {i}: stream against holders"
+        );
+    }
+    let twice: Vec<u64> = seen
+        .iter()
+        .filter(|(_, k)| **k > 1)
+        .map(|(n, _)| *n)
+        .collect();
+    let missing: Vec<u64> = (1..=coupons).filter(|n| !seen.contains_key(n)).collect();
+    assert!(
+        twice.is_empty() && missing.is_empty(),
+        "conservation: twice {twice:?}, missing {missing:?}"
+    );
+    assert_eq!(stock + grants.len() as u64 + in_flight, coupons);
+    assert_eq!(started, [0], "one PromotionStarted, in shard 0's stream");
+    assert!(finished.len() <= 1, "one PromotionFinished: {finished:?}");
+    let finished = finished.pop().map(|(shard, reason, total, ms)| {
+        assert_eq!(shard, 0, "PromotionFinished in shard 0's stream");
+        assert_eq!(total, grants.len() as u64, "Finished.granted = every grant");
+        (reason, total, ms)
+    });
+    Sale {
+        grants,
+        stock,
+        in_flight,
+        finished,
+    }
+}
+
+/// The number of a coupon id `ns/name#n`.
+fn number(coupon: &str) -> u64 {
+    coupon.rsplit('#').next().unwrap().parse().unwrap()
+}
+
+/// Every 200 in `answered` is the customer's grant in some shard's stream
+/// (none that no stream has), a customer is granted at most once, and a
+/// repeat is answered the same coupon. Answers the customers granted now.
+fn check_200s(answered: &[Answer], grants: &BTreeMap<String, u64>) -> BTreeSet<String> {
+    let mut granted_now = BTreeSet::new();
+    for a in answered.iter().filter(|a| a.status == 200) {
+        let coupon = a.coupon.as_deref().expect("a 200 names its coupon");
+        assert_eq!(
+            grants.get(&a.customer),
+            Some(&number(coupon)),
+            "{}'s 200 ({coupon}) is not their grant in a stream",
+            a.customer
+        );
+        if !a.already {
+            assert!(
+                granted_now.insert(a.customer.clone()),
+                "{} answered granted twice",
+                a.customer
+            );
+        }
+    }
+    granted_now
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crowd_over_http_on_three_shards_grants_exactly_the_stock_once_and_sold_out_only_after_finished(
+) {
+    let c = cluster();
+    let mut con = connect(&c);
+    let coupons = 90;
+    let map = sharded(&c, &mut con, "crowd", coupons).await;
+    // An unsharded promotion on the same cluster, through the same workers.
+    let plain = id("plain");
+    protocol::schedule(&mut con, &plain, &spec_from_now(0.5, 20, -1000, 600_000))
+        .await
+        .expect("schedule");
+    // And a sharded one not open yet.
+    sharded_from(&c, &mut con, "later", 30, 600_000).await;
+    let (a, b) = (worker(&c).await, worker(&c).await);
+    let ports: Ports = Arc::new(Mutex::new(vec![a.port, b.port]));
+
+    let r = a.grab("shop", "later", "early-bird").await;
+    assert_eq!((r.status, r.error()), (409, "not_started"), "{}", r.text);
+    assert!(
+        r.retry_after() >= 500,
+        "opens in about ten minutes: {}",
+        r.text
+    );
+
+    // Few customers live on shard 2: fewer than its 30 coupons, so the
+    // sale sells out only if stock moves from it to the others.
+    let arriving = arrivals("c", 300, |i, c| home_of(c, &map) != 2 || i % 6 == 0);
+    let home_2: BTreeSet<&String> = arriving.iter().filter(|c| home_of(c, &map) == 2).collect();
+    assert!(home_2.len() < 30, "{} customers of shard 2", home_2.len());
+    let arrived = arriving.len();
+    let crowd = start_crowd(&ports, "crowd", arriving);
+    let plain_crowd = start_crowd(&ports, "plain", arrivals("p", 60, |_, _| true));
+    let answered = crowd.answers().await;
+    let plain_answered = plain_crowd.answers().await;
+
+    let s = sale(&mut con, &map, coupons).await;
+    assert_eq!(
+        (s.grants.len() as u64, s.stock, s.in_flight),
+        (coupons, 0, 0)
+    );
+    let (reason, total, finished_ms) = s.finished.expect("the sale finished");
+    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
+    let granted_now = check_200s(&answered, &s.grants);
+    assert_eq!(
+        granted_now.len() as u64,
+        coupons,
+        "exactly N answered granted"
+    );
+    let numbers: BTreeSet<u64> = s.grants.values().copied().collect();
+    assert_eq!(numbers, (1..=coupons).collect(), "every number once");
+    // Every customer who arrived twice got one answer per arrival; holders'
+    // repeats are their coupon again, nobody else's is a 200.
+    assert_eq!(answered.len(), arrived);
+    for a in answered.iter().filter(|a| a.status == 410) {
+        assert_eq!(a.error, "sold_out", "{a:?}");
+        assert!(
+            !s.grants.contains_key(&a.customer),
+            "a holder answered 410: {a:?} (Finished at {finished_ms}; their answers {:?})",
+            answered
+                .iter()
+                .filter(|b| b.customer == a.customer)
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            a.at_ms >= finished_ms,
+            "sold_out answered before PromotionFinished{{SoldOut}}: {a:?} < {finished_ms}"
+        );
+    }
+    let per_shard: Vec<usize> = (0..3)
+        .map(|i| s.grants.keys().filter(|c| home_of(c, &map) == i).count())
+        .collect();
+    assert_eq!(per_shard.iter().sum::<usize>(), coupons as usize);
+    assert!(per_shard[2] < 30, "stock moved off shard 2: {per_shard:?}");
+
+    // After the sale: each holder (of every shard) asks again on both
+    // workers and gets their coupon; a customer who holds none gets 410.
+    let holders: Vec<(&String, &u64)> = s.grants.iter().collect();
+    for w in [&a, &b] {
+        let r = w.grab("shop", "crowd", "latecomer").await;
+        assert_eq!((r.status, r.error()), (410, "sold_out"), "{}", r.text);
+    }
+    // Once a worker holds the holders' set, a non-holder costs it no batch.
+    for w in [&a, &b] {
+        eventually(WITHIN, || async move {
+            let before = metric_value(&w.metrics().await, "seckill_grab_batch_size_count");
+            let r = w.grab("shop", "crowd", "latecomer").await;
+            let after = metric_value(&w.metrics().await, "seckill_grab_batch_size_count");
+            match (r.status, after - before) {
+                (410, batches) if batches < 0.5 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await;
+    }
+    for w in [&a, &b] {
+        for (who, n) in &holders {
+            let r = w.grab("shop", "crowd", who).await;
+            assert_eq!(r.status, 200, "{who}: {}", r.text);
+            assert_eq!(r.json["alreadyGranted"], true, "{who}: {}", r.text);
+            assert_eq!(r.json["couponId"], format!("shop/crowd#{n}"), "{who}");
+        }
+    }
+
+    // S = 1 on the same cluster, through the same workers, as before: no
+    // shard map, coupons 1..20, the stream's grants are the 200s.
+    assert!(!key_exists(&mut con, &shard_map_key(&plain)).await);
+    let plain_grants = plain_stream_grants(&mut con, &plain).await;
+    let plain_now = check_200s(&plain_answered, &plain_grants);
+    assert_eq!(plain_now.len(), 20);
+    let plain_numbers: BTreeSet<u64> = plain_grants.values().copied().collect();
+    assert_eq!(plain_numbers, (1..=20).collect());
+    assert!(plain_answered
+        .iter()
+        .filter(|a| a.status == 410)
+        .all(|a| a.error == "sold_out" && !plain_grants.contains_key(&a.customer)));
+    eprintln!("crowd: grants per shard {per_shard:?}");
+}
+
+fn home_of(customer: &str, map: &ShardMap) -> u32 {
+    map.home(&CustomerId::parse(customer).unwrap())
+}
+
+async fn key_exists(con: &mut RedisConnection, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(con)
+        .await
+        .expect("EXISTS")
+        == 1
+}
+
+/// customer -> coupon number of an unsharded promotion's stream.
+async fn plain_stream_grants(con: &mut RedisConnection, p: &PromotionId) -> BTreeMap<String, u64> {
+    let key = protocol::PromotionKeys::new(p).events;
+    let mut grants = BTreeMap::new();
+    for (_, f) in entries(con, &key).await {
+        if f.get("type").map(String::as_str) == Some("CouponGrabbed") {
+            let n = field(&f, "seq");
+            assert!(grants.insert(f["customerId"].clone(), n).is_none());
+        }
+    }
+    grants
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_sale_and_restarted_loses_and_duplicates_nothing_once_everyone_retries() {
+    let c = cluster();
+    let mut con = connect(&c);
+    let coupons = 120;
+    let map = sharded(&c, &mut con, "kill", coupons).await;
+    let (mut a, b) = (worker(&c).await, worker(&c).await);
+    let ports: Ports = Arc::new(Mutex::new(vec![a.port, b.port]));
+
+    // Skewed homes as in the crowd test, so that stock moves mid-sale.
+    let arriving = arrivals("k", 360, |i, c| home_of(c, &map) != 2 || i % 6 == 0);
+    let crowd = start_crowd(&ports, "kill", arriving);
+    // Mid-sale: some coupons granted, most not.
+    let so_far = &crowd;
+    eventually(WITHIN, || async move {
+        match so_far.granted() {
+            n if n >= 20 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
+    let unanswered_before = crowd.unanswered.load(Ordering::SeqCst);
+    a.kill9();
+    assert!(
+        crowd.granted() < coupons as usize,
+        "the kill came before the end of the sale"
+    );
+    // Clients of the dead worker see their connection fail and retry on
+    // the other; a new worker takes the dead one's place.
+    let restarted = worker(&c).await;
+    ports.lock().unwrap()[0] = restarted.port;
+    let unanswered = crowd.unanswered.clone();
+    let answered = crowd.answers().await;
+
+    let s = sale(&mut con, &map, coupons).await;
+    assert_eq!(
+        (s.grants.len() as u64, s.stock, s.in_flight),
+        (coupons, 0, 0)
+    );
+    let (reason, total, _) = s.finished.expect("the sale finished");
+    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
+    check_200s(&answered, &s.grants);
+    // Everyone retried until final: every holder was answered their coupon
+    // (granted, or alreadyGranted when the grant's answer died with the
+    // worker), nobody else a 200.
+    let answered_200: BTreeSet<&String> = answered
+        .iter()
+        .filter(|a| a.status == 200)
+        .map(|a| &a.customer)
+        .collect();
+    let holders: BTreeSet<&String> = s.grants.keys().collect();
+    assert_eq!(answered_200, holders);
+    let numbers: BTreeSet<u64> = s.grants.values().copied().collect();
+    assert_eq!(numbers.len() as u64, coupons, "no number twice");
+    let unanswered = unanswered.load(Ordering::SeqCst) - unanswered_before;
+    assert!(unanswered > 0, "the kill left requests unanswered");
+    let already = answered.iter().filter(|a| a.already).count();
+    eprintln!(
+        "kill: {unanswered} requests unanswered by the kill, {already} alreadyGranted answers"
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_promotion_past_its_finish_time_answers_410_finished_once_the_one_finish_is_recorded(
+) {
+    let c = cluster();
+    let mut con = connect(&c);
+    // Open for about two seconds, far more coupons than grabs.
+    let p = id("brief");
+    let slots = SlotMap::new(
+        c.slot_map()
+            .expect("slot map")
+            .into_iter()
+            .map(|r| (r.start, r.end, r.master)),
+    );
+    let placement = placement::place(&p, 3, &slots).expect("placement");
+    let map = shards::plan(&mut con, &p, &placement).await.expect("plan");
+    let spec = spec_from_now(0.7, 3000, -1000, 3000);
+    shards::schedule(&mut con, &map, &spec, None)
+        .await
+        .expect("schedule");
+    let w = worker(&c).await;
+    // Customers keep arriving until the window closes on them.
+    let (n, w) = (&AtomicUsize::new(0), &w);
+    let over = eventually(WITHIN, || async move {
+        let who = format!("late-{}", n.fetch_add(1, Ordering::SeqCst));
+        let r = w.grab("shop", "brief", &who).await;
+        match r.status {
+            410 => Ok((who, r.error().to_owned(), host_ms())),
+            status => Err(format!("{who}: {status} {}", r.text)),
+        }
+    })
+    .await;
+    let (who, error, at_ms) = over;
+    assert_eq!(error, "finished", "{who}");
+    let s = sale(&mut con, &map, 3000).await;
+    let (reason, total, finished_ms) = s.finished.expect("one PromotionFinished");
+    assert_eq!(reason, FinishReason::Expired);
+    assert_eq!(total, s.grants.len() as u64);
+    assert!(at_ms >= finished_ms, "410 before PromotionFinished");
+    assert!(
+        !s.grants.is_empty(),
+        "customers were granted before the end"
+    );
+    // Holders of every shard still get their coupon; the stock left stays.
+    for (holder, n) in &s.grants {
+        let r = w.grab("shop", "brief", holder).await;
+        assert_eq!(r.status, 200, "{holder}: {}", r.text);
+        assert_eq!(r.json["couponId"], format!("shop/brief#{n}"));
+    }
+    assert_eq!(s.stock + s.grants.len() as u64, 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_workers_on_three_shards_with_replicas_answer_200_only_for_grants_in_the_streams() {
+    // 3 masters + 3 replicas; every worker waits for one replica before a
+    // 200 and takes every move step only once the step before it is on a
+    // replica (DESIGN-14 §3.2).
+    let c = cluster_with(1);
+    let mut con = connect(&c);
+    let coupons = 60;
+    let map = sharded(&c, &mut con, "durable", coupons).await;
+    let durable = ["--durable-replicas", "1", "--durable-timeout-ms", "1000"];
+    let (a, b) = (
+        worker_with(&c, &durable).await,
+        worker_with(&c, &durable).await,
+    );
+    let ports: Ports = Arc::new(Mutex::new(vec![a.port, b.port]));
+    let arriving = arrivals("d", 200, |i, c| home_of(c, &map) != 2 || i % 6 == 0);
+    let answered = start_crowd(&ports, "durable", arriving).answers().await;
+
+    let s = sale(&mut con, &map, coupons).await;
+    assert_eq!(
+        (s.grants.len() as u64, s.stock, s.in_flight),
+        (coupons, 0, 0)
+    );
+    let (reason, total, finished_ms) = s.finished.expect("the sale finished");
+    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
+    let granted_now = check_200s(&answered, &s.grants);
+    // A grant whose replica ack came late was answered 503 and its retry
+    // alreadyGranted: every holder has one 200 at least, nobody else any.
+    let answered_200: BTreeSet<&String> = answered
+        .iter()
+        .filter(|a| a.status == 200)
+        .map(|a| &a.customer)
+        .collect();
+    assert_eq!(answered_200, s.grants.keys().collect());
+    assert!(granted_now.len() as u64 <= coupons);
+    assert!(answered
+        .iter()
+        .filter(|a| a.status == 410)
+        .all(|a| a.error == "sold_out" && a.at_ms >= finished_ms));
+}
