@@ -290,3 +290,88 @@ fn roles_are_checked_and_a_missing_redis_server_is_explained() {
         "{err}"
     );
 }
+
+/// The README's sharded sale, as a user runs it: `seckill up` on a
+/// three-master Redis Cluster (every node `appendfsync always`, which the
+/// flag acknowledges), a manifest with `shards: 3`, and `seckill load`
+/// verifying every coupon through the query API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sharded_manifest_on_a_redis_cluster_sells_exactly_its_coupons_one_shard_per_master() {
+    use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+    use seckill_workers::protocol::ShardKeys;
+    use seckill_workers::redis_connection::RedisArgs;
+    use seckill_workers::redis_server::Fsync;
+
+    let cluster = RedisCluster::start(RedisClusterOptions {
+        appendfsync: Some(Fsync::Always),
+        ..RedisClusterOptions::default()
+    })
+    .unwrap();
+    let nodes = cluster.seed_nodes().join(",");
+    let dir = tempfile::tempdir().unwrap();
+    let up = up(
+        dir.path(),
+        &[
+            "--redis-cluster-nodes",
+            &nodes,
+            "--shards-without-replicas-needs-fsync-always",
+        ],
+    )
+    .await;
+    write_manifest(
+        dir.path(),
+        "sharded.yaml",
+        &format!("{}  shards: 3\n", manifest("demo", "sharded", 2, 600, 0.7)),
+    );
+    up.wait_said("demo/sharded: Scheduled").await;
+
+    let url = up.url();
+    let load = tokio::task::spawn_blocking(move || {
+        Command::new(binary(SECKILL))
+            .args(["load", "--target", &url, "--promotion", "demo/sharded"])
+            .args(["--customers", "3000", "--concurrency", "32"])
+            .args(["--repeat-ratio", "0.1"])
+            // Hang bounds, not speed requirements.
+            .args(["--duration", "120s", "--verify-timeout", "60s", "--json"])
+            .output()
+            .expect("seckill load runs")
+    })
+    .await
+    .unwrap();
+    let summary: Value = serde_json::from_slice(&load.stdout).unwrap_or_else(|e| {
+        panic!(
+            "load printed no JSON ({e}): {}\n{}\n{}",
+            String::from_utf8_lossy(&load.stdout),
+            String::from_utf8_lossy(&load.stderr),
+            up.output()
+        )
+    });
+    assert!(load.status.success(), "{summary:#}\n{}", up.output());
+    let v = &summary["verification"];
+    assert_eq!(v["passed"], true, "{summary:#}");
+    assert_eq!(v["grantedInReadModel"], 600, "{summary:#}");
+    assert_eq!(v["grantedByResponses"], 600, "{summary:#}");
+    assert_eq!(summary["outcomes"]["granted"], 600, "{summary:#}");
+    up.wait_said("demo/sharded: SoldOut").await;
+
+    // One shard per master: the operator core chose the tags for that.
+    wait_read(&up, "/api/v1/promotions/demo/sharded", "granted", 600).await;
+    let (_, promotion) = read(&up, "/api/v1/promotions/demo/sharded").await;
+    assert_eq!(promotion["shards"], 3, "{promotion:#}");
+    assert_eq!(promotion["remaining"], 0, "{promotion:#}");
+    let id = PromotionId::parse("demo/sharded").unwrap();
+    let mut con = RedisArgs::for_cluster(cluster.seed_nodes())
+        .connect()
+        .unwrap();
+    let map = protocol::shards::load_map(&mut con, &id).await.unwrap();
+    assert_eq!(map.shards(), 3);
+    let masters: std::collections::BTreeSet<String> = (0..3)
+        .map(|i| {
+            let keys: &ShardKeys = map.keys(i).unwrap();
+            cluster.master_for_key(&keys.state).unwrap()
+        })
+        .collect();
+    assert_eq!(masters.len(), 3, "{masters:?}");
+    let status = up.stop().await;
+    assert!(status.success(), "{status:?}");
+}
