@@ -13,7 +13,7 @@ use seckill_operator::controller::ShardRunArgs;
 use seckill_operator::lifecycle::{self, Driven, ShardSettings};
 use seckill_operator::metrics::Metrics as OperatorMetrics;
 use seckill_operator::promotion::PromotionStatus;
-use seckill_workers::command::{CommandApi, CommandOptions, DurableGrabArgs, GrabBatchArgs};
+use seckill_workers::command::{CommandApi, CommandOptions, GrabBatchArgs};
 use seckill_workers::http::customer_header::CustomerIdHeaderArgs;
 use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::{CommandMetrics, WorkerMetrics};
@@ -21,7 +21,7 @@ use seckill_workers::projector::{Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::{self, PromotionId};
 use seckill_workers::query::{QueryApi, QueryOptions};
 use seckill_workers::rate_limit::RateLimitArgs;
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+use seckill_workers::redis_connection::{DurableArgs, RedisArgs, RedisConnection};
 use seckill_workers::redis_server::{Fsync, RedisServer, RedisServerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +92,7 @@ pub struct UpArgs {
     pub rate_limit: RateLimitArgs,
 
     #[command(flatten)]
-    pub durable: DurableGrabArgs,
+    pub durable: DurableArgs,
 
     /// Sharded promotions (`spec.shards` > 1): their steps are durable as
     /// grabs are (--durable-replicas); with the private redis-server,
@@ -119,6 +119,8 @@ pub enum UpError {
     Http(#[from] http::HttpError),
     #[error(transparent)]
     Command(#[from] seckill_workers::command::CommandError),
+    #[error(transparent)]
+    Durable(#[from] seckill_workers::redis_connection::DurableTimeoutError),
     #[error("cannot create the data directory {path:?}: {source}")]
     DataDir {
         path: PathBuf,

@@ -29,7 +29,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::MetricsRegistry;
 use seckill_workers::protocol::{Durability, PromotionId, ScheduleResult};
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+use seckill_workers::redis_connection::{DurableArgs, RedisArgs, RedisConnection};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -135,26 +135,10 @@ pub struct RunArgs {
 /// promotions ignore them.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ShardArgs {
-    /// Durable steps for sharded promotions: a step that another shard's
-    /// step builds on (PromotionStarted before a shard opens, each step of a
-    /// stock move, the sold-out collects, the closes of a finish) is
-    /// followed by a probe write and WAIT, and the next step runs only once
-    /// this many replicas of its master hold it. Use the number of replicas
-    /// per master (a failover may elect any of them). 0 (no replicas):
-    /// sharded promotions are refused (condition Ready=False,
-    /// ShardsNeedDurableSteps; not scheduled) unless
-    /// --shards-without-replicas-needs-fsync-always, because a step lost in
-    /// one master's failover or restart while another master kept what was
-    /// built on it oversells.
-    #[arg(long, env = "SECKILL_DURABLE_REPLICAS", default_value_t = 0)]
-    pub durable_replicas: u32,
-
-    /// Longest wait for those replicas per step, in milliseconds; must be
-    /// below --redis-timeout-ms. A step not confirmed in time fails the
-    /// reconcile (retried with backoff; a stock move is left recorded and
-    /// completed later).
-    #[arg(long, env = "SECKILL_DURABLE_TIMEOUT_MS", default_value_t = 200)]
-    pub durable_timeout_ms: u64,
+    /// Durable steps: the command workers' durable-grab flags, whose
+    /// replicas a step another shard builds on waits for.
+    #[command(flatten)]
+    pub durable: DurableArgs,
 
     #[command(flatten)]
     pub run: ShardRunArgs,
@@ -198,22 +182,10 @@ impl ShardArgs {
     /// not fit in the Redis timeout: the pipeline would be abandoned before
     /// WAIT answers, and every step would fail.
     pub fn settings(&self, redis_timeout: Duration) -> Result<ShardSettings, Error> {
-        let durable = if self.durable_replicas == 0 {
-            None
-        } else {
-            let timeout = Duration::from_millis(self.durable_timeout_ms.max(1));
-            if timeout >= redis_timeout {
-                return Err(Error::Config(format!(
-                    "--durable-timeout-ms {} must be below --redis-timeout-ms {}",
-                    self.durable_timeout_ms,
-                    redis_timeout.as_millis()
-                )));
-            }
-            Some(Durability {
-                replicas: self.durable_replicas,
-                timeout,
-            })
-        };
+        let durable = self
+            .durable
+            .durability(redis_timeout)
+            .map_err(|e| Error::Config(e.to_string()))?;
         Ok(self.run.settings(durable))
     }
 }

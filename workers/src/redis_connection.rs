@@ -13,6 +13,66 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, TlsCertificates, Value};
 
+use crate::protocol::Durability;
+
+/// Flags of durable writes on replicated Redis (see
+/// `protocol::durability`), shared by the command workers, the operator and
+/// `seckill up`: a write that someone builds on is taken as done only once
+/// replicas hold it, so a failover cannot lose it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DurableArgs {
+    /// Answer a grant 200 only once this many replicas of the promotion's
+    /// master hold it (Redis WAIT), and take a sharded promotion's step
+    /// that another shard's step builds on only once they hold the one
+    /// before it. A grant not confirmed in time is answered 503 and its
+    /// retry returns the same coupon. Use the number of replicas per master
+    /// (a failover may elect any of them). 0 = plain grabs; sharded
+    /// promotions are then refused unless
+    /// --shards-without-replicas-needs-fsync-always (operator, seckill up).
+    #[arg(long, env = "SECKILL_DURABLE_REPLICAS", default_value_t = 0)]
+    pub durable_replicas: u32,
+
+    /// Longest wait for those replicas, in milliseconds; must be below
+    /// --redis-timeout-ms.
+    #[arg(long, env = "SECKILL_DURABLE_TIMEOUT_MS", default_value_t = 200)]
+    pub durable_timeout_ms: u64,
+}
+
+/// The replica wait does not fit in the Redis response timeout: every
+/// pipeline would be abandoned before `WAIT` answers.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--durable-timeout-ms {durable_ms} must be below --redis-timeout-ms {redis_ms}: \
+     the replica wait has to fit in the Redis response timeout"
+)]
+pub struct DurableTimeoutError {
+    pub durable_ms: u64,
+    pub redis_ms: u64,
+}
+
+impl DurableArgs {
+    /// The durability asked for, `None` for plain writes.
+    pub fn durability(
+        &self,
+        redis_timeout: Duration,
+    ) -> Result<Option<Durability>, DurableTimeoutError> {
+        if self.durable_replicas == 0 {
+            return Ok(None);
+        }
+        let timeout = Duration::from_millis(self.durable_timeout_ms.max(1));
+        if timeout >= redis_timeout {
+            return Err(DurableTimeoutError {
+                durable_ms: self.durable_timeout_ms,
+                redis_ms: redis_timeout.as_millis() as u64,
+            });
+        }
+        Ok(Some(Durability {
+            replicas: self.durable_replicas,
+            timeout,
+        }))
+    }
+}
+
 /// Redis flags shared by every binary.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RedisArgs {

@@ -44,10 +44,9 @@ pub use request::{grab_customer, parse_grab, GrabRequest};
 use crate::http::customer_header::CustomerIdHeaderArgs;
 use crate::http::{self, Apis, HealthApi, ServerLimitArgs};
 use crate::metrics::{CommandMetrics, WorkerMetrics};
-use crate::protocol::Durability;
 use crate::query::{QueryApi, QueryOptions};
 use crate::rate_limit::RateLimitArgs;
-use crate::redis_connection::{RedisArgs, RedisSetupError};
+use crate::redis_connection::{DurableArgs, DurableTimeoutError, RedisArgs, RedisSetupError};
 
 /// Flags of `seckill-worker command`.
 #[derive(clap::Args, Debug, Clone)]
@@ -71,7 +70,7 @@ pub struct CommandArgs {
     pub redis: RedisArgs,
 
     #[command(flatten)]
-    pub durable: DurableGrabArgs,
+    pub durable: DurableArgs,
 
     #[command(flatten)]
     pub batch: GrabBatchArgs,
@@ -107,43 +106,6 @@ pub struct GrabBatchArgs {
     pub grab_batch_max: u64,
 }
 
-/// Flags of durable grabs on replicated Redis (see `protocol::grab_durable`).
-#[derive(clap::Args, Debug, Clone)]
-pub struct DurableGrabArgs {
-    /// Answer a grant 200 only once this many replicas of the promotion's
-    /// master hold it (Redis WAIT); a grant not confirmed in time is answered
-    /// 503 and its retry returns the same coupon. 0 = plain grab.
-    #[arg(long, env = "SECKILL_DURABLE_REPLICAS", default_value_t = 0)]
-    pub durable_replicas: u32,
-
-    /// Longest wait for those replicas, in milliseconds; must be below
-    /// --redis-timeout-ms.
-    #[arg(long, env = "SECKILL_DURABLE_TIMEOUT_MS", default_value_t = 200)]
-    pub durable_timeout_ms: u64,
-}
-
-impl DurableGrabArgs {
-    /// The durability asked for, `None` for plain grabs. Refused when the
-    /// replica wait does not fit in the Redis timeout: the pipeline would be
-    /// abandoned before `WAIT` answers, turning every grab into a 503.
-    pub fn durability(&self, redis_timeout: Duration) -> Result<Option<Durability>, CommandError> {
-        if self.durable_replicas == 0 {
-            return Ok(None);
-        }
-        let timeout = Duration::from_millis(self.durable_timeout_ms.max(1));
-        if timeout >= redis_timeout {
-            return Err(CommandError::DurableTimeout {
-                durable_ms: self.durable_timeout_ms,
-                redis_ms: redis_timeout.as_millis() as u64,
-            });
-        }
-        Ok(Some(Durability {
-            replicas: self.durable_replicas,
-            timeout,
-        }))
-    }
-}
-
 /// The command role could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
@@ -151,11 +113,8 @@ pub enum CommandError {
     Redis(#[from] RedisSetupError),
     #[error(transparent)]
     Http(#[from] http::HttpError),
-    #[error(
-        "--durable-timeout-ms {durable_ms} must be below --redis-timeout-ms {redis_ms}: \
-         the replica wait has to fit in the Redis response timeout"
-    )]
-    DurableTimeout { durable_ms: u64, redis_ms: u64 },
+    #[error(transparent)]
+    DurableTimeout(#[from] DurableTimeoutError),
 }
 
 /// Runs the command role until SIGTERM or Ctrl-C, then drains and returns.
