@@ -52,6 +52,14 @@ fn the_example_promotion_is_valid() {
     let path = repo().join("examples/promotion.yaml");
     let promotion = check_manifest(&load(&path)).unwrap_or_else(|e| panic!("{e:?}"));
     assert_eq!(promotion.spec.number_of_coupons, 100);
+    assert_eq!(promotion.spec.shards, 1, "shards defaults to 1");
+}
+
+#[test]
+fn the_example_sharded_promotion_is_valid_with_three_shards() {
+    let path = repo().join("examples/sharded-promotion.yaml");
+    let promotion = check_manifest(&load(&path)).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(promotion.spec.shards, 3);
 }
 
 #[test]
