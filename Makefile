@@ -58,5 +58,6 @@ bench:
 	bash scripts/bench.sh
 	bash scripts/bench-read-side.sh
 	bash scripts/bench-cluster.sh
+	bash scripts/bench-shards.sh
 	bash scripts/bench-operator.sh
 	bash scripts/bench-leader.sh
