@@ -18,7 +18,8 @@
 #      yardstick of that path: nginx answering a static 410 with the same JSON
 #      body (2 worker processes, a minimal nginx.conf generated in the temp
 #      dir), same wrk command and connections, same CPU placement.
-# Every ratio compares figures of the same round.
+# Every ratio compares figures of the same round. Each measurement starts
+# once `seckill up`'s projector has applied every event so far (settle).
 #
 # CPU placement (a 2-core machine; see docs/BENCHMARKS.md): processes are pinned
 # with taskset, identically in every run: the servers measured (worker, durable
@@ -257,6 +258,33 @@ http_run() {
   G_SERVER_PCT=$(pct_of "$S_CPU_S"); G_REDIS_PCT=$(pct_of "$R_CPU_S")
 }
 
+# Whether `seckill up`'s projector has applied every event appended so far:
+# each bench stream's projector group has delivered its last entry and has
+# nothing pending. (A stream without the group yet is not being projected.)
+caught_up() {
+  local key last
+  for key in "$HTTP_EVENTS_KEY" "$DURABLE_EVENTS_KEY" "$UP_EVENTS_KEY"; do
+    last=$(redis-cli -p "$REDIS_PORT" XREVRANGE "$key" + - COUNT 1 | head -1 | tr -d '\r')
+    [ -n "$last" ] || continue
+    redis-cli -p "$REDIS_PORT" XINFO GROUPS "$key" | tr -d '\r' | awk -v last="$last" '
+      prev == "pending" && $0 != "0" { busy = 1 }
+      prev == "last-delivered-id" && $0 != last { busy = 1 }
+      { prev = $0 } END { exit busy }' || return 1
+  done
+}
+# Waits until it has: the projector of `seckill up` runs on the servers' CPU
+# and writes to Redis, so a backlog left by the grab runs would be projected
+# during the next measurement (the worker got 67-69 % of its core in the
+# sold-out rounds of a run that did not wait).
+settle() {
+  local i
+  for i in $(seq 1200); do
+    caught_up && return 0
+    sleep 0.1
+  done
+  echo "bench: seckill up's projector did not catch up within 120 s; measuring anyway" >&2
+}
+
 # One redis-benchmark run ("$@", output into file $2) measured on Redis:
 # sets B_RPS (its rate) and B_US (the usec per call of command $1 in
 # INFO commandstats during the run).
@@ -285,32 +313,39 @@ DURABLE_ROWS=""
 UP_ROWS=""
 SOLD_ROWS=""
 for round in $(seq "$ROUNDS"); do
+  settle
   echo "bench: round $round/$ROUNDS: yardstick: ${YARDSTICK[*]}"
   redis_run evalsha "$work/yardstick.txt" "${YARDSTICK[@]}"
   YARD_RPS=$B_RPS; YARD_US=$B_US
   echo "bench: yardstick $YARD_RPS/s, $YARD_US us of Redis per call"
 
+  settle
   http_run "$GRAB_URL" "$WORKER_PID" "$BASE" "$HTTP_EVENTS_KEY" "grab$round"
   PLAIN_RPS=$G_RPS
   HTTP_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
   ROWS+="| $round | **$YARD_RPS** ($YARD_US µs Redis/call) | **$G_RPS** | **$HTTP_RATIO** (>= 1.0: $(verdict "$HTTP_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, redis $G_REDIS_PCT % |"$'\n'
 
+  settle
   http_run "$DURABLE_URL" "$DURABLE_PID" "http://127.0.0.1:$DURABLE_PORT" "$DURABLE_EVENTS_KEY" "durable$round"
   D_RATIO=$(ratio "$G_RPS" "$PLAIN_RPS" "%.2f")
   DURABLE_ROWS+="| $round | **$G_RPS** | **$PLAIN_RPS** | **$D_RATIO** (>= 0.8: $(verdict "$D_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_NON2XX of $G_TOTAL |"$'\n'
 
+  settle
   http_run "$UP_URL" "$UP_PID" "http://127.0.0.1:$UP_PORT" "$UP_EVENTS_KEY" "up$round"
   U_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
   UP_ROWS+="| $round | **$G_RPS** | **$YARD_RPS** | **$U_RATIO** (>= 0.8: $(verdict "$U_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_SERVER_US µs (every role) | $G_NON2XX of $G_TOTAL |"$'\n'
 
+  settle
   echo "bench: round $round/$ROUNDS: our grab function unbatched: ${UNBATCHED[*]}"
   redis_run fcall "$work/unbatched.txt" "${UNBATCHED[@]}"
   UNB_RPS=$B_RPS; UNB_US=$B_US
 
+  settle
   echo "bench: round $round/$ROUNDS: sold-out rejections: ${WRK_SOLD_OUT[*]}"
   measured "$work/sold-out.txt" "$WORKER_PID" "${WRK_SOLD_OUT[@]}"
   cat "$work/sold-out.txt"
   SOLD_CPU=$(pct_of "$S_CPU_S")
+  settle
   echo "bench: round $round/$ROUNDS: nginx static 410: ${WRK_NGINX[*]}"
   measured "$work/nginx.txt" "$NGINX_PID" "${WRK_NGINX[@]}"
   cat "$work/nginx.txt"
@@ -336,7 +371,8 @@ Run of $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(uname -m), $(awk -F': ' 
 load average before the run: $LOADAVG; after: $LOADAFTER. CPU placement: $PLACEMENT.
 Redis: a private \`redis-server\` $(redis-server --version | awk '{print $3}' | tr -d 'v='), AOF on, \`appendfsync everysec\`, one replica attached
 (for the durable worker). $ROUNDS round(s); each runs the measures one after the other and every ratio compares
-figures of the same round. wrk: $THREADS thread, $CONNECTIONS connections, $DURATION s per run. Servers keep
+figures of the same round; each measure starts once the projector of \`seckill up\` has applied every event
+so far (it runs on the servers' CPU). wrk: $THREADS thread, $CONNECTIONS connections, $DURATION s per run. Servers keep
 their defaults (\`--grab-batch-max\` 64).
 
 Columns: the **yardstick** is \`ref-grab.lua\` (../shared/bench) by EVALSHA through redis-benchmark, unbatched;
