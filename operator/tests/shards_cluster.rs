@@ -16,6 +16,7 @@ use seckill_operator::promotion::{Phase, PromotionSpec, PromotionStatus};
 use seckill_testkit::promotions::{customer, id, redis_now_ms};
 use seckill_testkit::redis::Fsync;
 use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+use seckill_testkit::stream::entries_at as entries;
 use seckill_workers::protocol::placement::key_slot;
 use seckill_workers::protocol::shards::{
     self, MoveOut, ShardAnswer, ShardMap, ShardPhase, StockView,
@@ -110,34 +111,16 @@ async fn until_redis(con: &mut RedisConnection, ms: i64) {
     }
 }
 
-/// `(type, fields)` of every entry of a stream: the `type` field, or the
-/// `type` inside the JSON `event` field (PromotionStarted, PromotionFinished).
-async fn entries(con: &mut RedisConnection, key: &str) -> Vec<(String, HashMap<String, String>)> {
-    let page: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(con)
-        .await
-        .expect("XRANGE");
-    page.ids
-        .into_iter()
-        .map(|e| {
-            let fields: HashMap<String, String> = e
-                .map
-                .into_iter()
-                .map(|(k, v)| (k, redis::from_redis_value(v).expect("a string field")))
-                .collect();
-            let kind = fields.get("type").cloned().unwrap_or_else(|| {
-                fields
-                    .get("event")
-                    .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
-                    .and_then(|e| e["type"].as_str().map(str::to_owned))
-                    .unwrap_or_default()
-            });
-            (kind, fields)
-        })
-        .collect()
+/// The type of a stream entry: its `type` field, or the `type` inside its
+/// JSON `event` field (PromotionStarted, PromotionFinished).
+fn kind_of(fields: &HashMap<String, String>) -> String {
+    fields.get("type").cloned().unwrap_or_else(|| {
+        fields
+            .get("event")
+            .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+            .and_then(|e| e["type"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    })
 }
 
 /// The entries of `kind` in every shard's stream, by shard.
@@ -151,8 +134,8 @@ async fn events_by_shard(
         let all = entries(con, &map.keys(i).unwrap().events).await;
         out.push(
             all.into_iter()
-                .filter(|(t, _)| t == kind)
                 .map(|(_, f)| f)
+                .filter(|f| kind_of(f) == kind)
                 .collect(),
         );
     }

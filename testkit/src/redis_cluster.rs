@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::{
     free_port, Fsync, RedisServer, RedisServerError, RedisServerOptions,
 };
@@ -103,6 +104,20 @@ fn info_field(info: &str, field: &str) -> Option<String> {
     info.lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .map(|v| v.trim().to_owned())
+}
+
+/// The cluster most tests want: `masters` masters with `replicas` replicas
+/// each, a short failover timeout, and `appendfsync always` on every node
+/// when there are replicas (a failover test then loses only what it means
+/// to lose).
+pub fn cluster(masters: usize, replicas: usize) -> RedisCluster {
+    RedisCluster::start(RedisClusterOptions {
+        masters,
+        replicas_per_master: replicas,
+        appendfsync: (replicas > 0).then_some(Fsync::Always),
+        ..RedisClusterOptions::default()
+    })
+    .expect("redis cluster starts")
 }
 
 impl RedisCluster {
@@ -257,6 +272,13 @@ impl RedisCluster {
     /// `host:port` of every node, for `--redis-cluster-nodes`.
     pub fn seed_nodes(&self) -> Vec<String> {
         self.nodes.iter().map(|n| address(n.port())).collect()
+    }
+
+    /// A connection to the cluster the way the components open one.
+    pub fn connect(&self) -> RedisConnection {
+        RedisArgs::for_cluster(self.seed_nodes())
+            .connect()
+            .expect("cluster connection")
     }
 
     /// The node processes, in the order they were started.

@@ -182,3 +182,38 @@ pub async fn pending_of(
         .filter_map(|(_, n)| n.parse::<i64>().ok())
         .sum())
 }
+
+/// Every entry of the stream at `key` (any stream, a shard's included), as
+/// (entry id, fields as strings).
+pub async fn entries_at(
+    con: &mut RedisConnection,
+    key: &str,
+) -> Vec<(String, HashMap<String, String>)> {
+    let page: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(con)
+        .await
+        .expect("XRANGE");
+    page.ids
+        .into_iter()
+        .map(|e| {
+            let fields = e
+                .map
+                .into_iter()
+                .map(|(k, v)| (k, redis::from_redis_value(v).expect("a string field")))
+                .collect();
+            (e.id, fields)
+        })
+        .collect()
+}
+
+/// The hash at `key`, every field as a string.
+pub async fn hash_at(con: &mut RedisConnection, key: &str) -> HashMap<String, String> {
+    redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(con)
+        .await
+        .expect("HGETALL")
+}

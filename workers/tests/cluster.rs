@@ -13,8 +13,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 use seckill_testkit::concurrent::{count, finish_at_once, schedule_at_once};
 use seckill_testkit::promotions::{customer, id, spec_from_now};
-use seckill_testkit::redis::Fsync;
-use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+use seckill_testkit::redis_cluster::{cluster, RedisCluster};
 use seckill_testkit::stream::{answered_not_in_stream, events_of};
 use seckill_testkit::{client, eventually, Worker};
 use seckill_workers::protocol::{
@@ -25,21 +24,6 @@ use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 
 /// Bounds every wait for something that must happen.
 const WITHIN: Duration = Duration::from_secs(60);
-
-fn cluster(masters: usize, replicas: usize) -> RedisCluster {
-    RedisCluster::start(RedisClusterOptions {
-        masters,
-        replicas_per_master: replicas,
-        node_timeout: Duration::from_millis(1000),
-        appendfsync: if replicas > 0 {
-            Some(Fsync::Always)
-        } else {
-            None
-        },
-        extra: Vec::new(),
-    })
-    .expect("redis cluster starts")
-}
 
 fn connect(c: &RedisCluster) -> RedisConnection {
     let con = RedisArgs::for_cluster(c.seed_nodes())

@@ -15,8 +15,9 @@ use std::time::Duration;
 use redis::streams::StreamRangeReply;
 use seckill_testkit::eventually;
 use seckill_testkit::promotions::{customer, id, redis_now_ms, spec_from_now};
-use seckill_testkit::redis::Fsync;
-use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+use seckill_testkit::redis_cluster::cluster;
+use seckill_testkit::redis_cluster::RedisCluster;
+use seckill_testkit::stream::{entries_at as entries, hash_at as hash};
 use seckill_workers::protocol::placement::{self, key_slot, SlotMap};
 use seckill_workers::protocol::ranges::NumberRanges;
 use seckill_workers::protocol::shards::{
@@ -26,27 +27,10 @@ use seckill_workers::protocol::{
     self, home_shard, shard_map_key, CustomerId, Durability, Event, FinishReason, PromotionId,
     PromotionKeys, ScheduleResult, ShardKeys, EVENT_FIELD,
 };
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+use seckill_workers::redis_connection::RedisConnection;
 
 /// Bounds every wait for something that must happen.
 const WITHIN: Duration = Duration::from_secs(60);
-
-fn cluster(masters: usize, replicas: usize) -> RedisCluster {
-    RedisCluster::start(RedisClusterOptions {
-        masters,
-        replicas_per_master: replicas,
-        node_timeout: Duration::from_millis(1000),
-        appendfsync: (replicas > 0).then_some(Fsync::Always),
-        extra: Vec::new(),
-    })
-    .expect("redis cluster starts")
-}
-
-fn connect(c: &RedisCluster) -> RedisConnection {
-    RedisArgs::for_cluster(c.seed_nodes())
-        .connect()
-        .expect("cluster connection")
-}
 
 fn slot_map(c: &RedisCluster) -> SlotMap {
     SlotMap::new(
@@ -103,35 +87,6 @@ struct ShardRead {
     moves_in: HashMap<String, String>,
     /// (entry id, fields)
     events: Vec<(String, HashMap<String, String>)>,
-}
-
-async fn hash(con: &mut RedisConnection, key: &str) -> HashMap<String, String> {
-    redis::cmd("HGETALL")
-        .arg(key)
-        .query_async(con)
-        .await
-        .expect("HGETALL")
-}
-
-async fn entries(con: &mut RedisConnection, key: &str) -> Vec<(String, HashMap<String, String>)> {
-    let page: StreamRangeReply = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(con)
-        .await
-        .expect("XRANGE");
-    page.ids
-        .into_iter()
-        .map(|e| {
-            let fields = e
-                .map
-                .into_iter()
-                .map(|(k, v)| (k, redis::from_redis_value(v).expect("a string field")))
-                .collect();
-            (e.id, fields)
-        })
-        .collect()
 }
 
 async fn read_all(con: &mut RedisConnection, map: &ShardMap) -> Vec<ShardRead> {
@@ -501,7 +456,7 @@ fn check_answers(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crowd_on_three_shards_grants_exactly_the_stock_and_every_number_once() {
     let c = cluster(3, 0);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let coupons = 600;
     let map = sharded(&c, &mut con, "crowd", coupons, 3, 600_000, None).await;
     let masters: BTreeSet<String> = masters_of(&c, &map).into_iter().collect();
@@ -543,7 +498,7 @@ async fn a_waiting_customer_granted_meanwhile_elsewhere_gets_their_coupon_not_th
     // refill is called here in that state: home empty, every shard known
     // empty, the customer a holder.
     let c = cluster(3, 0);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let map = sharded(&c, &mut con, "meanwhile", 3, 3, 600_000, None).await;
     let mut view = StockView::new(3);
     let everyone: Vec<CustomerId> = (0..60).map(|i| customer(format!("m-{i}"))).collect();
@@ -644,7 +599,7 @@ fn homed(map: &ShardMap, shard: u32, prefix: &str, n: usize) -> Vec<CustomerId> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mover_stopped_after_each_step_leaves_stock_conserved_and_recovery_completes_the_move() {
     let c = cluster(3, 0);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let coupons = 30;
     for stop_after in 1..=3 {
         let map = sharded(
@@ -678,7 +633,7 @@ async fn mover_stopped_after_each_step_leaves_stock_conserved_and_recovery_compl
 
         // Another caller (its own connection) finds and completes it: not
         // while the move is younger than the age asked for, then at once.
-        let mut other = connect(&c);
+        let mut other = c.connect();
         let young = shards::recover_stale(&mut other, &map, 3_600_000, None)
             .await
             .unwrap();
@@ -732,7 +687,7 @@ async fn mover_stopped_after_each_step_leaves_stock_conserved_and_recovery_compl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn double_collect_refuses_to_finish_while_a_move_brings_stock_between_reads() {
     let c = cluster(3, 0);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let map = sharded(&c, &mut con, "double", 3, 3, 600_000, None).await;
     // One coupon per shard; shards 0 and 1 sell theirs.
     for shard in [0, 1] {
@@ -829,7 +784,7 @@ async fn end_window_now(con: &mut RedisConnection, map: &ShardMap, last_grant_ms
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_with_stock_left_finishes_once_with_the_summed_total_and_grants_nothing_after() {
     let c = cluster(3, 0);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let coupons = 90;
     let map = sharded(&c, &mut con, "expired", coupons, 3, 600_000, None).await;
     let sold = crowd(&con, &map, arrivals("before", 40, 5), 3, None).await;
@@ -902,7 +857,7 @@ async fn expired_with_stock_left_finishes_once_with_the_summed_total_and_grants_
 async fn concurrent_starts_sold_out_checks_and_deletes_append_one_started_and_one_finished_in_shard_zero(
 ) {
     let c = cluster(3, 0);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let p = id("once");
     let coupons = 30;
     let placement = placement::place(&p, 3, &slot_map(&c)).unwrap();
@@ -1045,7 +1000,7 @@ async fn layout(c: &RedisCluster, tag: &str) -> BTreeMap<String, String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_one_writes_exactly_the_unsharded_keys_and_fields() {
     let c = cluster(3, 0);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let spec = spec_from_now(0.7, 5, -1000, 601_000);
     let who: Vec<CustomerId> = (0..8).map(|i| customer(format!("s1-{i}"))).collect();
 
@@ -1136,7 +1091,7 @@ async fn replica_caught_up(master: &str, replica: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_refuses_unsharded_functions_a_stale_map_and_customers_of_another_home() {
     let c = cluster(3, 0);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let map = sharded(&c, &mut con, "refusals", 30, 3, 600_000, None).await;
     let p = map.id().clone();
     let before = read_all(&mut con, &map).await;
@@ -1210,7 +1165,7 @@ fn shard_on(c: &RedisCluster, map: &ShardMap, master: &str) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn move_step_lost_in_a_failover_is_never_built_upon() {
     let mut c = cluster(3, 1);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let durable = Some(Durability {
         replicas: 1,
         timeout: Duration::from_millis(300),
@@ -1329,7 +1284,7 @@ async fn move_step_lost_in_a_failover_is_never_built_upon() {
 async fn kill_9_of_shard_zeros_master_mid_sale_loses_no_answered_grant_and_keeps_every_number_once()
 {
     let mut c = cluster(3, 1);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let durable = Some(Durability {
         replicas: 1,
         timeout: Duration::from_millis(300),

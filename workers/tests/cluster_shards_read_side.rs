@@ -15,7 +15,7 @@ use seckill_testkit::eventually;
 use seckill_testkit::promotions::{
     customer, id, index_for_projectors, open_promotion, spec_from_now,
 };
-use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+use seckill_testkit::redis_cluster::{cluster, RedisCluster};
 use seckill_workers::projector::{self, entries_of, Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::placement::{self, SlotMap};
 use seckill_workers::protocol::shards::{self, ShardAnswer, ShardMap, StockView};
@@ -24,30 +24,13 @@ use seckill_workers::protocol::{
     self, read_model as rm_keys, CustomerId, Event, PromotionId, EVENT_FIELD, PROJECTOR_GROUP,
 };
 use seckill_workers::read_model::{self, ShardStream};
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+use seckill_workers::redis_connection::RedisConnection;
 use tokio_util::sync::CancellationToken;
 
 /// Bounds every wait for something that must happen.
 const WITHIN: Duration = Duration::from_secs(60);
 
 const SHARDS: u32 = 3;
-
-fn cluster() -> RedisCluster {
-    RedisCluster::start(RedisClusterOptions {
-        masters: 3,
-        replicas_per_master: 0,
-        node_timeout: Duration::from_millis(1000),
-        appendfsync: None,
-        extra: Vec::new(),
-    })
-    .expect("redis cluster starts")
-}
-
-fn connect(c: &RedisCluster) -> RedisConnection {
-    RedisArgs::for_cluster(c.seed_nodes())
-        .connect()
-        .expect("cluster connection")
-}
 
 /// `shop/<name>` with `coupons` over [`SHARDS`] shards placed on the masters
 /// of `c`, open since a second ago for ten minutes, started, and in the
@@ -441,8 +424,8 @@ async fn assert_read_model_is_the_streams(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sharded_sale_projected_live_shows_every_shards_grants_and_a_rebuild_is_equal_key_by_key()
 {
-    let c = cluster();
-    let mut con = connect(&c);
+    let c = cluster(3, 0);
+    let mut con = c.connect();
     let coupons = 300;
     let map = sharded(&c, &mut con, "live", coupons).await;
     let p = map.id().clone();
@@ -557,8 +540,8 @@ async fn batches(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shuffled_and_duplicated_batches_of_every_shard_converge_to_the_live_read_model() {
-    let c = cluster();
-    let mut con = connect(&c);
+    let c = cluster(3, 0);
+    let mut con = c.connect();
     let coupons = 200;
     let map = sharded(&c, &mut con, "shuffled", coupons).await;
     let p = map.id().clone();
@@ -667,8 +650,8 @@ async fn deliver_without_ack(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_restarted_mid_sale_resumes_every_shards_stream_without_double_counting() {
-    let c = cluster();
-    let mut con = connect(&c);
+    let c = cluster(3, 0);
+    let mut con = c.connect();
     let coupons = 300;
     let map = sharded(&c, &mut con, "restart", coupons).await;
     let p = map.id().clone();

@@ -13,12 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::streams::StreamRangeReply;
 use seckill_testkit::client::{self, metric_value};
 use seckill_testkit::eventually;
 use seckill_testkit::promotions::{id, spec_from_now};
-use seckill_testkit::redis::Fsync;
-use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+use seckill_testkit::redis_cluster::RedisCluster;
+use seckill_testkit::stream::{entries_at as entries, hash_at as hash};
 use seckill_testkit::worker::Worker;
 use seckill_workers::protocol::placement::{self, key_slot, SlotMap};
 use seckill_workers::protocol::ranges::NumberRanges;
@@ -26,7 +25,7 @@ use seckill_workers::protocol::shards::{self, ShardMap};
 use seckill_workers::protocol::{
     self, home_shard, shard_map_key, CustomerId, Event, FinishReason, PromotionId, EVENT_FIELD,
 };
-use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
+use seckill_workers::redis_connection::RedisConnection;
 
 /// Bounds every wait for something that must happen.
 const WITHIN: Duration = Duration::from_secs(60);
@@ -38,22 +37,8 @@ fn cluster() -> RedisCluster {
     cluster_with(0)
 }
 
-/// 3 masters with `replicas` replicas each.
 fn cluster_with(replicas: usize) -> RedisCluster {
-    RedisCluster::start(RedisClusterOptions {
-        masters: 3,
-        replicas_per_master: replicas,
-        node_timeout: Duration::from_millis(1000),
-        appendfsync: (replicas > 0).then_some(Fsync::Always),
-        extra: Vec::new(),
-    })
-    .expect("redis cluster starts")
-}
-
-fn connect(c: &RedisCluster) -> RedisConnection {
-    RedisArgs::for_cluster(c.seed_nodes())
-        .connect()
-        .expect("cluster connection")
+    seckill_testkit::redis_cluster::cluster(3, replicas)
 }
 
 /// `seckill-worker command` pointed at the cluster, as `cluster.rs` does.
@@ -272,35 +257,6 @@ fn arrivals(prefix: &str, n: usize, keep: impl Fn(usize, &str) -> bool) -> Vec<S
     out
 }
 
-async fn hash(con: &mut RedisConnection, key: &str) -> HashMap<String, String> {
-    redis::cmd("HGETALL")
-        .arg(key)
-        .query_async(con)
-        .await
-        .expect("HGETALL")
-}
-
-async fn entries(con: &mut RedisConnection, key: &str) -> Vec<(String, HashMap<String, String>)> {
-    let page: StreamRangeReply = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(con)
-        .await
-        .expect("XRANGE");
-    page.ids
-        .into_iter()
-        .map(|e| {
-            let fields = e
-                .map
-                .into_iter()
-                .map(|(k, v)| (k, redis::from_redis_value(v).expect("a string field")))
-                .collect();
-            (e.id, fields)
-        })
-        .collect()
-}
-
 fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str) -> T {
     h.get(name)
         .and_then(|v| v.parse().ok())
@@ -449,7 +405,7 @@ fn check_200s(answered: &[Answer], grants: &BTreeMap<String, u64>) -> BTreeSet<S
 async fn crowd_over_http_on_three_shards_grants_exactly_the_stock_once_and_sold_out_only_after_finished(
 ) {
     let c = cluster();
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let coupons = 90;
     let map = sharded(&c, &mut con, "crowd", coupons).await;
     // An unsharded promotion on the same cluster, through the same workers.
@@ -593,7 +549,7 @@ async fn plain_stream_grants(con: &mut RedisConnection, p: &PromotionId) -> BTre
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_sale_and_restarted_loses_and_duplicates_nothing_once_everyone_retries() {
     let c = cluster();
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let coupons = 120;
     let map = sharded(&c, &mut con, "kill", coupons).await;
     let (mut a, b) = (worker(&c).await, worker(&c).await);
@@ -657,7 +613,7 @@ async fn worker_killed_mid_sale_and_restarted_loses_and_duplicates_nothing_once_
 async fn sharded_promotion_past_its_finish_time_answers_410_finished_once_the_one_finish_is_recorded(
 ) {
     let c = cluster();
-    let mut con = connect(&c);
+    let mut con = c.connect();
     // Open for about two seconds, far more coupons than grabs.
     let p = id("brief");
     let slots = SlotMap::new(
@@ -710,7 +666,7 @@ async fn durable_workers_on_three_shards_with_replicas_answer_200_only_for_grant
     // 200 and takes every move step only once the step before it is on a
     // replica (DESIGN-14 §3.2).
     let c = cluster_with(1);
-    let mut con = connect(&c);
+    let mut con = c.connect();
     let coupons = 60;
     let map = sharded(&c, &mut con, "durable", coupons).await;
     let durable = ["--durable-replicas", "1", "--durable-timeout-ms", "1000"];
