@@ -841,6 +841,22 @@ pub struct Driven {
     pub snapshot: Snapshot,
 }
 
+impl Driven {
+    /// What a drive leaves after its last `decision`: its status, and when
+    /// to look again; a drive that stopped with writes still wanted
+    /// (`settled` false) looks again soon.
+    fn after(decision: Decision, settled: bool, snapshot: Snapshot) -> Self {
+        let soon = |then: Option<Duration>| if settled { then } else { Some(ACTIVE_REFRESH) };
+        Self {
+            status: decision.status,
+            transitions: decision.transitions,
+            requeue_after: soon(decision.requeue_after),
+            deadline: soon(decision.deadline),
+            snapshot,
+        }
+    }
+}
+
 /// At most this many rounds of decide-then-write per call; two suffice
 /// (register and start, then finish an expired window), the rest is margin.
 const MAX_ROUNDS: usize = 4;
@@ -923,21 +939,7 @@ async fn drive_unsharded(
         if decision.actions.is_empty() || rounds >= MAX_ROUNDS {
             // Writes still wanted after the last round: look again soon.
             let settled = decision.actions.is_empty();
-            return Ok(Driven {
-                status: decision.status,
-                transitions: decision.transitions,
-                requeue_after: if settled {
-                    decision.requeue_after
-                } else {
-                    Some(ACTIVE_REFRESH)
-                },
-                deadline: if settled {
-                    decision.deadline
-                } else {
-                    Some(ACTIVE_REFRESH)
-                },
-                snapshot: snap,
-            });
+            return Ok(Driven::after(decision, settled, snap));
         }
         for action in decision.actions {
             snap = match action {
@@ -1018,21 +1020,7 @@ async fn drive_sharded(
             .collect();
         if todo.is_empty() || rounds >= MAX_SHARDED_ROUNDS {
             let settled = todo.is_empty();
-            return Ok(Driven {
-                status: decision.status,
-                transitions: decision.transitions,
-                requeue_after: if settled {
-                    decision.requeue_after
-                } else {
-                    Some(ACTIVE_REFRESH)
-                },
-                deadline: if settled {
-                    decision.deadline
-                } else {
-                    Some(ACTIVE_REFRESH)
-                },
-                snapshot: read.snapshot,
-            });
+            return Ok(Driven::after(decision, settled, read.snapshot));
         }
         for action in todo {
             run_sharded(con, id, spec, &wire, read.map.as_ref(), action, settings).await?;
