@@ -23,6 +23,7 @@ pub mod process;
 pub mod promotions;
 pub mod redis;
 pub mod redis_cluster;
+pub mod shards;
 pub mod stream;
 pub mod up;
 pub mod worker;

@@ -6,8 +6,7 @@
 //! read model against the streams themselves: granted = the CouponGrabbed
 //! entries of every shard's stream = PromotionFinished's total.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use redis::Value;
@@ -18,7 +17,7 @@ use seckill_testkit::promotions::{
 use seckill_testkit::redis_cluster::{cluster, RedisCluster};
 use seckill_workers::projector::{self, entries_of, Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::placement::{self, SlotMap};
-use seckill_workers::protocol::shards::{self, ShardAnswer, ShardMap, StockView};
+use seckill_workers::protocol::shards::{self, ShardAnswer, ShardMap};
 use seckill_workers::protocol::Phase;
 use seckill_workers::protocol::{
     self, read_model as rm_keys, CustomerId, Event, PromotionId, EVENT_FIELD, PROJECTOR_GROUP,
@@ -95,74 +94,19 @@ fn skewed_arrivals(map: &ShardMap, prefix: &str, n: usize, skew: f64) -> Vec<Cus
 }
 
 /// `workers` tasks act as command workers until `arrivals` are all
-/// answered: batches of up to 16 arrivals, split by home shard, each group
-/// served by `shards::grab` (grab at home, refill by moves, sold-out by the
-/// double collect). A failed batch is retried, as clients retry a 503.
-/// Answers how many were granted.
+/// answered (testkit's crowd: batches by home shard through `shards::grab`,
+/// failed batches retried). Answers how many were granted.
 async fn crowd(
     con: &RedisConnection,
     map: &ShardMap,
     arrivals: Vec<CustomerId>,
     workers: usize,
 ) -> usize {
-    let queue = Arc::new(Mutex::new(
-        arrivals
-            .into_iter()
-            .map(|c| (c, 0u32))
-            .collect::<VecDeque<_>>(),
-    ));
-    let granted = Arc::new(Mutex::new(0usize));
-    let mut tasks = Vec::new();
-    for _ in 0..workers {
-        let (mut con, map, queue, granted) =
-            (con.clone(), map.clone(), queue.clone(), granted.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut view = StockView::new(map.shards());
-            loop {
-                let batch: Vec<(CustomerId, u32)> = {
-                    let mut q = queue.lock().unwrap();
-                    let n = q.len().min(16);
-                    q.drain(..n).collect()
-                };
-                if batch.is_empty() {
-                    return;
-                }
-                let mut by_home: BTreeMap<u32, Vec<(CustomerId, u32)>> = BTreeMap::new();
-                for (c, tries) in batch {
-                    by_home.entry(map.home(&c)).or_default().push((c, tries));
-                }
-                for (home, group) in by_home {
-                    let who: Vec<CustomerId> = group.iter().map(|(c, _)| c.clone()).collect();
-                    match shards::grab(&mut con, &map, home, &who, &mut view, None).await {
-                        Ok(answers) => {
-                            let n = answers
-                                .iter()
-                                .filter(|a| matches!(a, ShardAnswer::Granted(_)))
-                                .count();
-                            *granted.lock().unwrap() += n;
-                        }
-                        Err(e) => {
-                            assert!(
-                                group.iter().all(|(_, tries)| *tries < 500),
-                                "a batch failed 500 times: {e}"
-                            );
-                            // A client's pause before retrying a 503.
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            queue
-                                .lock()
-                                .unwrap()
-                                .extend(group.into_iter().map(|(c, t)| (c, t + 1)));
-                        }
-                    }
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("a worker task");
-    }
-    let n = *granted.lock().unwrap();
-    n
+    seckill_testkit::shards::crowd(con, map, arrivals, workers, None)
+        .await
+        .iter()
+        .filter(|(_, a, _)| matches!(a, ShardAnswer::Granted(_)))
+        .count()
 }
 
 /// What every shard's stream says: per shard, its CouponGrabbed entries as

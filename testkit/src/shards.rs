@@ -1,0 +1,139 @@
+//! A crowd of command workers on a sharded promotion, at the protocol level:
+//! tasks that take arrivals in batches, split them by home shard and serve
+//! each group with `protocol::shards::grab`, retrying what has no outcome
+//! as clients retry a 503. Shared by the shard tests of the protocol and of
+//! the read side.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use seckill_workers::protocol::shards::{self, ShardAnswer, ShardMap, StockView};
+use seckill_workers::protocol::{CustomerId, Durability};
+use seckill_workers::redis_connection::RedisConnection;
+
+/// Every answer of a crowd: the customer, its answer, and when it came
+/// (host clock, ms).
+pub type Answered = Vec<(CustomerId, ShardAnswer, i64)>;
+
+/// The host clock in ms, the time of an answer.
+pub fn host_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A crowd under way: its answers so far and its worker tasks.
+pub struct Crowd {
+    answered: Arc<Mutex<Answered>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Crowd {
+    /// How many answers so far were grants.
+    pub fn granted(&self) -> usize {
+        self.answered
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, a, _)| matches!(a, ShardAnswer::Granted(_)))
+            .count()
+    }
+
+    /// Waits for every arrival's answer.
+    pub async fn answers(self) -> Answered {
+        for w in self.workers {
+            w.await.expect("a worker task");
+        }
+        let out = self.answered.lock().unwrap().clone();
+        out
+    }
+}
+
+/// `workers` tasks act as command workers: each takes batches of up to 16
+/// arrivals, splits them by home shard and serves each group with
+/// `shards::grab` (its own stock view: grab at home, refill by moves,
+/// sold-out by the double collect). Unknown outcomes (errors, grants not yet
+/// on enough replicas) are retried, as clients retry a 503.
+pub fn start_crowd(
+    con: &RedisConnection,
+    map: &ShardMap,
+    arrivals: Vec<CustomerId>,
+    workers: usize,
+    durable: Option<Durability>,
+) -> Crowd {
+    let queue = Arc::new(Mutex::new(
+        arrivals
+            .into_iter()
+            .map(|c| (c, 0))
+            .collect::<VecDeque<_>>(),
+    ));
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (mut con, map, queue, answered) =
+            (con.clone(), map.clone(), queue.clone(), answered.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut view = StockView::new(map.shards());
+            loop {
+                let batch: Vec<(CustomerId, u32)> = {
+                    let mut q = queue.lock().unwrap();
+                    let n = q.len().min(16);
+                    q.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    return;
+                }
+                let mut by_home: BTreeMap<u32, Vec<(CustomerId, u32)>> = BTreeMap::new();
+                for (c, tries) in batch {
+                    by_home.entry(map.home(&c)).or_default().push((c, tries));
+                }
+                for (home, group) in by_home {
+                    let who: Vec<CustomerId> = group.iter().map(|(c, _)| c.clone()).collect();
+                    match shards::grab(&mut con, &map, home, &who, &mut view, durable).await {
+                        Ok(answers) => {
+                            let at = host_ms();
+                            let mut retry = Vec::new();
+                            let mut a = answered.lock().unwrap();
+                            for ((c, tries), answer) in group.into_iter().zip(answers) {
+                                if matches!(answer, ShardAnswer::Unconfirmed(_)) {
+                                    retry.push((c, tries + 1));
+                                } else {
+                                    a.push((c, answer, at));
+                                }
+                            }
+                            queue.lock().unwrap().extend(retry);
+                        }
+                        Err(e) => {
+                            assert!(
+                                group.iter().all(|(_, tries)| *tries < 500),
+                                "a batch failed 500 times: {e}"
+                            );
+                            // A client's pause before retrying a 503.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            queue
+                                .lock()
+                                .unwrap()
+                                .extend(group.into_iter().map(|(c, t)| (c, t + 1)));
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    Crowd {
+        answered,
+        workers: tasks,
+    }
+}
+
+/// [`start_crowd`] to its end.
+pub async fn crowd(
+    con: &RedisConnection,
+    map: &ShardMap,
+    arrivals: Vec<CustomerId>,
+    workers: usize,
+    durable: Option<Durability>,
+) -> Answered {
+    start_crowd(con, map, arrivals, workers, durable)
+        .answers()
+        .await
+}
