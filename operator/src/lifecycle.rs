@@ -22,8 +22,8 @@ use seckill_workers::protocol::shards::{
     self, Replan, ShardCollect, ShardError, ShardMap, ShardPhase, StockView,
 };
 use seckill_workers::protocol::{
-    self, shard_map_key, Durability, FinishReason, PromotionId, PromotionKeys, ScheduleResult,
-    ScriptError, Snapshot, PROMOTION_INDEX_KEY,
+    self, Durability, FinishReason, PromotionId, PromotionKeys, ScheduleResult, ScriptError,
+    Snapshot, PROMOTION_INDEX_KEY,
 };
 use seckill_workers::redis_connection::RedisConnection;
 
@@ -1130,31 +1130,13 @@ async fn shard0_snapshot(con: &mut RedisConnection, id: &PromotionId) -> Result<
 /// to each master) and where each shard lives now.
 async fn read_sharded(con: &mut RedisConnection, id: &PromotionId) -> Result<ShardedRead, Error> {
     let snapshot = shard0_snapshot(con, id).await?;
-    let (count, salts, ready): (Option<u32>, Option<String>, Option<String>) = redis::cmd("HMGET")
-        .arg(shard_map_key(id))
-        .arg("count")
-        .arg("salts")
-        .arg("ready")
-        .query_async(con)
-        .await
-        .map_err(ScriptError::from)?;
-    let Some(count) = count else {
+    let Some(shards::RecordedMap { map, ready }) = shards::read_map(con, id).await? else {
         return Ok(ShardedRead {
             snapshot,
             report: ShardsReport::default(),
             map: None,
         });
     };
-    let salts = parse_salts(salts.as_deref().unwrap_or_default())
-        .filter(|s| s.len() + 1 == count as usize)
-        .ok_or_else(|| {
-            Error::Shard(ShardError::Map {
-                id: id.clone(),
-                detail: format!("count {count} with salts {salts:?}"),
-            })
-        })?;
-    let map = ShardMap::new(id, &salts);
-    let ready = ready.as_deref() == Some("1");
     let figures = if ready {
         let each = (0..map.shards()).map(|shard| {
             let mut c = con.clone();
@@ -1170,20 +1152,13 @@ async fn read_sharded(con: &mut RedisConnection, id: &PromotionId) -> Result<Sha
     Ok(ShardedRead {
         snapshot,
         report: ShardsReport {
-            planned: Some(count),
+            planned: Some(map.shards()),
             ready,
             figures,
             placement,
         },
         map: Some(map),
     })
-}
-
-fn parse_salts(text: &str) -> Option<Vec<u32>> {
-    text.split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().ok())
-        .collect()
 }
 
 /// Each shard of `map`: its slot and the master serving it in `slots`.

@@ -272,13 +272,20 @@ fn reason(s: &str) -> Result<FinishReason, ShardError> {
 
 // ---------------------------------------------------------------- the map
 
-/// Reads the shard map of `id` (one HMGET on shard 0's slot): the
-/// unsharded map when there is none. A map not yet `ready` is an error:
-/// its promotion cannot be served until every shard is scheduled.
-pub async fn load_map<C: ConnectionLike>(
+/// A shard map as recorded on shard 0's slot, ready or not.
+#[derive(Debug, Clone)]
+pub struct RecordedMap {
+    pub map: ShardMap,
+    /// Every shard is scheduled: shard 0 may start the promotion.
+    pub ready: bool,
+}
+
+/// Reads the shard map of `id` as recorded (one HMGET on shard 0's slot):
+/// `None` when there is none (an unsharded promotion).
+pub async fn read_map<C: ConnectionLike>(
     con: &mut C,
     id: &PromotionId,
-) -> Result<ShardMap, ShardError> {
+) -> Result<Option<RecordedMap>, ShardError> {
     let (count, salts, ready): (Option<u32>, Option<String>, Option<String>) = redis::cmd("HMGET")
         .arg(shard_map_key(id))
         .arg("count")
@@ -288,15 +295,29 @@ pub async fn load_map<C: ConnectionLike>(
         .await
         .map_err(ScriptError::from)?;
     let Some(count) = count else {
-        return Ok(ShardMap::unsharded(id));
+        return Ok(None);
     };
-    if ready.as_deref() != Some("1") {
-        return Err(ShardError::Map {
+    Ok(Some(RecordedMap {
+        map: map_from(id, count, salts.as_deref().unwrap_or_default())?,
+        ready: ready.as_deref() == Some("1"),
+    }))
+}
+
+/// Reads the shard map of `id` to serve it: the unsharded map when there
+/// is none. A map not yet `ready` is an error: its promotion cannot be
+/// served until every shard is scheduled.
+pub async fn load_map<C: ConnectionLike>(
+    con: &mut C,
+    id: &PromotionId,
+) -> Result<ShardMap, ShardError> {
+    match read_map(con, id).await? {
+        None => Ok(ShardMap::unsharded(id)),
+        Some(RecordedMap { ready: false, .. }) => Err(ShardError::Map {
             id: id.clone(),
             detail: "not ready: shards are being scheduled".into(),
-        });
+        }),
+        Some(RecordedMap { map, .. }) => Ok(map),
     }
-    map_from(id, count, salts.as_deref().unwrap_or_default())
 }
 
 fn map_from(id: &PromotionId, count: u32, salts: &str) -> Result<ShardMap, ShardError> {
