@@ -215,6 +215,25 @@ fn from_millis(ms: i64) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms)
 }
 
+/// Whether `now` has reached `t`.
+fn past(now: DateTime<Utc>, t: DateTime<Utc>) -> bool {
+    millis(now) >= millis(t)
+}
+
+/// Finish(Expired) once `now` has reached the spec's finishTime: for a
+/// promotion not yet started, whose times Redis may not hold yet.
+fn expired_by_spec(spec: &PromotionSpec, now: DateTime<Utc>) -> Option<Action> {
+    past(now, spec.finish_time).then_some(Action::Finish(FinishReason::Expired))
+}
+
+/// Finish(Expired) once `now` has reached the finish time Redis holds: for
+/// a started promotion, whose times are locked there.
+fn expired_in_redis(snap: &Snapshot, now: DateTime<Utc>) -> Option<Action> {
+    snap.finish_ms
+        .is_some_and(|f| millis(now) >= f)
+        .then_some(Action::Finish(FinishReason::Expired))
+}
+
 fn until(now: DateTime<Utc>, deadline_ms: i64) -> Duration {
     Duration::from_millis(deadline_ms.saturating_sub(millis(now)).max(0) as u64)
 }
@@ -323,41 +342,46 @@ pub fn decide_with(
     }
     let phase = phase_of(snap);
     let changed = snap.exists && differs(spec, snap);
-    let now_ms = millis(now);
     let mut actions = Vec::new();
     let mut locked = snap.result == ScheduleResult::Locked;
     if !snap.exists {
         actions.push(Action::Schedule);
-        if now_ms >= millis(spec.finish_time) {
-            actions.push(Action::Finish(FinishReason::Expired));
-        }
+        actions.extend(expired_by_spec(spec, now));
     } else {
         match phase {
             Phase::Pending if !snap.started => {
-                if changed || now_ms >= millis(spec.publish_time) {
+                if changed || past(now, spec.publish_time) {
                     actions.push(Action::Schedule);
                 }
-                if now_ms >= millis(spec.finish_time) {
-                    actions.push(Action::Finish(FinishReason::Expired));
-                }
+                actions.extend(expired_by_spec(spec, now));
             }
             Phase::Finished => locked |= changed,
             // Active (or a Pending state with the started flag, which the
             // scripts never leave behind): the spec is locked.
             _ => {
                 locked |= changed;
-                if snap.finish_ms.is_some_and(|f| now_ms >= f) {
-                    actions.push(Action::Finish(FinishReason::Expired));
-                }
+                actions.extend(expired_in_redis(snap, now));
             }
         }
     }
 
     let status = status_of(spec, generation, previous, snap, locked, now);
     let transitions = transitions(previous, &status);
-    // `running`: Active (or a Pending state with the started flag, which the
-    // scripts never leave behind), where grabs move the numbers.
-    let (deadline, running) = match phase {
+    let (deadline, running) = next_deadline(spec, snap, phase, now);
+    Decision::new(actions, status, transitions, deadline, running)
+}
+
+/// The time until the next deadline of the promotion as Redis holds it
+/// (publishTime while Pending, finishTime once started, none once
+/// Finished), and whether it is running: started and not finished, so
+/// grabs move its numbers meanwhile.
+fn next_deadline(
+    spec: &PromotionSpec,
+    snap: &Snapshot,
+    phase: Phase,
+    now: DateTime<Utc>,
+) -> (Option<Duration>, bool) {
+    match phase {
         _ if !snap.exists => (Some(until(now, millis(spec.publish_time))), false),
         Phase::Finished => (None, false),
         Phase::Pending if !snap.started => (
@@ -367,6 +391,8 @@ pub fn decide_with(
             )),
             false,
         ),
+        // Active (or a Pending state with the started flag, which the
+        // scripts never leave behind).
         _ => (
             Some(until(
                 now,
@@ -374,18 +400,31 @@ pub fn decide_with(
             )),
             true,
         ),
-    };
-    let requeue_after = if running {
-        deadline.map(|d| d.min(ACTIVE_REFRESH))
-    } else {
-        deadline
-    };
-    Decision {
-        actions,
-        status,
-        transitions,
-        requeue_after,
-        deadline,
+    }
+}
+
+impl Decision {
+    /// A decision that requeues at `deadline`, and at most every
+    /// [`ACTIVE_REFRESH`] while `running`.
+    fn new(
+        actions: Vec<Action>,
+        status: PromotionStatus,
+        transitions: Vec<Transition>,
+        deadline: Option<Duration>,
+        running: bool,
+    ) -> Self {
+        let requeue_after = if running {
+            deadline.map(|d| d.min(ACTIVE_REFRESH))
+        } else {
+            deadline
+        };
+        Decision {
+            actions,
+            status,
+            transitions,
+            requeue_after,
+            deadline,
+        }
     }
 }
 
@@ -407,7 +446,6 @@ fn decide_sharded(
     let phase = phase_of(snap);
     let changed = snap.exists && differs(spec, snap);
     let started = snap.exists && (snap.started || phase != Phase::Pending);
-    let now_ms = millis(now);
     let mut actions = Vec::new();
     let mut locked = snap.result == ScheduleResult::Locked;
     let mut refused = false;
@@ -431,20 +469,18 @@ fn decide_sharded(
                 if changed {
                     actions.push(Action::Schedule);
                 }
-                if now_ms >= millis(spec.publish_time) {
+                if past(now, spec.publish_time) {
                     actions.push(Action::StartShards);
                 }
-                if now_ms >= millis(spec.finish_time) {
-                    actions.push(Action::Finish(FinishReason::Expired));
-                }
+                actions.extend(expired_by_spec(spec, now));
             }
             Phase::Finished => locked |= changed,
             _ => {
                 locked |= changed;
                 if let Some(reason) = shards.closing() {
                     actions.push(Action::Finish(reason));
-                } else if snap.finish_ms.is_some_and(|f| now_ms >= f) {
-                    actions.push(Action::Finish(FinishReason::Expired));
+                } else if let Some(expired) = expired_in_redis(snap, now) {
+                    actions.push(expired);
                 } else {
                     if shards.unopened() {
                         actions.push(Action::StartShards);
@@ -486,37 +522,16 @@ fn decide_sharded(
         // Nothing was registered in Redis.
         transitions.retain(|t| t.reason != "Scheduled");
     }
-    let running = snap.exists && phase == Phase::Active;
-    let deadline = if refused {
-        None
-    } else {
-        match phase {
-            _ if !snap.exists => Some(until(now, millis(spec.publish_time))),
-            Phase::Finished => None,
-            Phase::Pending if !snap.started => Some(until(
-                now,
-                snap.publish_ms.unwrap_or(millis(spec.publish_time)),
-            )),
-            // Active: no stream tells the operator about grabs on shards
-            // >= 1, so it looks again every ACTIVE_REFRESH (recovery of
-            // stale moves, the sold-out check, the summed numbers).
-            _ => Some(
-                until(now, snap.finish_ms.unwrap_or(millis(spec.finish_time))).min(ACTIVE_REFRESH),
-            ),
-        }
+    let (deadline, running) = match next_deadline(spec, snap, phase, now) {
+        _ if refused => (None, false),
+        // Running: no stream tells the operator about grabs on shards >= 1,
+        // so it looks again every ACTIVE_REFRESH (recovery of stale moves,
+        // the sold-out check, the summed numbers), whatever the controller
+        // does with the deadline.
+        (deadline, true) => (deadline.map(|d| d.min(ACTIVE_REFRESH)), true),
+        other => other,
     };
-    let requeue_after = if running {
-        deadline.map(|d| d.min(ACTIVE_REFRESH))
-    } else {
-        deadline
-    };
-    Decision {
-        actions,
-        status,
-        transitions,
-        requeue_after,
-        deadline,
-    }
+    Decision::new(actions, status, transitions, deadline, running)
 }
 
 /// The sharded part of a status: numbers summed over the shards (the
@@ -910,31 +925,52 @@ pub async fn drive_with(
     settings: &ShardSettings,
 ) -> Result<Driven, Error> {
     validate(spec).map_err(Error::InvalidSpec)?;
+    let goal = Goal {
+        id,
+        spec,
+        generation,
+        previous,
+    };
     if spec.shards > 1 || was_sharded(previous) {
-        return drive_sharded(con, id, spec, generation, previous, settings).await;
+        return drive_sharded(con, &goal, settings).await;
     }
-    let driven = drive_unsharded(con, id, spec, generation, previous).await?;
+    let driven = drive_unsharded(con, &goal).await?;
     if driven.snapshot.result == ScheduleResult::Sharded {
         // Redis holds a sharded promotion this status never reported (a
         // status lost, or a spec changed back to one shard): replan it.
-        return drive_sharded(con, id, spec, generation, previous, settings).await;
+        return drive_sharded(con, &goal, settings).await;
     }
     Ok(driven)
 }
 
-async fn drive_unsharded(
-    con: &mut RedisConnection,
-    id: &PromotionId,
-    spec: &PromotionSpec,
+/// What one drive brings Redis in line with.
+struct Goal<'a> {
+    id: &'a PromotionId,
+    spec: &'a PromotionSpec,
     generation: Option<i64>,
-    previous: Option<&PromotionStatus>,
-) -> Result<Driven, Error> {
+    /// The status last reported, for transitions and condition times.
+    previous: Option<&'a PromotionStatus>,
+}
+
+/// The time Redis answered `snap` at: every decision of a drive is taken
+/// on Redis' clock, not on this process'.
+fn redis_now(snap: &Snapshot) -> DateTime<Utc> {
+    from_millis(snap.now).unwrap_or_else(Utc::now)
+}
+
+async fn drive_unsharded(con: &mut RedisConnection, goal: &Goal<'_>) -> Result<Driven, Error> {
+    let Goal { id, spec, .. } = *goal;
     let wire = spec.to_protocol();
     let mut snap = protocol::snapshot(con, id).await?;
     let mut rounds = 0;
     loop {
-        let now = from_millis(snap.now).unwrap_or_else(Utc::now);
-        let decision = decide(spec, generation, previous, &snap, now);
+        let decision = decide(
+            spec,
+            goal.generation,
+            goal.previous,
+            &snap,
+            redis_now(&snap),
+        );
         rounds += 1;
         if decision.actions.is_empty() || rounds >= MAX_ROUNDS {
             // Writes still wanted after the last round: look again soon.
@@ -987,12 +1023,10 @@ struct ShardedRead {
 
 async fn drive_sharded(
     con: &mut RedisConnection,
-    id: &PromotionId,
-    spec: &PromotionSpec,
-    generation: Option<i64>,
-    previous: Option<&PromotionStatus>,
+    goal: &Goal<'_>,
     settings: &ShardSettings,
 ) -> Result<Driven, Error> {
+    let Goal { id, spec, .. } = *goal;
     let wire = spec.to_protocol();
     // A maintenance action (recovery of young moves, a sold-out check that
     // saw a change) may be asked for again at once: each runs once per
@@ -1001,15 +1035,14 @@ async fn drive_sharded(
     let mut rounds = 0;
     loop {
         let read = read_sharded(con, id).await?;
-        let now = from_millis(read.snapshot.now).unwrap_or_else(Utc::now);
         let decision = decide_with(
             spec,
-            generation,
-            previous,
+            goal.generation,
+            goal.previous,
             &read.snapshot,
             &read.report,
             settings.allows_shards(),
-            now,
+            redis_now(&read.snapshot),
         );
         rounds += 1;
         let todo: Vec<Action> = decision
@@ -1364,6 +1397,13 @@ mod tests {
         d.transitions.iter().map(|t| t.reason).collect()
     }
 
+    /// Whether `d` announces `reason` as a warning.
+    fn warned(d: &Decision, reason: &str) -> bool {
+        d.transitions
+            .iter()
+            .any(|t| t.reason == reason && t.warning)
+    }
+
     #[test]
     fn an_unknown_promotion_is_scheduled_and_requeued_exactly_at_publish_time() {
         let d = decide_at(&unknown(T0 - 5_000), None);
@@ -1450,10 +1490,7 @@ mod tests {
             (c.status.as_str(), c.reason.as_str()),
             ("True", "ChangedAfterStart")
         );
-        assert!(d
-            .transitions
-            .iter()
-            .any(|t| t.reason == "SpecLocked" && t.warning));
+        assert!(warned(&d, "SpecLocked"));
         // Announced once, not on every refresh.
         let again = decide_at(&snap, Some(&d.status));
         assert!(!reasons(&again).contains(&"SpecLocked"));
@@ -1699,6 +1736,17 @@ mod tests {
         }
     }
 
+    /// `decide_with` for an operator whose settings do not allow shards,
+    /// with no shard map in Redis.
+    fn decide_unallowed(
+        spec: &PromotionSpec,
+        snap: &Snapshot,
+        previous: Option<&PromotionStatus>,
+    ) -> Decision {
+        let no_map = ShardsReport::default();
+        decide_with(spec, Some(1), previous, snap, &no_map, false, at(snap.now))
+    }
+
     fn decide_sharded_at(
         shards: u32,
         snap: &Snapshot,
@@ -1714,6 +1762,15 @@ mod tests {
             true,
             at(snap.now),
         )
+    }
+
+    /// Three planned shards holding 4, 3 and 3 coupons, not yet started.
+    fn pending3() -> ShardsReport {
+        report(&[
+            figures(ShardPhase::Pending, 4, 0, 0),
+            figures(ShardPhase::Pending, 3, 0, 0),
+            figures(ShardPhase::Pending, 3, 0, 0),
+        ])
     }
 
     fn active3(stock: [u64; 3], pending: [u64; 3], granted: [u64; 3]) -> ShardsReport {
@@ -1734,15 +1791,7 @@ mod tests {
             finished(T0 + 20, FinishReason::SoldOut, 10),
         ] {
             let plain = decide_at(&snap, None);
-            let with = decide_with(
-                &spec(),
-                Some(1),
-                None,
-                &snap,
-                &ShardsReport::default(),
-                false,
-                at(snap.now),
-            );
+            let with = decide_unallowed(&spec(), &snap, None);
             assert_eq!(plain, with, "{snap:?}");
             assert_eq!(with.status.stock_moves_in_flight, None);
             assert!(with.status.shards.is_empty());
@@ -1773,15 +1822,7 @@ mod tests {
     fn sharding_without_durable_steps_is_refused_with_a_condition_and_an_event_and_nothing_scheduled(
     ) {
         let snap = unknown(T0 - 5_000);
-        let d = decide_with(
-            &sharded_spec(3),
-            Some(1),
-            None,
-            &snap,
-            &ShardsReport::default(),
-            false,
-            at(snap.now),
-        );
+        let d = decide_unallowed(&sharded_spec(3), &snap, None);
         assert!(d.actions.is_empty());
         assert_eq!(d.deadline, None);
         let ready = d.status.condition(READY).unwrap();
@@ -1790,23 +1831,11 @@ mod tests {
             ("False", SHARDS_NEED_DURABLE_STEPS)
         );
         assert!(ready.message.contains("--durable-replicas"));
-        let reasons: Vec<&str> = d.transitions.iter().map(|t| t.reason).collect();
-        assert_eq!(reasons, ["ShardsRefused"], "not Scheduled: nothing was");
+        assert_eq!(reasons(&d), ["ShardsRefused"], "not Scheduled: nothing was");
         assert!(d.transitions[0].warning);
         // Announced once.
-        let again = decide_with(
-            &sharded_spec(3),
-            Some(1),
-            Some(&d.status),
-            &snap,
-            &ShardsReport::default(),
-            false,
-            at(snap.now),
-        );
-        assert!(!again
-            .transitions
-            .iter()
-            .any(|t| t.reason == "ShardsRefused"));
+        let again = decide_unallowed(&sharded_spec(3), &snap, Some(&d.status));
+        assert!(!reasons(&again).contains(&"ShardsRefused"));
     }
 
     #[test]
@@ -1825,11 +1854,7 @@ mod tests {
 
     #[test]
     fn a_sharded_promotion_starts_at_publish_time_not_a_millisecond_before() {
-        let pending = report(&[
-            figures(ShardPhase::Pending, 4, 0, 0),
-            figures(ShardPhase::Pending, 3, 0, 0),
-            figures(ShardPhase::Pending, 3, 0, 0),
-        ]);
+        let pending = pending3();
         let before = decide_sharded_at(3, &registered(T0 - 1, "Pending"), &pending, None);
         assert!(before.actions.is_empty());
         assert_eq!(before.deadline, Some(Duration::from_millis(1)));
@@ -1886,15 +1911,9 @@ mod tests {
             ("True", "SharedMaster")
         );
         assert!(c.message.contains("0+2 on a:1"), "{}", c.message);
-        assert!(d
-            .transitions
-            .iter()
-            .any(|t| t.reason == "ShardsColocated" && t.warning));
+        assert!(warned(&d, "ShardsColocated"));
         let again = decide_sharded_at(3, &snap, &r, Some(&d.status));
-        assert!(!again
-            .transitions
-            .iter()
-            .any(|t| t.reason == "ShardsColocated"));
+        assert!(!reasons(&again).contains(&"ShardsColocated"));
     }
 
     #[test]
@@ -1939,11 +1958,7 @@ mod tests {
 
     #[test]
     fn a_changed_shard_count_is_replanned_before_the_start_and_locked_after_it() {
-        let pending = report(&[
-            figures(ShardPhase::Pending, 4, 0, 0),
-            figures(ShardPhase::Pending, 3, 0, 0),
-            figures(ShardPhase::Pending, 3, 0, 0),
-        ]);
+        let pending = pending3();
         let d = decide_sharded_at(2, &registered(T0 - 10, "Pending"), &pending, None);
         assert_eq!(d.actions, [Action::ReplanShards]);
         let back_to_one = decide_sharded_at(1, &registered(T0 - 10, "Pending"), &pending, None);
