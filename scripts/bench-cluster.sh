@@ -9,27 +9,6 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 SECONDS_PER=${CLUSTER_BENCH_SECONDS:-5}
 TASKS=${CLUSTER_BENCH_TASKS:-128}
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-cargo build --release --quiet -p seckill-workers --example cluster_bench
-bin="${CARGO_TARGET_DIR:-target}/release/examples/cluster_bench"
-out=$("$bin" "$SECONDS_PER" "$TASKS")
-echo "$out"
-[ "${BENCH_NO_DOC:-0}" = 1 ] && exit 0
-section=$(cat <<MD
-<!-- bench:cluster:start (written by scripts/bench-cluster.sh; do not edit by hand) -->
-Run on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, load average before the run: $load_before.
-
-\`\`\`
-cargo build --release -p seckill-workers --example cluster_bench
-target/release/examples/cluster_bench $SECONDS_PER $TASKS
-\`\`\`
-
-\`\`\`
-$out
-\`\`\`
-<!-- bench:cluster:end -->
-MD
-)
-printf '%s\n' "$section" |
-  python3 scripts/write-doc-section.py cluster docs/BENCHMARKS.md - "## Redis Cluster beside a single Redis"
-echo "bench-cluster: wrote docs/BENCHMARKS.md"
+# shellcheck source=lib/example-bench.sh
+source scripts/lib/example-bench.sh
+run_example_bench cluster "## Redis Cluster beside a single Redis" cluster_bench "$SECONDS_PER" "$TASKS"

@@ -11,32 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
-REPS=${SHARDS_BENCH_REPS:-5}
-PER_SHARD=${SHARDS_BENCH_PER_SHARD:-20000}
-SMALL=${SHARDS_BENCH_SMALL:-1000}
-TASKS=${SHARDS_BENCH_TASKS:-16}
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-cargo build --release --quiet -p seckill-workers --example shards_bench
-bin="${CARGO_TARGET_DIR:-target}/release/examples/shards_bench"
-out=$("$bin" "$REPS" "$PER_SHARD" "$SMALL" "$TASKS")
-load_after=$(cut -d' ' -f1-3 /proc/loadavg)
-echo "$out"
-[ "${BENCH_NO_DOC:-0}" = 1 ] && exit 0
-section=$(cat <<MD
-<!-- bench:shards:start (written by scripts/bench-shards.sh; do not edit by hand) -->
-Run on $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, load average before the run: $load_before; after: $load_after.
-
-\`\`\`
-cargo build --release -p seckill-workers --example shards_bench
-target/release/examples/shards_bench $REPS $PER_SHARD $SMALL $TASKS
-\`\`\`
-
-\`\`\`
-$out
-\`\`\`
-<!-- bench:shards:end -->
-MD
-)
-printf '%s\n' "$section" |
-  python3 scripts/write-doc-section.py shards docs/BENCHMARKS.md - "## Stock shards (issue 14)"
-echo "bench-shards: wrote docs/BENCHMARKS.md"
+# shellcheck source=lib/example-bench.sh
+source scripts/lib/example-bench.sh
+run_example_bench shards "## Stock shards (issue 14)" shards_bench \
+  "${SHARDS_BENCH_REPS:-5}" "${SHARDS_BENCH_PER_SHARD:-20000}" "${SHARDS_BENCH_SMALL:-1000}" "${SHARDS_BENCH_TASKS:-16}"

@@ -416,6 +416,12 @@ local function finish_with_total(state, stream, s, reason, total, now)
   redis.call('HSET', state, 'total_granted', total)
 end
 
+-- The answer of a finish step on a finished shard 0: its reason and the
+-- promotion's total.
+local function already_finished(s)
+  return { 'already_finished', s.finish_reason, s.total_granted or s.granted }
+end
+
 -- seckill_v2_finish_soldout, the second collect's part on shard 0: KEYS
 -- state, events. ARGV shard 0's epoch in the first collect, the sum of the
 -- other shards' granted in the second. Appends PromotionFinished{SoldOut,
@@ -427,9 +433,7 @@ redis.register_function('seckill_v2_finish_soldout', function(keys, args)
   local state, stream = keys[1], keys[2]
   local s = shard_of(state)
   if not s then return { 'retry' } end
-  if s.phase == 'Finished' then
-    return { 'already_finished', s.finish_reason, s.total_granted or s.granted }
-  end
+  if s.phase == 'Finished' then return already_finished(s) end
   if s.phase == 'Closing' then return { 'closing', s.finish_reason } end
   if s.phase ~= 'Active' or s.stock ~= 0 or s.pending ~= 0 or s.epoch ~= tonumber(args[1]) then
     return { 'retry' }
@@ -449,9 +453,7 @@ redis.register_function('seckill_v2_finish_begin', function(keys, args)
   local state, stream, map = keys[1], keys[2], keys[3]
   local s = shard_of(state)
   if not s then return { 'unknown' } end
-  if s.phase == 'Finished' then
-    return { 'already_finished', s.finish_reason, s.total_granted or s.granted }
-  end
+  if s.phase == 'Finished' then return already_finished(s) end
   if s.phase == 'Closing' then return { 'closing', s.finish_reason } end
   local now = now_ms()
   if args[1] == 'Expired' and now < s.finish_ms then return { 'not_due', s.finish_ms - now } end
@@ -486,9 +488,7 @@ redis.register_function('seckill_v2_finish_commit', function(keys, args)
   local state, stream = keys[1], keys[2]
   local s = shard_of(state)
   if not s then return { 'unknown' } end
-  if s.phase == 'Finished' then
-    return { 'already_finished', s.finish_reason, s.total_granted or s.granted }
-  end
+  if s.phase == 'Finished' then return already_finished(s) end
   if s.phase ~= 'Closing' then return { 'not_closing', s.phase } end
   local total = s.granted + tonumber(args[1])
   finish_with_total(state, stream, s, s.finish_reason, total, now_ms())
