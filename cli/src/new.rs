@@ -182,17 +182,12 @@ mod tests {
         "2026-12-01T14:00:00.750Z".parse().unwrap()
     }
 
-    const SALE: &[&str] = &[
-        "black-friday",
-        "--opens-in",
-        "10m",
-        "--lasts",
-        "1h",
-        "--coupons",
-        "1000",
-        "--discount",
-        "0.2",
-    ];
+    /// The flags of a valid sale, one word each.
+    fn sale() -> Vec<&'static str> {
+        "black-friday --opens-in 10m --lasts 1h --coupons 1000 --discount 0.2"
+            .split(' ')
+            .collect()
+    }
 
     fn reasons(flags: &[&str]) -> Vec<String> {
         match promotion(&args(flags), now()) {
@@ -203,7 +198,7 @@ mod tests {
 
     #[test]
     fn the_dates_are_now_plus_opens_in_and_then_plus_lasts_in_whole_utc_seconds() {
-        let p = promotion(&args(SALE), now()).unwrap();
+        let p = promotion(&args(&sale()), now()).unwrap();
         assert_eq!(
             p.spec.publish_time.to_rfc3339(),
             "2026-12-01T14:10:00+00:00"
@@ -222,7 +217,7 @@ mod tests {
 
     #[test]
     fn what_is_printed_in_either_format_is_accepted_by_the_crd_rules_as_it_stands() {
-        let mut flags = SALE.to_vec();
+        let mut flags = sale();
         flags.extend(["-n", "shop", "--description", "Black Friday: 20% off"]);
         let p = promotion(&args(&flags), now()).unwrap();
         for format in [Format::Yaml, Format::Json] {
@@ -240,7 +235,7 @@ mod tests {
     #[test]
     fn values_the_crd_refuses_are_refused_with_its_field_and_reason() {
         let with = |flag: &str, value: &str| {
-            let mut flags = SALE.to_vec();
+            let mut flags = sale();
             let i = flags.iter().position(|f| *f == flag).unwrap();
             flags[i + 1] = value;
             reasons(&flags)
@@ -276,11 +271,11 @@ mod tests {
             lasts[0].starts_with("spec.finishTime: must be after publishTime"),
             "{lasts:?}"
         );
-        let mut bad_name = SALE.to_vec();
+        let mut bad_name = sale();
         bad_name[0] = "Black_Friday";
         let named = reasons(&bad_name);
         assert!(named[0].starts_with("metadata.name: "), "{named:?}");
-        let mut bad_namespace = SALE.to_vec();
+        let mut bad_namespace = sale();
         bad_namespace.extend(["--namespace", "shop.eu"]);
         assert!(reasons(&bad_namespace)[0].starts_with("metadata.namespace: "));
     }
