@@ -83,6 +83,50 @@ async fn read(up: &Up, path: &str) -> (u16, Value) {
     (reply.status, reply.json)
 }
 
+/// `seckill load --json` against `up`'s workers on `promotion`: `customers`
+/// distinct customers, `repeat_ratio` of them asking again, `concurrency`
+/// requests at once. Asserts it exited successfully with its verification
+/// passed, and answers its summary.
+async fn load(
+    up: &Up,
+    promotion: &str,
+    customers: u64,
+    concurrency: u64,
+    repeat_ratio: f64,
+) -> Value {
+    let (url, promotion) = (up.url(), promotion.to_owned());
+    let args = [
+        "--customers".to_owned(),
+        customers.to_string(),
+        "--concurrency".to_owned(),
+        concurrency.to_string(),
+        "--repeat-ratio".to_owned(),
+        repeat_ratio.to_string(),
+    ];
+    let load = tokio::task::spawn_blocking(move || {
+        Command::new(binary(SECKILL))
+            .args(["load", "--target", &url, "--promotion", &promotion])
+            .args(&args)
+            // Hang bounds, not speed requirements: how fast is make bench's.
+            .args(["--duration", "120s", "--verify-timeout", "60s", "--json"])
+            .output()
+            .expect("seckill load runs")
+    })
+    .await
+    .unwrap();
+    let summary: Value = serde_json::from_slice(&load.stdout).unwrap_or_else(|e| {
+        panic!(
+            "load printed no JSON ({e}): {}\n{}\n{}",
+            String::from_utf8_lossy(&load.stdout),
+            String::from_utf8_lossy(&load.stderr),
+            up.output()
+        )
+    });
+    assert!(load.status.success(), "{summary:#}\n{}", up.output());
+    assert_eq!(summary["verification"]["passed"], true, "{summary:#}");
+    summary
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_then_load_of_10000_customers_for_1000_coupons_verifies_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,35 +153,8 @@ async fn up_then_load_of_10000_customers_for_1000_coupons_verifies_and_stops_cle
     );
     up.wait_said("demo/flash: Scheduled").await;
 
-    let url = up.url();
-    let load = tokio::task::spawn_blocking(move || {
-        Command::new(binary(SECKILL))
-            .args(["load", "--target", &url, "--promotion", "demo/flash"])
-            .args([
-                "--customers",
-                "10000",
-                "--concurrency",
-                "64",
-                "--repeat-ratio",
-                "0.2",
-            ])
-            // Hang bounds, not speed requirements: how fast is make bench's.
-            .args(["--duration", "120s", "--verify-timeout", "60s", "--json"])
-            .output()
-            .expect("seckill load runs")
-    })
-    .await
-    .unwrap();
-    let summary: Value = serde_json::from_slice(&load.stdout).unwrap_or_else(|e| {
-        panic!(
-            "load printed no JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&load.stdout),
-            String::from_utf8_lossy(&load.stderr)
-        )
-    });
-    assert!(load.status.success(), "{summary:#}");
+    let summary = load(&up, "demo/flash", 10_000, 64, 0.2).await;
     let v = &summary["verification"];
-    assert_eq!(v["passed"], true, "{summary:#}");
     assert_eq!(v["complete"], true);
     assert_eq!(v["grantedInReadModel"], 1_000);
     assert_eq!(v["grantedByResponses"], 1_000);
@@ -325,30 +342,8 @@ async fn a_sharded_manifest_on_a_redis_cluster_sells_exactly_its_coupons_one_sha
     );
     up.wait_said("demo/sharded: Scheduled").await;
 
-    let url = up.url();
-    let load = tokio::task::spawn_blocking(move || {
-        Command::new(binary(SECKILL))
-            .args(["load", "--target", &url, "--promotion", "demo/sharded"])
-            .args(["--customers", "3000", "--concurrency", "32"])
-            .args(["--repeat-ratio", "0.1"])
-            // Hang bounds, not speed requirements.
-            .args(["--duration", "120s", "--verify-timeout", "60s", "--json"])
-            .output()
-            .expect("seckill load runs")
-    })
-    .await
-    .unwrap();
-    let summary: Value = serde_json::from_slice(&load.stdout).unwrap_or_else(|e| {
-        panic!(
-            "load printed no JSON ({e}): {}\n{}\n{}",
-            String::from_utf8_lossy(&load.stdout),
-            String::from_utf8_lossy(&load.stderr),
-            up.output()
-        )
-    });
-    assert!(load.status.success(), "{summary:#}\n{}", up.output());
+    let summary = load(&up, "demo/sharded", 3_000, 32, 0.1).await;
     let v = &summary["verification"];
-    assert_eq!(v["passed"], true, "{summary:#}");
     assert_eq!(v["grantedInReadModel"], 600, "{summary:#}");
     assert_eq!(v["grantedByResponses"], 600, "{summary:#}");
     assert_eq!(summary["outcomes"]["granted"], 600, "{summary:#}");

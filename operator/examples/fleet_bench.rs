@@ -30,7 +30,7 @@ use futures::StreamExt;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, ResourceExt};
 use seckill_operator::promotion::Promotion;
-use seckill_workers::protocol::{self, CustomerId, PromotionId};
+use seckill_workers::protocol::PromotionId;
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::free_port;
 
@@ -38,8 +38,8 @@ use seckill_workers::redis_server::free_port;
 mod kube_apiserver;
 
 use kube_apiserver::{
-    create_all, create_namespaces, delta, expected_phase, phase_of, request_totals, wait_for,
-    Process,
+    create_all, create_namespaces, delta, expected_phase, grab_in_each, phase_of, request_totals,
+    wait_for, Process,
 };
 
 const NAMESPACES: usize = 10;
@@ -194,16 +194,10 @@ async fn main() {
     let mut round = 0u64;
     let mut grabs = 0u64;
     while t.elapsed() < grab_span {
-        let customer = CustomerId::parse(&format!("c{round}")).unwrap();
-        let calls = busy.iter().map(|id| {
-            let mut con = con.clone();
-            let customer = customer.clone();
-            async move { protocol::grab(&mut con, id, &customer).await.is_ok() }
-        });
-        grabs += futures::future::join_all(calls)
+        grabs += grab_in_each(&con, &busy, round)
             .await
-            .into_iter()
-            .filter(|ok| *ok)
+            .iter()
+            .filter(|grabbed| grabbed.is_ok())
             .count() as u64;
         round += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -15,7 +15,7 @@ use seckill_testkit::promotions::move_window;
 use seckill_testkit::redis::{redis_args, RedisServer};
 use seckill_testkit::stream::events_of;
 use seckill_workers::metrics::MetricsRegistry;
-use seckill_workers::protocol::{self, Event, FinishReason, PromotionId};
+use seckill_workers::protocol::{self, Event, FinishReason, PromotionFinished, PromotionId};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use serde_json::{json, Value};
 use tower_test::mock::{Handle, SendResponse};
@@ -322,6 +322,32 @@ async fn first_reconcile_starts(
     (status, task.await.unwrap().unwrap())
 }
 
+/// Deletes `p`, which `driven` left Active, and reconciles it: the
+/// controller finishes the sale (a Finished event whose note names the
+/// deletion), then removes the finalizer and waits for the next change.
+/// Answers the stream's one PromotionFinished, its last event.
+async fn delete_active(
+    p: Promotion,
+    driven: lifecycle::Driven,
+    ctx: Arc<Context>,
+    api: &mut ApiServerVerifier,
+    con: &mut RedisConnection,
+) -> PromotionFinished {
+    assert_eq!(driven.status.phase, Some(Phase::Active));
+    let p = p.with_status(driven.status).being_deleted();
+    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
+    let events = api.events_posted(&["Finished"]).await;
+    assert!(events[0]["note"].as_str().unwrap().contains("Deleted"));
+    api.finalizer_removed(&p).await;
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+    let events = stream(con).await;
+    assert_eq!(count(&events, "PromotionFinished"), 1);
+    match events.last() {
+        Some(Event::PromotionFinished(f)) => f.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// The promotion's stream, decoded.
 async fn stream(con: &mut RedisConnection) -> Vec<Event> {
     events_of(con, &id()).await
@@ -501,21 +527,8 @@ async fn deleting_an_active_promotion_finishes_it_before_the_finalizer_goes() {
     let driven = lifecycle::drive(&mut con, &id(), &p.spec, Some(1), None)
         .await
         .unwrap();
-    assert_eq!(driven.status.phase, Some(Phase::Active));
-
-    let p = p.with_status(driven.status).being_deleted();
-    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
-    let events = api.events_posted(&["Finished"]).await;
-    assert!(events[0]["note"].as_str().unwrap().contains("Deleted"));
-    api.finalizer_removed(&p).await;
-    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
-
-    let events = stream(&mut con).await;
-    match events.last() {
-        Some(Event::PromotionFinished(f)) => assert_eq!(f.reason, FinishReason::Deleted),
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(count(&events, "PromotionFinished"), 1);
+    let finished = delete_active(p, driven, ctx, &mut api, &mut con).await;
+    assert_eq!(finished.reason, FinishReason::Deleted);
 }
 
 #[tokio::test]
@@ -762,11 +775,7 @@ async fn a_sharded_promotion_without_durable_steps_is_refused_with_a_warning_and
         ("False", lifecycle::SHARDS_NEED_DURABLE_STEPS)
     );
     assert!(!protocol::snapshot(&mut con, &id()).await.unwrap().exists);
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let keys = seckill_testkit::redis::keys(&mut con, "*").await;
     assert!(keys.is_empty(), "{keys:?}");
     assert!(ctx.sales.is_empty());
 }
@@ -823,20 +832,9 @@ async fn deleting_an_active_sharded_promotion_finishes_it_once_through_the_three
     let driven = lifecycle::drive_with(&mut con, &id(), &p.spec, Some(1), None, &shards)
         .await
         .unwrap();
-    assert_eq!(driven.status.phase, Some(Phase::Active));
-
-    let p = p.with_status(driven.status).being_deleted();
-    let task = tokio::spawn(reconcile(Arc::new(p.clone()), ctx));
-    let events = api.events_posted(&["Finished"]).await;
-    assert!(events[0]["note"].as_str().unwrap().contains("Deleted"));
-    api.finalizer_removed(&p).await;
-    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
-    let events = stream(&mut con).await;
-    match events.last() {
-        Some(Event::PromotionFinished(f)) => {
-            assert_eq!((f.reason, f.granted), (FinishReason::Deleted, 0))
-        }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(count(&events, "PromotionFinished"), 1);
+    let finished = delete_active(p, driven, ctx, &mut api, &mut con).await;
+    assert_eq!(
+        (finished.reason, finished.granted),
+        (FinishReason::Deleted, 0)
+    );
 }

@@ -20,20 +20,18 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, PostParams};
 use kube::Api;
-use seckill_operator::crdgen;
 use seckill_operator::promotion::{Phase, Promotion};
-use seckill_workers::protocol::{self, CustomerId, FinishReason, PromotionId};
+use seckill_workers::protocol::{self, FinishReason, PromotionId};
 use seckill_workers::redis_connection::RedisArgs;
 use seckill_workers::redis_server::{free_port, RedisServer, RedisServerOptions};
 
 mod kube_apiserver;
 
 use kube_apiserver::{
-    create_all, create_namespaces, delta, expected_phase, on_path, phase_of, request_totals,
-    wait_for, ControlPlane, Process, Totals,
+    create_all, create_namespaces, delta, expected_phase, grab_in_each, on_path, phase_of,
+    request_totals, wait_for, ControlPlane, Process, Totals,
 };
 
 const OPERATOR: &str = env!("CARGO_BIN_EXE_seckill-operator");
@@ -72,30 +70,11 @@ fn kubectl() -> Option<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_on_a_real_api_server_stays_within_the_request_budget_and_reads_well() {
-    let plane = match ControlPlane::start() {
-        Ok(plane) => plane,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+    // The control plane with the CRD (see the module doc).
+    let Some((plane, client)) = ControlPlane::with_crd().await else {
+        return;
     };
-    let client = plane.ready().await;
-
-    // The CRD, by a plain create (see the module doc); then wait until
-    // Promotions can be listed.
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &crdgen::crd())
-        .await
-        .unwrap();
     let all: Api<Promotion> = Api::all(client.clone());
-    let started = Instant::now();
-    while all.list(&ListParams::default().limit(1)).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "CRD not served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 
     let redis = RedisServer::start(RedisServerOptions::default()).expect("redis-server");
     let con = RedisArgs::for_url(redis.url()).connect().unwrap();
@@ -199,13 +178,9 @@ async fn a_fleet_on_a_real_api_server_stays_within_the_request_budget_and_reads_
     let window = Duration::from_secs(8);
     let mut round = 0u64;
     while grabs_started.elapsed() < window {
-        let customer = CustomerId::parse(&format!("c{round}")).unwrap();
-        let grabs = busy.iter().map(|id| {
-            let mut con = con.clone();
-            let customer = customer.clone();
-            async move { protocol::grab(&mut con, id, &customer).await.unwrap() }
-        });
-        futures::future::join_all(grabs).await;
+        for grabbed in grab_in_each(&con, &busy, round).await {
+            grabbed.unwrap();
+        }
         round += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -5,12 +5,8 @@
 //! `-o wide` only. Skipped, with a message saying why, like
 //! `apiserver_fleet.rs`, when the server, etcd or openssl is missing.
 
-use std::time::{Duration, Instant};
-
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use kube::{Api, Client};
-use seckill_operator::crdgen;
 use seckill_operator::promotion::Promotion;
 use serde_json::{json, Value};
 
@@ -82,27 +78,10 @@ async fn table(client: &Client) -> (Vec<(String, i64)>, Vec<Vec<Value>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_defaults_shards_to_one_refuses_0_1025_and_more_than_coupons_and_shows_the_column_in_wide(
 ) {
-    let plane = match ControlPlane::start() {
-        Ok(plane) => plane,
-        Err(why) => {
-            println!("skipped: {why}");
-            return;
-        }
+    let Some((plane, client)) = ControlPlane::with_crd().await else {
+        return;
     };
-    let client = plane.ready().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &crdgen::crd())
-        .await
-        .unwrap();
     let typed: Api<Promotion> = Api::namespaced(client.clone(), "default");
-    let started = Instant::now();
-    while typed.list(&ListParams::default().limit(1)).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "CRD not served"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
     let resource = ApiResource::erase::<Promotion>(&());
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource);
 

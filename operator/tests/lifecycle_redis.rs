@@ -122,11 +122,7 @@ async fn an_invalid_spec_is_refused_without_touching_redis() {
         Err(Error::InvalidSpec(errors)) => assert_eq!(errors[0].field, "spec.numberOfCoupons"),
         other => panic!("{other:?}"),
     }
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let keys = seckill_testkit::redis::keys(&mut con, "*").await;
     assert!(keys.is_empty(), "{keys:?}");
 }
 

@@ -160,6 +160,34 @@ async fn collects(con: &mut RedisConnection, map: &ShardMap) -> Vec<shards::Shar
     out
 }
 
+/// `shop/<name>` with `coupons` over 3 shards, open since a second ago by
+/// Redis' clock for a minute, driven once (so Active) with the default
+/// settings: its id, spec, the drive and its shard map.
+async fn driven_active(
+    con: &mut RedisConnection,
+    name: &str,
+    coupons: u64,
+) -> (PromotionId, PromotionSpec, Driven, ShardMap) {
+    let p = id(name);
+    let publish = redis_now_ms(con).await - 1_000;
+    let s = spec(coupons, 3, publish, publish + 60_000);
+    let driven = drive(con, &p, &s, None, &settings()).await;
+    assert_eq!(driven.status.phase, Some(Phase::Active));
+    let map = shards::load_map(con, &p).await.unwrap();
+    (p, s, driven, map)
+}
+
+/// Asserts that every shard's collect reports `phase`.
+async fn assert_every_shard(con: &mut RedisConnection, map: &ShardMap, phase: ShardPhase) {
+    let phases: Vec<ShardPhase> = collects(con, map).await.iter().map(|f| f.phase).collect();
+    assert!(phases.iter().all(|p| *p == phase), "{phases:?}");
+}
+
+/// The reasons of `driven`'s transitions, in order.
+fn reasons(driven: &Driven) -> Vec<&'static str> {
+    driven.transitions.iter().map(|t| t.reason).collect()
+}
+
 fn condition<'a>(s: &'a PromotionStatus, t: &str) -> (&'a str, &'a str) {
     let c = s.condition(t).unwrap_or_else(|| panic!("no {t} in {s:?}"));
     (c.status.as_str(), c.reason.as_str())
@@ -228,10 +256,7 @@ async fn life_of_an_s3_promotion(c: &RedisCluster, settings: ShardSettings) {
         condition(&first.status, SHARDS_COLOCATED),
         ("False", "OneMasterPerShard")
     );
-    assert!(collects(&mut con, &map)
-        .await
-        .iter()
-        .all(|f| f.phase == ShardPhase::Pending));
+    assert_every_shard(&mut con, &map, ShardPhase::Pending).await;
     assert_eq!(
         counts(&events_by_shard(&mut con, &map, "PromotionStarted").await),
         [0, 0, 0]
@@ -248,12 +273,8 @@ async fn life_of_an_s3_promotion(c: &RedisCluster, settings: ShardSettings) {
     until_redis(&mut con, publish).await;
     let started = drive(&mut con, &p, &s, Some(&again.status), &settings).await;
     assert_eq!(started.status.phase, Some(Phase::Active));
-    let reasons: Vec<&str> = started.transitions.iter().map(|t| t.reason).collect();
-    assert_eq!(reasons, ["Started"]);
-    assert!(collects(&mut con, &map)
-        .await
-        .iter()
-        .all(|f| f.phase == ShardPhase::Active));
+    assert_eq!(reasons(&started), ["Started"]);
+    assert_every_shard(&mut con, &map, ShardPhase::Active).await;
     let after = drive(&mut con, &p, &s, Some(&started.status), &settings).await;
     assert!(after.transitions.is_empty());
     assert_eq!(
@@ -345,12 +366,8 @@ async fn life_of_an_s3_promotion(c: &RedisCluster, settings: ShardSettings) {
     assert_eq!(expired.status.phase, Some(Phase::Finished));
     assert_eq!(expired.status.finish_reason, Some(FinishReason::Expired));
     assert_eq!((expired.status.granted, expired.status.remaining), (12, 18));
-    let reasons: Vec<&str> = expired.transitions.iter().map(|t| t.reason).collect();
-    assert_eq!(reasons, ["Finished"]);
-    assert!(collects(&mut con, &map)
-        .await
-        .iter()
-        .all(|f| f.phase == ShardPhase::Finished));
+    assert_eq!(reasons(&expired), ["Finished"]);
+    assert_every_shard(&mut con, &map, ShardPhase::Finished).await;
     let finishes = events_by_shard(&mut con, &map, "PromotionFinished").await;
     assert_eq!(counts(&finishes), [1, 0, 0]);
     let event = finished_event(&finishes);
@@ -443,12 +460,7 @@ async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_
     // A quiet sale: every shard granted its last coupon on its own (no
     // customer met an empty home, so no worker ran the sold-out check);
     // the reconcile's double collect closes it.
-    let quiet = id("quiet");
-    let publish = redis_now_ms(&mut con).await - 1_000;
-    let s = spec(3, 3, publish, publish + 60_000);
-    let open = drive(&mut con, &quiet, &s, None, &settings()).await;
-    assert_eq!(open.status.phase, Some(Phase::Active));
-    let map = shards::load_map(&mut con, &quiet).await.unwrap();
+    let (quiet, s, open, map) = driven_active(&mut con, "quiet", 3).await;
     for shard in 0..3 {
         let who = (0..).map(customer).find(|c| map.home(c) == shard).unwrap();
         let batch = shards::shard_grab(&mut con, &map, shard, &[who], None)
@@ -465,18 +477,12 @@ async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_
     assert_eq!(sold.status.phase, Some(Phase::Finished));
     assert_eq!(sold.status.finish_reason, Some(FinishReason::SoldOut));
     assert_eq!((sold.status.granted, sold.status.remaining), (3, 0));
-    let reasons: Vec<&str> = sold.transitions.iter().map(|t| t.reason).collect();
-    assert_eq!(reasons, ["SoldOut", "Finished"]);
+    assert_eq!(reasons(&sold), ["SoldOut", "Finished"]);
     let finishes = events_by_shard(&mut con, &map, "PromotionFinished").await;
     assert_eq!(finished_event(&finishes)["granted"], 3);
 
     // Deleted while Active: the three phases, one Finished with the sum.
-    let del = id("deleted");
-    let publish = redis_now_ms(&mut con).await - 1_000;
-    let s = spec(9, 3, publish, publish + 60_000);
-    let active = drive(&mut con, &del, &s, None, &settings()).await;
-    assert_eq!(active.status.phase, Some(Phase::Active));
-    let map = shards::load_map(&mut con, &del).await.unwrap();
+    let (del, s, active, map) = driven_active(&mut con, "deleted", 9).await;
     let mut view = StockView::new(3);
     for n in 0..5 {
         let who = customer(n);
@@ -496,10 +502,7 @@ async fn sharding_is_refused_without_durable_steps_replanned_before_the_start_a_
         (event["granted"].as_u64(), event["reason"].as_str()),
         (Some(5), Some("Deleted"))
     );
-    assert!(collects(&mut con, &map)
-        .await
-        .iter()
-        .all(|f| f.phase == ShardPhase::Finished));
+    assert_every_shard(&mut con, &map, ShardPhase::Finished).await;
     let twice = finish_deleted_with(&mut con, &del, &s, Some(&active.status), &settings())
         .await
         .unwrap();

@@ -10,6 +10,10 @@
 //!   through the protocol's scripts.
 //! - [`stream`]: the stream reader (every event of a promotion, sorted into
 //!   facts) and the projector group's pending entries.
+//! - [`shards`]: a crowd of command workers on a sharded promotion;
+//!   [`shard_audit`]: what every shard holds, read from Redis, and the
+//!   invariants on it.
+//! - [`shuffle`]: the deterministic shuffle crowds arrive in.
 //! - [`concurrent`]: the start and finish races, many callers at once.
 //! - [`client`]: the one HTTP client, and the API shapes tests send and read.
 //! - [`process`]: where the binaries under test are, libfaketime, signals.
@@ -23,7 +27,9 @@ pub mod process;
 pub mod promotions;
 pub mod redis;
 pub mod redis_cluster;
+pub mod shard_audit;
 pub mod shards;
+pub mod shuffle;
 pub mod stream;
 pub mod up;
 pub mod worker;

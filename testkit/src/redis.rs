@@ -1,6 +1,7 @@
 //! A private `redis-server` per test ([`RedisServer`] of `seckill_workers`,
 //! on a free loopback port in a temporary directory; the test may kill, stop
-//! and restart it) and connections to it the way the components open them.
+//! and restart it), connections to it the way the components open them, and
+//! the keys it holds.
 
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 pub use seckill_workers::redis_server::{
@@ -78,4 +79,37 @@ pub async fn info_field<T: std::str::FromStr>(
         .into_iter()
         .find(|(k, _)| k == field)
         .and_then(|(_, v)| v.parse().ok())
+}
+
+/// Every key matching `pattern` on the one server behind `con` (`SCAN`,
+/// page by page: a node of a cluster answers for its own keys only).
+pub async fn scan_keys(con: &mut impl redis::aio::ConnectionLike, pattern: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await
+            .expect("SCAN answers");
+        keys.extend(page);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// `KEYS pattern` on the server behind `con`: for a test's small database
+/// only (it blocks the server while it walks every key).
+pub async fn keys(con: &mut impl redis::aio::ConnectionLike, pattern: &str) -> Vec<String> {
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(con)
+        .await
+        .expect("KEYS answers")
 }

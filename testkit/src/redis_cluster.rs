@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use seckill_workers::protocol::placement::SlotMap;
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 use seckill_workers::redis_server::{
     free_port, Fsync, RedisServer, RedisServerError, RedisServerOptions,
@@ -352,6 +353,16 @@ impl RedisCluster {
     pub fn slot_map(&self) -> Result<Vec<SlotRange>, RedisClusterError> {
         let mut con = self.any_node()?;
         Ok(slot_ranges(&mut con)?)
+    }
+
+    /// The slot map as `protocol::placement` places shards on it: every
+    /// range with its master.
+    pub fn placement_slots(&self) -> Result<SlotMap, RedisClusterError> {
+        Ok(SlotMap::new(
+            self.slot_map()?
+                .into_iter()
+                .map(|r| (r.start, r.end, r.master)),
+        ))
     }
 
     /// `host:port` of the master serving `slot`.

@@ -1,16 +1,33 @@
 //! A crowd of command workers on a sharded promotion, at the protocol level:
 //! tasks that take arrivals in batches, split them by home shard and serve
 //! each group with `protocol::shards::grab`, retrying what has no outcome
-//! as clients retry a 503. Shared by the shard tests of the protocol and of
-//! the read side.
+//! as clients retry a 503; and the plan such a promotion starts from.
+//! Shared by the shard tests of the protocol, of the read side and of the
+//! command workers over HTTP.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use seckill_workers::protocol::placement;
 use seckill_workers::protocol::shards::{self, ShardAnswer, ShardMap, StockView};
-use seckill_workers::protocol::{CustomerId, Durability};
+use seckill_workers::protocol::{CustomerId, Durability, PromotionId};
 use seckill_workers::redis_connection::RedisConnection;
+
+use crate::redis_cluster::RedisCluster;
+
+/// `p` planned over `shards` shards placed on the masters of `c`, as the
+/// operator plans it (`placement::place`, then `shards::plan`).
+pub async fn planned(
+    c: &RedisCluster,
+    con: &mut RedisConnection,
+    p: &PromotionId,
+    shards: u32,
+) -> ShardMap {
+    let slots = c.placement_slots().expect("slot map");
+    let placement = placement::place(p, shards, &slots).expect("placement");
+    shards::plan(con, p, &placement).await.expect("plan")
+}
 
 /// Every answer of a crowd: the customer, its answer, and when it came
 /// (host clock, ms).

@@ -32,6 +32,7 @@ use chrono::{TimeZone, Utc};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
+use seckill_testkit::shuffle::shuffle;
 use seckill_workers::protocol::placement::{self, key_slot, SlotMap};
 use seckill_workers::protocol::shards::{self, MoveOut, ShardAnswer, ShardMap, StockView};
 use seckill_workers::protocol::{CustomerId, PromotionId, PromotionSpec};
@@ -138,6 +139,18 @@ async fn spent(m: &mut Master) -> Spent {
     }
 }
 
+/// Runs `call` and answers its result with the FCALL usec it cost on
+/// `master` (the master's commandstats before and after).
+async fn fcall_cost<T>(
+    master: &mut Master,
+    call: impl std::future::Future<Output = T>,
+) -> (T, f64) {
+    let before = spent(master).await;
+    let out = call.await;
+    let after = spent(master).await;
+    (out, after.fcall_us - before.fcall_us)
+}
+
 async fn spent_all(masters: &mut [Master]) -> Vec<Spent> {
     let mut out = Vec::new();
     for m in masters.iter_mut() {
@@ -180,15 +193,6 @@ impl Layout {
 
 /// Numbers the promotions so every sale starts on fresh ones.
 static SALE: AtomicU64 = AtomicU64::new(0);
-
-fn slot_map(c: &RedisCluster) -> SlotMap {
-    SlotMap::new(
-        c.slot_map()
-            .expect("slot map")
-            .into_iter()
-            .map(|r| (r.start, r.end, r.master)),
-    )
-}
 
 /// A started promotion of `coupons` laid out as `layout`.
 async fn promotion(c: &RedisCluster, con: &mut Counted, layout: Layout, coupons: u64) -> ShardMap {
@@ -239,13 +243,7 @@ fn arrivals(sale: u64, distinct: usize, seed: u64) -> Vec<CustomerId> {
         .map(|i| all[i * 7 % distinct].clone())
         .collect();
     all.extend(repeats);
-    let mut x = seed | 1;
-    for i in (1..all.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        all.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    shuffle(&mut all, seed | 1);
     all
 }
 
@@ -502,45 +500,37 @@ async fn step_costs(
         } else {
             (2, 1, m2, m1)
         };
-        let b = spent(&mut masters[mf]).await;
-        let out = shards::move_out(&mut con, &map, from, to, 1, None)
-            .await
-            .expect("move out");
-        let a = spent(&mut masters[mf]).await;
-        costs
-            .entry("move_out")
-            .or_default()
-            .push(a.fcall_us - b.fcall_us);
+        let (out, us) = fcall_cost(
+            &mut masters[mf],
+            shards::move_out(&mut con, &map, from, to, 1, None),
+        )
+        .await;
+        costs.entry("move_out").or_default().push(us);
+        let out = out.expect("move out");
         let MoveOut::Moved { pending, .. } = out else {
             panic!("move out: {out:?}")
         };
-        let b = spent(&mut masters[mt]).await;
-        shards::move_in(&mut con, &map, &pending, &[], None)
-            .await
-            .expect("move in");
-        let a = spent(&mut masters[mt]).await;
-        costs
-            .entry("move_in")
-            .or_default()
-            .push(a.fcall_us - b.fcall_us);
-        let b = spent(&mut masters[mf]).await;
-        shards::move_done(&mut con, &map, from, &pending.id, None)
-            .await
-            .expect("move done");
-        let a = spent(&mut masters[mf]).await;
-        costs
-            .entry("move_done")
-            .or_default()
-            .push(a.fcall_us - b.fcall_us);
-        let b = spent(&mut masters[mf]).await;
-        shards::collect(&mut con, &map, from, None)
-            .await
-            .expect("collect");
-        let a = spent(&mut masters[mf]).await;
-        costs
-            .entry("collect")
-            .or_default()
-            .push(a.fcall_us - b.fcall_us);
+        let (moved_in, us) = fcall_cost(
+            &mut masters[mt],
+            shards::move_in(&mut con, &map, &pending, &[], None),
+        )
+        .await;
+        moved_in.expect("move in");
+        costs.entry("move_in").or_default().push(us);
+        let (done, us) = fcall_cost(
+            &mut masters[mf],
+            shards::move_done(&mut con, &map, from, &pending.id, None),
+        )
+        .await;
+        done.expect("move done");
+        costs.entry("move_done").or_default().push(us);
+        let (collected, us) = fcall_cost(
+            &mut masters[mf],
+            shards::collect(&mut con, &map, from, None),
+        )
+        .await;
+        collected.expect("collect");
+        costs.entry("collect").or_default().push(us);
     }
     costs
 }
@@ -578,7 +568,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         calls: Arc::default(),
     };
     let mut masters = Vec::new();
-    for address in slot_map(&cluster).masters() {
+    for address in cluster.placement_slots().expect("slot map").masters() {
         let client = redis::Client::open(format!("redis://{address}/"))?;
         masters.push(Master {
             address: address.clone(),
@@ -595,7 +585,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!(
         "masters in slot order: {}",
-        slot_map(&cluster).masters().join(", ")
+        cluster
+            .placement_slots()
+            .expect("slot map")
+            .masters()
+            .join(", ")
     );
 
     // Warm up: the library loads, connections open.

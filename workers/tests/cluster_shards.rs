@@ -8,7 +8,7 @@
 //! counts equal to the streams, one Started and one Finished in shard 0's
 //! stream only.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use redis::streams::StreamRangeReply;
@@ -16,30 +16,30 @@ use seckill_testkit::eventually;
 use seckill_testkit::promotions::{customer, id, redis_now_ms, spec_from_now};
 use seckill_testkit::redis_cluster::cluster;
 use seckill_testkit::redis_cluster::RedisCluster;
-use seckill_testkit::shards::{crowd, start_crowd, Answered};
-use seckill_testkit::stream::{entries_at as entries, hash_at as hash};
-use seckill_workers::protocol::placement::{self, key_slot, SlotMap};
-use seckill_workers::protocol::ranges::NumberRanges;
+use seckill_testkit::shard_audit::{
+    assert_conserved, audit, conservation, field, read_all, Audit, Conservation, ShardRead,
+};
+use seckill_testkit::shards::{crowd, planned, start_crowd, Answered};
+use seckill_testkit::shuffle::shuffle;
+use seckill_workers::protocol::placement::{self, key_slot};
 use seckill_workers::protocol::shards::{
     self, MoveOut, ShardAnswer, ShardError, ShardMap, SoldOutCheck, SoldOutDecision, StockView,
 };
 use seckill_workers::protocol::{
-    self, home_shard, shard_map_key, CustomerId, Durability, Event, FinishReason, PromotionId,
-    PromotionKeys, ScheduleResult, ShardKeys, EVENT_FIELD,
+    self, shard_map_key, CustomerId, Durability, FinishReason, PromotionId, PromotionKeys,
+    ScheduleResult, ShardKeys, EVENT_FIELD,
 };
 use seckill_workers::redis_connection::RedisConnection;
 
 /// Bounds every wait for something that must happen.
 const WITHIN: Duration = Duration::from_secs(60);
 
-fn slot_map(c: &RedisCluster) -> SlotMap {
-    SlotMap::new(
-        c.slot_map()
-            .expect("slot map")
-            .into_iter()
-            .map(|r| (r.start, r.end, r.master)),
-    )
-}
+/// Every step waits for one replica (at most 300 ms) before it counts: the
+/// durability the failover tests run with.
+const ONE_REPLICA: Durability = Durability {
+    replicas: 1,
+    timeout: Duration::from_millis(300),
+};
 
 /// `shop/<name>` with `coupons` over `shards` shards placed on the masters of
 /// `c`, open since a second ago for `length_ms`, started.
@@ -53,8 +53,7 @@ async fn sharded(
     durable: Option<Durability>,
 ) -> ShardMap {
     let p = id(name);
-    let placement = placement::place(&p, shards, &slot_map(c)).expect("placement");
-    let map = shards::plan(con, &p, &placement).await.expect("plan");
+    let map = planned(c, con, &p, shards).await;
     let spec = spec_from_now(0.7, coupons, -1000, length_ms + 1000);
     shards::schedule(con, &map, &spec, durable)
         .await
@@ -76,215 +75,6 @@ fn masters_of(c: &RedisCluster, map: &ShardMap) -> Vec<String> {
                 .expect("master of a shard")
         })
         .collect()
-}
-
-/// Everything the invariants are about, read from one shard.
-#[derive(Debug, Default)]
-struct ShardRead {
-    state: HashMap<String, String>,
-    customers: HashMap<String, String>,
-    moves_out: HashMap<String, String>,
-    moves_in: HashMap<String, String>,
-    /// (entry id, fields)
-    events: Vec<(String, HashMap<String, String>)>,
-}
-
-async fn read_all(con: &mut RedisConnection, map: &ShardMap) -> Vec<ShardRead> {
-    let mut out = Vec::new();
-    for i in 0..map.shards() {
-        let k: &ShardKeys = map.keys(i).unwrap();
-        out.push(ShardRead {
-            state: hash(con, &k.state).await,
-            customers: hash(con, &k.customers).await,
-            moves_out: hash(con, &k.moves_out).await,
-            moves_in: hash(con, &k.moves_in).await,
-            events: entries(con, &k.events).await,
-        });
-    }
-    out
-}
-
-fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str) -> T {
-    h.get(name)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("field {name} of {h:?}"))
-}
-
-/// Coupon numbers by where they are.
-#[derive(Debug, PartialEq, Eq)]
-struct Conservation {
-    stock: u64,
-    granted: u64,
-    in_flight: u64,
-    /// Numbers seen more than once (never, unless a step was lost and built upon).
-    twice: Vec<u64>,
-    missing: Vec<u64>,
-}
-
-/// Invariant 4, number by number, without asserting it (the failover test
-/// also shows what breaks it).
-fn conservation(reads: &[ShardRead], coupons: u64) -> Conservation {
-    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
-    let (mut stock, mut granted, mut in_flight) = (0, 0, 0);
-    for (i, r) in reads.iter().enumerate() {
-        let mut left = NumberRanges::span(field(&r.state, "next"), field(&r.state, "upto"));
-        left.extend(&NumberRanges::parse(r.state.get("more").map_or("", String::as_str)).unwrap());
-        assert_eq!(
-            left.len(),
-            field::<u64>(&r.state, "stock"),
-            "shard {i}: stock field against its ranges"
-        );
-        stock += left.len();
-        for n in left.numbers() {
-            *seen.entry(n).or_default() += 1;
-        }
-        for held in r.customers.values() {
-            let n: u64 = held.split(':').next().unwrap().parse().unwrap();
-            granted += 1;
-            *seen.entry(n).or_default() += 1;
-        }
-        for (move_id, record) in &r.moves_out {
-            let mut parts = record.split('|');
-            let to: usize = parts.next().unwrap().parse().unwrap();
-            if !reads[to].moves_in.contains_key(move_id) {
-                let moving = NumberRanges::parse(parts.next().unwrap()).unwrap();
-                in_flight += moving.len();
-                for n in moving.numbers() {
-                    *seen.entry(n).or_default() += 1;
-                }
-            }
-        }
-    }
-    Conservation {
-        stock,
-        granted,
-        in_flight,
-        twice: seen
-            .iter()
-            .filter(|(_, k)| **k > 1)
-            .map(|(n, _)| *n)
-            .collect(),
-        missing: (1..=coupons).filter(|n| !seen.contains_key(n)).collect(),
-    }
-}
-
-fn assert_conserved(reads: &[ShardRead], coupons: u64) -> Conservation {
-    let c = conservation(reads, coupons);
-    assert!(
-        c.twice.is_empty() && c.missing.is_empty(),
-        "conservation broken: {c:?}"
-    );
-    assert_eq!(c.stock + c.granted + c.in_flight, coupons, "{c:?}");
-    c
-}
-
-/// What every shard's stream says, after the per-shard checks.
-#[derive(Debug)]
-struct Audit {
-    grabs: u64,
-    moves: usize,
-    /// Finished{reason, granted} with its entry id's time, if any.
-    finished: Option<(FinishReason, u64, i64)>,
-    /// customer -> coupon number
-    holders: BTreeMap<String, u64>,
-}
-
-/// Invariants 1, 2 and 5 from every shard: every holder on their home shard
-/// and in one shard only; each shard's `granted`, customers hash and stream
-/// agree; one Started and at most one Finished, in shard 0's stream only,
-/// whose total is the number of CouponGrabbed of every stream.
-fn audit(map: &ShardMap, reads: &[ShardRead]) -> Audit {
-    let mut holders = BTreeMap::new();
-    let mut grabs = 0;
-    let mut moves = 0;
-    let mut started = Vec::new();
-    let mut finished = Vec::new();
-    for (i, r) in reads.iter().enumerate() {
-        for (c, held) in &r.customers {
-            let cust = CustomerId::parse(c).unwrap();
-            assert_eq!(
-                home_shard(&cust, map.shards()),
-                i as u32,
-                "{c} holds a coupon away from home"
-            );
-            let n: u64 = held.split(':').next().unwrap().parse().unwrap();
-            assert!(holders.insert(c.clone(), n).is_none(), "{c} in two shards");
-        }
-        let mut on_shard = 0;
-        let mut last_shard_granted = 0;
-        for (entry, f) in &r.events {
-            if let Some(json) = f.get(EVENT_FIELD) {
-                match Event::decode(json.as_bytes()).expect("a lifecycle event") {
-                    Event::PromotionStarted(_) => started.push(i),
-                    Event::PromotionFinished(e) => {
-                        let ms = entry.split('-').next().unwrap().parse().unwrap();
-                        finished.push((i, e.reason, e.granted, ms));
-                    }
-                    other => panic!("unexpected JSON event {other:?}"),
-                }
-                continue;
-            }
-            match f.get("type").map(String::as_str) {
-                Some("CouponGrabbed") => {
-                    on_shard += 1;
-                    let k: u64 = field(f, "shardGranted");
-                    assert_eq!(
-                        k,
-                        last_shard_granted + 1,
-                        "shardGranted counts this shard's grants"
-                    );
-                    last_shard_granted = k;
-                    let c = &f["customerId"];
-                    assert_eq!(
-                        r.customers.get(c).map(|h| h.split(':').next().unwrap()),
-                        Some(f["seq"].as_str()),
-                        "the stream's grant is the held coupon"
-                    );
-                }
-                Some("StockMovedOut") => moves += 1,
-                Some("StockMovedIn") => {}
-                other => panic!("unexpected entry type {other:?}"),
-            }
-        }
-        assert_eq!(
-            on_shard,
-            r.customers.len() as u64,
-            "shard {i}: stream against holders"
-        );
-        assert_eq!(
-            field::<u64>(&r.state, "granted"),
-            on_shard,
-            "shard {i}: granted against its stream"
-        );
-        grabs += on_shard;
-    }
-    assert_eq!(started, [0], "one PromotionStarted, in shard 0's stream");
-    assert!(
-        finished.len() <= 1,
-        "one PromotionFinished at most: {finished:?}"
-    );
-    let finished = finished.pop().map(|(shard, reason, total, ms)| {
-        assert_eq!(shard, 0, "PromotionFinished in shard 0's stream");
-        assert_eq!(total, grabs, "Finished.granted is every stream's grabs");
-        (reason, total, ms)
-    });
-    Audit {
-        grabs,
-        moves,
-        finished,
-        holders,
-    }
-}
-
-/// A small deterministic shuffle (xorshift), so crowds arrive in a random
-/// but repeatable order.
-fn shuffle<T>(items: &mut [T], mut seed: u64) {
-    for i in (1..items.len()).rev() {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        items.swap(i, (seed % (i as u64 + 1)) as usize);
-    }
 }
 
 /// `n` customers, 10% of them arriving twice, in random order.
@@ -330,6 +120,27 @@ fn check_answers(
     kinds
 }
 
+/// The sale of `map` as every shard holds it once sold out: the numbers
+/// conserved with every coupon granted, the audit passed with one
+/// Finished{SoldOut, coupons}, and every coupon `answered` promised the one
+/// held. Answers the conservation, the audit and the answers by kind.
+fn assert_sold_out(
+    map: &ShardMap,
+    reads: &[ShardRead],
+    coupons: u64,
+    answered: &Answered,
+) -> (Conservation, Audit, BTreeMap<&'static str, usize>) {
+    let cons = assert_conserved(reads, coupons);
+    assert_eq!(cons.granted, coupons);
+    let audit = audit(map, reads);
+    assert_eq!(
+        audit.finished.map(|f| (f.0, f.1)),
+        Some((FinishReason::SoldOut, coupons))
+    );
+    let kinds = check_answers(answered, &audit.holders);
+    (cons, audit, kinds)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crowd_on_three_shards_grants_exactly_the_stock_and_every_number_once() {
     let c = cluster(3, 0);
@@ -342,12 +153,9 @@ async fn crowd_on_three_shards_grants_exactly_the_stock_and_every_number_once() 
     let answered = crowd(&con, &map, arrivals("crowd", 1800, 7), 6, None).await;
 
     let reads = read_all(&mut con, &map).await;
-    let cons = assert_conserved(&reads, coupons);
-    assert_eq!((cons.granted, cons.stock, cons.in_flight), (coupons, 0, 0));
-    let audit = audit(&map, &reads);
-    let (reason, total, finished_ms) = audit.finished.expect("the sale finished");
-    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
-    let kinds = check_answers(&answered, &audit.holders);
+    let (cons, audit, kinds) = assert_sold_out(&map, &reads, coupons, &answered);
+    assert_eq!((cons.stock, cons.in_flight), (0, 0));
+    let (_, _, finished_ms) = audit.finished.expect("the sale finished");
     assert_eq!(kinds.get("granted"), Some(&(coupons as usize)), "{kinds:?}");
     // No false sold-out: every 410 came after PromotionFinished{SoldOut}.
     let early: Vec<_> = answered
@@ -550,14 +358,7 @@ async fn mover_stopped_after_each_step_leaves_stock_conserved_and_recovery_compl
         )
         .await;
         let reads = read_all(&mut con, &map).await;
-        let cons = assert_conserved(&reads, coupons);
-        assert_eq!(cons.granted, coupons);
-        let audit = audit(&map, &reads);
-        assert_eq!(
-            audit.finished.map(|f| (f.0, f.1)),
-            Some((FinishReason::SoldOut, coupons))
-        );
-        check_answers(&answered, &audit.holders);
+        assert_sold_out(&map, &reads, coupons, &answered);
     }
 }
 
@@ -737,7 +538,7 @@ async fn concurrent_starts_sold_out_checks_and_deletes_append_one_started_and_on
     let mut con = c.connect();
     let p = id("once");
     let coupons = 30;
-    let placement = placement::place(&p, 3, &slot_map(&c)).unwrap();
+    let placement = placement::place(&p, 3, &c.placement_slots().expect("slot map")).unwrap();
     let map = shards::plan(&mut con, &p, &placement).await.unwrap();
     // A second planner with other salts: the first plan wins.
     let mut other = placement.clone();
@@ -883,7 +684,7 @@ async fn shards_one_writes_exactly_the_unsharded_keys_and_fields() {
 
     // One promotion through the sharded entry points with S = 1...
     let one = id("s1-sharded-api");
-    let placement = placement::place(&one, 1, &slot_map(&c)).unwrap();
+    let placement = placement::place(&one, 1, &c.placement_slots().expect("slot map")).unwrap();
     assert!(placement.salts.is_empty());
     let map = shards::load_map(&mut con, &one).await.unwrap();
     assert!(!map.is_sharded(), "no map key: S = 1");
@@ -1043,10 +844,7 @@ fn shard_on(c: &RedisCluster, map: &ShardMap, master: &str) -> u32 {
 async fn move_step_lost_in_a_failover_is_never_built_upon() {
     let mut c = cluster(3, 1);
     let mut con = c.connect();
-    let durable = Some(Durability {
-        replicas: 1,
-        timeout: Duration::from_millis(300),
-    });
+    let durable = Some(ONE_REPLICA);
     let coupons = 60;
     let guarded = sharded(&c, &mut con, "lost-guarded", coupons, 3, 600_000, durable).await;
     let control = sharded(&c, &mut con, "lost-control", coupons, 3, 600_000, None).await;
@@ -1147,14 +945,7 @@ async fn move_step_lost_in_a_failover_is_never_built_upon() {
     )
     .await;
     let reads = read_all(&mut con, &guarded).await;
-    let cons = assert_conserved(&reads, coupons);
-    assert_eq!(cons.granted, coupons);
-    let audit = audit(&guarded, &reads);
-    assert_eq!(
-        audit.finished.map(|f| (f.0, f.1)),
-        Some((FinishReason::SoldOut, coupons))
-    );
-    check_answers(&answered, &audit.holders);
+    assert_sold_out(&guarded, &reads, coupons, &answered);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1162,10 +953,7 @@ async fn kill_9_of_shard_zeros_master_mid_sale_loses_no_answered_grant_and_keeps
 {
     let mut c = cluster(3, 1);
     let mut con = c.connect();
-    let durable = Some(Durability {
-        replicas: 1,
-        timeout: Duration::from_millis(300),
-    });
+    let durable = Some(ONE_REPLICA);
     let coupons = 3000;
     let map = sharded(&c, &mut con, "kill-mid-sale", coupons, 3, 600_000, durable).await;
     let sale = start_crowd(&con, &map, arrivals("kill", 6000, 13), 6, durable);
@@ -1196,15 +984,9 @@ async fn kill_9_of_shard_zeros_master_mid_sale_loses_no_answered_grant_and_keeps
     );
 
     let reads = read_all(&mut con, &map).await;
-    let cons = assert_conserved(&reads, coupons);
-    assert_eq!((cons.granted, cons.in_flight), (coupons, 0));
-    let audit = audit(&map, &reads);
-    assert_eq!(
-        audit.finished.map(|f| (f.0, f.1)),
-        Some((FinishReason::SoldOut, coupons))
-    );
     // Every grant answered (durably) is the coupon its customer holds.
-    let kinds = check_answers(&answered, &audit.holders);
+    let (cons, audit, kinds) = assert_sold_out(&map, &reads, coupons, &answered);
+    assert_eq!(cons.in_flight, 0);
     eprintln!(
         "kill mid-sale: {granted_at_kill} granted at the kill, {kinds:?}, {} moves",
         audit.moves

@@ -14,9 +14,12 @@ use seckill_testkit::eventually;
 use seckill_testkit::promotions::{
     customer, id, index_for_projectors, open_promotion, spec_from_now,
 };
+use seckill_testkit::redis::scan_keys;
 use seckill_testkit::redis_cluster::{cluster, RedisCluster};
+use seckill_testkit::shards::planned;
+use seckill_testkit::shuffle::shuffle;
+use seckill_testkit::stream::entries_at;
 use seckill_workers::projector::{self, entries_of, Projector, ProjectorMetrics, ProjectorOptions};
-use seckill_workers::protocol::placement::{self, SlotMap};
 use seckill_workers::protocol::shards::{self, ShardAnswer, ShardMap};
 use seckill_workers::protocol::Phase;
 use seckill_workers::protocol::{
@@ -41,14 +44,7 @@ async fn sharded(
     coupons: u64,
 ) -> ShardMap {
     let p = id(name);
-    let slots = SlotMap::new(
-        c.slot_map()
-            .expect("slot map")
-            .into_iter()
-            .map(|r| (r.start, r.end, r.master)),
-    );
-    let placement = placement::place(&p, SHARDS, &slots).expect("placement");
-    let map = shards::plan(con, &p, &placement).await.expect("plan");
+    let map = planned(c, con, &p, SHARDS).await;
     let spec = spec_from_now(0.7, coupons, -1000, 601_000);
     shards::schedule(con, &map, &spec, None)
         .await
@@ -83,13 +79,7 @@ fn skewed_arrivals(map: &ShardMap, prefix: &str, n: usize, skew: f64) -> Vec<Cus
     let mut all: Vec<CustomerId> = zero.into_iter().chain(rest).collect();
     let again: Vec<CustomerId> = all.iter().step_by(10).cloned().collect();
     all.extend(again);
-    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-    for j in (1..all.len()).rev() {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        all.swap(j, (seed % (j as u64 + 1)) as usize);
-    }
+    shuffle(&mut all, 0x9e37_79b9_7f4a_7c15);
     all
 }
 
@@ -125,41 +115,31 @@ impl Streams {
     }
 }
 
-async fn xrange(con: &mut RedisConnection, key: &str) -> Vec<projector::RawEntry> {
-    let answer: Value = redis::cmd("XRANGE")
-        .arg(key)
-        .arg("-")
-        .arg("+")
-        .query_async(con)
-        .await
-        .expect("XRANGE");
-    entries_of(answer).expect("stream entries")
-}
-
-fn text(fields: &[(Vec<u8>, Vec<u8>)], name: &str) -> Option<String> {
-    fields
-        .iter()
-        .find(|(k, _)| k == name.as_bytes())
-        .map(|(_, v)| String::from_utf8(v.clone()).expect("utf-8"))
+/// The event of one stream entry's `fields`, as a projector decodes it;
+/// `None` for a stock move, which projectors leave out.
+fn event_of(map: &ShardMap, fields: &[(&[u8], &[u8])]) -> Option<Event> {
+    let stock_move = protocol::stock_move_entry(fields.iter().copied()).unwrap();
+    stock_move
+        .is_none()
+        .then(|| Event::decode_entry(map.id(), fields.iter().copied()).expect("an event"))
 }
 
 async fn read_streams(con: &mut RedisConnection, map: &ShardMap) -> Streams {
     let mut out = Streams::default();
     for shard in 0..map.shards() {
         let mut grabs = Vec::new();
-        for e in xrange(con, &map.keys(shard).unwrap().events).await {
-            if let Some(json) = text(&e.fields, EVENT_FIELD) {
+        for (_, f) in entries_at(con, &map.keys(shard).unwrap().events).await {
+            if let Some(json) = f.get(EVENT_FIELD) {
                 if let Ok(Event::PromotionFinished(f)) = Event::decode(json.as_bytes()) {
                     assert!(out.finished.is_none(), "two PromotionFinished");
                     out.finished = Some((f.reason.as_str().to_owned(), f.granted));
                 }
                 continue;
             }
-            match text(&e.fields, "type").as_deref() {
-                Some("CouponGrabbed") => grabs.push((
-                    text(&e.fields, "customerId").unwrap(),
-                    text(&e.fields, "seq").unwrap().parse().unwrap(),
-                )),
+            match f.get("type").map(String::as_str) {
+                Some("CouponGrabbed") => {
+                    grabs.push((f["customerId"].clone(), f["seq"].parse().unwrap()))
+                }
                 Some("StockMovedOut") => out.moves += 1,
                 _ => {}
             }
@@ -193,58 +173,33 @@ async fn read_models(c: &RedisCluster, con: &mut RedisConnection) -> BTreeMap<St
             .get_multiplexed_async_connection()
             .await
             .expect("a node connection");
-        let mut cursor = 0u64;
-        loop {
-            let (next, page): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}*", rm_keys::PREFIX))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut node)
-                .await
-                .expect("SCAN");
-            keys.extend(page);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        keys.extend(scan_keys(&mut node, &format!("{}*", rm_keys::PREFIX)).await);
     }
     let mut out = BTreeMap::new();
     for key in keys {
-        let kind: String = redis::cmd("TYPE")
-            .arg(&key)
-            .query_async(con)
-            .await
-            .expect("TYPE");
+        let kind: String = answer(con, "TYPE", &key).await;
         let value = match kind.as_str() {
-            "hash" => Stored::Hash(
-                redis::cmd("HGETALL")
-                    .arg(&key)
-                    .query_async(con)
-                    .await
-                    .expect("HGETALL"),
-            ),
-            "set" => Stored::Set(
-                redis::cmd("SMEMBERS")
-                    .arg(&key)
-                    .query_async(con)
-                    .await
-                    .expect("SMEMBERS"),
-            ),
-            "string" => Stored::Text(
-                redis::cmd("GET")
-                    .arg(&key)
-                    .query_async(con)
-                    .await
-                    .expect("GET"),
-            ),
+            "hash" => Stored::Hash(answer(con, "HGETALL", &key).await),
+            "set" => Stored::Set(answer(con, "SMEMBERS", &key).await),
+            "string" => Stored::Text(answer(con, "GET", &key).await),
             other => panic!("{key} is a {other}"),
         };
         out.insert(key, value);
     }
     out
+}
+
+/// `command key`'s answer (TYPE, HGETALL, SMEMBERS, GET), as `T`.
+async fn answer<T: redis::FromRedisValue>(
+    con: &mut RedisConnection,
+    command: &str,
+    key: &str,
+) -> T {
+    redis::cmd(command)
+        .arg(key)
+        .query_async(con)
+        .await
+        .unwrap_or_else(|e| panic!("{command} {key}: {e}"))
 }
 
 fn projector(con: &RedisConnection, consumer: &str) -> Projector {
@@ -261,11 +216,7 @@ fn projector(con: &RedisConnection, consumer: &str) -> Projector {
 
 /// The promotion's read-model hash.
 async fn promotion_hash(con: &mut RedisConnection, p: &PromotionId) -> BTreeMap<String, String> {
-    redis::cmd("HGETALL")
-        .arg(rm_keys::promotion(p))
-        .query_async(con)
-        .await
-        .expect("HGETALL")
+    answer(con, "HGETALL", &rm_keys::promotion(p)).await
 }
 
 /// Waits until the read model shows the promotion Finished with `total`.
@@ -465,16 +416,17 @@ async fn batches(
             shard,
             shards: map.shards(),
         };
-        let entries = xrange(con, &map.keys(shard).unwrap().events).await;
+        let entries = entries_at(con, &map.keys(shard).unwrap().events).await;
         for page in entries.chunks(chunk) {
             let events: Vec<Event> = page
                 .iter()
-                .filter(|e| {
-                    protocol::stock_move_entry(e.field_slices())
-                        .unwrap()
-                        .is_none()
+                .filter_map(|(_, f)| {
+                    let fields: Vec<(&[u8], &[u8])> = f
+                        .iter()
+                        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+                        .collect();
+                    event_of(map, &fields)
                 })
-                .map(|e| Event::decode_entry(map.id(), e.field_slices()).expect("an event"))
                 .collect();
             out.push((stream, events));
         }
@@ -510,13 +462,7 @@ async fn shuffled_and_duplicated_batches_of_every_shard_converge_to_the_live_rea
         let mut calls = batches(&mut con, &map, 7 + seed as usize).await;
         let again: Vec<_> = calls.iter().step_by(2).cloned().collect();
         calls.extend(again);
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        for j in (1..calls.len()).rev() {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            calls.swap(j, (s % (j as u64 + 1)) as usize);
-        }
+        shuffle(&mut calls, seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         // Finished before the last grabs in some orders: granted must not
         // depend on it.
         for (stream, events) in &calls {
@@ -574,12 +520,7 @@ async fn deliver_without_ack(
         };
         let events = entries
             .iter()
-            .filter(|e| {
-                protocol::stock_move_entry(e.field_slices())
-                    .unwrap()
-                    .is_none()
-            })
-            .map(|e| Event::decode_entry(map.id(), e.field_slices()).expect("an event"))
+            .filter_map(|e| event_of(map, &e.field_slices().collect::<Vec<_>>()))
             .collect();
         out.push((
             ShardStream {

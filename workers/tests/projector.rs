@@ -10,8 +10,10 @@ use seckill_testkit::client::{metric_value, metrics_of};
 use seckill_testkit::process::{binary, WORKER};
 use seckill_testkit::promotions::id as promotion;
 use seckill_testkit::redis::{
-    connect, connect_read_models, redis_with, RedisServer, TEST_COMMAND_TIMEOUT_MS,
+    connect, connect_read_models, keys as keys_matching, redis_with, scan_keys, RedisServer,
+    TEST_COMMAND_TIMEOUT_MS,
 };
+use seckill_testkit::shuffle::shuffle;
 use seckill_testkit::stream::{events_of, pending_of, pending_total, stream_entries};
 use seckill_testkit::{eventually, Worker};
 use seckill_workers::metrics::MetricsRegistry;
@@ -113,26 +115,10 @@ async fn grab_many(con: &mut RedisConnection, id: &PromotionId, from: usize, to:
 /// Every read-model key except the progress bookkeeping, with its content
 /// in a comparable form.
 async fn dump(con: &mut RedisConnection) -> BTreeMap<String, Vec<(String, String)>> {
+    let found = scan_keys(con, &format!("{}*", keys::PREFIX)).await;
     let mut out = BTreeMap::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}*", keys::PREFIX))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(con)
-            .await
-            .unwrap();
-        let batch: Vec<String> = batch.into_iter().filter(|k| k != keys::PROGRESS).collect();
-        if batch.is_empty() {
-            if next == 0 {
-                return out;
-            }
-            cursor = next;
-            continue;
-        }
+    for batch in found.chunks(1000) {
+        let batch: Vec<&String> = batch.iter().filter(|k| *k != keys::PROGRESS).collect();
         let mut types = redis::pipe();
         for key in &batch {
             types.cmd("TYPE").arg(key);
@@ -158,13 +144,10 @@ async fn dump(con: &mut RedisConnection) -> BTreeMap<String, Vec<(String, String
                 members.into_iter().map(|m| (m, String::new())).collect()
             };
             content.sort();
-            out.insert(key, content);
+            out.insert(key.clone(), content);
         }
-        if next == 0 {
-            return out;
-        }
-        cursor = next;
     }
+    out
 }
 
 /// How many coupon buckets customers `c-{n}` for `n` in `range` fill.
@@ -223,18 +206,6 @@ async fn applying_every_event_twice_leaves_the_read_models_as_applying_once() {
         .is_empty());
 }
 
-/// A deterministic shuffle (xorshift), so a failure can be replayed.
-fn shuffled<T: Clone>(items: &[T], mut seed: u64) -> Vec<T> {
-    let mut v = items.to_vec();
-    for i in (1..v.len()).rev() {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.swap(i, (seed % (i as u64 + 1)) as usize);
-    }
-    v
-}
-
 #[tokio::test]
 async fn events_in_any_order_across_two_projectors_converge_to_the_in_order_read_models() {
     let (s, mut con, mut rm) = server_and_connections();
@@ -261,7 +232,9 @@ async fn events_in_any_order_across_two_projectors_converge_to_the_in_order_read
     // connections, as two replicas would.
     let mut orders = vec![events.iter().rev().cloned().collect::<Vec<_>>()];
     for seed in 1..=8u64 {
-        orders.push(shuffled(&events, seed * 0x9E37_79B9));
+        let mut order = events.clone();
+        shuffle(&mut order, seed * 0x9E37_79B9);
+        orders.push(order);
     }
     for order in orders {
         read_model::drop_all_scanned(&mut rm).await.unwrap();
@@ -558,11 +531,7 @@ async fn rebuild_reproduces_the_live_read_models_key_by_key_on_100000_events() {
         "4 promotions, the buckets of 25,000 customers, the layout marker"
     );
     // Nothing of the read models is in the streams' database.
-    let in_streams_db: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", keys::PREFIX))
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let in_streams_db = keys_matching(&mut con, &format!("{}*", keys::PREFIX)).await;
     assert!(in_streams_db.is_empty(), "{in_streams_db:?}");
     eprintln!(
         "100,008 events: generated in {generated:?}, projected live in {projected:?}, rebuilt in {rebuilt_in:?}"

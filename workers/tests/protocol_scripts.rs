@@ -6,16 +6,37 @@ use chrono::{DateTime, TimeZone, Utc};
 use redis::AsyncCommands;
 use seckill_testkit::concurrent::{count, finish_at_once, schedule_at_once};
 use seckill_testkit::promotions::{customer, id, move_window, redis_now_ms, spec_from_now};
-use seckill_testkit::redis::{connect, redis as server};
+use seckill_testkit::redis::{connect, redis as server, RedisServer};
 use seckill_testkit::stream::{events_of as events, types};
 use seckill_workers::protocol::{
-    self, Event, FinishReason, GrabOutcome, Phase, PromotionKeys, PromotionSpec, ScheduleResult,
+    self, CustomerId, Event, FinishReason, GrabOutcome, Phase, PromotionId, PromotionKeys,
+    PromotionSpec, ScheduleResult, Snapshot,
 };
 use seckill_workers::redis_connection::RedisConnection;
 
 /// A spec whose window is [now + open_in, now + open_in + length).
 fn spec(coupons: u64, open_in_ms: i64, length_ms: i64) -> PromotionSpec {
     spec_from_now(0.8, coupons, open_in_ms, length_ms)
+}
+
+/// A private redis-server, a connection to it, and `shop/<name>`
+/// scheduled with `spec` (so started when its window is open).
+async fn scheduled(name: &str, spec: PromotionSpec) -> (RedisServer, RedisConnection, PromotionId) {
+    let s = server();
+    let mut con = connect(&s);
+    let p = id(name);
+    protocol::schedule(&mut con, &p, &spec).await.unwrap();
+    (s, con, p)
+}
+
+/// `protocol::grab`'s outcome for `customer`.
+async fn grab(con: &mut RedisConnection, p: &PromotionId, customer: &CustomerId) -> GrabOutcome {
+    protocol::grab(con, p, customer).await.unwrap()
+}
+
+/// `protocol::finish`'s snapshot.
+async fn finish(con: &mut RedisConnection, p: &PromotionId, reason: FinishReason) -> Snapshot {
+    protocol::finish(con, p, reason).await.unwrap()
 }
 
 #[tokio::test]
@@ -107,14 +128,14 @@ async fn grab_answers_unknown_and_not_started_without_writing() {
     let mut con = connect(&s);
     let p = id("soon");
     assert_eq!(
-        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        grab(&mut con, &p, &customer(1)).await,
         GrabOutcome::UnknownPromotion
     );
     let registered = spec(3, 30_000, 60_000);
     protocol::schedule(&mut con, &p, &registered).await.unwrap();
     // Redis' clock reads between `before` and `after` when the script runs.
     let before = redis_now_ms(&mut con).await;
-    let outcome = protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
+    let outcome = grab(&mut con, &p, &customer(1)).await;
     let after = redis_now_ms(&mut con).await;
     match outcome {
         GrabOutcome::NotStarted {
@@ -144,7 +165,7 @@ async fn grab_opens_exactly_at_publish_time_even_without_the_operator_start() {
     let registered = spec(3, 3_600_000, 60_000);
     protocol::schedule(&mut con, &p, &registered).await.unwrap();
     assert!(matches!(
-        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        grab(&mut con, &p, &customer(1)).await,
         GrabOutcome::NotStarted { .. }
     ));
     // The publish time arrives (by Redis' clock, which the script reads):
@@ -152,12 +173,12 @@ async fn grab_opens_exactly_at_publish_time_even_without_the_operator_start() {
     let now = redis_now_ms(&mut con).await;
     move_window(&mut con, &p, now + 60_000, now + 120_000).await;
     assert!(matches!(
-        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        grab(&mut con, &p, &customer(1)).await,
         GrabOutcome::NotStarted { .. }
     ));
     let now = redis_now_ms(&mut con).await;
     move_window(&mut con, &p, now, now + 60_000).await;
-    let granted = protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
+    let granted = grab(&mut con, &p, &customer(1)).await;
     assert!(
         matches!(
             granted,
@@ -184,14 +205,9 @@ async fn grab_opens_exactly_at_publish_time_even_without_the_operator_start() {
 
 #[tokio::test]
 async fn grab_grants_once_per_customer_and_retries_get_the_same_coupon() {
-    let s = server();
-    let mut con = connect(&s);
-    let p = id("dedupe");
-    protocol::schedule(&mut con, &p, &spec(3, -1, 60_000))
-        .await
-        .unwrap();
+    let (_server, mut con, p) = scheduled("dedupe", spec(3, -1, 60_000)).await;
     let before = redis_now_ms(&mut con).await;
-    let outcome = protocol::grab(&mut con, &p, &customer("a")).await.unwrap();
+    let outcome = grab(&mut con, &p, &customer("a")).await;
     let after = redis_now_ms(&mut con).await;
     let first = match outcome {
         GrabOutcome::Granted { coupon, sold_out } => {
@@ -210,7 +226,7 @@ async fn grab_grants_once_per_customer_and_retries_get_the_same_coupon() {
     );
     for _ in 0..3 {
         assert_eq!(
-            protocol::grab(&mut con, &p, &customer("a")).await.unwrap(),
+            grab(&mut con, &p, &customer("a")).await,
             GrabOutcome::AlreadyGranted {
                 coupon: first.clone()
             }
@@ -230,38 +246,28 @@ async fn grab_grants_once_per_customer_and_retries_get_the_same_coupon() {
 
 #[tokio::test]
 async fn the_last_coupon_sells_out_once_and_later_grabs_are_refused() {
-    let s = server();
-    let mut con = connect(&s);
-    let p = id("two");
-    protocol::schedule(&mut con, &p, &spec(2, -1, 60_000))
-        .await
-        .unwrap();
+    let (_server, mut con, p) = scheduled("two", spec(2, -1, 60_000)).await;
     assert!(matches!(
-        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        grab(&mut con, &p, &customer(1)).await,
         GrabOutcome::Granted {
             sold_out: false,
             ..
         }
     ));
     assert!(matches!(
-        protocol::grab(&mut con, &p, &customer(2)).await.unwrap(),
+        grab(&mut con, &p, &customer(2)).await,
         GrabOutcome::Granted { sold_out: true, .. }
     ));
     for n in 3..6 {
-        assert_eq!(
-            protocol::grab(&mut con, &p, &customer(n)).await.unwrap(),
-            GrabOutcome::SoldOut
-        );
+        assert_eq!(grab(&mut con, &p, &customer(n)).await, GrabOutcome::SoldOut);
     }
     // A winner retrying after the sell-out still gets their coupon.
     assert!(matches!(
-        protocol::grab(&mut con, &p, &customer(2)).await.unwrap(),
+        grab(&mut con, &p, &customer(2)).await,
         GrabOutcome::AlreadyGranted { .. }
     ));
     // Finishing afterwards changes nothing.
-    let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
-        .await
-        .unwrap();
+    let snap = finish(&mut con, &p, FinishReason::Expired).await;
     assert_eq!(snap.result, ScheduleResult::AlreadyFinished);
     assert_eq!(snap.finish_reason, Some(FinishReason::SoldOut));
     let evs = events(&mut con, &p).await;
@@ -285,14 +291,9 @@ async fn the_last_coupon_sells_out_once_and_later_grabs_are_refused() {
 
 #[tokio::test]
 async fn grab_after_the_finish_time_expires_the_promotion_once() {
-    let s = server();
-    let mut con = connect(&s);
-    let p = id("short");
-    protocol::schedule(&mut con, &p, &spec(5, -1, 3_600_000))
-        .await
-        .unwrap();
+    let (_server, mut con, p) = scheduled("short", spec(5, -1, 3_600_000)).await;
     assert!(matches!(
-        protocol::grab(&mut con, &p, &customer(1)).await.unwrap(),
+        grab(&mut con, &p, &customer(1)).await,
         GrabOutcome::Granted { .. }
     ));
     // The finish time arrives (by Redis' clock): at that very millisecond
@@ -301,15 +302,13 @@ async fn grab_after_the_finish_time_expires_the_promotion_once() {
     move_window(&mut con, &p, now - 60_000, now).await;
     for n in 2..5 {
         assert_eq!(
-            protocol::grab(&mut con, &p, &customer(n)).await.unwrap(),
+            grab(&mut con, &p, &customer(n)).await,
             GrabOutcome::Finished {
                 reason: FinishReason::Expired
             }
         );
     }
-    let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
-        .await
-        .unwrap();
+    let snap = finish(&mut con, &p, FinishReason::Expired).await;
     assert_eq!(snap.result, ScheduleResult::AlreadyFinished);
     let evs = events(&mut con, &p).await;
     assert_eq!(
@@ -320,15 +319,8 @@ async fn grab_after_the_finish_time_expires_the_promotion_once() {
 
 #[tokio::test]
 async fn finish_expired_is_refused_before_the_finish_time_by_redis_clock() {
-    let s = server();
-    let mut con = connect(&s);
-    let p = id("not-due");
-    protocol::schedule(&mut con, &p, &spec(5, -1, 60_000))
-        .await
-        .unwrap();
-    let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
-        .await
-        .unwrap();
+    let (_server, mut con, p) = scheduled("not-due", spec(5, -1, 60_000)).await;
+    let snap = finish(&mut con, &p, FinishReason::Expired).await;
     assert_eq!(snap.result, ScheduleResult::NotDue);
     assert_eq!(snap.phase, Some(Phase::Active));
     assert_eq!(types(&events(&mut con, &p).await), ["PromotionStarted"]);
@@ -336,12 +328,7 @@ async fn finish_expired_is_refused_before_the_finish_time_by_redis_clock() {
 
 #[tokio::test]
 async fn finish_appends_finished_once_under_concurrent_calls() {
-    let s = server();
-    let mut c = connect(&s);
-    let p = id("concurrent-finish");
-    protocol::schedule(&mut c, &p, &spec(5, -1, 60_000))
-        .await
-        .unwrap();
+    let (_server, mut c, p) = scheduled("concurrent-finish", spec(5, -1, 60_000)).await;
     let results = finish_at_once(&c, &p, FinishReason::Deleted, 50).await;
     assert_eq!(count(&results, ScheduleResult::Finished), 1, "{results:?}");
     assert_eq!(
@@ -352,7 +339,7 @@ async fn finish_appends_finished_once_under_concurrent_calls() {
     let evs = events(&mut c, &p).await;
     assert_eq!(types(&evs), ["PromotionStarted", "PromotionFinished"]);
     assert_eq!(
-        protocol::grab(&mut c, &p, &customer(1)).await.unwrap(),
+        grab(&mut c, &p, &customer(1)).await,
         GrabOutcome::Finished {
             reason: FinishReason::Deleted
         }
@@ -361,20 +348,13 @@ async fn finish_appends_finished_once_under_concurrent_calls() {
 
 #[tokio::test]
 async fn finish_of_a_window_that_passed_unstarted_starts_then_finishes() {
-    let s = server();
-    let mut con = connect(&s);
-    let p = id("missed");
     // Registered with a window already in the past (operator was down
     // throughout). Register without starting: schedule would start it, so
     // register a future window first, then move the window into the past.
-    protocol::schedule(&mut con, &p, &spec(5, 60_000, 1_000))
-        .await
-        .unwrap();
+    let (_server, mut con, p) = scheduled("missed", spec(5, 60_000, 1_000)).await;
     let now = redis_now_ms(&mut con).await;
     move_window(&mut con, &p, now - 10_000, now - 5_000).await;
-    let snap = protocol::finish(&mut con, &p, FinishReason::Expired)
-        .await
-        .unwrap();
+    let snap = finish(&mut con, &p, FinishReason::Expired).await;
     assert_eq!(snap.result, ScheduleResult::Finished);
     assert_eq!(snap.finish_reason, Some(FinishReason::Expired));
     assert_eq!(
@@ -385,15 +365,8 @@ async fn finish_of_a_window_that_passed_unstarted_starts_then_finishes() {
 
 #[tokio::test]
 async fn deleting_before_the_publish_time_finishes_without_a_start() {
-    let s = server();
-    let mut con = connect(&s);
-    let p = id("cancelled");
-    protocol::schedule(&mut con, &p, &spec(5, 60_000, 60_000))
-        .await
-        .unwrap();
-    let snap = protocol::finish(&mut con, &p, FinishReason::Deleted)
-        .await
-        .unwrap();
+    let (_server, mut con, p) = scheduled("cancelled", spec(5, 60_000, 60_000)).await;
+    let snap = finish(&mut con, &p, FinishReason::Deleted).await;
     assert_eq!(snap.result, ScheduleResult::Finished);
     assert!(!snap.started);
     assert_eq!(types(&events(&mut con, &p).await), ["PromotionFinished"]);
@@ -410,9 +383,7 @@ async fn finish_and_snapshot_of_an_unknown_promotion_write_nothing() {
     let s = server();
     let mut con = connect(&s);
     let p = id("ghost");
-    let snap = protocol::finish(&mut con, &p, FinishReason::Deleted)
-        .await
-        .unwrap();
+    let snap = finish(&mut con, &p, FinishReason::Deleted).await;
     assert_eq!(snap.result, ScheduleResult::Unknown);
     assert!(!snap.exists);
     let snap = protocol::snapshot(&mut con, &p).await.unwrap();
@@ -423,13 +394,8 @@ async fn finish_and_snapshot_of_an_unknown_promotion_write_nothing() {
 
 #[tokio::test]
 async fn snapshot_reports_state_and_redis_clock() {
-    let s = server();
-    let mut con = connect(&s);
-    let p = id("snap");
-    protocol::schedule(&mut con, &p, &spec(4, -1, 60_000))
-        .await
-        .unwrap();
-    protocol::grab(&mut con, &p, &customer(1)).await.unwrap();
+    let (_server, mut con, p) = scheduled("snap", spec(4, -1, 60_000)).await;
+    grab(&mut con, &p, &customer(1)).await;
     let before = redis_now_ms(&mut con).await;
     let snap = protocol::snapshot(&mut con, &p).await.unwrap();
     let after = redis_now_ms(&mut con).await;

@@ -8,7 +8,7 @@
 //! one place, every holder on their home shard only, one Started and one
 //! Finished in shard 0's stream, and every 200 a grant of some stream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,14 +17,14 @@ use seckill_testkit::client::{self, metric_value};
 use seckill_testkit::eventually;
 use seckill_testkit::promotions::{id, spec_from_now};
 use seckill_testkit::redis_cluster::RedisCluster;
-use seckill_testkit::stream::{entries_at as entries, hash_at as hash};
+use seckill_testkit::shard_audit::{assert_conserved, audit, field, read_all};
+use seckill_testkit::shards::planned;
+use seckill_testkit::shuffle::shuffle;
+use seckill_testkit::stream::entries_at as entries;
 use seckill_testkit::worker::Worker;
-use seckill_workers::protocol::placement::{self, key_slot, SlotMap};
-use seckill_workers::protocol::ranges::NumberRanges;
+use seckill_workers::protocol::placement::key_slot;
 use seckill_workers::protocol::shards::{self, ShardMap};
-use seckill_workers::protocol::{
-    self, home_shard, shard_map_key, CustomerId, Event, FinishReason, PromotionId, EVENT_FIELD,
-};
+use seckill_workers::protocol::{self, shard_map_key, CustomerId, FinishReason, PromotionId};
 use seckill_workers::redis_connection::RedisConnection;
 
 /// Bounds every wait for something that must happen.
@@ -79,16 +79,21 @@ async fn sharded_from(
     coupons: u64,
     open_in_ms: i64,
 ) -> ShardMap {
+    sharded_window(c, con, name, coupons, open_in_ms, 600_000).await
+}
+
+/// [`sharded`] open from now + `open_in_ms` for `length_ms`.
+async fn sharded_window(
+    c: &RedisCluster,
+    con: &mut RedisConnection,
+    name: &str,
+    coupons: u64,
+    open_in_ms: i64,
+    length_ms: i64,
+) -> ShardMap {
     let p = id(name);
-    let slots = SlotMap::new(
-        c.slot_map()
-            .expect("slot map")
-            .into_iter()
-            .map(|r| (r.start, r.end, r.master)),
-    );
-    let placement = placement::place(&p, 3, &slots).expect("placement");
-    let map = shards::plan(con, &p, &placement).await.expect("plan");
-    let spec = spec_from_now(0.7, coupons, open_in_ms, 600_000);
+    let map = planned(c, con, &p, 3).await;
+    let spec = spec_from_now(0.7, coupons, open_in_ms, length_ms);
     shards::schedule(con, &map, &spec, None)
         .await
         .expect("schedule");
@@ -235,13 +240,7 @@ fn arrivals(prefix: &str, n: usize, keep: impl Fn(usize, &str) -> bool) -> Vec<S
         .map(|(_, c)| c)
         .collect();
     // Interleave deterministically so homes and repeats are mixed.
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    for i in (1..all.len()).rev() {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        all.swap(i, (seed % (i as u64 + 1)) as usize);
-    }
+    shuffle(&mut all, 0x9e37_79b9_7f4a_7c15);
     let mut out = Vec::with_capacity(n + n / 10);
     for (i, c) in all.iter().enumerate() {
         out.push(c.clone());
@@ -257,22 +256,17 @@ fn arrivals(prefix: &str, n: usize, keep: impl Fn(usize, &str) -> bool) -> Vec<S
     out
 }
 
-fn field<T: std::str::FromStr>(h: &HashMap<String, String>, name: &str) -> T {
-    h.get(name)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("field {name} of {h:?}"))
-}
-
-/// What every shard of a sale holds, checked: conservation number by
-/// number (DESIGN-14 §7 row 4: every shard's ranges, every holder's number
-/// and the ranges of moves not yet received are exactly 1..N, none twice),
-/// every holder on their home shard and in one shard only, each shard's
-/// stream granting exactly its holders their numbers, one Started and at
-/// most one Finished, in shard 0's stream, the Finished total every
-/// stream's grants.
+/// What every shard of a sale holds, checked by testkit's shard audit:
+/// conservation number by number (DESIGN-14 §7 row 4: every shard's ranges,
+/// every holder's number and the ranges of moves not yet received are
+/// exactly 1..N, none twice), every holder on their home shard and in one
+/// shard only, each shard's stream granting exactly its holders their
+/// numbers, one Started and at most one Finished, in shard 0's stream, the
+/// Finished total every stream's grants.
 #[derive(Debug)]
 struct Sale {
-    /// customer -> coupon number, from the streams.
+    /// customer -> coupon number: the holders, which the audit found to be
+    /// exactly the grants of the streams.
     grants: BTreeMap<String, u64>,
     stock: u64,
     in_flight: u64,
@@ -281,95 +275,45 @@ struct Sale {
 }
 
 async fn sale(con: &mut RedisConnection, map: &ShardMap, coupons: u64) -> Sale {
-    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
-    let mut grants = BTreeMap::new();
-    let (mut stock, mut in_flight) = (0, 0);
-    let mut started = Vec::new();
-    let mut finished = Vec::new();
-    let mut moves_in = Vec::new();
-    for i in 0..map.shards() {
-        moves_in.push(hash(con, &map.keys(i).unwrap().moves_in).await);
-    }
-    for i in 0..map.shards() {
-        let k = map.keys(i).unwrap();
-        let state = hash(con, &k.state).await;
-        let mut left = NumberRanges::span(field(&state, "next"), field(&state, "upto"));
-        left.extend(&NumberRanges::parse(state.get("more").map_or("", String::as_str)).unwrap());
-        assert_eq!(left.len(), field::<u64>(&state, "stock"), "shard {i} stock");
-        stock += left.len();
-        for n in left.numbers() {
-            *seen.entry(n).or_default() += 1;
-        }
-        let customers = hash(con, &k.customers).await;
-        for (c, held) in &customers {
-            let n: u64 = held.split(':').next().unwrap().parse().unwrap();
-            *seen.entry(n).or_default() += 1;
-            let home = home_shard(&CustomerId::parse(c).unwrap(), map.shards());
-            assert_eq!(home, i, "{c} holds away from home");
-        }
-        for (move_id, record) in hash(con, &k.moves_out).await {
-            let mut parts = record.split('|');
-            let to: usize = parts.next().unwrap().parse().unwrap();
-            if !moves_in[to].contains_key(&move_id) {
-                let moving = NumberRanges::parse(parts.next().unwrap()).unwrap();
-                in_flight += moving.len();
-                for n in moving.numbers() {
-                    *seen.entry(n).or_default() += 1;
-                }
-            }
-        }
-        let mut on_shard = 0;
-        for (entry, f) in entries(con, &k.events).await {
-            if let Some(json) = f.get(EVENT_FIELD) {
-                match Event::decode(json.as_bytes()).expect("a lifecycle event") {
-                    Event::PromotionStarted(_) => started.push(i),
-                    Event::PromotionFinished(e) => {
-                        let ms = entry.split('-').next().unwrap().parse().unwrap();
-                        finished.push((i, e.reason, e.granted, ms));
-                    }
-                    other => panic!("unexpected JSON event {other:?}"),
-                }
-                continue;
-            }
-            if f.get("type").map(String::as_str) == Some("CouponGrabbed") {
-                on_shard += 1;
-                let c = f["customerId"].clone();
-                let n: u64 = field(&f, "seq");
-                let held = customers.get(&c).map(|h| h.split(':').next().unwrap());
-                assert_eq!(held, Some(f["seq"].as_str()), "the grant is the holding");
-                assert!(grants.insert(c.clone(), n).is_none(), "{c} granted twice");
-            }
-        }
-        assert_eq!(
-            on_shard,
-            customers.len(),
-            "shard {i}: stream against holders"
-        );
-    }
-    let twice: Vec<u64> = seen
-        .iter()
-        .filter(|(_, k)| **k > 1)
-        .map(|(n, _)| *n)
-        .collect();
-    let missing: Vec<u64> = (1..=coupons).filter(|n| !seen.contains_key(n)).collect();
-    assert!(
-        twice.is_empty() && missing.is_empty(),
-        "conservation: twice {twice:?}, missing {missing:?}"
-    );
-    assert_eq!(stock + grants.len() as u64 + in_flight, coupons);
-    assert_eq!(started, [0], "one PromotionStarted, in shard 0's stream");
-    assert!(finished.len() <= 1, "one PromotionFinished: {finished:?}");
-    let finished = finished.pop().map(|(shard, reason, total, ms)| {
-        assert_eq!(shard, 0, "PromotionFinished in shard 0's stream");
-        assert_eq!(total, grants.len() as u64, "Finished.granted = every grant");
-        (reason, total, ms)
-    });
+    let reads = read_all(con, map).await;
+    let conserved = assert_conserved(&reads, coupons);
+    let audit = audit(map, &reads);
     Sale {
-        grants,
-        stock,
-        in_flight,
-        finished,
+        grants: audit.holders,
+        stock: conserved.stock,
+        in_flight: conserved.in_flight,
+        finished: audit.finished,
     }
+}
+
+/// [`sale`] once sold out through the workers: every coupon granted, none
+/// left or moving, one Finished{SoldOut} of them all; every 200 of
+/// `answered` checked by [`check_200s`]. Answers the sale, the time of its
+/// Finished and the customers answered granted (not alreadyGranted).
+async fn sold_out(
+    con: &mut RedisConnection,
+    map: &ShardMap,
+    coupons: u64,
+    answered: &[Answer],
+) -> (Sale, i64, BTreeSet<String>) {
+    let s = sale(con, map, coupons).await;
+    assert_eq!(
+        (s.grants.len() as u64, s.stock, s.in_flight),
+        (coupons, 0, 0)
+    );
+    let (reason, total, finished_ms) = s.finished.expect("the sale finished");
+    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
+    let granted_now = check_200s(answered, &s.grants);
+    (s, finished_ms, granted_now)
+}
+
+/// The customers answered 200 (granted or alreadyGranted) at least once.
+fn answered_200(answered: &[Answer]) -> BTreeSet<&String> {
+    answered
+        .iter()
+        .filter(|a| a.status == 200)
+        .map(|a| &a.customer)
+        .collect()
 }
 
 /// The number of a coupon id `ns/name#n`.
@@ -437,14 +381,7 @@ async fn crowd_over_http_on_three_shards_grants_exactly_the_stock_once_and_sold_
     let answered = crowd.answers().await;
     let plain_answered = plain_crowd.answers().await;
 
-    let s = sale(&mut con, &map, coupons).await;
-    assert_eq!(
-        (s.grants.len() as u64, s.stock, s.in_flight),
-        (coupons, 0, 0)
-    );
-    let (reason, total, finished_ms) = s.finished.expect("the sale finished");
-    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
-    let granted_now = check_200s(&answered, &s.grants);
+    let (s, finished_ms, granted_now) = sold_out(&mut con, &map, coupons, &answered).await;
     assert_eq!(
         granted_now.len() as u64,
         coupons,
@@ -580,24 +517,12 @@ async fn worker_killed_mid_sale_and_restarted_loses_and_duplicates_nothing_once_
     let unanswered = crowd.unanswered.clone();
     let answered = crowd.answers().await;
 
-    let s = sale(&mut con, &map, coupons).await;
-    assert_eq!(
-        (s.grants.len() as u64, s.stock, s.in_flight),
-        (coupons, 0, 0)
-    );
-    let (reason, total, _) = s.finished.expect("the sale finished");
-    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
-    check_200s(&answered, &s.grants);
+    let (s, _, _) = sold_out(&mut con, &map, coupons, &answered).await;
     // Everyone retried until final: every holder was answered their coupon
     // (granted, or alreadyGranted when the grant's answer died with the
     // worker), nobody else a 200.
-    let answered_200: BTreeSet<&String> = answered
-        .iter()
-        .filter(|a| a.status == 200)
-        .map(|a| &a.customer)
-        .collect();
     let holders: BTreeSet<&String> = s.grants.keys().collect();
-    assert_eq!(answered_200, holders);
+    assert_eq!(answered_200(&answered), holders);
     let numbers: BTreeSet<u64> = s.grants.values().copied().collect();
     assert_eq!(numbers.len() as u64, coupons, "no number twice");
     let unanswered = unanswered.load(Ordering::SeqCst) - unanswered_before;
@@ -615,19 +540,7 @@ async fn sharded_promotion_past_its_finish_time_answers_410_finished_once_the_on
     let c = cluster();
     let mut con = c.connect();
     // Open for about two seconds, far more coupons than grabs.
-    let p = id("brief");
-    let slots = SlotMap::new(
-        c.slot_map()
-            .expect("slot map")
-            .into_iter()
-            .map(|r| (r.start, r.end, r.master)),
-    );
-    let placement = placement::place(&p, 3, &slots).expect("placement");
-    let map = shards::plan(&mut con, &p, &placement).await.expect("plan");
-    let spec = spec_from_now(0.7, 3000, -1000, 3000);
-    shards::schedule(&mut con, &map, &spec, None)
-        .await
-        .expect("schedule");
+    let map = sharded_window(&c, &mut con, "brief", 3000, -1000, 3000).await;
     let w = worker(&c).await;
     // Customers keep arriving until the window closes on them.
     let (n, w) = (&AtomicUsize::new(0), &w);
@@ -678,22 +591,10 @@ async fn durable_workers_on_three_shards_with_replicas_answer_200_only_for_grant
     let arriving = arrivals("d", 200, |i, c| home_of(c, &map) != 2 || i % 6 == 0);
     let answered = start_crowd(&ports, "durable", arriving).answers().await;
 
-    let s = sale(&mut con, &map, coupons).await;
-    assert_eq!(
-        (s.grants.len() as u64, s.stock, s.in_flight),
-        (coupons, 0, 0)
-    );
-    let (reason, total, finished_ms) = s.finished.expect("the sale finished");
-    assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
-    let granted_now = check_200s(&answered, &s.grants);
+    let (s, finished_ms, granted_now) = sold_out(&mut con, &map, coupons, &answered).await;
     // A grant whose replica ack came late was answered 503 and its retry
     // alreadyGranted: every holder has one 200 at least, nobody else any.
-    let answered_200: BTreeSet<&String> = answered
-        .iter()
-        .filter(|a| a.status == 200)
-        .map(|a| &a.customer)
-        .collect();
-    assert_eq!(answered_200, s.grants.keys().collect());
+    assert_eq!(answered_200(&answered), s.grants.keys().collect());
     assert!(granted_now.len() as u64 <= coupons);
     assert!(answered
         .iter()

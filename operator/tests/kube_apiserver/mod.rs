@@ -14,10 +14,14 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SubsecRound, Utc};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
+use seckill_operator::crdgen;
 use seckill_operator::promotion::{Phase, Promotion, PromotionSpec};
+use seckill_workers::protocol::{self, CustomerId, GrabOutcome, PromotionId, ScriptError};
+use seckill_workers::redis_connection::RedisConnection;
 use seckill_workers::redis_server::free_port;
 
 /// A child process (etcd, kube-apiserver, the operator) killed and reaped
@@ -128,6 +132,22 @@ pub fn delta(
         .filter(|(k, _)| keep(k))
         .map(|(k, n)| n - before.get(k).copied().unwrap_or(0.0))
         .sum()
+}
+
+/// One grab in each of `busy` at once, all by customer `c<round>`: the
+/// grabs a fleet's running sales get while the operator watches them.
+/// Answers each grab's result, in `busy`'s order.
+pub async fn grab_in_each(
+    con: &RedisConnection,
+    busy: &[PromotionId],
+    round: u64,
+) -> Vec<Result<GrabOutcome, ScriptError>> {
+    let customer = CustomerId::parse(&format!("c{round}")).unwrap();
+    let grabs = busy.iter().map(|id| {
+        let (mut con, customer) = (con.clone(), customer.clone());
+        async move { protocol::grab(&mut con, id, &customer).await }
+    });
+    futures::future::join_all(grabs).await
 }
 
 /// A Promotion `ns/name` with whole-second times (as people write them, and
@@ -326,6 +346,33 @@ current-context: local
             std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+
+    /// Starts the control plane, waits until it is ready and creates the
+    /// Promotion CRD (a plain POST: 1.26 drops the CEL rule fields it does
+    /// not know, where a server-side apply would be refused), then waits
+    /// until Promotions are served. `None`, with the reason printed, when the
+    /// test is skipped.
+    pub async fn with_crd() -> Option<(Self, Client)> {
+        let plane = match Self::start() {
+            Ok(plane) => plane,
+            Err(why) => {
+                println!("skipped: {why}");
+                return None;
+            }
+        };
+        let client = plane.ready().await;
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        crds.create(&PostParams::default(), &crdgen::crd())
+            .await
+            .unwrap();
+        let promotions: Api<Promotion> = Api::all(client.clone());
+        seckill_testkit::eventually(Duration::from_secs(60), || {
+            let promotions = promotions.clone();
+            async move { promotions.list(&ListParams::default().limit(1)).await }
+        })
+        .await;
+        Some((plane, client))
     }
 
     /// Waits for /readyz (at most two minutes: a loaded 2-core machine).
