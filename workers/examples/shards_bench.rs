@@ -33,7 +33,7 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use seckill_testkit::redis_cluster::{RedisCluster, RedisClusterOptions};
 use seckill_testkit::shuffle::shuffle;
-use seckill_workers::protocol::placement::{self, key_slot, SlotMap};
+use seckill_workers::protocol::placement::{self, home_shard, key_slot, SlotMap};
 use seckill_workers::protocol::shards::{self, MoveOut, ShardAnswer, ShardMap, StockView};
 use seckill_workers::protocol::{CustomerId, PromotionId, PromotionSpec};
 use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
@@ -179,6 +179,10 @@ enum Layout {
     Spread,
     /// S = 3, every shard on shard 0's master (the control).
     OneMaster,
+    /// Three unsharded promotions, one on each master, sold at once: the
+    /// unsharded figure with all three masters busy, as they are with S = 3
+    /// spread (same time-sharing of the machine's cores).
+    ThreeUnsharded,
 }
 
 impl Layout {
@@ -187,6 +191,7 @@ impl Layout {
             Layout::Unsharded => "S=1",
             Layout::Spread => "S=3 on 3 masters",
             Layout::OneMaster => "S=3 on 1 master",
+            Layout::ThreeUnsharded => "3 x S=1, 3 masters",
         }
     }
 }
@@ -194,10 +199,54 @@ impl Layout {
 /// Numbers the promotions so every sale starts on fresh ones.
 static SALE: AtomicU64 = AtomicU64::new(0);
 
+/// The started promotions of a sale of `coupons` laid out as `layout`: one,
+/// or for [`Layout::ThreeUnsharded`] three of `coupons / 3`, each on its own
+/// master.
+async fn promotions(
+    c: &RedisCluster,
+    con: &mut Counted,
+    layout: Layout,
+    coupons: u64,
+) -> Vec<ShardMap> {
+    if layout != Layout::ThreeUnsharded {
+        return vec![promotion(c, con, layout, coupons).await];
+    }
+    let mut used = Vec::new();
+    let mut maps = Vec::new();
+    while maps.len() < 3 {
+        let id = next_id();
+        let master = c
+            .master_for_slot(key_slot(&id.hash_tag()))
+            .expect("master of a promotion");
+        if used.contains(&master) {
+            continue;
+        }
+        used.push(master);
+        maps.push(start(con, &id, Layout::Unsharded, coupons / 3, c).await);
+    }
+    maps
+}
+
+/// A fresh promotion id (every sale starts on new keys).
+fn next_id() -> PromotionId {
+    let n = SALE.fetch_add(1, Ordering::Relaxed);
+    PromotionId::new("bench", &format!("shards-{n}")).expect("promotion id")
+}
+
 /// A started promotion of `coupons` laid out as `layout`.
 async fn promotion(c: &RedisCluster, con: &mut Counted, layout: Layout, coupons: u64) -> ShardMap {
-    let n = SALE.fetch_add(1, Ordering::Relaxed);
-    let id = PromotionId::new("bench", &format!("shards-{n}")).expect("promotion id");
+    start(con, &next_id(), layout, coupons, c).await
+}
+
+/// `id` planned (as `layout` says), scheduled and started.
+async fn start(
+    con: &mut Counted,
+    id: &PromotionId,
+    layout: Layout,
+    coupons: u64,
+    c: &RedisCluster,
+) -> ShardMap {
+    let id = id.clone();
     let now = Utc::now().timestamp_millis();
     let spec = PromotionSpec {
         discount: 0.5,
@@ -206,7 +255,7 @@ async fn promotion(c: &RedisCluster, con: &mut Counted, layout: Layout, coupons:
         finish_time: Utc.timestamp_millis_opt(now + 3_600_000).unwrap(),
     };
     let map = match layout {
-        Layout::Unsharded => ShardMap::unsharded(&id),
+        Layout::Unsharded | Layout::ThreeUnsharded => ShardMap::unsharded(&id),
         Layout::Spread | Layout::OneMaster => {
             let mut slots = c.slot_map().expect("slot map");
             if layout == Layout::OneMaster {
@@ -300,7 +349,7 @@ async fn sale(
     seed: u64,
 ) -> Sale {
     let mut setup = con.clone();
-    let map = promotion(c, &mut setup, layout, coupons).await;
+    let maps = Arc::new(promotions(c, &mut setup, layout, coupons).await);
     let sale_no = SALE.load(Ordering::Relaxed);
     let crowd = arrivals(sale_no, distinct, seed);
     let n_arrivals = crowd.len();
@@ -314,9 +363,9 @@ async fn sale(
     let t0 = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..tasks {
-        let (mut con, map, queue, over, granted, grab_calls, grab_customers) = (
+        let (mut con, maps, queue, over, granted, grab_calls, grab_customers) = (
             con.clone(),
-            map.clone(),
+            maps.clone(),
             queue.clone(),
             over.clone(),
             granted.clone(),
@@ -324,8 +373,11 @@ async fn sale(
             grab_customers.clone(),
         );
         handles.push(tokio::spawn(async move {
-            let mut view = StockView::new(map.shards());
-            let take = batch * map.shards() as usize;
+            let mut views: Vec<StockView> =
+                maps.iter().map(|m| StockView::new(m.shards())).collect();
+            // Every layout takes BATCH per shard or promotion: 3 x BATCH
+            // but for S = 1.
+            let take = batch * maps.iter().map(|m| m.shards() as usize).sum::<usize>();
             loop {
                 let chunk: Vec<CustomerId> = {
                     let mut q = queue.lock().unwrap();
@@ -338,14 +390,23 @@ async fn sale(
                 if over.load(Ordering::Relaxed) {
                     continue; // answered 410 from memory
                 }
-                let mut by_home: BTreeMap<u32, Vec<CustomerId>> = BTreeMap::new();
+                // (promotion, home shard): one promotion but for
+                // ThreeUnsharded, whose customers each go to one of the
+                // three by the same stable hash as a home shard.
+                let mut by_home: BTreeMap<(usize, u32), Vec<CustomerId>> = BTreeMap::new();
                 for who in chunk {
-                    by_home.entry(map.home(&who)).or_default().push(who);
+                    let key = if maps.len() == 1 {
+                        (0, maps[0].home(&who))
+                    } else {
+                        (home_shard(&who, maps.len() as u32) as usize, 0)
+                    };
+                    by_home.entry(key).or_default().push(who);
                 }
-                for (home, who) in by_home {
+                for ((p, home), who) in by_home {
                     grab_calls.fetch_add(1, Ordering::Relaxed);
                     grab_customers.fetch_add(who.len() as u64, Ordering::Relaxed);
-                    match shards::grab(&mut con, &map, home, &who, &mut view, None).await {
+                    let (map, view) = (&maps[p], &mut views[p]);
+                    match shards::grab(&mut con, map, home, &who, view, None).await {
                         Ok(answers) => {
                             for a in answers {
                                 match a {
@@ -383,7 +444,10 @@ async fn sale(
     let mut grants_on = vec![0u64; masters.len()];
     let mut moves = 0;
     let mut read = con.inner.clone();
-    for shard in 0..map.shards() {
+    for (map, shard) in maps
+        .iter()
+        .flat_map(|m| (0..m.shards()).map(move |shard| (m, shard)))
+    {
         let keys = map.keys(shard).expect("shard keys");
         let master = c
             .master_for_slot(key_slot(&keys.state))
@@ -405,7 +469,7 @@ async fn sale(
                 .await
                 .expect("HLEN moves-in");
             moves += n;
-            let collected = shards::collect(&mut read, &map, shard, None)
+            let collected = shards::collect(&mut read, map, shard, None)
                 .await
                 .expect("collect");
             assert_eq!(collected.stock, 0, "shard {shard} sold out");
@@ -438,7 +502,7 @@ fn print_sale(s: &Sale) {
             .join("/")
     };
     println!(
-        "  {:<17} N={:<6} arrivals={:<6} batch={:<3} mean/call={:>5.1} grants/s={:>6.0}  \
+        "  {:<18} N={:<6} arrivals={:<6} batch={:<3} mean/call={:>5.1} grants/s={:>6.0}  \
          redis µs/grant: cpu {:>5.2} fcall {:>5.2}  (cpu ms per master {}; grants per master {})  \
          moves={} ({:.2}/1000)",
         s.layout.name(),
@@ -458,6 +522,30 @@ fn print_sale(s: &Sale) {
         s.moves,
         s.moves as f64 * 1000.0 / s.granted as f64,
     );
+}
+
+/// Prints `title` and each step's median [min-max] of `measured`, then a
+/// whole move's cost; answers the medians.
+fn print_step_costs(
+    title: &str,
+    measured: &BTreeMap<&'static str, Vec<f64>>,
+) -> BTreeMap<&'static str, f64> {
+    let mut cost = BTreeMap::new();
+    print!("{title}");
+    for (step, v) in measured {
+        let m = median(v.clone());
+        print!(
+            " {step} {m:.1} [{:.1}-{:.1}]",
+            min(v),
+            v.iter().copied().fold(0.0, f64::max)
+        );
+        cost.insert(*step, m);
+    }
+    println!(
+        "; a whole move {:.1} us",
+        cost["move_out"] + cost["move_in"] + cost["move_done"]
+    );
+    cost
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -531,6 +619,81 @@ async fn step_costs(
         .await;
         collected.expect("collect");
         costs.entry("collect").or_default().push(us);
+    }
+    costs
+}
+
+/// The same steps measured warm, as they run inside a sale (between grabs
+/// on a busy Redis rather than alone after an idle pause, which costs a
+/// call several times more: its code and data are out of the caches):
+/// `blocks` blocks of `per_block` calls of one step in a row on one master,
+/// commandstats read before and after each block. A block of move_outs
+/// (shard 1 to 2, or back in the next block) leaves that many moves
+/// pending; then their move_ins, their move_dones and as many collects.
+/// Answers each block's usec per call.
+async fn warm_step_costs(
+    c: &RedisCluster,
+    con: &Counted,
+    masters: &mut [Master],
+    blocks: usize,
+    per_block: usize,
+) -> BTreeMap<&'static str, Vec<f64>> {
+    let mut con = con.clone();
+    let map = promotion(c, &mut con, Layout::Spread, 3_000_000).await;
+    let master_of = |shard: u32| {
+        let a = c
+            .master_for_slot(key_slot(&map.keys(shard).unwrap().state))
+            .unwrap();
+        masters.iter().position(|m| m.address == a).unwrap()
+    };
+    let (m1, m2) = (master_of(1), master_of(2));
+    let mut costs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let n = per_block as f64;
+    for b in 0..blocks {
+        let (from, to, mf, mt) = if b % 2 == 0 {
+            (1, 2, m1, m2)
+        } else {
+            (2, 1, m2, m1)
+        };
+        let (pending, us) = fcall_cost(&mut masters[mf], async {
+            let mut pending = Vec::new();
+            for _ in 0..per_block {
+                match shards::move_out(&mut con, &map, from, to, 1, None).await {
+                    Ok(MoveOut::Moved { pending: p, .. }) => pending.push(p),
+                    other => panic!("move out: {other:?}"),
+                }
+            }
+            pending
+        })
+        .await;
+        costs.entry("move_out").or_default().push(us / n);
+        let ((), us) = fcall_cost(&mut masters[mt], async {
+            for p in &pending {
+                shards::move_in(&mut con, &map, p, &[], None)
+                    .await
+                    .expect("move in");
+            }
+        })
+        .await;
+        costs.entry("move_in").or_default().push(us / n);
+        let ((), us) = fcall_cost(&mut masters[mf], async {
+            for p in &pending {
+                shards::move_done(&mut con, &map, from, &p.id, None)
+                    .await
+                    .expect("move done");
+            }
+        })
+        .await;
+        costs.entry("move_done").or_default().push(us / n);
+        let ((), us) = fcall_cost(&mut masters[mf], async {
+            for _ in 0..per_block {
+                shards::collect(&mut con, &map, from, None)
+                    .await
+                    .expect("collect");
+            }
+        })
+        .await;
+        costs.entry("collect").or_default().push(us / n);
     }
     costs
 }
@@ -622,7 +785,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for &batch in &batches {
         println!("per-call batch {batch} (S=1 tasks take {batch} arrivals, S=3 tasks {} split by home shard):", batch * 3);
         for rep in 0..reps {
-            for layout in [Layout::Unsharded, Layout::Spread, Layout::OneMaster] {
+            for layout in [
+                Layout::Unsharded,
+                Layout::ThreeUnsharded,
+                Layout::Spread,
+                Layout::OneMaster,
+            ] {
                 let coupons = if layout == Layout::Unsharded {
                     per_shard
                 } else {
@@ -665,21 +833,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         smalls.push(s);
     }
 
-    let measured = step_costs(&cluster, &con, &mut masters, 60).await;
-    let mut cost = BTreeMap::new();
-    print!("Redis usec per step alone (commandstats, 60 moves back and forth, median [min-max]):");
-    for (step, v) in &measured {
-        let m = median(v.clone());
-        print!(
-            " {step} {m:.0} [{:.0}-{:.0}]",
-            min(v),
-            v.iter().copied().fold(0.0, f64::max)
-        );
-        cost.insert(*step, m);
-    }
-    println!(
-        "; a whole move {:.0} us",
-        cost["move_out"] + cost["move_in"] + cost["move_done"]
+    let alone = step_costs(&cluster, &con, &mut masters, 60).await;
+    let cold = print_step_costs(
+        "Redis usec per step alone, one call after an idle pause (commandstats, 60 moves back and forth, median [min-max]):",
+        &alone,
+    );
+    let in_a_row = warm_step_costs(&cluster, &con, &mut masters, 8, 16).await;
+    let cost = print_step_costs(
+        "Redis usec per step warm, 16 calls in a row (commandstats, 8 blocks alternating direction, median [min-max] of the blocks' means):",
+        &in_a_row,
     );
 
     println!();
@@ -698,8 +860,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("commandstats fcall", &Sale::fcall_per_grant),
         ] {
             let s1 = get("S=1", f);
+            let three = get("3 x S=1, 3 masters", f);
             let spread = get("S=3 on 3 masters", f);
             let one = get("S=3 on 1 master", f);
+            println!(
+                "batch {batch:>2}, {what:<19} 3 x S=1 on 3 masters {:.2}/{:.2} us; S=3 on 3 masters / that \
+                 (every master busy in both) = {:.2}x/{:.2}x  (target <= 1.2x)",
+                min(&three),
+                median(three.clone()),
+                min(&spread) / min(&three),
+                median(spread.clone()) / median(three.clone()),
+            );
             println!(
                 "batch {batch:>2}, {what:<19} S=1 {:.2}/{:.2} us; S=3 on 3 masters {:.2}/{:.2} us = {:.2}x/{:.2}x; \
                  S=3 on 1 master (control) {:.2}/{:.2} us = {:.2}x/{:.2}x  (target <= 1.2x)",
@@ -724,17 +895,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sales_for_moves.extend(rows[&(batch, "S=3 on 3 masters")].iter());
     }
     // Largest share among the small sales and among the large ones.
+    // Estimated with the warm step costs; the cold ones (a step alone after
+    // an idle pause) bound it from above.
     let mut worst_share = [0.0f64; 2];
+    let mut worst_cold = [0.0f64; 2];
     let mut worst_tail = [0.0f64; 2];
     for s in &sales_for_moves {
         let k = usize::from(s.coupons > small);
         let (moves_us, others_us) = estimate(s, &cost);
         let share = moves_us / s.cpu_us();
+        let cold_share = estimate(s, &cold).0 / s.cpu_us();
         worst_share[k] = worst_share[k].max(share);
+        worst_cold[k] = worst_cold[k].max(cold_share);
         worst_tail[k] = worst_tail[k].max((moves_us + others_us) / s.cpu_us());
         println!(
             "N={:<6} batch {:>2}: {:>3} moves = {:>5.2} per 1,000 grabs, est. {:.0} us = {:.2} % of Redis main-thread cpu \
-             ({:.2} % of FCALL usec); with the other non-grab calls (move_out {}, move_in {}, move_done {}, collect {}, \
+             ({:.2} % of FCALL usec; {:.2} % at the cold cost); with the other non-grab calls (move_out {}, move_in {}, move_done {}, collect {}, \
              moves_pending {}, finish_soldout {}, close {}) {:.2} % of cpu",
             s.coupons,
             s.batch,
@@ -743,6 +919,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             moves_us,
             share * 100.0,
             moves_us / s.fcall_us() * 100.0,
+            cold_share * 100.0,
             s.call("move_out"),
             s.call("move_in"),
             s.call("move_done"),
@@ -755,9 +932,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     for (k, what) in [(1, "large sales"), (0, "small sales")] {
         println!(
-            "largest estimated share of Redis cpu, {what}: moves {:.2} % (target <= 5 %), \
+            "largest estimated share of Redis cpu, {what}: moves {:.2} % (target <= 5 %; {:.2} % at the cold cost), \
              moves and the other non-grab calls {:.2} %",
             worst_share[k] * 100.0,
+            worst_cold[k] * 100.0,
             worst_tail[k] * 100.0
         );
     }
@@ -810,13 +988,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("== Per-core grant rate (capacity model: grabs/s ~ min(S, cores) x r_core x (1 - move share)) ==");
     for &batch in &batches {
-        for name in ["S=1", "S=3 on 3 masters", "S=3 on 1 master"] {
+        for name in [
+            "S=1",
+            "3 x S=1, 3 masters",
+            "S=3 on 3 masters",
+            "S=3 on 1 master",
+        ] {
             let v: Vec<f64> = rows[&(batch, name)]
                 .iter()
                 .map(Sale::cpu_per_grant)
                 .collect();
             println!(
-                "batch {batch:>2} {name:<17}: r_core = 1 / main-thread µs per grant = {:.0}k/s (median), {:.0}k/s (best)",
+                "batch {batch:>2} {name:<18}: r_core = 1 / main-thread µs per grant = {:.0}k/s (median), {:.0}k/s (best)",
                 1e3 / median(v.clone()),
                 1e3 / min(&v),
             );

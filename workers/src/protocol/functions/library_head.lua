@@ -47,10 +47,12 @@ local function append_json(stream, event)
   return redis.call('XADD', stream, '*', 'event', cjson.encode(event))
 end
 
-local function state_of(key)
+-- A promotion's (or shard's) state in one HMGET. `...`: more fields to read
+-- in the same call, answered as v[15], v[16], ... of the second value.
+local function state_of(key, ...)
   local v = redis.call('HMGET', key, 'phase', 'started', 'discount', 'coupons', 'granted',
     'publish_ms', 'finish_ms', 'publish_time', 'finish_time', 'started_at', 'finished_at',
-    'finish_reason', 'promotion', 'shards')
+    'finish_reason', 'promotion', 'shards', ...)
   if not v[1] then return nil end
   return {
     phase = v[1], started = v[2] == '1', discount = tonumber(v[3]), coupons = tonumber(v[4]),
@@ -60,7 +62,7 @@ local function state_of(key)
     -- Present only on the shards of a sharded promotion (shards.lua), which
     -- the unsharded functions refuse to touch.
     shards = tonumber(v[14]),
-  }
+  }, v
 end
 
 -- Appends PromotionStarted exactly once: the `started` flag is set in the same
