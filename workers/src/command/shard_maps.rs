@@ -18,7 +18,7 @@ use redis::aio::ConnectionLike;
 use tokio::sync::OnceCell;
 
 use super::group_commit::Home;
-use crate::protocol::shards::{self, ShardError, ShardMap, StockView};
+use crate::protocol::shards::{self, ShardError, ShardMap, SoldOutGate, StockView};
 use crate::protocol::{CustomerId, PromotionId};
 
 /// Bound on remembered maps, so that grabs of random names (each one is
@@ -50,7 +50,8 @@ impl Route {
 
 /// A sharded promotion as this worker serves it: its map, and the last
 /// stock it saw on each shard (where a refill looks for a donor), shared by
-/// the promotion's lanes.
+/// the promotion's lanes, as is their sold-out check (one at a time per
+/// worker and promotion, see [`SoldOutGate`]).
 #[derive(Debug)]
 pub struct Sharded {
     pub map: ShardMap,
@@ -59,7 +60,8 @@ pub struct Sharded {
 
 impl Sharded {
     pub fn new(map: ShardMap) -> Self {
-        let view = Mutex::new(StockView::new(map.shards()));
+        let view = StockView::new(map.shards()).sharing_checks(Arc::new(SoldOutGate::default()));
+        let view = Mutex::new(view);
         Self { map, view }
     }
 

@@ -26,6 +26,8 @@
 //! composed calls ([`schedule`], [`grab`], [`finish`]) take the unsharded
 //! path when the promotion has no shard map.
 
+use std::sync::Arc;
+
 use redis::aio::ConnectionLike;
 use redis::{Cmd, Value};
 
@@ -1559,18 +1561,44 @@ pub async fn finish<C: ConnectionLike>(
 // ---------------------------------------------------------------- the worker's path
 
 /// A caller's last-known stock of each shard, from every reply: how it picks
-/// donors. `None`: not yet seen.
+/// donors. `None`: not yet seen. Copies of one view may share a
+/// [`SoldOutGate`] ([`StockView::sharing_checks`]).
 #[derive(Debug, Clone, Default)]
-pub struct StockView(Vec<Option<u64>>);
+pub struct StockView {
+    stock: Vec<Option<u64>>,
+    gate: Option<Arc<SoldOutGate>>,
+}
+
+/// Lets the callers that share it (a worker's lanes of one promotion) run
+/// one sold-out check at a time, and answers those that waited with a
+/// verdict of Finished already reached: at a sell-out every lane whose home
+/// runs dry would otherwise run its own double collect (2S − 1 collects and
+/// more) for the same verdict. Only Finished is shared, as it is final;
+/// any other verdict (stock somewhere, a move completed, a change between
+/// the collects) sends each caller back to its donors with its own check.
+#[derive(Debug, Default)]
+pub struct SoldOutGate {
+    finished: tokio::sync::Mutex<Option<(FinishReason, u64)>>,
+}
 
 impl StockView {
     pub fn new(shards: u32) -> Self {
-        Self(vec![None; shards as usize])
+        Self {
+            stock: vec![None; shards as usize],
+            gate: None,
+        }
+    }
+
+    /// This view, and every copy of it, runs its sold-out checks through
+    /// `gate`.
+    pub fn sharing_checks(mut self, gate: Arc<SoldOutGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Records that `shard` had `stock`.
     pub fn saw(&mut self, shard: u32, stock: u64) {
-        if let Some(s) = self.0.get_mut(shard as usize) {
+        if let Some(s) = self.stock.get_mut(shard as usize) {
             *s = Some(stock);
         }
     }
@@ -1579,21 +1607,21 @@ impl StockView {
     /// caller sharing one view among concurrent batches can merge back what
     /// a batch saw.
     pub fn stock(&self, shard: u32) -> Option<u64> {
-        self.0.get(shard as usize).copied().flatten()
+        self.stock.get(shard as usize).copied().flatten()
     }
 
     /// Whether `shard` is known to have stock.
     pub fn has_stock(&self, shard: u32) -> bool {
-        matches!(self.0.get(shard as usize), Some(Some(n)) if *n > 0)
+        matches!(self.stock.get(shard as usize), Some(Some(n)) if *n > 0)
     }
 
     /// Donors for `home`, best first: unknown stock first, then richest;
     /// shards known empty are left out.
     pub fn donors(&self, home: u32) -> Vec<u32> {
-        let mut donors: Vec<u32> = (0..self.0.len() as u32)
-            .filter(|&d| d != home && self.0[d as usize] != Some(0))
+        let mut donors: Vec<u32> = (0..self.stock.len() as u32)
+            .filter(|&d| d != home && self.stock[d as usize] != Some(0))
             .collect();
-        donors.sort_by_key(|&d| std::cmp::Reverse(self.0[d as usize].unwrap_or(u64::MAX)));
+        donors.sort_by_key(|&d| std::cmp::Reverse(self.stock[d as usize].unwrap_or(u64::MAX)));
         donors
     }
 }
@@ -1734,7 +1762,7 @@ pub async fn refill<C: ConnectionLike>(
             }
         }
         let Some(mv) = moved else {
-            match check_sold_out(con, map, view, durable).await? {
+            match check_sold_out_through_gate(con, map, view, durable).await? {
                 SoldOutCheck::Finished { reason, .. } => {
                     // A waiting customer may have been granted meanwhile by
                     // another caller (the same customer in two batches at
@@ -1770,6 +1798,29 @@ pub async fn refill<C: ConnectionLike>(
         .into_iter()
         .map(|a| a.ok_or(ShardError::NoProgress(MAX_REFILL_ROUNDS)))
         .collect()
+}
+
+/// [`check_sold_out`], through `view`'s [`SoldOutGate`] when it has one:
+/// one check at a time among the views sharing it, and no Redis call at all
+/// once one of them has seen the promotion finished.
+async fn check_sold_out_through_gate<C: ConnectionLike>(
+    con: &mut C,
+    map: &ShardMap,
+    view: &mut StockView,
+    durable: Option<Durability>,
+) -> Result<SoldOutCheck, ShardError> {
+    let Some(gate) = view.gate.clone() else {
+        return check_sold_out(con, map, view, durable).await;
+    };
+    let mut finished = gate.finished.lock().await;
+    if let Some((reason, total)) = *finished {
+        return Ok(SoldOutCheck::Finished { reason, total });
+    }
+    let check = check_sold_out(con, map, view, durable).await?;
+    if let SoldOutCheck::Finished { reason, total } = check {
+        *finished = Some((reason, total));
+    }
+    Ok(check)
 }
 
 /// S = 1: the unsharded grab (keys and function unchanged), its outcomes as
@@ -2000,5 +2051,57 @@ mod tests {
         assert!(map_from(&id, 3, "4").is_err());
         assert!(map_from(&id, 2, "x").is_err());
         assert!(!ShardMap::unsharded(&id).is_sharded());
+    }
+
+    /// A connection that fails the test if anything is sent on it.
+    struct NoRedis;
+
+    impl ConnectionLike for NoRedis {
+        fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> redis::RedisFuture<'a, Value> {
+            panic!("no Redis call expected, got {:?}", cmd.args_iter().next())
+        }
+        fn req_packed_commands<'a>(
+            &'a mut self,
+            _: &'a redis::Pipeline,
+            _: usize,
+            _: usize,
+        ) -> redis::RedisFuture<'a, Vec<Value>> {
+            panic!("no Redis pipeline expected")
+        }
+        fn get_db(&self) -> i64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_verdict_seen_through_the_gate_answers_the_other_lanes_without_a_redis_call()
+    {
+        let id = PromotionId::new("shop", "gate").unwrap();
+        let map = ShardMap::new(&id, &[11, 22]);
+        let gate = Arc::new(SoldOutGate::default());
+        *gate.finished.lock().await = Some((FinishReason::SoldOut, 30));
+        let mut lane = StockView::new(3).sharing_checks(gate.clone());
+        let mut copy = lane.clone();
+        for view in [&mut lane, &mut copy] {
+            let verdict = check_sold_out_through_gate(&mut NoRedis, &map, view, None)
+                .await
+                .unwrap();
+            assert_eq!(
+                verdict,
+                SoldOutCheck::Finished {
+                    reason: FinishReason::SoldOut,
+                    total: 30
+                }
+            );
+        }
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "no Redis call expected")]
+    async fn without_a_finished_verdict_the_gate_lets_the_check_ask_redis() {
+        let id = PromotionId::new("shop", "gate").unwrap();
+        let map = ShardMap::new(&id, &[11, 22]);
+        let mut view = StockView::new(3).sharing_checks(Arc::default());
+        let _ = check_sold_out_through_gate(&mut NoRedis, &map, &mut view, None).await;
     }
 }
