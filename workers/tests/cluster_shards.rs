@@ -531,6 +531,69 @@ async fn expired_with_stock_left_finishes_once_with_the_summed_total_and_grants_
     );
 }
 
+/// Sets shard `i`'s finish time to `finish_ms`, as its own clock sees it:
+/// a shard whose clock runs ahead of shard 0's reaches the end first.
+async fn set_finish_ms(con: &mut RedisConnection, map: &ShardMap, i: u32, finish_ms: i64) {
+    let _: () = redis::cmd("HSET")
+        .arg(&map.keys(i).unwrap().state)
+        .arg("finish_ms")
+        .arg(finish_ms)
+        .query_async(con)
+        .await
+        .unwrap();
+}
+
+/// A customer of home shard `home`.
+fn customer_of(map: &ShardMap, home: u32, prefix: &str) -> CustomerId {
+    (0..)
+        .map(|i| customer(format!("{prefix}-{i}")))
+        .find(|c| map.home(c) == home)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_whose_clock_passed_the_end_first_waits_for_shard_zeros_and_answers_the_finish() {
+    let c = cluster(3, 0);
+    let mut con = c.connect();
+    let map = sharded(&c, &mut con, "skew", 90, 3, 600_000, None).await;
+    // Shard 1's clock is at the end; shard 0's (and 2's) 300 ms behind it.
+    let now = redis_now_ms(&mut con).await;
+    set_finish_ms(&mut con, &map, 1, now).await;
+    for i in [0, 2] {
+        set_finish_ms(&mut con, &map, i, now + 300).await;
+    }
+    let who = customer_of(&map, 1, "late");
+    let mut view = StockView::new(map.shards());
+    let answers = shards::grab(&mut con, &map, 1, &[who], &mut view, None)
+        .await
+        .unwrap();
+    // The finish, not a retry (Closing): the grab waited for shard 0's clock.
+    assert_eq!(answers, [ShardAnswer::Finished(FinishReason::Expired)]);
+    let first = audit(&map, &read_all(&mut con, &map).await);
+    let (reason, total, at) = first.finished.expect("PromotionFinished appended");
+    assert_eq!((reason, total), (FinishReason::Expired, 0));
+    assert!(at >= now + 300, "finished at {at}, before shard 0's end");
+    assert!(redis_now_ms(&mut con).await >= now + 300);
+
+    // Shard 0's clock further behind than FINISH_SKEW_WAIT: the customer is
+    // told to retry (Closing, a 503), and nothing finishes early.
+    let map = sharded(&c, &mut con, "skew-far", 90, 3, 600_000, None).await;
+    let now = redis_now_ms(&mut con).await;
+    let behind = shards::FINISH_SKEW_WAIT.as_millis() as i64 + 5_000;
+    set_finish_ms(&mut con, &map, 1, now).await;
+    for i in [0, 2] {
+        set_finish_ms(&mut con, &map, i, now + behind).await;
+    }
+    let who = customer_of(&map, 1, "late");
+    let mut view = StockView::new(map.shards());
+    let answers = shards::grab(&mut con, &map, 1, &[who], &mut view, None)
+        .await
+        .unwrap();
+    assert_eq!(answers, [ShardAnswer::Closing(FinishReason::Expired)]);
+    let far = audit(&map, &read_all(&mut con, &map).await);
+    assert_eq!(far.finished, None, "finished before shard 0's end");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_starts_sold_out_checks_and_deletes_append_one_started_and_one_finished_in_shard_zero(
 ) {

@@ -1681,8 +1681,16 @@ pub async fn grab<C: ConnectionLike>(
     Ok(answers)
 }
 
+/// How long a grab waits for shard 0's clock to reach a finish time its own
+/// shard's clock has passed (each master has its own clock; NTP keeps them
+/// milliseconds apart). Within it the customers are answered the finish, a
+/// 410 that follows the PromotionFinished event; beyond it they are left
+/// Closing, a 503 to retry.
+pub const FINISH_SKEW_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Answers closing and finished customers once PromotionFinished exists:
-/// completes the finish (idempotent) and answers its reason.
+/// completes the finish (idempotent) and answers its reason, waiting up to
+/// [`FINISH_SKEW_WAIT`] for shard 0's clock to reach the finish time.
 async fn settle_finish<C: ConnectionLike>(
     con: &mut C,
     map: &ShardMap,
@@ -1694,9 +1702,21 @@ async fn settle_finish<C: ConnectionLike>(
         _ => None,
     });
     let Some(why) = why else { return Ok(()) };
-    let Finish::Finished { reason, .. } = finish(con, map, why, durable).await? else {
-        // Shard 0's clock is behind this shard's: leave them Closing (503).
-        return Ok(());
+    let mut waited = std::time::Duration::ZERO;
+    let reason = loop {
+        match finish(con, map, why, durable).await? {
+            Finish::Finished { reason, .. } => break reason,
+            // Shard 0's clock is behind this shard's.
+            Finish::NotDue { ms_left } => {
+                let wait = std::time::Duration::from_millis(ms_left.max(1) as u64);
+                if waited + wait > FINISH_SKEW_WAIT {
+                    // Too far behind: leave them Closing (503).
+                    return Ok(());
+                }
+                tokio::time::sleep(wait).await;
+                waited += wait;
+            }
+        }
     };
     for a in answers.iter_mut() {
         if matches!(a, ShardAnswer::Closing(_) | ShardAnswer::Finished(_)) {
