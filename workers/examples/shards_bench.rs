@@ -28,6 +28,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
+
 use chrono::{TimeZone, Utc};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
@@ -713,6 +715,100 @@ async fn warm_step_costs(
     fcall
 }
 
+/// The same steps on a busy Redis, as inside a sale: `blocks` blocks of
+/// `per_block` calls of one step sent at once (pipelined on the shared
+/// connection), so the master runs them back to back; main-thread CPU (the
+/// unit of the sale's figures, request parsing and reply included) and
+/// commandstats usec read before and after each block. A block of
+/// move_outs (shard 1 to 2, or back in the next block), then their
+/// move_ins, their move_dones and as many collects. Answers each block's
+/// per-call cost: [main-thread CPU, commandstats].
+async fn busy_step_costs(
+    c: &RedisCluster,
+    con: &Counted,
+    masters: &mut [Master],
+    blocks: usize,
+    per_block: usize,
+) -> [BTreeMap<&'static str, Vec<f64>>; 2] {
+    let mut setup = con.clone();
+    let map = promotion(c, &mut setup, Layout::Spread, 3_000_000).await;
+    let master_of = |shard: u32| {
+        let a = c
+            .master_for_slot(key_slot(&map.keys(shard).unwrap().state))
+            .unwrap();
+        masters.iter().position(|m| m.address == a).unwrap()
+    };
+    let (m1, m2) = (master_of(1), master_of(2));
+    let mut cpu: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let mut fcall: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    let n = per_block as f64;
+    let mut record = |step: &'static str, spent: Spent| {
+        cpu.entry(step).or_default().push(spent.cpu_us / n);
+        fcall.entry(step).or_default().push(spent.fcall_us / n);
+    };
+    let (map, cons) = (&map, vec![con.clone(); per_block]);
+    for b in 0..blocks {
+        let (from, to, mf, mt) = if b % 2 == 0 {
+            (1, 2, m1, m2)
+        } else {
+            (2, 1, m2, m1)
+        };
+        let (outs, spent) = cost(
+            &mut masters[mf],
+            join_all(cons.iter().map(|con| {
+                let mut con = con.clone();
+                async move { shards::move_out(&mut con, map, from, to, 1, None).await }
+            })),
+        )
+        .await;
+        record("move_out", spent);
+        let pending: Vec<_> = outs
+            .into_iter()
+            .map(|o| match o {
+                Ok(MoveOut::Moved { pending, .. }) => pending,
+                other => panic!("move out: {other:?}"),
+            })
+            .collect();
+        let (ins, spent) = cost(
+            &mut masters[mt],
+            join_all(pending.iter().map(|p| {
+                let mut con = con.clone();
+                async move { shards::move_in(&mut con, map, p, &[], None).await }
+            })),
+        )
+        .await;
+        record("move_in", spent);
+        ins.into_iter().for_each(|r| {
+            r.expect("move in");
+        });
+        let (dones, spent) = cost(
+            &mut masters[mf],
+            join_all(pending.iter().map(|p| {
+                let mut con = con.clone();
+                async move { shards::move_done(&mut con, map, from, &p.id, None).await }
+            })),
+        )
+        .await;
+        record("move_done", spent);
+        dones.into_iter().for_each(|r| {
+            r.expect("move done");
+        });
+        let (collects, spent) = cost(
+            &mut masters[mf],
+            join_all(cons.iter().map(|con| {
+                let mut con = con.clone();
+                async move { shards::collect(&mut con, map, from, None).await }
+            })),
+        )
+        .await;
+        record("collect", spent);
+        collects.into_iter().for_each(|r| {
+            r.expect("collect");
+        });
+    }
+    [cpu, fcall]
+}
+
 /// The Redis usec of a sale's stock moves and of the rest of its non-grab
 /// calls, estimated from the per-step costs measured alone: each completed
 /// move at move_out + move_in + move_done; the other calls (step 1 answered
@@ -855,10 +951,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &alone,
     );
     let in_a_row = warm_step_costs(&cluster, &con, &mut masters, 8, 16).await;
-    let cost = print_step_costs(
+    let warm = print_step_costs(
         "Redis usec per step warm, 16 calls in a row (commandstats, 8 blocks alternating direction, median [min-max] of the blocks' means):",
         &in_a_row,
     );
+    let [busy_cpu, busy_fcall] = busy_step_costs(&cluster, &con, &mut masters, 8, 16).await;
+    let cost = print_step_costs(
+        "Redis main-thread CPU usec per step on a busy Redis, 16 calls sent at once (8 blocks alternating direction, median [min-max] of the blocks' means):",
+        &busy_cpu,
+    );
+    print_step_costs("  the same blocks by commandstats usec:", &busy_fcall);
 
     println!();
     println!(
@@ -911,8 +1013,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sales_for_moves.extend(rows[&(batch, "S=3 on 3 masters")].iter());
     }
     // Largest share among the small sales and among the large ones.
-    // Estimated with the warm step costs; the cold ones (a step alone after
-    // an idle pause) bound it from above.
+    // Estimated with the steps' main-thread CPU on a busy Redis (the unit of
+    // the sale's own figure); with the warm commandstats costs over the
+    // sale's FCALL usec; the cold ones (a step alone after an idle pause)
+    // over main-thread CPU bound it from above.
     let mut worst_share = [0.0f64; 2];
     let mut worst_cold = [0.0f64; 2];
     let mut worst_tail = [0.0f64; 2];
@@ -934,7 +1038,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             s.moves as f64 * 1000.0 / s.granted as f64,
             moves_us,
             share * 100.0,
-            moves_us / s.fcall_us() * 100.0,
+            estimate(s, &warm).0 / s.fcall_us() * 100.0,
             cold_share * 100.0,
             s.call("move_out"),
             s.call("move_in"),

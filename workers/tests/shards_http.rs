@@ -22,7 +22,7 @@ use seckill_testkit::shards::planned;
 use seckill_testkit::shuffle::shuffle;
 use seckill_testkit::stream::entries_at as entries;
 use seckill_testkit::worker::Worker;
-use seckill_workers::protocol::placement::key_slot;
+use seckill_workers::protocol::placement::{self, key_slot};
 use seckill_workers::protocol::shards::{self, ShardMap};
 use seckill_workers::protocol::{self, shard_map_key, CustomerId, FinishReason, PromotionId};
 use seckill_workers::redis_connection::RedisConnection;
@@ -596,6 +596,65 @@ async fn durable_workers_on_three_shards_with_replicas_answer_200_only_for_grant
     // alreadyGranted: every holder has one 200 at least, nobody else any.
     assert_eq!(answered_200(&answered), s.grants.keys().collect());
     assert!(granted_now.len() as u64 <= coupons);
+    assert!(answered
+        .iter()
+        .filter(|a| a.status == 410)
+        .all(|a| a.error == "sold_out" && a.at_ms >= finished_ms));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_holding_the_map_of_before_a_replan_reads_the_new_one_and_sells_exactly_its_stock()
+{
+    let c = cluster();
+    let mut con = c.connect();
+    let coupons = 60;
+    // Three shards, opening in a minute: the worker reads this map on a
+    // first grab and keeps it.
+    let old = sharded_from(&c, &mut con, "replan", coupons, 60_000).await;
+    let (a, b) = (worker(&c).await, worker(&c).await);
+    for w in [&a, &b] {
+        let r = w.grab("shop", "replan", "early-bird").await;
+        assert_eq!((r.status, r.error()), (409, "not_started"), "{}", r.text);
+    }
+
+    // Replanned to two shards before the start, as the operator does when
+    // spec.shards changes (then planned and scheduled again), and opened now.
+    let p = id("replan");
+    let slots = c.placement_slots().expect("slot map");
+    let two = placement::place(&p, 2, &slots).expect("placement");
+    let replanned = shards::replan(&mut con, &p, Some(&two))
+        .await
+        .expect("replan");
+    assert!(
+        matches!(replanned, shards::Replan::Replanned { .. }),
+        "{replanned:?}"
+    );
+    let new = shards::plan(&mut con, &p, &two).await.expect("plan");
+    assert_eq!(new.shards(), 2);
+    shards::schedule(
+        &mut con,
+        &new,
+        &spec_from_now(0.7, coupons, -1000, 600_000),
+        None,
+    )
+    .await
+    .expect("schedule");
+    assert!(
+        !key_exists(&mut con, &old.keys(2).unwrap().state).await,
+        "the dropped shard's keys are gone"
+    );
+
+    // Both workers still hold the three-shard map: Redis refuses it
+    // (stale_map), they read the new one and sell exactly its stock.
+    let ports: Ports = Arc::new(Mutex::new(vec![a.port, b.port]));
+    let answered = start_crowd(&ports, "replan", arrivals("r", 150, |_, _| true))
+        .answers()
+        .await;
+    let (s, finished_ms, _) = sold_out(&mut con, &new, coupons, &answered).await;
+    for (holder, _) in &s.grants {
+        let home = home_of(holder, &new);
+        assert!(home < 2, "{holder} holds on shard {home}");
+    }
     assert!(answered
         .iter()
         .filter(|a| a.status == 410)
