@@ -573,6 +573,25 @@ fn min(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::INFINITY, f64::min)
 }
 
+/// A fresh S = 3 promotion with a million coupons a shard for the step
+/// measurements, and its two legs between shards 1 and 2: (from, to, the
+/// donor's master, the recipient's master), 1 to 2 then 2 to 1.
+async fn mover(
+    c: &RedisCluster,
+    con: &mut Counted,
+    masters: &[Master],
+) -> (ShardMap, [(u32, u32, usize, usize); 2]) {
+    let map = promotion(c, con, Layout::Spread, 3_000_000).await;
+    let master_of = |shard: u32| {
+        let a = c
+            .master_for_slot(key_slot(&map.keys(shard).unwrap().state))
+            .unwrap();
+        masters.iter().position(|m| m.address == a).unwrap()
+    };
+    let (m1, m2) = (master_of(1), master_of(2));
+    (map, [(1, 2, m1, m2), (2, 1, m2, m1)])
+}
+
 /// Redis usec (commandstats, on the master the call ran on) of each step of
 /// a move and of a collect, measured one call at a time on an otherwise idle
 /// cluster: `moves` moves between shards 1 and 2 of a fresh S = 3 sale, back
@@ -584,21 +603,10 @@ async fn step_costs(
     moves: usize,
 ) -> BTreeMap<&'static str, Vec<f64>> {
     let mut con = con.clone();
-    let map = promotion(c, &mut con, Layout::Spread, 3_000_000).await;
-    let master_of = |shard: u32| {
-        let a = c
-            .master_for_slot(key_slot(&map.keys(shard).unwrap().state))
-            .unwrap();
-        masters.iter().position(|m| m.address == a).unwrap()
-    };
-    let (m1, m2) = (master_of(1), master_of(2));
+    let (map, legs) = mover(c, &mut con, masters).await;
     let mut costs: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     for i in 0..moves {
-        let (from, to, mf, mt) = if i % 2 == 0 {
-            (1, 2, m1, m2)
-        } else {
-            (2, 1, m2, m1)
-        };
+        let (from, to, mf, mt) = legs[i % 2];
         let (out, us) = fcall_cost(
             &mut masters[mf],
             shards::move_out(&mut con, &map, from, to, 1, None),
@@ -634,111 +642,27 @@ async fn step_costs(
     costs
 }
 
-/// The same steps measured warm, as they run inside a sale (between grabs
-/// on a busy Redis rather than alone after an idle pause, which costs a
-/// call several times more: its code and data are out of the caches):
-/// `blocks` blocks of `per_block` calls of one step in a row on one master,
-/// commandstats read before and after each block. A block of move_outs
-/// (shard 1 to 2, or back in the next block) leaves that many moves
-/// pending; then their move_ins, their move_dones and as many collects.
-/// Answers each block's usec per call (commandstats). Not main-thread CPU:
-/// at one call per round trip, the server's and the cluster bus' periodic
-/// work between the calls would be charged to them (a collect measured so
-/// came to about 100 µs).
-async fn warm_step_costs(
+/// The same steps measured in blocks, as they run inside a sale (between
+/// grabs, not alone after an idle pause, which costs a call more: its code
+/// and data are out of the caches): `blocks` blocks of `per_block` calls of
+/// one step on one master, either sent at once (`at_once`: pipelined on the
+/// shared connection, so the master runs them back to back, as a busy Redis
+/// does) or in a row (one round trip each). Main-thread CPU (the unit of
+/// the sale's figures, request parsing and reply included) and commandstats
+/// usec are read before and after each block; in a row, main-thread CPU
+/// would also charge the calls with the server's periodic work between
+/// them. A block of move_outs (shard 1 to 2, or back in the next block),
+/// then their move_ins, their move_dones and as many collects. Answers each
+/// block's per-call cost: [main-thread CPU, commandstats].
+async fn block_step_costs(
     c: &RedisCluster,
     con: &Counted,
     masters: &mut [Master],
     blocks: usize,
     per_block: usize,
-) -> BTreeMap<&'static str, Vec<f64>> {
-    let mut con = con.clone();
-    let map = promotion(c, &mut con, Layout::Spread, 3_000_000).await;
-    let master_of = |shard: u32| {
-        let a = c
-            .master_for_slot(key_slot(&map.keys(shard).unwrap().state))
-            .unwrap();
-        masters.iter().position(|m| m.address == a).unwrap()
-    };
-    let (m1, m2) = (master_of(1), master_of(2));
-    let mut fcall: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
-    let n = per_block as f64;
-    let mut record = |step: &'static str, spent: Spent| {
-        fcall.entry(step).or_default().push(spent.fcall_us / n);
-    };
-    for b in 0..blocks {
-        let (from, to, mf, mt) = if b % 2 == 0 {
-            (1, 2, m1, m2)
-        } else {
-            (2, 1, m2, m1)
-        };
-        let (pending, spent) = cost(&mut masters[mf], async {
-            let mut pending = Vec::new();
-            for _ in 0..per_block {
-                match shards::move_out(&mut con, &map, from, to, 1, None).await {
-                    Ok(MoveOut::Moved { pending: p, .. }) => pending.push(p),
-                    other => panic!("move out: {other:?}"),
-                }
-            }
-            pending
-        })
-        .await;
-        record("move_out", spent);
-        let ((), spent) = cost(&mut masters[mt], async {
-            for p in &pending {
-                shards::move_in(&mut con, &map, p, &[], None)
-                    .await
-                    .expect("move in");
-            }
-        })
-        .await;
-        record("move_in", spent);
-        let ((), spent) = cost(&mut masters[mf], async {
-            for p in &pending {
-                shards::move_done(&mut con, &map, from, &p.id, None)
-                    .await
-                    .expect("move done");
-            }
-        })
-        .await;
-        record("move_done", spent);
-        let ((), spent) = cost(&mut masters[mf], async {
-            for _ in 0..per_block {
-                shards::collect(&mut con, &map, from, None)
-                    .await
-                    .expect("collect");
-            }
-        })
-        .await;
-        record("collect", spent);
-    }
-    fcall
-}
-
-/// The same steps on a busy Redis, as inside a sale: `blocks` blocks of
-/// `per_block` calls of one step sent at once (pipelined on the shared
-/// connection), so the master runs them back to back; main-thread CPU (the
-/// unit of the sale's figures, request parsing and reply included) and
-/// commandstats usec read before and after each block. A block of
-/// move_outs (shard 1 to 2, or back in the next block), then their
-/// move_ins, their move_dones and as many collects. Answers each block's
-/// per-call cost: [main-thread CPU, commandstats].
-async fn busy_step_costs(
-    c: &RedisCluster,
-    con: &Counted,
-    masters: &mut [Master],
-    blocks: usize,
-    per_block: usize,
+    at_once: bool,
 ) -> [BTreeMap<&'static str, Vec<f64>>; 2] {
-    let mut setup = con.clone();
-    let map = promotion(c, &mut setup, Layout::Spread, 3_000_000).await;
-    let master_of = |shard: u32| {
-        let a = c
-            .master_for_slot(key_slot(&map.keys(shard).unwrap().state))
-            .unwrap();
-        masters.iter().position(|m| m.address == a).unwrap()
-    };
-    let (m1, m2) = (master_of(1), master_of(2));
+    let (map, legs) = mover(c, &mut con.clone(), masters).await;
     let mut cpu: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     let mut fcall: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
     let n = per_block as f64;
@@ -746,67 +670,72 @@ async fn busy_step_costs(
         cpu.entry(step).or_default().push(spent.cpu_us / n);
         fcall.entry(step).or_default().push(spent.fcall_us / n);
     };
-    let (map, cons) = (&map, vec![con.clone(); per_block]);
+    let map = &map;
     for b in 0..blocks {
-        let (from, to, mf, mt) = if b % 2 == 0 {
-            (1, 2, m1, m2)
-        } else {
-            (2, 1, m2, m1)
-        };
-        let (outs, spent) = cost(
-            &mut masters[mf],
-            join_all(cons.iter().map(|con| {
-                let mut con = con.clone();
-                async move { shards::move_out(&mut con, map, from, to, 1, None).await }
-            })),
-        )
-        .await;
-        record("move_out", spent);
-        let pending: Vec<_> = outs
-            .into_iter()
-            .map(|o| match o {
-                Ok(MoveOut::Moved { pending, .. }) => pending,
-                other => panic!("move out: {other:?}"),
-            })
-            .collect();
-        let (ins, spent) = cost(
-            &mut masters[mt],
-            join_all(pending.iter().map(|p| {
-                let mut con = con.clone();
-                async move { shards::move_in(&mut con, map, p, &[], None).await }
-            })),
-        )
-        .await;
-        record("move_in", spent);
-        ins.into_iter().for_each(|r| {
-            r.expect("move in");
-        });
-        let (dones, spent) = cost(
-            &mut masters[mf],
-            join_all(pending.iter().map(|p| {
-                let mut con = con.clone();
-                async move { shards::move_done(&mut con, map, from, &p.id, None).await }
-            })),
-        )
-        .await;
-        record("move_done", spent);
-        dones.into_iter().for_each(|r| {
-            r.expect("move done");
-        });
-        let (collects, spent) = cost(
-            &mut masters[mf],
-            join_all(cons.iter().map(|con| {
-                let mut con = con.clone();
-                async move { shards::collect(&mut con, map, from, None).await }
-            })),
-        )
-        .await;
-        record("collect", spent);
-        collects.into_iter().for_each(|r| {
-            r.expect("collect");
-        });
+        let (from, to, mf, mt) = legs[b % 2];
+        // One block: `per_block` calls of `step` on master `m`, each made
+        // by `call` on its own handle of the shared connection.
+        macro_rules! block {
+            ($step:literal, $m:expr, |$con:ident, $i:ident| $call:expr) => {{
+                let (out, spent) = cost(
+                    &mut masters[$m],
+                    run_all(
+                        at_once,
+                        (0..per_block).map(|$i| {
+                            let mut $con = con.clone();
+                            async move { $call.await }
+                        }),
+                    ),
+                )
+                .await;
+                record($step, spent);
+                out.into_iter().map(|r| r.expect($step)).collect::<Vec<_>>()
+            }};
+        }
+        let pending: Vec<_> = block!("move_out", mf, |con, _i| shards::move_out(
+            &mut con, map, from, to, 1, None
+        ))
+        .into_iter()
+        .map(|o| match o {
+            MoveOut::Moved { pending, .. } => pending,
+            other => panic!("move out: {other:?}"),
+        })
+        .collect();
+        let pending = &pending;
+        let _answers = block!("move_in", mt, |con, i| shards::move_in(
+            &mut con,
+            map,
+            &pending[i],
+            &[],
+            None
+        ));
+        let _answers = block!("move_done", mf, |con, i| shards::move_done(
+            &mut con,
+            map,
+            from,
+            &pending[i].id,
+            None
+        ));
+        let _answers = block!("collect", mf, |con, _i| shards::collect(
+            &mut con, map, from, None
+        ));
     }
     [cpu, fcall]
+}
+
+/// Awaits `calls` at once (`at_once`) or one after the other.
+async fn run_all<F: std::future::Future>(
+    at_once: bool,
+    calls: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
+    if at_once {
+        return join_all(calls).await;
+    }
+    let mut out = Vec::new();
+    for call in calls {
+        out.push(call.await);
+    }
+    out
 }
 
 /// The Redis usec of a sale's stock moves and of the rest of its non-grab
@@ -950,12 +879,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "Redis usec per step alone, one call after an idle pause (commandstats, 60 moves back and forth, median [min-max]):",
         &alone,
     );
-    let in_a_row = warm_step_costs(&cluster, &con, &mut masters, 8, 16).await;
+    let [_, in_a_row] = block_step_costs(&cluster, &con, &mut masters, 8, 16, false).await;
     let warm = print_step_costs(
         "Redis usec per step warm, 16 calls in a row (commandstats, 8 blocks alternating direction, median [min-max] of the blocks' means):",
         &in_a_row,
     );
-    let [busy_cpu, busy_fcall] = busy_step_costs(&cluster, &con, &mut masters, 8, 16).await;
+    let [busy_cpu, busy_fcall] = block_step_costs(&cluster, &con, &mut masters, 8, 16, true).await;
     let cost = print_step_costs(
         "Redis main-thread CPU usec per step on a busy Redis, 16 calls sent at once (8 blocks alternating direction, median [min-max] of the blocks' means):",
         &busy_cpu,

@@ -551,46 +551,48 @@ fn customer_of(map: &ShardMap, home: u32, prefix: &str) -> CustomerId {
         .unwrap()
 }
 
+/// A fresh `shop/<name>` whose shard 1 reaches its end now while shards 0
+/// and 2 are `behind_ms` from theirs (as if their clocks were that far
+/// behind), and a customer of shard 1 grabbing it: their answer, and the
+/// audit of every shard right after.
+async fn grab_with_shard_zero_behind(
+    c: &RedisCluster,
+    con: &mut RedisConnection,
+    name: &str,
+    behind_ms: i64,
+) -> (Vec<ShardAnswer>, Audit, i64) {
+    let map = sharded(c, con, name, 90, 3, 600_000, None).await;
+    let now = redis_now_ms(con).await;
+    set_finish_ms(con, &map, 1, now).await;
+    for i in [0, 2] {
+        set_finish_ms(con, &map, i, now + behind_ms).await;
+    }
+    let who = customer_of(&map, 1, "late");
+    let mut view = StockView::new(map.shards());
+    let answers = shards::grab(con, &map, 1, &[who], &mut view, None)
+        .await
+        .unwrap();
+    let audit = audit(&map, &read_all(con, &map).await);
+    (answers, audit, now)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_whose_clock_passed_the_end_first_waits_for_shard_zeros_and_answers_the_finish() {
     let c = cluster(3, 0);
     let mut con = c.connect();
-    let map = sharded(&c, &mut con, "skew", 90, 3, 600_000, None).await;
-    // Shard 1's clock is at the end; shard 0's (and 2's) 300 ms behind it.
-    let now = redis_now_ms(&mut con).await;
-    set_finish_ms(&mut con, &map, 1, now).await;
-    for i in [0, 2] {
-        set_finish_ms(&mut con, &map, i, now + 300).await;
-    }
-    let who = customer_of(&map, 1, "late");
-    let mut view = StockView::new(map.shards());
-    let answers = shards::grab(&mut con, &map, 1, &[who], &mut view, None)
-        .await
-        .unwrap();
-    // The finish, not a retry (Closing): the grab waited for shard 0's clock.
+    // Shard 0's clock 300 ms behind shard 1's: the grab waits for it and
+    // answers the finish, not a retry (Closing).
+    let (answers, first, now) = grab_with_shard_zero_behind(&c, &mut con, "skew", 300).await;
     assert_eq!(answers, [ShardAnswer::Finished(FinishReason::Expired)]);
-    let first = audit(&map, &read_all(&mut con, &map).await);
     let (reason, total, at) = first.finished.expect("PromotionFinished appended");
     assert_eq!((reason, total), (FinishReason::Expired, 0));
     assert!(at >= now + 300, "finished at {at}, before shard 0's end");
-    assert!(redis_now_ms(&mut con).await >= now + 300);
 
-    // Shard 0's clock further behind than FINISH_SKEW_WAIT: the customer is
-    // told to retry (Closing, a 503), and nothing finishes early.
-    let map = sharded(&c, &mut con, "skew-far", 90, 3, 600_000, None).await;
-    let now = redis_now_ms(&mut con).await;
+    // Further behind than FINISH_SKEW_WAIT: the customer is told to retry
+    // (Closing, a 503), and nothing finishes early.
     let behind = shards::FINISH_SKEW_WAIT.as_millis() as i64 + 5_000;
-    set_finish_ms(&mut con, &map, 1, now).await;
-    for i in [0, 2] {
-        set_finish_ms(&mut con, &map, i, now + behind).await;
-    }
-    let who = customer_of(&map, 1, "late");
-    let mut view = StockView::new(map.shards());
-    let answers = shards::grab(&mut con, &map, 1, &[who], &mut view, None)
-        .await
-        .unwrap();
+    let (answers, far, _) = grab_with_shard_zero_behind(&c, &mut con, "skew-far", behind).await;
     assert_eq!(answers, [ShardAnswer::Closing(FinishReason::Expired)]);
-    let far = audit(&map, &read_all(&mut con, &map).await);
     assert_eq!(far.finished, None, "finished before shard 0's end");
 }
 
