@@ -254,6 +254,7 @@ pub struct RateLimitLabels {
 pub struct CommandMetrics {
     rate_limited: Family<RateLimitLabels, Counter>,
     not_replicated: Counter,
+    finish_clock_skew: Counter,
     batch_size: Histogram,
 }
 
@@ -262,6 +263,7 @@ impl CommandMetrics {
     pub fn register(registry: &MetricsRegistry) -> Self {
         let rate_limited = Family::<RateLimitLabels, Counter>::default();
         let not_replicated = Counter::default();
+        let finish_clock_skew = Counter::default();
         // 1, 2, 4, ... 128 customers: the group commit's batches (at most
         // --grab-batch-max, 64 by default).
         let batch_size = Histogram::new(exponential_buckets(1.0, 2.0, 8));
@@ -280,9 +282,16 @@ impl CommandMetrics {
             "Grabs granted by the master but not confirmed by enough replicas in time (answered 503)",
             not_replicated.clone(),
         );
+        registry.register(
+            "grab_finish_clock_skew",
+            "Grabs of a sharded promotion answered 503 because their shard's clock had passed the \
+             finish time and shard 0's had not reached it within the skew wait (500 ms)",
+            finish_clock_skew.clone(),
+        );
         Self {
             rate_limited,
             not_replicated,
+            finish_clock_skew,
             batch_size,
         }
     }
@@ -300,6 +309,11 @@ impl CommandMetrics {
 
     pub fn not_replicated(&self) {
         self.not_replicated.inc();
+    }
+
+    /// A grab left Closing: shard clocks further apart than the skew wait.
+    pub fn finish_clock_skew(&self) {
+        self.finish_clock_skew.inc();
     }
 }
 

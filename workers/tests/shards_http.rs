@@ -660,3 +660,51 @@ async fn a_worker_holding_the_map_of_before_a_replan_reads_the_new_one_and_sells
         .filter(|a| a.status == 410)
         .all(|a| a.error == "sold_out" && a.at_ms >= finished_ms));
 }
+
+/// Sets shard `i`'s finish time to `finish_ms`, as its own clock sees it.
+async fn set_finish_ms(con: &mut RedisConnection, map: &ShardMap, i: u32, finish_ms: i64) {
+    let _: () = redis::cmd("HSET")
+        .arg(&map.keys(i).unwrap().state)
+        .arg("finish_ms")
+        .arg(finish_ms)
+        .query_async(con)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_past_its_end_while_shard_zeros_clock_stays_behind_answers_503_and_counts_the_skew()
+{
+    let c = cluster();
+    let mut con = c.connect();
+    let map = sharded(&c, &mut con, "skewed", 30).await;
+    let w = worker(&c).await;
+    let of_shard_1 = |prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}-{i}"))
+            .find(|c| home_of(c, &map) == 1)
+            .unwrap()
+    };
+    // The workers start the promotion with a first grab.
+    let first = w.grab("shop", "skewed", &of_shard_1("first")).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    // Shard 1's clock at the end, shard 0's (and 2's) far behind it: more
+    // than FINISH_SKEW_WAIT.
+    let now = seckill_testkit::promotions::redis_now_ms(&mut con).await;
+    set_finish_ms(&mut con, &map, 1, now).await;
+    for i in [0, 2] {
+        set_finish_ms(&mut con, &map, i, now + 60_000).await;
+    }
+    let late = w.grab("shop", "skewed", &of_shard_1("late")).await;
+    assert_eq!(
+        (late.status, late.error()),
+        (503, "unavailable"),
+        "{}",
+        late.text
+    );
+    assert_eq!(
+        metric_value(&w.metrics().await, "seckill_grab_finish_clock_skew_total"),
+        1.0
+    );
+    assert_eq!(sale(&mut con, &map, 30).await.finished, None);
+}

@@ -227,7 +227,14 @@ impl CommandApi {
                 return self
                     .not_replicated(promotion, &"a shard's grant is not on its replicas yet")
             }
-            Err(GrabFailure::Closing) => return closing(promotion),
+            Err(GrabFailure::Closing) => {
+                // Left Closing by `shards::grab` only when shard 0's clock
+                // stayed behind for longer than FINISH_SKEW_WAIT.
+                if let Some(m) = &self.metrics {
+                    m.finish_clock_skew();
+                }
+                return closing(promotion);
+            }
             Err(GrabFailure::Shards(e)) => return self.shards_failed(promotion, &e),
         };
         match outcome {
