@@ -74,6 +74,28 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
+/// The processes whose parent is `pid` (from /proc): what a process killed
+/// with SIGKILL leaves behind, such as `seckill up`'s private redis-server.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                // "pid (comm) state ppid ...": comm may hold spaces, so
+                // the fields are counted after its closing parenthesis.
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 /// Waits for `child` to exit by itself (`within` bounds a hang).
 pub async fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
     eventually(within, || {

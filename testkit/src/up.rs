@@ -23,6 +23,8 @@ pub struct Up {
     /// Its `--listen` port.
     pub port: u16,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Processes it started that a kill -9 left running (see [`Up::kill9`]).
+    private_redis: Vec<u32>,
 }
 
 impl Up {
@@ -53,7 +55,12 @@ impl Up {
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
-        Self { child, port, lines }
+        Self {
+            child,
+            port,
+            lines,
+            private_redis: Vec::new(),
+        }
     }
 
     /// [`Up::spawn`], then waits until it reports ready.
@@ -126,8 +133,11 @@ impl Up {
         .await;
     }
 
-    /// kill -9, and reap.
+    /// kill -9, and reap. Its private redis-server, if it runs one, is
+    /// left running, as after a real crash; [`Drop`] kills it.
     pub fn kill9(&mut self) {
+        self.private_redis
+            .extend(process::children(self.child.id()));
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -140,8 +150,19 @@ impl Up {
 }
 
 impl Drop for Up {
+    /// kill -9 of the process and of what it started (its private
+    /// redis-server would otherwise outlive the test).
     fn drop(&mut self) {
+        self.private_redis
+            .extend(process::children(self.child.id()));
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for pid in self.private_redis.drain(..) {
+            let _ = std::process::Command::new("kill")
+                .arg("-KILL")
+                .arg(pid.to_string())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }
