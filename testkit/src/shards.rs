@@ -29,6 +29,18 @@ pub async fn planned(
     shards::plan(con, p, &placement).await.expect("plan")
 }
 
+/// Sets shard `i`'s finish time to `finish_ms`, as its own clock sees it:
+/// a shard whose clock runs ahead of shard 0's reaches the end first.
+pub async fn set_finish_ms(con: &mut RedisConnection, map: &ShardMap, i: u32, finish_ms: i64) {
+    let _: () = redis::cmd("HSET")
+        .arg(&map.keys(i).expect("shard keys").state)
+        .arg("finish_ms")
+        .arg(finish_ms)
+        .query_async(con)
+        .await
+        .expect("HSET finish_ms");
+}
+
 /// Every answer of a crowd: the customer, its answer, and when it came
 /// (host clock, ms).
 pub type Answered = Vec<(CustomerId, ShardAnswer, i64)>;

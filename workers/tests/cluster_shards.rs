@@ -19,7 +19,7 @@ use seckill_testkit::redis_cluster::RedisCluster;
 use seckill_testkit::shard_audit::{
     assert_conserved, audit, conservation, field, read_all, Audit, Conservation, ShardRead,
 };
-use seckill_testkit::shards::{crowd, planned, start_crowd, Answered};
+use seckill_testkit::shards::{crowd, planned, set_finish_ms, start_crowd, Answered};
 use seckill_testkit::shuffle::shuffle;
 use seckill_workers::protocol::placement::{self, key_slot};
 use seckill_workers::protocol::shards::{
@@ -529,18 +529,6 @@ async fn expired_with_stock_left_finishes_once_with_the_summed_total_and_grants_
             total: 40
         }
     );
-}
-
-/// Sets shard `i`'s finish time to `finish_ms`, as its own clock sees it:
-/// a shard whose clock runs ahead of shard 0's reaches the end first.
-async fn set_finish_ms(con: &mut RedisConnection, map: &ShardMap, i: u32, finish_ms: i64) {
-    let _: () = redis::cmd("HSET")
-        .arg(&map.keys(i).unwrap().state)
-        .arg("finish_ms")
-        .arg(finish_ms)
-        .query_async(con)
-        .await
-        .unwrap();
 }
 
 /// A customer of home shard `home`.

@@ -18,7 +18,7 @@ use seckill_testkit::eventually;
 use seckill_testkit::promotions::{id, spec_from_now};
 use seckill_testkit::redis_cluster::RedisCluster;
 use seckill_testkit::shard_audit::{assert_conserved, audit, field, read_all};
-use seckill_testkit::shards::planned;
+use seckill_testkit::shards::{planned, set_finish_ms};
 use seckill_testkit::shuffle::shuffle;
 use seckill_testkit::stream::entries_at as entries;
 use seckill_testkit::worker::Worker;
@@ -305,6 +305,19 @@ async fn sold_out(
     assert_eq!((reason, total), (FinishReason::SoldOut, coupons));
     let granted_now = check_200s(answered, &s.grants);
     (s, finished_ms, granted_now)
+}
+
+/// Every 410 of `answered` is sold_out and came back after the
+/// PromotionFinished at `finished_ms` (invariant 3: no false sold-out).
+fn assert_sold_out_only_after(answered: &[Answer], finished_ms: i64) {
+    for a in answered.iter().filter(|a| a.status == 410) {
+        assert_eq!(a.error, "sold_out", "{}", a.customer);
+        assert!(
+            a.at_ms >= finished_ms,
+            "{}: 410 before Finished",
+            a.customer
+        );
+    }
 }
 
 /// The customers answered 200 (granted or alreadyGranted) at least once.
@@ -596,10 +609,7 @@ async fn durable_workers_on_three_shards_with_replicas_answer_200_only_for_grant
     // alreadyGranted: every holder has one 200 at least, nobody else any.
     assert_eq!(answered_200(&answered), s.grants.keys().collect());
     assert!(granted_now.len() as u64 <= coupons);
-    assert!(answered
-        .iter()
-        .filter(|a| a.status == 410)
-        .all(|a| a.error == "sold_out" && a.at_ms >= finished_ms));
+    assert_sold_out_only_after(&answered, finished_ms);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,21 +665,7 @@ async fn a_worker_holding_the_map_of_before_a_replan_reads_the_new_one_and_sells
         let home = home_of(holder, &new);
         assert!(home < 2, "{holder} holds on shard {home}");
     }
-    assert!(answered
-        .iter()
-        .filter(|a| a.status == 410)
-        .all(|a| a.error == "sold_out" && a.at_ms >= finished_ms));
-}
-
-/// Sets shard `i`'s finish time to `finish_ms`, as its own clock sees it.
-async fn set_finish_ms(con: &mut RedisConnection, map: &ShardMap, i: u32, finish_ms: i64) {
-    let _: () = redis::cmd("HSET")
-        .arg(&map.keys(i).unwrap().state)
-        .arg("finish_ms")
-        .arg(finish_ms)
-        .query_async(con)
-        .await
-        .unwrap();
+    assert_sold_out_only_after(&answered, finished_ms);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
