@@ -448,13 +448,7 @@ async fn end_window_now(con: &mut RedisConnection, map: &ShardMap, last_grant_ms
     })
     .await;
     for i in 0..map.shards() {
-        let _: () = redis::cmd("HSET")
-            .arg(&map.keys(i).unwrap().state)
-            .arg("finish_ms")
-            .arg(now)
-            .query_async(con)
-            .await
-            .unwrap();
+        set_finish_ms(con, map, i, now).await;
     }
     now
 }

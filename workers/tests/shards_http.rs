@@ -18,7 +18,7 @@ use seckill_testkit::eventually;
 use seckill_testkit::promotions::{id, spec_from_now};
 use seckill_testkit::redis_cluster::RedisCluster;
 use seckill_testkit::shard_audit::{assert_conserved, audit, field, read_all};
-use seckill_testkit::shards::{planned, set_finish_ms};
+use seckill_testkit::shards::{host_ms, planned, set_finish_ms};
 use seckill_testkit::shuffle::shuffle;
 use seckill_testkit::stream::entries_at as entries;
 use seckill_testkit::worker::Worker;
@@ -105,10 +105,6 @@ async fn sharded_window(
         .collect();
     assert_eq!(masters.len(), 3, "one shard per master");
     map
-}
-
-fn host_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// One customer's final answer (200 or 410) over HTTP.
