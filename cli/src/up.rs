@@ -13,7 +13,7 @@ use seckill_operator::controller::ShardRunArgs;
 use seckill_operator::lifecycle::{self, Driven, ShardSettings};
 use seckill_operator::metrics::Metrics as OperatorMetrics;
 use seckill_operator::promotion::PromotionStatus;
-use seckill_workers::command::{CommandApi, CommandOptions, GrabBatchArgs};
+use seckill_workers::command::{CommandApi, CommandOptions, GrabBatchArgs, ShardGrabArgs};
 use seckill_workers::http::customer_header::CustomerIdHeaderArgs;
 use seckill_workers::http::{self, Apis, HealthApi, ServerLimitArgs};
 use seckill_workers::metrics::{CommandMetrics, WorkerMetrics};
@@ -103,6 +103,9 @@ pub struct UpArgs {
 
     #[command(flatten)]
     pub batch: GrabBatchArgs,
+
+    #[command(flatten)]
+    pub shard_grabs: ShardGrabArgs,
 
     #[command(flatten)]
     pub limits: ServerLimitArgs,
@@ -227,6 +230,7 @@ pub async fn run(args: UpArgs) -> Result<(), UpError> {
             redis_timeout: timeout,
             durability: args.durable.durability(timeout)?,
             batch_max: args.batch.grab_batch_max as usize,
+            finish_skew_wait: args.shard_grabs.finish_skew_wait(),
         };
         Some(
             CommandApi::new(redis.clone(), options)

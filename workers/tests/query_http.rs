@@ -53,6 +53,7 @@ async fn stack(customer_header: Option<&str>) -> Stack {
             redis_timeout: Duration::from_millis(500),
             durability: None,
             batch_max: seckill_workers::command::DEFAULT_BATCH_MAX,
+            finish_skew_wait: seckill_workers::protocol::shards::FINISH_SKEW_WAIT,
         },
     );
     let health = HealthApi::new(

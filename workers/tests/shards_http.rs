@@ -700,3 +700,72 @@ async fn a_shard_past_its_end_while_shard_zeros_clock_stays_behind_answers_503_a
     );
     assert_eq!(sale(&mut con, &map, 30).await.finished, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_given_a_longer_finish_skew_wait_answers_the_finish_where_the_default_answers_503()
+{
+    let c = cluster();
+    let mut con = c.connect();
+    let map = sharded(&c, &mut con, "skew-flag", 30).await;
+    let default = worker(&c).await;
+    let patient = worker_with(&c, &["--finish-skew-wait-ms", "10000"]).await;
+    let of_shard_1 = |prefix: &str| {
+        (0..)
+            .map(|i| format!("{prefix}-{i}"))
+            .find(|c| home_of(c, &map) == 1)
+            .unwrap()
+    };
+    let first = default
+        .grab("shop", "skew-flag", &of_shard_1("first"))
+        .await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    // Shard 1's clock at the end; shard 0's (and 2's) 2.5 s behind it: more
+    // than the default wait (FINISH_SKEW_WAIT), less than the patient
+    // worker's 10 s.
+    let skew_ms = 2_500;
+    assert!(skew_ms > shards::FINISH_SKEW_WAIT.as_millis() as i64);
+    let now = seckill_testkit::promotions::redis_now_ms(&mut con).await;
+    set_finish_ms(&mut con, &map, 1, now).await;
+    for i in [0, 2] {
+        set_finish_ms(&mut con, &map, i, now + skew_ms).await;
+    }
+
+    let hurried = default
+        .grab("shop", "skew-flag", &of_shard_1("hurried"))
+        .await;
+    assert_eq!(
+        (hurried.status, hurried.error()),
+        (503, "unavailable"),
+        "{}",
+        hurried.text
+    );
+    assert_eq!(sale(&mut con, &map, 30).await.finished, None);
+
+    let waited = patient
+        .grab("shop", "skew-flag", &of_shard_1("waited"))
+        .await;
+    assert_eq!(
+        (waited.status, waited.error()),
+        (410, "finished"),
+        "{}",
+        waited.text
+    );
+    let s = sale(&mut con, &map, 30).await;
+    let (reason, total, finished_ms) = s.finished.expect("the patient grab recorded the finish");
+    assert_eq!((reason, total), (FinishReason::Expired, 1));
+    assert!(finished_ms >= now + skew_ms, "Finished on shard 0's clock");
+    assert_eq!(
+        metric_value(
+            &patient.metrics().await,
+            "seckill_grab_finish_clock_skew_total"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &default.metrics().await,
+            "seckill_grab_finish_clock_skew_total"
+        ),
+        1.0
+    );
+}

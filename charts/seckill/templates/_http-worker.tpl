@@ -92,6 +92,8 @@ spec:
             {{- if $command }}
             - name: SECKILL_GRAB_BATCH_MAX
               value: {{ $v.grabBatchMax | int64 | quote }}
+            - name: SECKILL_FINISH_SKEW_WAIT_MS
+              value: {{ $v.finishSkewWaitMs | int64 | quote }}
             - name: SECKILL_RATE_LIMIT_PER_SEC
               value: {{ $v.rateLimit.perSec | quote }}
             - name: SECKILL_RATE_LIMIT_BURST

@@ -54,6 +54,10 @@ pub struct CommandOptions {
     pub durability: Option<Durability>,
     /// Most customers in one grab call (group commit); 1 = no batching.
     pub batch_max: usize,
+    /// How long a grab of a sharded promotion whose shard's clock has
+    /// passed the finish time waits for shard 0's clock to get there too
+    /// (`protocol::shards::FINISH_SKEW_WAIT` by default); past it, 503.
+    pub finish_skew_wait: Duration,
 }
 
 /// The default of `--grab-batch-max`.
@@ -89,7 +93,7 @@ pub struct CommandApi {
 
 impl CommandApi {
     pub fn new(redis: RedisConnection, options: CommandOptions) -> Self {
-        let maps = Arc::new(ShardMaps::default());
+        let maps = Arc::new(ShardMaps::new(options.finish_skew_wait));
         let group = GroupCommit::new(options.batch_max, batch_call(&redis, &options, &maps));
         Self {
             redis,

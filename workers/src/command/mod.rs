@@ -44,6 +44,7 @@ pub use request::{grab_customer, parse_grab, GrabRequest};
 use crate::http::customer_header::CustomerIdHeaderArgs;
 use crate::http::{self, Apis, HealthApi, ServerLimitArgs};
 use crate::metrics::{CommandMetrics, WorkerMetrics};
+use crate::protocol::shards::FINISH_SKEW_WAIT;
 use crate::query::{QueryApi, QueryOptions};
 use crate::rate_limit::RateLimitArgs;
 use crate::redis_connection::{DurableArgs, DurableTimeoutError, RedisArgs, RedisSetupError};
@@ -76,6 +77,9 @@ pub struct CommandArgs {
     pub batch: GrabBatchArgs,
 
     #[command(flatten)]
+    pub shards: ShardGrabArgs,
+
+    #[command(flatten)]
     pub rate_limit: RateLimitArgs,
 
     #[command(flatten)]
@@ -91,6 +95,7 @@ impl CommandArgs {
             redis_timeout,
             durability: self.durable.durability(redis_timeout)?,
             batch_max: self.batch.grab_batch_max as usize,
+            finish_skew_wait: self.shards.finish_skew_wait(),
         })
     }
 }
@@ -104,6 +109,27 @@ pub struct GrabBatchArgs {
     #[arg(long, env = "SECKILL_GRAB_BATCH_MAX", default_value_t = DEFAULT_BATCH_MAX as u64,
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub grab_batch_max: u64,
+}
+
+/// Flags of the grabs of sharded promotions (`spec.shards` > 1).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ShardGrabArgs {
+    /// When a shard's clock has passed a sharded promotion's finish time
+    /// but shard 0's (the one that records PromotionFinished) has not yet
+    /// (each master has its own clock), its customers wait up to this long
+    /// for the finish to be recorded and are then answered 410; past it they
+    /// get a 503 to retry, counted by seckill_grab_finish_clock_skew_total.
+    /// Raise it when that counter moves (masters' clocks further apart than
+    /// NTP keeps them); 0 answers 503 at once.
+    #[arg(long, env = "SECKILL_FINISH_SKEW_WAIT_MS", default_value_t = FINISH_SKEW_WAIT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub finish_skew_wait_ms: u64,
+}
+
+impl ShardGrabArgs {
+    pub fn finish_skew_wait(&self) -> Duration {
+        Duration::from_millis(self.finish_skew_wait_ms)
+    }
 }
 
 /// The command role could not start or serve.

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use foldhash::fast::RandomState;
 use redis::aio::ConnectionLike;
@@ -59,8 +60,12 @@ pub struct Sharded {
 }
 
 impl Sharded {
-    pub fn new(map: ShardMap) -> Self {
-        let view = StockView::new(map.shards()).sharing_checks(Arc::new(SoldOutGate::default()));
+    /// `map`'s promotion, whose finishes wait up to `skew_wait` for shard
+    /// 0's clock ([`shards::FINISH_SKEW_WAIT`]).
+    pub fn new(map: ShardMap, skew_wait: Duration) -> Self {
+        let view = StockView::new(map.shards())
+            .sharing_checks(Arc::new(SoldOutGate::default()))
+            .waiting_for_skew(skew_wait);
         let view = Mutex::new(view);
         Self { map, view }
     }
@@ -87,14 +92,31 @@ impl Sharded {
 }
 
 /// The maps of the promotions this worker has grabbed for.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ShardMaps {
     /// One cell per promotion: concurrent first grabs of a promotion wait
     /// for one read of its map instead of each reading it.
     routes: RwLock<HashMap<PromotionId, Arc<OnceCell<Route>>, RandomState>>,
+    /// How long a sharded promotion's finish waits for shard 0's clock.
+    skew_wait: Duration,
+}
+
+impl Default for ShardMaps {
+    fn default() -> Self {
+        Self::new(shards::FINISH_SKEW_WAIT)
+    }
 }
 
 impl ShardMaps {
+    /// No map known yet; sharded promotions' finishes wait up to
+    /// `skew_wait` for shard 0's clock (`--finish-skew-wait-ms`).
+    pub fn new(skew_wait: Duration) -> Self {
+        Self {
+            routes: RwLock::default(),
+            skew_wait,
+        }
+    }
+
     /// The route of `id`, if its map is known.
     pub fn cached(&self, id: &PromotionId) -> Option<Route> {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
@@ -122,7 +144,7 @@ impl ShardMaps {
         cell.get_or_try_init(|| async {
             let map = shards::load_map(con, id).await?;
             Ok::<_, ShardError>(if map.is_sharded() {
-                Route::Sharded(Arc::new(Sharded::new(map)))
+                Route::Sharded(Arc::new(Sharded::new(map, self.skew_wait)))
             } else {
                 Route::Unsharded
             })
@@ -161,7 +183,7 @@ mod tests {
         assert_eq!(Route::Unsharded.home(&alice), Home::UNSHARDED);
         let map = ShardMap::new(&id("sale"), &[4, 9]);
         let home = map.home(&alice);
-        let route = Route::Sharded(Arc::new(Sharded::new(map)));
+        let route = Route::Sharded(Arc::new(Sharded::new(map, shards::FINISH_SKEW_WAIT)));
         assert_eq!(
             route.home(&alice),
             Home {
@@ -177,7 +199,10 @@ mod tests {
 
     #[test]
     fn a_batch_merges_back_only_the_shards_it_saw_change() {
-        let sharded = Sharded::new(ShardMap::new(&id("sale"), &[4, 9]));
+        let sharded = Sharded::new(
+            ShardMap::new(&id("sale"), &[4, 9]),
+            shards::FINISH_SKEW_WAIT,
+        );
         let before = sharded.view();
         // Another lane sees shard 2 with 7 left meanwhile.
         let mut other = sharded.view();

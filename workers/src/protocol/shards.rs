@@ -1563,10 +1563,12 @@ pub async fn finish<C: ConnectionLike>(
 /// A caller's last-known stock of each shard, from every reply: how it picks
 /// donors. `None`: not yet seen. Copies of one view may share a
 /// [`SoldOutGate`] ([`StockView::sharing_checks`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct StockView {
     stock: Vec<Option<u64>>,
     gate: Option<Arc<SoldOutGate>>,
+    /// How long a finish waits for shard 0's clock (see [`FINISH_SKEW_WAIT`]).
+    skew_wait: std::time::Duration,
 }
 
 /// Lets the callers that share it (a worker's lanes of one promotion) run
@@ -1586,7 +1588,15 @@ impl StockView {
         Self {
             stock: vec![None; shards as usize],
             gate: None,
+            skew_wait: FINISH_SKEW_WAIT,
         }
+    }
+
+    /// A finish this view's grabs meet waits up to `wait` for shard 0's
+    /// clock to reach the finish time (instead of [`FINISH_SKEW_WAIT`]).
+    pub fn waiting_for_skew(mut self, wait: std::time::Duration) -> Self {
+        self.skew_wait = wait;
+        self
     }
 
     /// This view, and every copy of it, runs its sold-out checks through
@@ -1677,25 +1687,28 @@ pub async fn grab<C: ConnectionLike>(
             answers[i] = answer;
         }
     }
-    settle_finish(con, map, &mut answers, durable).await?;
+    settle_finish(con, map, &mut answers, durable, view.skew_wait).await?;
     Ok(answers)
 }
 
-/// How long a grab waits for shard 0's clock to reach a finish time its own
-/// shard's clock has passed (each master has its own clock; NTP keeps them
-/// milliseconds apart). Within it the customers are answered the finish, a
-/// 410 that follows the PromotionFinished event; beyond it they are left
-/// Closing, a 503 to retry.
+/// How long a grab waits, by default, for shard 0's clock to reach a finish
+/// time its own shard's clock has passed (each master has its own clock;
+/// NTP keeps them milliseconds apart). Within it the customers are answered
+/// the finish, a 410 that follows the PromotionFinished event; beyond it
+/// they are left Closing, a 503 to retry. A worker's
+/// `--finish-skew-wait-ms` sets it ([`StockView::waiting_for_skew`]).
 pub const FINISH_SKEW_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Answers closing and finished customers once PromotionFinished exists:
 /// completes the finish (idempotent) and answers its reason, waiting up to
-/// [`FINISH_SKEW_WAIT`] for shard 0's clock to reach the finish time.
+/// `skew_wait` ([`FINISH_SKEW_WAIT`] unless the worker says otherwise) for
+/// shard 0's clock to reach the finish time.
 async fn settle_finish<C: ConnectionLike>(
     con: &mut C,
     map: &ShardMap,
     answers: &mut [ShardAnswer],
     durable: Option<Durability>,
+    skew_wait: std::time::Duration,
 ) -> Result<(), ShardError> {
     let why = answers.iter().find_map(|a| match a {
         ShardAnswer::Closing(r) | ShardAnswer::Finished(r) => Some(*r),
@@ -1709,7 +1722,7 @@ async fn settle_finish<C: ConnectionLike>(
             // Shard 0's clock is behind this shard's.
             Finish::NotDue { ms_left } => {
                 let wait = std::time::Duration::from_millis(ms_left.max(1) as u64);
-                if waited + wait > FINISH_SKEW_WAIT {
+                if waited + wait > skew_wait {
                     // Too far behind: leave them Closing (503).
                     return Ok(());
                 }
