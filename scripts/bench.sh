@@ -19,7 +19,8 @@
 #      body (2 worker processes, a minimal nginx.conf generated in the temp
 #      dir), same wrk command and connections, same CPU placement.
 # Every ratio compares figures of the same round. Each measurement starts
-# once `seckill up`'s projector has applied every event so far (settle).
+# once `seckill up`'s projector has applied every event so far (settle), and
+# `seckill up` is paused while anything but itself is measured (quiet).
 #
 # CPU placement (a 2-core machine; see docs/BENCHMARKS.md): processes are pinned
 # with taskset, identically in every run: the servers measured (worker, durable
@@ -129,8 +130,11 @@ DURABLE_URL="http://127.0.0.1:$DURABLE_PORT/api/v1/promotions/bench/durable/grab
 UP_URL="http://127.0.0.1:$UP_PORT/api/v1/promotions/bench/up/grab"
 SOLD_OUT_URL="$BASE/api/v1/promotions/bench/sold-out/grab"
 # (Positional arguments after -- go to bench/grab.lua: a label keeping customer ids distinct per run.)
+# WRK_ON (default: the client CPU, beside Redis) says where wrk runs.
 wrk_grab() { # url label
-  WRK=("${ON_CLIENT_CPU[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency
+  local on=("${ON_CLIENT_CPU[@]}")
+  [ "${WRK_ON:-client}" = worker ] && on=("${ON_WORKER_CPU[@]}")
+  WRK=("${on[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" --latency
     -s bench/grab.lua "$1" -- "$2")
 }
 YARDSTICK=("${ON_WORKER_CPU[@]}" redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$CONNECTIONS" -P 1
@@ -207,15 +211,27 @@ xlen() { redis-cli -p "$REDIS_PORT" XLEN "$1"; }
 metric() { curl -fs "$1/metrics" | awk -v m="$2" '$1 == m { s += $2 } END { printf "%.0f", s }'; }
 # Runs "$@" (one load run) with its output into file $1 while server $2 (a
 # pid) is measured: sets S_CPU_S (its CPU seconds, children included),
-# R_CPU_S (Redis') and DT (wall seconds).
+# R_CPU_S (Redis'), L_CPU_S (the load generator's, "$@" itself) and DT
+# (wall seconds).
 measured() {
   local out=$1 server=$2; shift 2
-  local s0 r0 t0
+  local s0 r0 t0 l0
   s0=$(cpu_secs "$server"); r0=$(cpu_secs "$REDIS_PID"); t0=$(now)
+  local l1
+  children_cpu_into l0
   "$@" >"$out" 2>&1
+  children_cpu_into l1
+  L_CPU_S=$(awk -v a="$l0" -v b="$l1" 'BEGIN { print b - a }')
   DT=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { print b - a }')
   S_CPU_S=$(awk -v a="$s0" -v b="$(cpu_secs "$server")" 'BEGIN { print b - a }')
   R_CPU_S=$(awk -v a="$r0" -v b="$(cpu_secs "$REDIS_PID")" 'BEGIN { print b - a }')
+}
+# CPU seconds (user + system) of this shell's finished children so far
+# (bash's `times`, second line: "0m1.234s 0m0.567s"). `times` runs in this
+# shell, not in a $(...) subshell, whose own children would start from 0.
+children_cpu_into() { # variable
+  times >"$work/times.txt"
+  printf -v "$1" '%s' "$(tail -1 "$work/times.txt" | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, p, "m"); sub(/s$/, "", p[2]); t += p[1] * 60 + p[2] } print t }')"
 }
 pct_of() { awk -v c="$1" -v t="$DT" 'BEGIN { printf "%.0f", (t > 0) ? c / t * 100 : 0 }'; }
 
@@ -255,7 +271,8 @@ http_run() {
   G_REDIS_US=$(awk -v u="$((u1 - u0))" -v g="$G_GRANTS" 'BEGIN { printf "%.1f", (g > 0) ? u / g : 0 }')
   G_SERVER_US=$(awk -v c="$S_CPU_S" -v n="$G_TOTAL" 'BEGIN { printf "%.1f", (n > 0) ? c / n * 1e6 : 0 }')
   G_BATCH=$(awk -v s="$((bs1 - bs0))" -v c="$((bc1 - bc0))" 'BEGIN { printf "%.1f", (c > 0) ? s / c : 0 }')
-  G_SERVER_PCT=$(pct_of "$S_CPU_S"); G_REDIS_PCT=$(pct_of "$R_CPU_S")
+  G_SERVER_PCT=$(pct_of "$S_CPU_S"); G_REDIS_PCT=$(pct_of "$R_CPU_S"); G_WRK_PCT=$(pct_of "$L_CPU_S")
+  G_WRK_US=$(awk -v c="$L_CPU_S" -v n="$G_TOTAL" 'BEGIN { printf "%.1f", (n > 0) ? c / n * 1e6 : 0 }')
 }
 
 # Whether `seckill up`'s projector has applied every event appended so far:
@@ -278,11 +295,21 @@ caught_up() {
 # sold-out rounds of a run that did not wait).
 settle() {
   local i
+  kill -CONT "$UP_PID"
   for i in $(seq 1200); do
     caught_up && return 0
     sleep 0.1
   done
   echo "bench: seckill up's projector did not catch up within 120 s; measuring anyway" >&2
+}
+# Settles, then pauses `seckill up` (SIGSTOP) for a measure of something
+# else: its projector would otherwise project the measured worker's grabs
+# as they come, on both cores (about 4.7 µs of Redis per event, and its own
+# CPU beside the worker's), a cost the yardstick does not pay. The read
+# side's cost at the grab peak is measured by scripts/bench-read-side.sh.
+quiet() {
+  settle
+  kill -STOP "$UP_PID"
 }
 
 # One redis-benchmark run ("$@", output into file $2) measured on Redis:
@@ -309,23 +336,31 @@ done
 "${ON_CLIENT_CPU[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s bench/sold-out.lua "$SOLD_OUT_URL" >/dev/null
 
 ROWS=""
+ALONE_ROWS=""
 DURABLE_ROWS=""
 UP_ROWS=""
 SOLD_ROWS=""
 for round in $(seq "$ROUNDS"); do
-  settle
+  quiet
   echo "bench: round $round/$ROUNDS: yardstick: ${YARDSTICK[*]}"
   redis_run evalsha "$work/yardstick.txt" "${YARDSTICK[@]}"
   YARD_RPS=$B_RPS; YARD_US=$B_US
   echo "bench: yardstick $YARD_RPS/s, $YARD_US us of Redis per call"
 
-  settle
+  quiet
   http_run "$GRAB_URL" "$WORKER_PID" "$BASE" "$HTTP_EVENTS_KEY" "grab$round"
   PLAIN_RPS=$G_RPS
   HTTP_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
-  ROWS+="| $round | **$YARD_RPS** ($YARD_US µs Redis/call) | **$G_RPS** | **$HTTP_RATIO** (>= 1.0: $(verdict "$HTTP_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, redis $G_REDIS_PCT % |"$'\n'
+  ROWS+="| $round | **$YARD_RPS** ($YARD_US µs Redis/call) | **$G_RPS** | **$HTTP_RATIO** (>= 1.0: $(verdict "$HTTP_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, wrk $G_WRK_PCT % ($G_WRK_US µs per request), redis $G_REDIS_PCT % |"$'\n'
 
-  settle
+  # The same worker with Redis alone on its core, as in the yardstick's
+  # run (where redis-benchmark is on the other core): wrk beside the worker.
+  quiet
+  WRK_ON=worker http_run "$GRAB_URL" "$WORKER_PID" "$BASE" "$HTTP_EVENTS_KEY" "alone$round"
+  ALONE_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
+  ALONE_ROWS+="| $round | **$YARD_RPS** | **$G_RPS** | **$ALONE_RATIO** (>= 1.0: $(verdict "$ALONE_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, wrk $G_WRK_PCT % ($G_WRK_US µs per request), redis $G_REDIS_PCT % |"$'\n'
+
+  quiet
   http_run "$DURABLE_URL" "$DURABLE_PID" "http://127.0.0.1:$DURABLE_PORT" "$DURABLE_EVENTS_KEY" "durable$round"
   D_RATIO=$(ratio "$G_RPS" "$PLAIN_RPS" "%.2f")
   DURABLE_ROWS+="| $round | **$G_RPS** | **$PLAIN_RPS** | **$D_RATIO** (>= 0.8: $(verdict "$D_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_NON2XX of $G_TOTAL |"$'\n'
@@ -335,17 +370,17 @@ for round in $(seq "$ROUNDS"); do
   U_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
   UP_ROWS+="| $round | **$G_RPS** | **$YARD_RPS** | **$U_RATIO** (>= 0.8: $(verdict "$U_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_SERVER_US µs (every role) | $G_NON2XX of $G_TOTAL |"$'\n'
 
-  settle
+  quiet
   echo "bench: round $round/$ROUNDS: our grab function unbatched: ${UNBATCHED[*]}"
   redis_run fcall "$work/unbatched.txt" "${UNBATCHED[@]}"
   UNB_RPS=$B_RPS; UNB_US=$B_US
 
-  settle
+  quiet
   echo "bench: round $round/$ROUNDS: sold-out rejections: ${WRK_SOLD_OUT[*]}"
   measured "$work/sold-out.txt" "$WORKER_PID" "${WRK_SOLD_OUT[@]}"
   cat "$work/sold-out.txt"
   SOLD_CPU=$(pct_of "$S_CPU_S")
-  settle
+  quiet
   echo "bench: round $round/$ROUNDS: nginx static 410: ${WRK_NGINX[*]}"
   measured "$work/nginx.txt" "$NGINX_PID" "${WRK_NGINX[@]}"
   cat "$work/nginx.txt"
@@ -354,6 +389,7 @@ for round in $(seq "$ROUNDS"); do
   NGINX_RATIO=$(ratio "$SOLD_RPS" "$NGINX_RPS" "%.2f")
   SOLD_ROWS+="| $round | **$SOLD_RPS** ($(pct "$work/sold-out.txt" 50) / $(pct "$work/sold-out.txt" 99) ms; $(non2xx "$work/sold-out.txt") of $(total "$work/sold-out.txt") answered 410; worker $SOLD_CPU %) | **$NGINX_RPS** ($(pct "$work/nginx.txt" 50) / $(pct "$work/nginx.txt" 99) ms; nginx $NGINX_CPU %) | **$NGINX_RATIO** (>= 0.8: $(verdict "$NGINX_RATIO" 0.8)) | $UNB_RPS/s, $UNB_US µs Redis/call |"$'\n'
 done
+  settle
 LOADAFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 COMMANDS="${YARDSTICK[*]}"
 for pair in "$GRAB_URL grab1" "$DURABLE_URL durable1" "$UP_URL up1"; do
@@ -372,7 +408,9 @@ load average before the run: $LOADAVG; after: $LOADAFTER. CPU placement: $PLACEM
 Redis: a private \`redis-server\` $(redis-server --version | awk '{print $3}' | tr -d 'v='), AOF on, \`appendfsync everysec\`, one replica attached
 (for the durable worker). $ROUNDS round(s); each runs the measures one after the other and every ratio compares
 figures of the same round; each measure starts once the projector of \`seckill up\` has applied every event
-so far (it runs on the servers' CPU). wrk: $THREADS thread, $CONNECTIONS connections, $DURATION s per run. Servers keep
+so far, and \`seckill up\` is paused (SIGSTOP) while anything but itself is measured, so that its projector
+does not project the measured worker's grabs on the same cores (the yardstick's stream has no projector;
+the read side's cost at the grab peak is scripts/bench-read-side.sh's). wrk: $THREADS thread, $CONNECTIONS connections, $DURATION s per run. Servers keep
 their defaults (\`--grab-batch-max\` 64).
 
 Columns: the **yardstick** is \`ref-grab.lua\` (../shared/bench) by EVALSHA through redis-benchmark, unbatched;
@@ -385,6 +423,13 @@ entries added); **worker µs per grab** is the server's CPU time (from /proc) di
 | round | yardstick/s | HTTP grabs/s | HTTP / yardstick | Redis µs per grant | worker µs per grab | p50 / p99 | mean batch | not 200 | CPU |
 |---|---|---|---|---|---|---|---|---|---|
 ${ROWS}
+**The same worker with Redis alone on its core**: wrk on the worker's CPU (taskset -c $WORKER_CPU) instead of
+beside Redis, so that Redis has a core to itself as it has in the yardstick's run (where redis-benchmark is on
+the other core); same yardstick figure as above.
+
+| round | yardstick/s | HTTP grabs/s | HTTP / yardstick | Redis µs per grant | worker µs per grab | p50 / p99 | mean batch | not 200 | CPU |
+|---|---|---|---|---|---|---|---|---|---|
+${ALONE_ROWS}
 **Durable grabs** (\`--durable-replicas 1\`, one WAIT per batch) **beside the plain worker**
 
 | round | durable grabs/s | plain grabs/s | durable / plain | p50 / p99 | mean batch | Redis µs per grant | not 200 |
