@@ -321,6 +321,8 @@ struct Sale {
     spent: Vec<Spent>,
     grants_on: Vec<u64>,
     seconds: f64,
+    /// Each grab call's time (ms), and whether it completed a stock move.
+    call_ms: Vec<(bool, f64)>,
 }
 
 impl Sale {
@@ -384,6 +386,7 @@ async fn sale(
             grab_customers.clone(),
         );
         handles.push(tokio::spawn(async move {
+            let mut call_ms: Vec<(bool, f64)> = Vec::new();
             let mut views: Vec<StockView> =
                 maps.iter().map(|m| StockView::new(m.shards())).collect();
             // Every layout takes BATCH per shard or promotion: 3 x BATCH
@@ -396,7 +399,7 @@ async fn sale(
                     q.drain(..n).collect()
                 };
                 if chunk.is_empty() {
-                    return;
+                    return call_ms;
                 }
                 // (promotion, home shard): one promotion but for
                 // ThreeUnsharded, whose customers each go to one of the
@@ -417,7 +420,13 @@ async fn sale(
                     grab_calls.fetch_add(1, Ordering::Relaxed);
                     grab_customers.fetch_add(who.len() as u64, Ordering::Relaxed);
                     let (map, view) = (&maps[p], &mut views[p]);
-                    match shards::grab(&mut con, map, home, &who, view, None).await {
+                    let (moves_before, started) = (view.moves_made(), Instant::now());
+                    let grabbed = shards::grab(&mut con, map, home, &who, view, None).await;
+                    call_ms.push((
+                        view.moves_made() > moves_before,
+                        started.elapsed().as_secs_f64() * 1000.0,
+                    ));
+                    match grabbed {
                         Ok(answers) => {
                             for a in answers {
                                 match a {
@@ -442,8 +451,9 @@ async fn sale(
             }
         }));
     }
+    let mut call_ms = Vec::new();
     for h in handles {
-        h.await.expect("a task");
+        call_ms.extend(h.await.expect("a task"));
     }
     let seconds = t0.elapsed().as_secs_f64();
     let after = spent_all(masters).await;
@@ -501,6 +511,7 @@ async fn sale(
         spent: delta(&after, &before),
         grants_on,
         seconds,
+        call_ms,
     }
 }
 
@@ -988,6 +999,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             worst_tail[k] * 100.0
         );
     }
+    // What a customer whose home ran dry waits: the grab calls that
+    // completed a move beside those served from their home's stock (every
+    // sale above pooled; a busy 2-core machine, so read them side by side).
+    let (mut with_move, mut without): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    for s in &sales_for_moves {
+        for &(moved, ms) in &s.call_ms {
+            if moved {
+                with_move.push(ms)
+            } else {
+                without.push(ms)
+            }
+        }
+    }
+    let quantiles = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        (v.len(), at(0.5), at(0.99), v.last().copied().unwrap_or(0.0))
+    };
+    let (n_m, p50_m, p99_m, max_m) = quantiles(&mut with_move);
+    let (n_w, p50_w, p99_w, max_w) = quantiles(&mut without);
+    println!(
+        "grab call time, calls that completed a stock move: n={n_m} p50 {p50_m:.2} ms p99 {p99_m:.2} ms max {max_m:.2} ms; \
+         calls served from their home's stock: n={n_w} p50 {p50_w:.2} ms p99 {p99_w:.2} ms max {max_w:.2} ms \
+         (p50 with a move / without: {:.1}x)",
+        if p50_w > 0.0 { p50_m / p50_w } else { 0.0 }
+    );
 
     println!();
     println!("== Spread over the masters, S=3 on 3 masters (share / one third; target 0.8-1.2) ==");

@@ -256,6 +256,8 @@ pub struct CommandMetrics {
     not_replicated: Counter,
     finish_clock_skew: Counter,
     batch_size: Histogram,
+    stock_moves: Counter,
+    stock_move_batch: Histogram,
 }
 
 impl CommandMetrics {
@@ -272,6 +274,23 @@ impl CommandMetrics {
             "Customers per grab call to Redis (the group commit's batches)",
             batch_size.clone(),
         );
+        // Stock moves of sharded promotions (issue 14): how many, and how
+        // long the batches that waited on one took (two more Redis calls
+        // than a batch served from its home shard's stock).
+        let stock_moves = Counter::default();
+        let stock_move_batch = latency_histogram();
+        registry.register(
+            "grab_stock_moves",
+            "Stock moves this worker completed for sharded promotions (a customer's home shard \
+             ran dry while another shard had stock)",
+            stock_moves.clone(),
+        );
+        registry.register(
+            "grab_stock_move_batch_duration_seconds",
+            "Duration of the grab calls of a sharded promotion that completed a stock move \
+             (the customers of that batch waited on it)",
+            stock_move_batch.clone(),
+        );
         registry.register(
             "grab_rate_limited",
             "Grabs answered 429 by the rate limiter before any Redis call, by client key",
@@ -285,7 +304,7 @@ impl CommandMetrics {
         registry.register(
             "grab_finish_clock_skew",
             "Grabs of a sharded promotion answered 503 because their shard's clock had passed the \
-             finish time and shard 0's had not reached it within the skew wait (500 ms)",
+             finish time and shard 0's had not reached it within the skew wait (--finish-skew-wait-ms)",
             finish_clock_skew.clone(),
         );
         Self {
@@ -293,7 +312,16 @@ impl CommandMetrics {
             not_replicated,
             finish_clock_skew,
             batch_size,
+            stock_moves,
+            stock_move_batch,
         }
+    }
+
+    /// A batch of a sharded promotion that completed `moves` stock moves
+    /// (at least one) and took `took` in all.
+    pub fn stock_moved(&self, moves: u64, took: Duration) {
+        self.stock_moves.inc_by(moves);
+        self.stock_move_batch.observe(took.as_secs_f64());
     }
 
     /// One grab call to Redis for `customers` customers.

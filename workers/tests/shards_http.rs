@@ -769,3 +769,45 @@ async fn a_worker_given_a_longer_finish_skew_wait_answers_the_finish_where_the_d
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_counts_and_times_the_stock_moves_its_grabs_complete() {
+    let c = cluster();
+    let mut con = c.connect();
+    let map = sharded(&c, &mut con, "moves-metric", 30).await;
+    let w = worker(&c).await;
+    // 25 customers at home on shard 1, which holds 10 of the 30 coupons:
+    // the 11th onwards are served by moving stock to shard 1.
+    let at_home_on_1: Vec<String> = (0..)
+        .map(|i| format!("m-{i}"))
+        .filter(|c| home_of(c, &map) == 1)
+        .take(25)
+        .collect();
+    let text = w.metrics().await;
+    assert_eq!(metric_value(&text, "seckill_grab_stock_moves_total"), 0.0);
+    for customer in &at_home_on_1 {
+        let r = w.grab("shop", "moves-metric", customer).await;
+        assert_eq!(r.status, 200, "{customer}: {}", r.text);
+    }
+    let moves_in: usize = read_all(&mut con, &map)
+        .await
+        .iter()
+        .map(|s| s.moves_in.len())
+        .sum();
+    assert!(moves_in >= 1, "shard 1 ran dry: stock moved to it");
+    let text = w.metrics().await;
+    assert_eq!(
+        metric_value(&text, "seckill_grab_stock_moves_total"),
+        moves_in as f64,
+        "every completed move counted once"
+    );
+    let timed = metric_value(
+        &text,
+        "seckill_grab_stock_move_batch_duration_seconds_count",
+    );
+    assert!(
+        timed >= 1.0 && timed <= moves_in as f64,
+        "{timed} batches timed for {moves_in} moves"
+    );
+    assert_eq!(sale(&mut con, &map, 30).await.grants.len(), 25);
+}

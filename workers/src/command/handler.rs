@@ -126,6 +126,8 @@ impl CommandApi {
     /// unreplicated grabs.
     pub fn with_metrics(mut self, redis: RedisMetrics, command: CommandMetrics) -> Self {
         let observed = command.clone();
+        self.maps =
+            Arc::new(ShardMaps::new(self.options.finish_skew_wait).observed(command.clone()));
         self.group = GroupCommit::observing(
             self.options.batch_max,
             batch_call(&self.redis, &self.options, &self.maps),

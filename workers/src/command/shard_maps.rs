@@ -19,6 +19,7 @@ use redis::aio::ConnectionLike;
 use tokio::sync::OnceCell;
 
 use super::group_commit::Home;
+use crate::metrics::CommandMetrics;
 use crate::protocol::shards::{self, ShardError, ShardMap, SoldOutGate, StockView};
 use crate::protocol::{CustomerId, PromotionId};
 
@@ -57,6 +58,8 @@ impl Route {
 pub struct Sharded {
     pub map: ShardMap,
     view: Mutex<StockView>,
+    /// Where its batches' stock moves are counted and timed.
+    pub metrics: Option<CommandMetrics>,
 }
 
 impl Sharded {
@@ -67,7 +70,11 @@ impl Sharded {
             .sharing_checks(Arc::new(SoldOutGate::default()))
             .waiting_for_skew(skew_wait);
         let view = Mutex::new(view);
-        Self { map, view }
+        Self {
+            map,
+            view,
+            metrics: None,
+        }
     }
 
     /// A copy of the shared view for one batch: the lock is never held
@@ -99,6 +106,7 @@ pub struct ShardMaps {
     routes: RwLock<HashMap<PromotionId, Arc<OnceCell<Route>>, RandomState>>,
     /// How long a sharded promotion's finish waits for shard 0's clock.
     skew_wait: Duration,
+    metrics: Option<CommandMetrics>,
 }
 
 impl Default for ShardMaps {
@@ -114,7 +122,15 @@ impl ShardMaps {
         Self {
             routes: RwLock::default(),
             skew_wait,
+            metrics: None,
         }
+    }
+
+    /// The sharded promotions' stock moves are counted and timed in
+    /// `metrics`.
+    pub fn observed(mut self, metrics: CommandMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The route of `id`, if its map is known.
@@ -144,7 +160,9 @@ impl ShardMaps {
         cell.get_or_try_init(|| async {
             let map = shards::load_map(con, id).await?;
             Ok::<_, ShardError>(if map.is_sharded() {
-                Route::Sharded(Arc::new(Sharded::new(map, self.skew_wait)))
+                let mut sharded = Sharded::new(map, self.skew_wait);
+                sharded.metrics = self.metrics.clone();
+                Route::Sharded(Arc::new(sharded))
             } else {
                 Route::Unsharded
             })

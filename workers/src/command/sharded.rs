@@ -6,6 +6,7 @@
 //! ([`answer`]), so the HTTP contract is one whatever S.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use redis::aio::ConnectionLike;
 
@@ -46,8 +47,13 @@ pub async fn grab_batch<C: ConnectionLike>(
 ) -> Result<Vec<GrabAnswer>, GrabFailure> {
     let before = sharded.view();
     let mut view = before.clone();
+    let started = Instant::now();
     let answers = shards::grab(con, &sharded.map, home, customers, &mut view, durability).await;
     sharded.saw(&before, &view);
+    let moves = view.moves_made() - before.moves_made();
+    if let (Some(metrics), true) = (&sharded.metrics, moves > 0) {
+        metrics.stock_moved(moves, started.elapsed());
+    }
     let answers = answers.map_err(|e| GrabFailure::Shards(Arc::new(e)))?;
     // A shard's "not started" carries no time: shard 0's state has it
     // (rare: only grabs before the opening pay this read).

@@ -1569,6 +1569,9 @@ pub struct StockView {
     gate: Option<Arc<SoldOutGate>>,
     /// How long a finish waits for shard 0's clock (see [`FINISH_SKEW_WAIT`]).
     skew_wait: std::time::Duration,
+    /// Stock moves completed by the grabs made with this view (a copy
+    /// counts its own from where it was copied).
+    moves_made: u64,
 }
 
 /// Lets the callers that share it (a worker's lanes of one promotion) run
@@ -1589,7 +1592,14 @@ impl StockView {
             stock: vec![None; shards as usize],
             gate: None,
             skew_wait: FINISH_SKEW_WAIT,
+            moves_made: 0,
         }
+    }
+
+    /// Stock moves the grabs made with this view have completed (each one
+    /// step 1, 2 and 3 of [`refill`]): what a worker counts and times.
+    pub fn moves_made(&self) -> u64 {
+        self.moves_made
     }
 
     /// A finish this view's grabs meet waits up to `wait` for shard 0's
@@ -1821,6 +1831,7 @@ pub async fn refill<C: ConnectionLike>(
             return Err(batch.not_durable(MOVE_IN, home));
         }
         move_done(con, map, mv.from, &mv.id, None).await?;
+        view.moves_made += 1;
         for (i, answer) in open.into_iter().zip(batch.answers) {
             if answer != ShardAnswer::Empty {
                 answers[i] = Some(answer);
