@@ -275,7 +275,7 @@ impl CommandMetrics {
             batch_size.clone(),
         );
         // Stock moves of sharded promotions (issue 14): how many, and how
-        // long the batches that waited on one took (two more Redis calls
+        // long the batches that waited on one took (three more Redis calls
         // than a batch served from its home shard's stock).
         let stock_moves = Counter::default();
         let stock_move_batch = latency_histogram();

@@ -59,7 +59,7 @@ pub struct Sharded {
     pub map: ShardMap,
     view: Mutex<StockView>,
     /// Where its batches' stock moves are counted and timed.
-    pub metrics: Option<CommandMetrics>,
+    pub(crate) metrics: Option<CommandMetrics>,
 }
 
 impl Sharded {
