@@ -323,6 +323,9 @@ struct Sale {
     seconds: f64,
     /// Each grab call's time (ms), and whether it completed a stock move.
     call_ms: Vec<(bool, f64)>,
+    /// Per master: customers sent to a shard (or promotion) on it, the
+    /// grabs' load, whatever their answer.
+    grabs_on: Vec<u64>,
 }
 
 impl Sale {
@@ -369,13 +372,24 @@ async fn sale(
     let over: Arc<Vec<AtomicBool>> =
         Arc::new(maps.iter().map(|_| AtomicBool::new(false)).collect());
     let granted = Arc::new(AtomicU64::new(0));
+    // Customers sent per shard, shards numbered promotion after promotion.
+    let first_shard: Vec<usize> = maps
+        .iter()
+        .scan(0usize, |next, m| {
+            let first = *next;
+            *next += m.shards() as usize;
+            Some(first)
+        })
+        .collect();
+    let all_shards: usize = maps.iter().map(|m| m.shards() as usize).sum();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..all_shards).map(|_| AtomicU64::new(0)).collect());
     let grab_calls = Arc::new(AtomicU64::new(0));
     let grab_customers = Arc::new(AtomicU64::new(0));
     con.take();
     let before = spent_all(masters).await;
     let t0 = Instant::now();
     let mut handles = Vec::new();
-    for _ in 0..tasks {
+    for task in 0..tasks {
         let (mut con, maps, queue, over, granted, grab_calls, grab_customers) = (
             con.clone(),
             maps.clone(),
@@ -385,8 +399,10 @@ async fn sale(
             grab_calls.clone(),
             grab_customers.clone(),
         );
+        let (sent, first_shard) = (sent.clone(), first_shard.clone());
         handles.push(tokio::spawn(async move {
             let mut call_ms: Vec<(bool, f64)> = Vec::new();
+            let mut chunks_sent = 0usize;
             let mut views: Vec<StockView> =
                 maps.iter().map(|m| StockView::new(m.shards())).collect();
             // Every layout takes BATCH per shard or promotion: 3 x BATCH
@@ -413,12 +429,24 @@ async fn sale(
                     };
                     by_home.entry(key).or_default().push(who);
                 }
-                for ((p, home), who) in by_home {
+                // A worker serves its lanes at once (a driver task each);
+                // this task sends a chunk's groups one after the other, so
+                // it starts each chunk at a different group: a fixed order
+                // would serve shard 0's customers first in every chunk and
+                // hand it the end of a short sale (the last coupons, and
+                // the arrivals sent before the sell-out stops the tasks).
+                let mut groups: Vec<_> = by_home.into_iter().collect();
+                let n = groups.len().max(1);
+                groups.rotate_left((task + chunks_sent) % n);
+                chunks_sent += 1;
+                for ((p, home), who) in groups {
                     if over[p].load(Ordering::Relaxed) {
                         continue; // answered 410 from memory
                     }
                     grab_calls.fetch_add(1, Ordering::Relaxed);
                     grab_customers.fetch_add(who.len() as u64, Ordering::Relaxed);
+                    sent[first_shard[p] + home as usize]
+                        .fetch_add(who.len() as u64, Ordering::Relaxed);
                     let (map, view) = (&maps[p], &mut views[p]);
                     let (moves_before, started) = (view.moves_made(), Instant::now());
                     let grabbed = shards::grab(&mut con, map, home, &who, view, None).await;
@@ -463,11 +491,13 @@ async fn sale(
 
     // Grants and completed moves per shard, shards mapped to their masters.
     let mut grants_on = vec![0u64; masters.len()];
+    let mut grabs_on = vec![0u64; masters.len()];
     let mut moves = 0;
     let mut read = con.inner.clone();
-    for (map, shard) in maps
+    for (flat, (map, shard)) in maps
         .iter()
         .flat_map(|m| (0..m.shards()).map(move |shard| (m, shard)))
+        .enumerate()
     {
         let keys = map.keys(shard).expect("shard keys");
         let master = c
@@ -483,6 +513,7 @@ async fn sale(
             .await
             .expect("HLEN customers");
         grants_on[m] += on_shard;
+        grabs_on[m] += sent[flat].load(Ordering::Relaxed);
         if map.is_sharded() {
             let n: u64 = redis::cmd("HLEN")
                 .arg(&keys.moves_in)
@@ -512,6 +543,7 @@ async fn sale(
         grants_on,
         seconds,
         call_ms,
+        grabs_on,
     }
 }
 
@@ -1062,14 +1094,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
+    // The grabs' load by master (customers sent to each master's shard,
+    // whatever the answer) beside who won the coupons: in a short sale the
+    // last coupons go to whichever shard's customers are served first.
+    let share = |v: &[u64]| {
+        let total: u64 = v.iter().sum();
+        v.iter()
+            .map(|&x| x as f64 * 3.0 / total.max(1) as f64)
+            .collect::<Vec<f64>>()
+    };
+    // [large sales, small sales]
+    let mut worst_grabs = [0.0f64; 2];
     for s in &smalls {
-        let g: Vec<String> = s
-            .grants_on
-            .iter()
-            .map(|&g| format!("{:.3}", g as f64 * 3.0 / s.granted as f64))
-            .collect();
-        println!("small N={}: grants {}", s.coupons, g.join(" "));
+        let (g, a) = (share(&s.grants_on), share(&s.grabs_on));
+        for x in &a {
+            worst_grabs[1] = worst_grabs[1].max((x - 1.0).abs());
+        }
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "small N={}: grants {}; grabs (customers sent) {}",
+            s.coupons,
+            fmt(&g),
+            fmt(&a)
+        );
     }
+    for &batch in &batches {
+        for s in &rows[&(batch, "S=3 on 3 masters")] {
+            for x in share(&s.grabs_on) {
+                worst_grabs[0] = worst_grabs[0].max((x - 1.0).abs());
+            }
+        }
+    }
+    println!(
+        "largest deviation of a master's share of the grabs (customers sent, until the sell-out stops \
+         the callers) from a third: large sales {:.1} %, small sales {:.1} %",
+        worst_grabs[0] * 100.0,
+        worst_grabs[1] * 100.0
+    );
     println!(
         "largest deviation of a master's grant share from a third (large sales): {:.1} %",
         worst * 100.0
