@@ -1064,14 +1064,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!();
     println!("== Spread over the masters, S=3 on 3 masters (share / one third; target 0.8-1.2) ==");
+    // Each master's share of a count, over a third of the total.
+    let share = |v: &[u64]| {
+        let total: u64 = v.iter().sum();
+        v.iter()
+            .map(|&x| x as f64 * 3.0 / total.max(1) as f64)
+            .collect::<Vec<f64>>()
+    };
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let mut worst: f64 = 0.0;
+    // The grabs' load by master (customers sent to each master's shard,
+    // whatever the answer), [large sales, small sales].
+    let mut worst_grabs = [0.0f64; 2];
     for &batch in &batches {
         for s in &rows[&(batch, "S=3 on 3 masters")] {
-            let g: Vec<f64> = s
-                .grants_on
-                .iter()
-                .map(|&g| g as f64 * 3.0 / s.granted as f64)
-                .collect();
+            let g = share(&s.grants_on);
             let cpu: Vec<f64> = s
                 .spent
                 .iter()
@@ -1080,12 +1092,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             for x in &g {
                 worst = worst.max((x - 1.0).abs());
             }
-            let fmt = |v: &[f64]| {
-                v.iter()
-                    .map(|x| format!("{x:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            };
+            for x in share(&s.grabs_on) {
+                worst_grabs[0] = worst_grabs[0].max((x - 1.0).abs());
+            }
             println!(
                 "batch {batch:>2} N={}: grants {}; main-thread cpu {}",
                 s.coupons,
@@ -1094,41 +1103,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    // The grabs' load by master (customers sent to each master's shard,
-    // whatever the answer) beside who won the coupons: in a short sale the
-    // last coupons go to whichever shard's customers are served first.
-    let share = |v: &[u64]| {
-        let total: u64 = v.iter().sum();
-        v.iter()
-            .map(|&x| x as f64 * 3.0 / total.max(1) as f64)
-            .collect::<Vec<f64>>()
-    };
-    // [large sales, small sales]
-    let mut worst_grabs = [0.0f64; 2];
+    // Small sales: the grabs sent beside who won the coupons.
     for s in &smalls {
         let (g, a) = (share(&s.grants_on), share(&s.grabs_on));
         for x in &a {
             worst_grabs[1] = worst_grabs[1].max((x - 1.0).abs());
         }
-        let fmt = |v: &[f64]| {
-            v.iter()
-                .map(|x| format!("{x:.3}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
         println!(
             "small N={}: grants {}; grabs (customers sent) {}",
             s.coupons,
             fmt(&g),
             fmt(&a)
         );
-    }
-    for &batch in &batches {
-        for s in &rows[&(batch, "S=3 on 3 masters")] {
-            for x in share(&s.grabs_on) {
-                worst_grabs[0] = worst_grabs[0].max((x - 1.0).abs());
-            }
-        }
     }
     println!(
         "largest deviation of a master's share of the grabs (customers sent, until the sell-out stops \
