@@ -65,13 +65,18 @@ pub fn skew_clock(command: &mut Command, skew: &str) {
 
 /// `kill -<sig> <pid>`; panics when the signal could not be delivered.
 pub fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
+    assert!(try_signal(pid, sig), "kill -{sig} {pid}");
+}
+
+/// `kill -<sig> <pid>`: whether it was delivered (a process already gone
+/// is not an error here, as in a `Drop`).
+pub fn try_signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())
         .stderr(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -{sig} {pid}");
+        .is_ok_and(|s| s.success())
 }
 
 /// The processes whose parent is `pid` (from /proc): what a process killed

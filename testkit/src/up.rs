@@ -158,11 +158,7 @@ impl Drop for Up {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pid in self.private_redis.drain(..) {
-            let _ = std::process::Command::new("kill")
-                .arg("-KILL")
-                .arg(pid.to_string())
-                .stderr(std::process::Stdio::null())
-                .status();
+            process::try_signal(pid, "KILL");
         }
     }
 }

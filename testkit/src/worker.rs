@@ -195,11 +195,7 @@ impl Drop for Worker {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             // A stopped process dies of SIGKILL only once continued.
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(self.child.id().to_string())
-                .stderr(Stdio::null())
-                .status();
+            process::try_signal(self.child.id(), "CONT");
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -235,7 +235,8 @@ impl CommandApi {
             }
             Err(GrabFailure::Closing) => {
                 // Left Closing by `shards::grab` only when shard 0's clock
-                // stayed behind for longer than FINISH_SKEW_WAIT.
+                // stayed behind for longer than the skew wait
+                // (--finish-skew-wait-ms).
                 if let Some(m) = &self.metrics {
                     m.finish_clock_skew();
                 }
