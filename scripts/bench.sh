@@ -215,9 +215,8 @@ metric() { curl -fs "$1/metrics" | awk -v m="$2" '$1 == m { s += $2 } END { prin
 # (wall seconds).
 measured() {
   local out=$1 server=$2; shift 2
-  local s0 r0 t0 l0
+  local s0 r0 t0 l0 l1
   s0=$(cpu_secs "$server"); r0=$(cpu_secs "$REDIS_PID"); t0=$(now)
-  local l1
   children_cpu_into l0
   "$@" >"$out" 2>&1
   children_cpu_into l1
@@ -273,6 +272,14 @@ http_run() {
   G_BATCH=$(awk -v s="$((bs1 - bs0))" -v c="$((bc1 - bc0))" 'BEGIN { printf "%.1f", (c > 0) ? s / c : 0 }')
   G_SERVER_PCT=$(pct_of "$S_CPU_S"); G_REDIS_PCT=$(pct_of "$R_CPU_S"); G_WRK_PCT=$(pct_of "$L_CPU_S")
   G_WRK_US=$(awk -v c="$L_CPU_S" -v n="$G_TOTAL" 'BEGIN { printf "%.1f", (n > 0) ? c / n * 1e6 : 0 }')
+}
+
+# One row of a one-worker table: round, the yardstick cell ($1), then the
+# figures of the http_run just done, each with its verdict.
+worker_row() {
+  local HTTP_RATIO
+  HTTP_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
+  echo "| $round | $1 | **$G_RPS** | **$HTTP_RATIO** (>= 1.0: $(verdict "$HTTP_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, wrk $G_WRK_PCT % ($G_WRK_US µs per request), redis $G_REDIS_PCT % |"
 }
 
 # Whether `seckill up`'s projector has applied every event appended so far:
@@ -350,15 +357,13 @@ for round in $(seq "$ROUNDS"); do
   quiet
   http_run "$GRAB_URL" "$WORKER_PID" "$BASE" "$HTTP_EVENTS_KEY" "grab$round"
   PLAIN_RPS=$G_RPS
-  HTTP_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
-  ROWS+="| $round | **$YARD_RPS** ($YARD_US µs Redis/call) | **$G_RPS** | **$HTTP_RATIO** (>= 1.0: $(verdict "$HTTP_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, wrk $G_WRK_PCT % ($G_WRK_US µs per request), redis $G_REDIS_PCT % |"$'\n'
+  ROWS+="$(worker_row "**$YARD_RPS** ($YARD_US µs Redis/call)")"$'\n'
 
   # The same worker with Redis alone on its core, as in the yardstick's
   # run (where redis-benchmark is on the other core): wrk beside the worker.
   quiet
   WRK_ON=worker http_run "$GRAB_URL" "$WORKER_PID" "$BASE" "$HTTP_EVENTS_KEY" "alone$round"
-  ALONE_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
-  ALONE_ROWS+="| $round | **$YARD_RPS** | **$G_RPS** | **$ALONE_RATIO** (>= 1.0: $(verdict "$ALONE_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, wrk $G_WRK_PCT % ($G_WRK_US µs per request), redis $G_REDIS_PCT % |"$'\n'
+  ALONE_ROWS+="$(worker_row "**$YARD_RPS**")"$'\n'
 
   quiet
   http_run "$DURABLE_URL" "$DURABLE_PID" "http://127.0.0.1:$DURABLE_PORT" "$DURABLE_EVENTS_KEY" "durable$round"
@@ -389,7 +394,7 @@ for round in $(seq "$ROUNDS"); do
   NGINX_RATIO=$(ratio "$SOLD_RPS" "$NGINX_RPS" "%.2f")
   SOLD_ROWS+="| $round | **$SOLD_RPS** ($(pct "$work/sold-out.txt" 50) / $(pct "$work/sold-out.txt" 99) ms; $(non2xx "$work/sold-out.txt") of $(total "$work/sold-out.txt") answered 410; worker $SOLD_CPU %) | **$NGINX_RPS** ($(pct "$work/nginx.txt" 50) / $(pct "$work/nginx.txt" 99) ms; nginx $NGINX_CPU %) | **$NGINX_RATIO** (>= 0.8: $(verdict "$NGINX_RATIO" 0.8)) | $UNB_RPS/s, $UNB_US µs Redis/call |"$'\n'
 done
-  settle
+settle
 LOADAFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 COMMANDS="${YARDSTICK[*]}"
 for pair in "$GRAB_URL grab1" "$DURABLE_URL durable1" "$UP_URL up1"; do

@@ -16,6 +16,18 @@ use seckill_workers::redis_connection::RedisConnection;
 
 use crate::redis_cluster::RedisCluster;
 
+/// Customers `<prefix>-0`, `<prefix>-1`, ... whose home is `shard` of
+/// `map`: what a test needs to aim grabs at one shard.
+pub fn at_home<'a>(
+    map: &'a ShardMap,
+    prefix: &'a str,
+    shard: u32,
+) -> impl Iterator<Item = CustomerId> + 'a {
+    (0..)
+        .map(move |i| CustomerId::parse(&format!("{prefix}-{i}")).expect("customer id"))
+        .filter(move |c| map.home(c) == shard)
+}
+
 /// `p` planned over `shards` shards placed on the masters of `c`, as the
 /// operator plans it (`placement::place`, then `shards::plan`).
 pub async fn planned(

@@ -19,7 +19,7 @@ use seckill_testkit::redis_cluster::RedisCluster;
 use seckill_testkit::shard_audit::{
     assert_conserved, audit, conservation, field, read_all, Audit, Conservation, ShardRead,
 };
-use seckill_testkit::shards::{crowd, planned, set_finish_ms, start_crowd, Answered};
+use seckill_testkit::shards::{at_home, crowd, planned, set_finish_ms, start_crowd, Answered};
 use seckill_testkit::shuffle::shuffle;
 use seckill_workers::protocol::placement::{self, key_slot};
 use seckill_workers::protocol::shards::{
@@ -525,14 +525,6 @@ async fn expired_with_stock_left_finishes_once_with_the_summed_total_and_grants_
     );
 }
 
-/// A customer of home shard `home`.
-fn customer_of(map: &ShardMap, home: u32, prefix: &str) -> CustomerId {
-    (0..)
-        .map(|i| customer(format!("{prefix}-{i}")))
-        .find(|c| map.home(c) == home)
-        .unwrap()
-}
-
 /// A fresh `shop/<name>` whose shard 1 reaches its end now while shards 0
 /// and 2 are `behind_ms` from theirs (as if their clocks were that far
 /// behind), and a customer of shard 1 grabbing it: their answer, and the
@@ -549,7 +541,7 @@ async fn grab_with_shard_zero_behind(
     for i in [0, 2] {
         set_finish_ms(con, &map, i, now + behind_ms).await;
     }
-    let who = customer_of(&map, 1, "late");
+    let who = at_home(&map, "late", 1).next().unwrap();
     let mut view = StockView::new(map.shards());
     let answers = shards::grab(con, &map, 1, &[who], &mut view, None)
         .await

@@ -18,7 +18,7 @@ use seckill_testkit::eventually;
 use seckill_testkit::promotions::{id, spec_from_now};
 use seckill_testkit::redis_cluster::RedisCluster;
 use seckill_testkit::shard_audit::{assert_conserved, audit, field, read_all};
-use seckill_testkit::shards::{host_ms, planned, set_finish_ms};
+use seckill_testkit::shards::{at_home, host_ms, planned, set_finish_ms};
 use seckill_testkit::shuffle::shuffle;
 use seckill_testkit::stream::entries_at as entries;
 use seckill_testkit::worker::Worker;
@@ -470,17 +470,6 @@ fn home_of(customer: &str, map: &ShardMap) -> u32 {
     map.home(&CustomerId::parse(customer).unwrap())
 }
 
-/// Customers `<prefix>-0`, `<prefix>-1`, ... whose home is `shard` of `map`.
-fn at_home<'a>(
-    map: &'a ShardMap,
-    prefix: &'a str,
-    shard: u32,
-) -> impl Iterator<Item = String> + 'a {
-    (0..)
-        .map(move |i| format!("{prefix}-{i}"))
-        .filter(move |c| home_of(c, map) == shard)
-}
-
 async fn key_exists(con: &mut RedisConnection, key: &str) -> bool {
     redis::cmd("EXISTS")
         .arg(key)
@@ -682,7 +671,7 @@ async fn a_shard_past_its_end_while_shard_zeros_clock_stays_behind_answers_503_a
     let mut con = c.connect();
     let map = sharded(&c, &mut con, "skewed", 30).await;
     let w = worker(&c).await;
-    let of_shard_1 = |prefix: &str| at_home(&map, prefix, 1).next().unwrap();
+    let of_shard_1 = |prefix: &str| at_home(&map, prefix, 1).next().unwrap().to_string();
     // The workers start the promotion with a first grab.
     let first = w.grab("shop", "skewed", &of_shard_1("first")).await;
     assert_eq!(first.status, 200, "{}", first.text);
@@ -715,7 +704,7 @@ async fn a_worker_given_a_longer_finish_skew_wait_answers_the_finish_where_the_d
     let map = sharded(&c, &mut con, "skew-flag", 30).await;
     let default = worker(&c).await;
     let patient = worker_with(&c, &["--finish-skew-wait-ms", "10000"]).await;
-    let of_shard_1 = |prefix: &str| at_home(&map, prefix, 1).next().unwrap();
+    let of_shard_1 = |prefix: &str| at_home(&map, prefix, 1).next().unwrap().to_string();
     let first = default
         .grab("shop", "skew-flag", &of_shard_1("first"))
         .await;
@@ -779,7 +768,10 @@ async fn a_worker_counts_and_times_the_stock_moves_its_grabs_complete() {
     let w = worker(&c).await;
     // 25 customers at home on shard 1, which holds 10 of the 30 coupons:
     // the 11th onwards are served by moving stock to shard 1.
-    let at_home_on_1: Vec<String> = at_home(&map, "m", 1).take(25).collect();
+    let at_home_on_1: Vec<String> = at_home(&map, "m", 1)
+        .take(25)
+        .map(|c| c.to_string())
+        .collect();
     let text = w.metrics().await;
     assert_eq!(metric_value(&text, "seckill_grab_stock_moves_total"), 0.0);
     for customer in &at_home_on_1 {
