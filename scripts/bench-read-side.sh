@@ -4,7 +4,11 @@
 #      one stream, with one projector and with two sharing the consumer group, and the rebuild
 #      (`projector --rebuild` code path), each against the raw XRANGE read of the same stream
 #      in the same run (workers/examples/projection_bench.rs; it checks every read model it
-#      produced, so a fast wrong projection cannot pass);
+#      produced, so a fast wrong projection cannot pass). The stream is written as the grab
+#      function writes it, READ_BENCH_GRANTS_PER_ENTRY (default 32, about the mean batch of
+#      scripts/bench.sh's grab run) grants per CouponGrabbed version 3 entry; then the same
+#      events once more written as version 2, one entry per grant (the layout before), for the
+#      comparison in the same run;
 #   2. projection lag while the command-path load runs at full speed: `seckill-worker command`
 #      under wrk (64 connections, distinct customers, bench/grab.lua) and one
 #      `seckill-worker projector`; p99 of `projector_lag_seconds` (XADD to applied and
@@ -23,6 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EVENTS="${READ_BENCH_EVENTS:-1000000}"
+PER_ENTRY="${READ_BENCH_GRANTS_PER_ENTRY:-32}"
 DURATION="${READ_BENCH_DURATION:-15}"
 THREADS=2
 CONNECTIONS=64
@@ -69,11 +74,20 @@ REDIS_PORT=$(free_port)
 REDIS_PID=$(start_redis "$REDIS_PORT" "$work/redis-throughput")
 pids+=("$REDIS_PID")
 wait_redis "$REDIS_PORT"
-THROUGHPUT=("$PROJECTION_BENCH" "redis://127.0.0.1:$REDIS_PORT/" "$EVENTS")
+THROUGHPUT=("$PROJECTION_BENCH" "redis://127.0.0.1:$REDIS_PORT/" "$EVENTS" "$PER_ENTRY")
 echo "bench-read-side: throughput: ${THROUGHPUT[*]}"
 started=$(date +%s)
 "${THROUGHPUT[@]}" | tee "$work/throughput.json"
 echo "bench-read-side: throughput run took $(( $(date +%s) - started )) s"
+kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
+# The same events as version 2 entries (one per grant), on a Redis of their own.
+REDIS_PORT=$(free_port)
+REDIS_PID=$(start_redis "$REDIS_PORT" "$work/redis-throughput-v2")
+pids+=("$REDIS_PID")
+wait_redis "$REDIS_PORT"
+THROUGHPUT_V2=("$PROJECTION_BENCH" "redis://127.0.0.1:$REDIS_PORT/" "$EVENTS" 0)
+echo "bench-read-side: throughput, version 2 entries: ${THROUGHPUT_V2[*]}"
+"${THROUGHPUT_V2[@]}" | tee "$work/throughput-v2.json"
 kill "$REDIS_PID"; wait "$REDIS_PID" 2>/dev/null || true
 
 # A private redis-server of its own for a part, with free ports for the workers beside it: sets
@@ -184,9 +198,10 @@ MEM_KEYS="$(redis-cli -p "$REDIS_PORT" -n 0 dbsize | tr -d '\r') / $(redis-cli -
 
 python3 - "$work/throughput.json" "$work/metrics.txt" "$work/grab.txt" "$LAG_LIMIT" "$REBUILD_TARGET" \
   "$APPLIED" "$EXPECTED" "$MEM_COUPONS" "$MEM_BEFORE" "$MEM_GRABBED" "$MEM_AFTER" "$MEM_LIMIT" \
-  "$PROJECT_CPU_LIMIT" >"$work/numbers.env" <<'PY'
+  "$PROJECT_CPU_LIMIT" "$work/throughput-v2.json" >"$work/numbers.env" <<'PY'
 import json, re, sys
 throughput = json.load(open(sys.argv[1]))
+v2 = json.load(open(sys.argv[14]))
 metrics = open(sys.argv[2]).read()
 grab = open(sys.argv[3]).read()
 limit, target = float(sys.argv[4]), float(sys.argv[5])
@@ -218,6 +233,15 @@ one, two, rb = throughput["oneProjector"], throughput["twoProjectors"], throughp
 p99 = quantile(0.99)
 values = {
     "EVENTS": throughput["events"], "PAGE": throughput["page"],
+    "ENTRIES": throughput["entries"], "PER_ENTRY": throughput["grantsPerEntry"],
+    "V2_ONE_RATE": f'{v2["oneProjector"]["eventsPerSec"]:.0f}',
+    "V2_ONE_CMD": f'{v2["oneProjector"]["redisCommandMicrosPerEvent"]:.2f}',
+    "V2_ONE_CPU": f'{v2["oneProjector"]["clientCpuMicrosPerEvent"]:.1f} / {v2["oneProjector"]["redisCpuMicrosPerEvent"]:.1f}',
+    "V2_XRANGE_RATE": f'{v2["xrange"]["eventsPerSec"]:.0f}',
+    "V2_REBUILD_RATE": f'{v2["rebuild"]["eventsPerSec"]:.0f}',
+    "V2_ONE_SPLIT": ", ".join(f'{name} {c["usecPerEvent"]:.2f}'
+                               for name, c in sorted(v2["oneProjector"]["commands"].items(), key=lambda kv: -kv[1]["usecPerEvent"])
+                               if c["usecPerEvent"] >= 0.01),
     "XRANGE_RATE": f'{x:.0f}',
     "XRANGE_CPU": f'{throughput["xrange"]["clientCpuMicrosPerEvent"]:.1f} / {throughput["xrange"]["redisCpuMicrosPerEvent"]:.1f}',
     "ONE_RATE": f'{one["eventsPerSec"]:.0f}', "ONE_RATIO": f'{one["ratioToXrange"]:.2f}',
@@ -265,8 +289,10 @@ cores, pinning Redis and the clients apart would measure another deployment than
 Redis: a private \`redis-server\` $(redis-server --version | awk '{print $3}' | tr -d 'v='), AOF on, \`appendfsync everysec\`, one per part.
 
 Throughput, one stream of $EVENTS events (PromotionStarted, CouponGrabbed by distinct customers,
-PromotionFinished); every run's read model is checked (granted = N, the last customer's coupon).
-CPU is microseconds per event, this process / redis-server.
+PromotionFinished), the grants written as the grab function writes them: $PER_ENTRY per CouponGrabbed
+version 3 entry ($ENTRIES entries); every run's read model is checked (granted = N, the last
+customer's coupon). Rates and CPU are per event (each grant one), CPU in microseconds, this
+process / redis-server.
 
 | measure | events/s | ratio to its limit (same run) | CPU µs/event |
 |---|---|---|---|
@@ -279,6 +305,10 @@ Redis CPU per projected event from Redis' own accounting (\`CONFIG RESETSTAT\` b
 \`INFO commandstats\` after it: the usec of every command but INFO/CONFIG, over the events applied):
 one projector **$ONE_CMD µs**, **$ONE_CMD_RATIO** of the 4 µs limit ($ONE_CMD_MET); two projectors $TWO_CMD µs.
 Per command, µs per event (one projector): $ONE_CMD_SPLIT.
+
+The same $EVENTS events written as version 2 entries, one per grant (the layout before version 3),
+in the same run: one projector **$V2_ONE_RATE** events/s (CPU $V2_ONE_CPU), Redis **$V2_ONE_CMD µs**
+per event ($V2_ONE_SPLIT); XRANGE $V2_XRANGE_RATE events/s, rebuild $V2_REBUILD_RATE events/s.
 
 Lag while the command path runs at full speed (wrk, ${CONNECTIONS} connections, ${DURATION} s, one grab
 per new customer through \`seckill-worker command\`; one \`seckill-worker projector\`; all on this machine):
@@ -308,6 +338,7 @@ Commands (ports are picked free at each run):
 
 \`\`\`
 ${THROUGHPUT[*]}
+${THROUGHPUT_V2[*]}
 ${LAG_COMMAND[*]}
 ${LAG_PROJECTOR[*]}
 ${SETUP} ${LAG_REDIS_URL} ${COUPONS}

@@ -13,7 +13,7 @@ use seckill_workers::protocol::{
 };
 use seckill_workers::redis_connection::RedisConnection;
 
-use crate::stream::{entries_at as entries, hash_at as hash};
+use crate::stream::{entries_at as entries, grants_in, hash_at as hash};
 
 /// Everything the invariants are about, read from one shard.
 #[derive(Debug, Default)]
@@ -168,20 +168,20 @@ pub fn audit(map: &ShardMap, reads: &[ShardRead]) -> Audit {
             }
             match f.get("type").map(String::as_str) {
                 Some("CouponGrabbed") => {
-                    on_shard += 1;
-                    let k: u64 = field(f, "shardGranted");
-                    assert_eq!(
-                        k,
-                        last_shard_granted + 1,
-                        "shardGranted counts this shard's grants"
-                    );
-                    last_shard_granted = k;
-                    let c = &f["customerId"];
-                    assert_eq!(
-                        r.customers.get(c).map(|h| h.split(':').next().unwrap()),
-                        Some(f["seq"].as_str()),
-                        "the stream's grant is the held coupon"
-                    );
+                    for (c, seq, k) in grants_in(map.id(), f) {
+                        on_shard += 1;
+                        assert_eq!(
+                            k,
+                            Some(last_shard_granted + 1),
+                            "shardGranted counts this shard's grants"
+                        );
+                        last_shard_granted += 1;
+                        assert_eq!(
+                            r.customers.get(&c).map(|h| h.split(':').next().unwrap()),
+                            Some(seq.to_string().as_str()),
+                            "the stream's grant is the held coupon"
+                        );
+                    }
                 }
                 Some("StockMovedOut") => moves += 1,
                 Some("StockMovedIn") => {}

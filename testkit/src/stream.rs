@@ -23,30 +23,30 @@ pub async fn stream_entries(con: &mut RedisConnection, id: &PromotionId) -> Vec<
     page.ids
 }
 
-/// The fields a CouponGrabbed of version 2 has, sorted.
-fn grab_v2_fields() -> Vec<&'static str> {
-    let mut names: Vec<&str> = grab_entry::fields("c", 1, 0)
-        .iter()
-        .map(|(name, _)| *name)
-        .collect();
+/// The field names of `fields`, sorted.
+fn sorted_names(fields: &[(&'static str, String)]) -> Vec<&'static str> {
+    let mut names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
     names.sort_unstable();
     names
 }
 
-/// Every event of `id`'s stream with its entry id, in stream order. Each
-/// entry holds either the event field only (version 1 JSON) or exactly the
-/// fields of a version 2 grab, and every event decodes (by the protocol's
-/// own decoder, as projectors do).
+/// Every event of `id`'s stream with its entry id, in stream order (the
+/// grants of a version 3 CouponGrabbed entry share its id, in coupon
+/// order). Each entry holds either the event field only (version 1 JSON)
+/// or exactly the fields of a version 3 (or, written by an earlier
+/// release, version 2) grab, and every entry decodes (by the protocol's own
+/// decoder, as projectors do).
 pub async fn stream_events(con: &mut RedisConnection, id: &PromotionId) -> Vec<(String, Event)> {
-    let v2 = grab_v2_fields();
+    let v3 = sorted_names(&grab_entry::fields(&["c"], 1, 0));
+    let v2 = sorted_names(&grab_entry::fields_v2("c", 1, 0));
     stream_entries(con, id)
         .await
         .iter()
-        .map(|entry| {
+        .flat_map(|entry| {
             let mut names: Vec<&str> = entry.map.keys().map(String::as_str).collect();
             names.sort_unstable();
             assert!(
-                names == [EVENT_FIELD] || names == v2,
+                names == [EVENT_FIELD] || names == v3 || names == v2,
                 "unexpected fields {names:?} in {entry:?}"
             );
             let fields: Vec<(&[u8], Vec<u8>)> = entry
@@ -58,9 +58,12 @@ pub async fn stream_events(con: &mut RedisConnection, id: &PromotionId) -> Vec<(
                     (name.as_bytes(), bytes)
                 })
                 .collect();
-            let event = Event::decode_entry(id, fields.iter().map(|(k, v)| (*k, v.as_slice())))
-                .expect("every event decodes");
-            (entry.id.clone(), event)
+            let events = Event::decode_entry(id, fields.iter().map(|(k, v)| (*k, v.as_slice())))
+                .expect("every entry decodes");
+            events
+                .into_iter()
+                .map(|event| (entry.id.clone(), event))
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -181,6 +184,32 @@ pub async fn pending_of(
         .filter(|(c, _)| c == consumer)
         .filter_map(|(_, n)| n.parse::<i64>().ok())
         .sum())
+}
+
+/// The grants of one CouponGrabbed entry of `promotion`'s stream (its
+/// fields as [`entries_at`] reads them), decoded by the protocol's own
+/// decoder: (customer, coupon number, the shard's count after it for a
+/// sharded promotion's grab), in coupon order. A version 3 entry holds a
+/// grab call's batch, a version 2 entry one grant.
+pub fn grants_in(
+    promotion: &PromotionId,
+    fields: &HashMap<String, String>,
+) -> Vec<(String, u64, Option<u64>)> {
+    grab_entry::decode(
+        promotion,
+        fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
+    )
+    .expect("a CouponGrabbed entry decodes")
+    .into_iter()
+    .map(|g| {
+        let seq = g
+            .coupon_id
+            .rsplit_once('#')
+            .and_then(|(_, n)| n.parse().ok())
+            .expect("couponId ends in its number");
+        (g.customer_id, seq, g.shard_granted)
+    })
+    .collect()
 }
 
 /// Every entry of the stream at `key` (any stream, a shard's included), as

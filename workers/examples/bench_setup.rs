@@ -9,7 +9,11 @@
 //!   the arguments of the grab's `FCALL` for `bench/ceiling`:
 //!   `<function> 3 <state> <customers> <events>`,
 //! - prints, on the next lines, the stream keys of `bench/http`,
-//!   `bench/durable` and `bench/up` (to count their grants around each run).
+//!   `bench/durable` and `bench/up`,
+//! - then, one line each, the redis-cli arguments that answer how many
+//!   coupons `bench/http`, `bench/durable` and `bench/up` have granted
+//!   (`HGET <state> granted`: to count their grants around each run, as a
+//!   stream entry holds a whole batch of them).
 //!
 //! Usage: `cargo run --release -p seckill-workers --example bench_setup -- REDIS_URL COUPONS`
 
@@ -53,6 +57,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{}",
             PromotionKeys::new(&PromotionId::new("bench", name)?).events
+        );
+    }
+    for name in ["http", "durable", "up"] {
+        println!(
+            "HGET {} {}",
+            PromotionKeys::new(&PromotionId::new("bench", name)?).state,
+            protocol::GRANTED_FIELD
         );
     }
     Ok(())

@@ -1,20 +1,24 @@
 //! Read-side benchmark for `make bench` (docs/BENCHMARKS.md):
 //!
-//! 1. appends one PromotionStarted, `N` CouponGrabbed (distinct customers;
-//!    version 2 entries of plain fields, as the grab function writes them)
+//! 1. appends one PromotionStarted, `N` CouponGrabbed (distinct customers)
 //!    and one PromotionFinished to one promotion stream (pipelined XADD,
-//!    through the protocol's types and field names),
+//!    through the protocol's types and field names). The grabs go as the
+//!    grab function writes them: version 3 entries of `BATCH` grants each
+//!    (default 32, about the mean batch of `make bench`'s grab run at 64
+//!    connections); `BATCH` 0 writes version 2 entries, one per grant, as
+//!    releases before version 3 did,
 //! 2. reads the whole stream raw with XRANGE (the ceiling: what any reader
 //!    pays just to get the entries),
 //! 3. projects it with one projector, then (read models dropped, group
 //!    reset) with two projectors sharing the consumer group,
 //! 4. rebuilds the read models from the stream (`projector --rebuild`),
 //!
-//! and prints one JSON object with the rates and their ratios. Every run
-//! checks the read model it produced (granted = N, the last customer's coupon
-//! present), so a fast wrong projection cannot pass.
+//! and prints one JSON object with the rates and their ratios. Rates and
+//! costs are per event (each grant one, whatever the entries that hold
+//! them). Every run checks the read model it produced (granted = N, the last
+//! customer's coupon present), so a fast wrong projection cannot pass.
 //!
-//! Usage: `cargo run --release -p seckill-workers --example projection_bench -- REDIS_URL [N]`
+//! Usage: `cargo run --release -p seckill-workers --example projection_bench -- REDIS_URL [N [BATCH]]`
 
 use std::time::Instant;
 
@@ -29,10 +33,20 @@ use seckill_workers::redis_connection::{RedisArgs, RedisConnection};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// An entry to append: a JSON event (version 1) or a version 2 grab.
+/// An entry to append: a JSON event (version 1), a version 3 grab entry
+/// (customers from coupon `first`) or a version 2 grab (one customer).
 enum Entry {
     Json(Event),
-    Grab { customer: String, seq: u64, ms: i64 },
+    Grabs {
+        customers: Vec<String>,
+        first: u64,
+        ms: i64,
+    },
+    Grab {
+        customer: String,
+        seq: u64,
+        ms: i64,
+    },
 }
 
 async fn append(con: &mut RedisConnection, stream: &str, entries: &[Entry]) -> Result<(), Error> {
@@ -41,8 +55,19 @@ async fn append(con: &mut RedisConnection, stream: &str, entries: &[Entry]) -> R
         let xadd = pipe.cmd("XADD").arg(stream).arg("*");
         match e {
             Entry::Json(e) => xadd.arg(EVENT_FIELD).arg(e.encode()),
+            Entry::Grabs {
+                customers,
+                first,
+                ms,
+            } => {
+                let ids: Vec<&str> = customers.iter().map(String::as_str).collect();
+                for (name, value) in grab_entry::fields(&ids, *first, *ms) {
+                    xadd.arg(name).arg(value);
+                }
+                xadd
+            }
             Entry::Grab { customer, seq, ms } => {
-                for (name, value) in grab_entry::fields(customer, *seq, *ms) {
+                for (name, value) in grab_entry::fields_v2(customer, *seq, *ms) {
                     xadd.arg(name).arg(value);
                 }
                 xadd
@@ -214,7 +239,7 @@ async fn project(
                 ProjectorOptions::new(format!("bench-{r}")),
                 ProjectorMetrics::unregistered(),
             );
-            p.run_until_idle().await.map(|r| r.applied)
+            p.run_until_idle().await.map(|r| r.events)
         }));
     }
     let mut applied = 0;
@@ -227,12 +252,15 @@ async fn project(
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
-    let url = args.next().ok_or("usage: projection_bench REDIS_URL [N]")?;
+    let url = args
+        .next()
+        .ok_or("usage: projection_bench REDIS_URL [N [BATCH]]")?;
     let n: u64 = args
         .next()
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(1_000_000);
+    let per_entry: u64 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(32);
     let args = RedisArgs {
         redis_timeout_ms: 30_000,
         ..RedisArgs::for_url(url)
@@ -257,12 +285,25 @@ async fn main() -> Result<(), Error> {
         started_at: Some(now),
         shards: None,
     }))];
-    for i in 0..n {
-        batch.push(Entry::Grab {
-            customer: format!("c-{i}"),
-            seq: i + 1,
-            ms: now.timestamp_millis(),
-        });
+    let ms = now.timestamp_millis();
+    let mut i = 0;
+    while i < n {
+        if per_entry == 0 {
+            batch.push(Entry::Grab {
+                customer: format!("c-{i}"),
+                seq: i + 1,
+                ms,
+            });
+            i += 1;
+        } else {
+            let upto = (i + per_entry).min(n);
+            batch.push(Entry::Grabs {
+                customers: (i..upto).map(|k| format!("c-{k}")).collect(),
+                first: i + 1,
+                ms,
+            });
+            i = upto;
+        }
         if batch.len() == 2_000 {
             append(&mut con, &stream, &batch).await?;
             batch.clear();
@@ -281,6 +322,11 @@ async fn main() -> Result<(), Error> {
         .query_async(&mut con)
         .await?;
     let events = n + 2;
+    let entries = if per_entry == 0 {
+        events
+    } else {
+        n.div_ceil(per_entry) + 2
+    };
     let generate_secs = t.elapsed().as_secs_f64();
 
     // Raw read: XRANGE pages as large as the rebuild's, answers parsed into
@@ -313,8 +359,8 @@ async fn main() -> Result<(), Error> {
         from = format!("({last_id}");
     }
     let xrange = Phase::end(&mut con, started).await?;
-    if read != events {
-        return Err(format!("XRANGE read {read} of {events} entries").into());
+    if read != entries {
+        return Err(format!("XRANGE read {read} of {entries} entries").into());
     }
 
     let started = Phase::start(&mut con).await?;
@@ -341,7 +387,7 @@ async fn main() -> Result<(), Error> {
     check(&mut models, &id, n).await?;
 
     let rate = |count: f64, phase: &Phase| count / phase.secs.max(1e-9);
-    let xrange_rate = rate(read as f64, &xrange);
+    let xrange_rate = rate(events as f64, &xrange);
     let one_rate = rate(applied_one as f64, &one);
     let two_rate = rate(applied_two as f64, &two);
     let rebuild_rate = rate(rebuilt.applied as f64, &rebuild);
@@ -355,9 +401,11 @@ async fn main() -> Result<(), Error> {
         "{}",
         serde_json::json!({
             "events": events,
+            "entries": entries,
+            "grantsPerEntry": per_entry,
             "page": page,
             "generateSecs": generate_secs,
-            "xrange": xrange.json(read as f64),
+            "xrange": xrange.json(events as f64),
             "oneProjector": with(one.json(applied_one as f64), serde_json::json!({ "applied": applied_one, "ratioToXrange": one_rate / xrange_rate })),
             "twoProjectors": with(two.json(applied_two as f64), serde_json::json!({ "applied": applied_two, "ratioToXrange": two_rate / xrange_rate, "ratioToOne": two_rate / one_rate })),
             "rebuild": with(rebuild.json(rebuilt.applied as f64), serde_json::json!({ "applied": rebuilt.applied, "ratioToXrange": rebuild_rate / xrange_rate, "ratioToTarget100k": rebuild_rate / 100_000.0 })),

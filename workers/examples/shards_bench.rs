@@ -343,7 +343,7 @@ impl Sale {
     }
     fn call(&self, f: &str) -> u64 {
         self.calls
-            .get(&format!("seckill_v2_{f}"))
+            .get(&format!("seckill_v3_{f}"))
             .copied()
             .unwrap_or(0)
     }

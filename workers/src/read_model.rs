@@ -365,17 +365,21 @@ pub async fn apply_stream_to_models(
         Err(e) => return Err(e.into()),
     };
     let scripts_from = answers.len().saturating_sub(scripted.len());
-    // Phases only rise, so the last answer is the phase after the batch.
-    let phase = answers[scripts_from..]
-        .last()
-        .and_then(|p| match p {
+    // Phases only rise, so the highest answer is the phase after the batch.
+    // Not the last one: on a cluster the calls go out concurrently, and two
+    // calls on the promotion's key (a Finished and the batch's count) may run
+    // in either order, the later-sent one answering the lower phase.
+    let phases: Option<Vec<Phase>> = answers[scripts_from..]
+        .iter()
+        .map(|p| match p {
             redis::Value::BulkString(b) => std::str::from_utf8(b).ok().and_then(Phase::parse),
             redis::Value::SimpleString(s) => Phase::parse(s),
             _ => None,
         })
-        .ok_or_else(|| {
-            ReadModelError::BadData(format!("project answered {:?}", &answers[scripts_from..]))
-        })?;
+        .collect();
+    let phase = phases.and_then(|p| p.into_iter().max()).ok_or_else(|| {
+        ReadModelError::BadData(format!("project answered {:?}", &answers[scripts_from..]))
+    })?;
     Ok(Some(phase))
 }
 

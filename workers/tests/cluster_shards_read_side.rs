@@ -115,13 +115,15 @@ impl Streams {
     }
 }
 
-/// The event of one stream entry's `fields`, as a projector decodes it;
-/// `None` for a stock move, which projectors leave out.
-fn event_of(map: &ShardMap, fields: &[(&[u8], &[u8])]) -> Option<Event> {
+/// The events of one stream entry's `fields`, as a projector decodes them
+/// (a version 3 grab entry holds several); none for a stock move, which
+/// projectors leave out.
+fn event_of(map: &ShardMap, fields: &[(&[u8], &[u8])]) -> Vec<Event> {
     let stock_move = protocol::stock_move_entry(fields.iter().copied()).unwrap();
-    stock_move
-        .is_none()
-        .then(|| Event::decode_entry(map.id(), fields.iter().copied()).expect("an event"))
+    if stock_move.is_some() {
+        return Vec::new();
+    }
+    Event::decode_entry(map.id(), fields.iter().copied()).expect("an event")
 }
 
 async fn read_streams(con: &mut RedisConnection, map: &ShardMap) -> Streams {
@@ -138,7 +140,17 @@ async fn read_streams(con: &mut RedisConnection, map: &ShardMap) -> Streams {
             }
             match f.get("type").map(String::as_str) {
                 Some("CouponGrabbed") => {
-                    grabs.push((f["customerId"].clone(), f["seq"].parse().unwrap()))
+                    let fields: Vec<(&[u8], &[u8])> = f
+                        .iter()
+                        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+                        .collect();
+                    for event in event_of(map, &fields) {
+                        let Event::CouponGrabbed(g) = event else {
+                            panic!("a CouponGrabbed entry holds {event:?}")
+                        };
+                        let seq = read_model::coupon_sequence(&g.coupon_id).expect("a number");
+                        grabs.push((g.customer_id, seq));
+                    }
                 }
                 Some("StockMovedOut") => out.moves += 1,
                 _ => {}
@@ -391,8 +403,15 @@ async fn a_sharded_sale_projected_live_shows_every_shards_grants_and_a_rebuild_i
     assert_eq!(report.skipped, 0, "{report:?}");
     assert!(report.keys_dropped > 0, "{report:?}");
     let rebuilt = read_models(&c, &mut con).await;
-    assert_eq!(rebuilt.len(), projected.len());
-    assert_eq!(rebuilt, projected);
+    let differ: Vec<(&String, Option<&Stored>, Option<&Stored>)> = projected
+        .keys()
+        .chain(rebuilt.keys())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| projected.get(*k) != rebuilt.get(*k))
+        .map(|k| (k, projected.get(k), rebuilt.get(k)))
+        .collect();
+    assert!(differ.is_empty(), "live / rebuilt differ: {differ:?}");
     eprintln!(
         "live: {} grabs per shard {:?}, {} moves, {} read-model keys",
         streams.granted(),
@@ -420,7 +439,7 @@ async fn batches(
         for page in entries.chunks(chunk) {
             let events: Vec<Event> = page
                 .iter()
-                .filter_map(|(_, f)| {
+                .flat_map(|(_, f)| {
                     let fields: Vec<(&[u8], &[u8])> = f
                         .iter()
                         .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
@@ -520,7 +539,7 @@ async fn deliver_without_ack(
         };
         let events = entries
             .iter()
-            .filter_map(|e| event_of(map, &e.field_slices().collect::<Vec<_>>()))
+            .flat_map(|e| event_of(map, &e.field_slices().collect::<Vec<_>>()))
             .collect();
         out.push((
             ShardStream {

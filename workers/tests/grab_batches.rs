@@ -1,4 +1,4 @@
-//! The batched grab function (`seckill_v2_grab`) against a real
+//! The batched grab function (`seckill_v3_grab`) against a real
 //! redis-server: what each customer of a batch is answered, and what the
 //! stream holds afterwards. Batches are built by hand here, so every case
 //! (a sell-out inside a batch, a customer twice, the window's edges) is

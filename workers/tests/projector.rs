@@ -2,7 +2,7 @@
 //! replicas sharing streams, a replica killed with pending entries, rebuild,
 //! and entries that cannot be decoded.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -100,15 +100,26 @@ async fn start_with_grabs(
 }
 
 /// Customers `c-{from}` .. `c-{to}` each grab one coupon of `id`, through the
-/// real grab function, 1000 a batch.
+/// real grab function, 1000 a batch (one stream entry each).
 async fn grab_many(con: &mut RedisConnection, id: &PromotionId, from: usize, to: usize) {
+    grab_in_batches(con, id, from, to, 1000).await;
+}
+
+/// [`grab_many`], `per_call` customers a grab call (and stream entry).
+async fn grab_in_batches(
+    con: &mut RedisConnection,
+    id: &PromotionId,
+    from: usize,
+    to: usize,
+    per_call: usize,
+) {
     let mut n = from;
     while n < to {
-        let batch: Vec<CustomerId> = (n..(n + 1000).min(to))
+        let batch: Vec<CustomerId> = (n..(n + per_call).min(to))
             .map(|c| CustomerId::parse(&format!("c-{c}")).unwrap())
             .collect();
         protocol::grab_batch(con, id, &batch).await.unwrap();
-        n = (n + 1000).min(to);
+        n = (n + per_call).min(to);
     }
 }
 
@@ -359,7 +370,8 @@ async fn a_projector_killed_holding_pending_entries_has_them_claimed_and_applied
     let (s, mut con, mut rm) = server_and_connections();
     let id = promotion("killed");
     start_promotion(&mut con, &id, 3000).await;
-    grab_many(&mut con, &id, 0, 3000).await;
+    // 300 entries of 10 grants each.
+    grab_in_batches(&mut con, &id, 0, 3000, 10).await;
     let url = s.url();
     // A reads 100 entries, waits 300 ms, applies and acknowledges them.
     let mut a = Worker::projector(
@@ -503,7 +515,7 @@ async fn live_then_rebuild(
         assert_eq!(rebuilt.get(key), Some(content), "key {key}");
     }
     assert_eq!(command_side(&mut con, ids).await, command_before);
-    (report.applied, projected, rebuilt_in)
+    (report.events, projected, rebuilt_in)
 }
 
 #[tokio::test]
@@ -771,7 +783,8 @@ async fn an_unknown_event_is_skipped_counted_and_left_pending_without_stopping_t
         metrics,
     );
     let report = p.run_until_idle().await.unwrap();
-    assert_eq!(report.applied, 6, "{report:?}");
+    // Started, grants 1-3 (one grab call, one entry) and 4-5 (another).
+    assert_eq!((report.applied, report.events), (3, 6), "{report:?}");
     assert!(report.skipped >= 2, "{report:?}");
     // Claimed again and again (idle 0) by the next steps: still counted once.
     p.run_until_idle().await.unwrap();
@@ -806,8 +819,9 @@ async fn an_unknown_event_is_skipped_counted_and_left_pending_without_stopping_t
         ),
         5.0
     );
-    // All stay in the stream: started, five grabs, and the two unknown.
-    assert_eq!(stream_entries(&mut con, &id).await.len(), 1 + 5 + 2);
+    // All stay in the stream: started, five grabs in two grab calls' entries,
+    // and the two unknown.
+    assert_eq!(stream_entries(&mut con, &id).await.len(), 1 + 2 + 2);
     let rows: (i64, String, String) = {
         let v: (i64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
             .arg(PromotionKeys::new(&id).events)
@@ -828,12 +842,18 @@ type Grab = (String, u64, i64);
 enum GrabVersion {
     /// JSON in the `event` field, as releases before issue 15 wrote it.
     V1,
-    /// Plain fields (`protocol::grab_entry`), as the grab function writes it.
+    /// Plain fields, one grant per entry (`protocol::grab_entry::fields_v2`),
+    /// as releases before the batch entry wrote it.
     V2,
+    /// Plain fields, the grants of a batch in one entry
+    /// (`protocol::grab_entry::fields`), as the grab function writes it: a
+    /// run of consecutive V3 grabs with the same grant time, up to four.
+    V3,
 }
 
 /// Replaces `id`'s stream by PromotionStarted, `grabs` (the i-th written as
-/// `version_of(i)`) and PromotionFinished{SoldOut}, and indexes it.
+/// `version_of(i)`; consecutive V3 grabs of one grant time share an entry,
+/// up to four) and PromotionFinished{SoldOut}, and indexes it.
 async fn write_stream(
     con: &mut RedisConnection,
     id: &PromotionId,
@@ -867,9 +887,13 @@ async fn write_stream(
         .arg(EVENT_FIELD)
         .arg(started.encode())
         .ignore();
-    for (i, (customer, seq, ms)) in grabs.iter().enumerate() {
+    let mut i = 0;
+    while i < grabs.len() {
+        let (customer, seq, ms) = &grabs[i];
         let xadd = pipe.cmd("XADD").arg(&stream).arg("*");
-        match version_of(i) {
+        let version = version_of(i);
+        i += 1;
+        match version {
             GrabVersion::V1 => {
                 let grab = Event::CouponGrabbed(protocol::CouponGrabbed {
                     coupon_id: format!("{promotion}#{seq}"),
@@ -882,7 +906,22 @@ async fn write_stream(
                 xadd.arg(EVENT_FIELD).arg(grab.encode());
             }
             GrabVersion::V2 => {
-                for (name, value) in protocol::grab_entry::fields(customer, *seq, *ms) {
+                for (name, value) in protocol::grab_entry::fields_v2(customer, *seq, *ms) {
+                    xadd.arg(name).arg(value);
+                }
+            }
+            GrabVersion::V3 => {
+                let mut batch = vec![customer.as_str()];
+                while i < grabs.len()
+                    && batch.len() < 4
+                    && version_of(i) == GrabVersion::V3
+                    && grabs[i].2 == *ms
+                    && grabs[i].1 == seq + batch.len() as u64
+                {
+                    batch.push(&grabs[i].0);
+                    i += 1;
+                }
+                for (name, value) in protocol::grab_entry::fields(&batch, *seq, *ms) {
                     xadd.arg(name).arg(value);
                 }
             }
@@ -914,45 +953,49 @@ async fn project_afresh(
 }
 
 #[tokio::test]
-async fn a_stream_mixing_v1_and_v2_grabs_projects_and_rebuilds_to_the_read_models_of_all_v1_or_all_v2(
+async fn a_stream_mixing_v1_v2_and_v3_grabs_projects_and_rebuilds_to_the_read_models_of_any_one_version(
 ) {
     let (s, mut con, mut rm) = server_and_connections();
     let id = promotion("mixed");
     let t0 = 1_764_583_200_000;
+    // Grabs come in batches of three that share a grant time, as a grab
+    // call's do.
     let grabs: Vec<Grab> = (0..300)
-        .map(|n| (format!("c-{n}"), n as u64 + 1, t0 + 7 * n as i64))
+        .map(|n| (format!("c-{n}"), n as u64 + 1, t0 + 7 * (n / 3) as i64))
         .collect();
 
     write_stream(&mut con, &id, &grabs, |_| GrabVersion::V1).await;
     let all_v1 = project_afresh(&s, &mut rm).await;
     write_stream(&mut con, &id, &grabs, |_| GrabVersion::V2).await;
     let all_v2 = project_afresh(&s, &mut rm).await;
-    // Alternating runs of versions, as a rolling upgrade of the command
-    // workers writes them.
-    let mixed = |i: usize| {
-        if (i / 7).is_multiple_of(2) {
-            GrabVersion::V1
-        } else {
-            GrabVersion::V2
-        }
+    write_stream(&mut con, &id, &grabs, |_| GrabVersion::V3).await;
+    assert!(stream_entries(&mut con, &id).await.len() < 300 / 2);
+    let all_v3 = project_afresh(&s, &mut rm).await;
+    // Alternating runs of versions, as rolling upgrades of the command
+    // workers write them.
+    let mixed = |i: usize| match (i / 7) % 3 {
+        0 => GrabVersion::V1,
+        1 => GrabVersion::V2,
+        _ => GrabVersion::V3,
     };
     write_stream(&mut con, &id, &grabs, mixed).await;
-    let versions: Vec<&str> = stream_entries(&mut con, &id)
+    let versions: BTreeSet<String> = stream_entries(&mut con, &id)
         .await
         .iter()
-        .map(|e| {
-            if e.map.contains_key(EVENT_FIELD) {
-                "v1"
-            } else {
-                "v2"
-            }
+        .map(|e| match e.map.get("version") {
+            None => "v1".to_owned(),
+            Some(v) => format!("v{}", redis::from_redis_value::<String>(v.clone()).unwrap()),
         })
         .collect();
-    assert!(versions.contains(&"v1") && versions.contains(&"v2"));
+    assert_eq!(
+        versions,
+        BTreeSet::from(["v1", "v2", "v3"].map(String::from))
+    );
     let mixed_live = project_afresh(&s, &mut rm).await;
 
     assert_eq!(all_v1.len(), 1 + buckets_of(0..300) + 1, "{all_v1:?}");
     assert_eq!(all_v2, all_v1);
+    assert_eq!(all_v3, all_v1);
     assert_eq!(mixed_live, all_v1);
     // The same through `--rebuild`.
     let status = rebuild_command(&s.url()).status().unwrap();
@@ -968,7 +1011,7 @@ async fn a_stream_mixing_v1_and_v2_grabs_projects_and_rebuilds_to_the_read_model
     assert_eq!(held[0].coupon_id, "shop/mixed#11");
     assert_eq!(held[0].promotion, "shop/mixed");
     assert_eq!(held[0].discount, 0.75);
-    assert_eq!(held[0].granted_at, "2025-12-01T10:00:00.070Z");
+    assert_eq!(held[0].granted_at, "2025-12-01T10:00:00.021Z");
 }
 
 /// Writes the read models of `id` as a release before issue 15 left them:

@@ -17,10 +17,10 @@ use seckill_testkit::client::{self, metric_value};
 use seckill_testkit::eventually;
 use seckill_testkit::promotions::{id, spec_from_now};
 use seckill_testkit::redis_cluster::RedisCluster;
-use seckill_testkit::shard_audit::{assert_conserved, audit, field, read_all};
+use seckill_testkit::shard_audit::{assert_conserved, audit, read_all};
 use seckill_testkit::shards::{at_home, host_ms, planned, set_finish_ms};
 use seckill_testkit::shuffle::shuffle;
-use seckill_testkit::stream::entries_at as entries;
+use seckill_testkit::stream::{entries_at as entries, grants_in};
 use seckill_testkit::worker::Worker;
 use seckill_workers::protocol::placement::{self, key_slot};
 use seckill_workers::protocol::shards::{self, ShardMap};
@@ -485,8 +485,9 @@ async fn plain_stream_grants(con: &mut RedisConnection, p: &PromotionId) -> BTre
     let mut grants = BTreeMap::new();
     for (_, f) in entries(con, &key).await {
         if f.get("type").map(String::as_str) == Some("CouponGrabbed") {
-            let n = field(&f, "seq");
-            assert!(grants.insert(f["customerId"].clone(), n).is_none());
+            for (customer, n, _) in grants_in(p, &f) {
+                assert!(grants.insert(customer, n).is_none());
+            }
         }
     }
     grants

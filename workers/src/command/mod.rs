@@ -1,13 +1,13 @@
 //! The command side: `POST /api/v1/promotions/{namespace}/{name}/grab`.
 //!
 //! Grabs of one promotion share Redis round trips (the group commit): one
-//! `FCALL seckill_v2_grab` per batch decides everything atomically on Redis'
+//! `FCALL seckill_v3_grab` per batch decides everything atomically on Redis'
 //! clock: stock, one coupon per customer, the window. The worker only
 //! validates input, maps each customer's answer to HTTP, and remembers what
 //! saves Redis a round trip.
 //!
 //! A promotion sharded over S shards (issue 14) has a lane per home shard:
-//! a batch is one shard's customers, one `FCALL seckill_v2_shard_grab` on
+//! a batch is one shard's customers, one `FCALL seckill_v3_shard_grab` on
 //! one slot, plus the stock moves and the sold-out check of
 //! `protocol::shards` when that shard runs dry. Its answers are put in the
 //! unsharded terms, so the HTTP contract does not depend on S.

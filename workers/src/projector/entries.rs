@@ -134,8 +134,9 @@ pub(super) fn auto_claim_of(value: Value) -> redis::RedisResult<(String, Vec<Raw
 /// What an entry is to the projector.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) enum Decoded {
-    /// An event of the read models.
-    Event(Event),
+    /// Events of the read models: one, or every grant of a version 3
+    /// CouponGrabbed entry (a grab call's batch), all of one type.
+    Events(Vec<Event>),
     /// A stock move's audit entry (a sharded promotion's; its type): it
     /// changes no read model, so it is acknowledged and counted, not
     /// applied.
@@ -143,18 +144,23 @@ pub(super) enum Decoded {
 }
 
 impl Decoded {
-    /// The entry's type, for metrics.
-    pub(super) fn type_name(&self) -> &'static str {
+    /// The entry's type and how many events it counts as, for metrics
+    /// (`projector_events_applied` counts grants, not entries).
+    pub(super) fn counted(&self) -> (&'static str, u64) {
         match self {
-            Self::Event(e) => e.type_name(),
-            Self::StockMove(kind) => kind,
+            Self::Events(events) => (
+                events.first().map_or("CouponGrabbed", Event::type_name),
+                events.len() as u64,
+            ),
+            Self::StockMove(kind) => (kind, 1),
         }
     }
 }
 
-/// Decodes one entry read from `stream` of `promotion`: an event (checked
-/// for that stream, see [`read_model::check_in`]) or a stock move's audit
-/// entry, or the reason it is skipped.
+/// Decodes one entry read from `stream` of `promotion`: its events (each
+/// checked for that stream, see [`read_model::check_in`]; one that fails
+/// skips the whole entry) or a stock move's audit entry, or the reason it
+/// is skipped.
 pub(super) fn decode_in(
     promotion: &PromotionId,
     stream: ShardStream,
@@ -165,9 +171,12 @@ pub(super) fn decode_in(
     {
         return Ok(Decoded::StockMove(kind));
     }
-    let event = Event::decode_entry(promotion, entry.field_slices()).map_err(SkipReason::Decode)?;
-    read_model::check_in(&event, stream).map_err(SkipReason::Project)?;
-    Ok(Decoded::Event(event))
+    let events =
+        Event::decode_entry(promotion, entry.field_slices()).map_err(SkipReason::Decode)?;
+    for event in &events {
+        read_model::check_in(event, stream).map_err(SkipReason::Project)?;
+    }
+    Ok(Decoded::Events(events))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +242,7 @@ mod tests {
             decode_in(&promotion(), sharded, &newer).unwrap_err().kind(),
             "unsupported_version"
         );
-        let mut fields: Vec<(&str, String)> = grab_entry::fields("c", 9, 1).into();
+        let mut fields = grab_entry::fields(&["c", "d"], 9, 1);
         let uncounted = raw(&fields
             .iter()
             .map(|(k, v)| (*k, v.as_str()))
@@ -250,17 +259,43 @@ mod tests {
             .iter()
             .map(|(k, v)| (*k, v.as_str()))
             .collect::<Vec<_>>());
-        match decode_in(&promotion(), sharded, &counted).unwrap() {
-            Decoded::Event(Event::CouponGrabbed(g)) => assert_eq!(g.shard_granted, Some(4)),
+        let decoded = decode_in(&promotion(), sharded, &counted).unwrap();
+        assert_eq!(decoded.counted(), ("CouponGrabbed", 2));
+        match decoded {
+            Decoded::Events(events) => {
+                let counts: Vec<Option<u64>> = events
+                    .iter()
+                    .map(|e| match e {
+                        Event::CouponGrabbed(g) => g.shard_granted,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                assert_eq!(counts, [Some(3), Some(4)]);
+            }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_version_3_entry_with_one_invalid_customer_is_skipped_whole() {
+        let fields = grab_entry::fields(&["good", "b<d"], 1, 0);
+        let entry = raw(&fields
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect::<Vec<_>>());
+        assert_eq!(
+            decode_in(&promotion(), ShardStream::UNSHARDED, &entry)
+                .unwrap_err()
+                .kind(),
+            "bad_customer_id"
+        );
     }
 
     #[test]
     fn a_version_2_grab_with_an_invalid_customer_is_skipped_as_bad_customer_id() {
         let entry = RawEntry {
             id: "1-0".into(),
-            fields: grab_entry::fields("a b", 1, 0)
+            fields: grab_entry::fields_v2("a b", 1, 0)
                 .into_iter()
                 .map(|(k, v)| (k.as_bytes().to_vec(), v.into_bytes()))
                 .collect(),

@@ -77,6 +77,9 @@ impl StreamCursor {
 pub struct StepReport {
     /// Entries applied and acknowledged.
     pub applied: usize,
+    /// The events those entries held: every grant of a version 3 grab
+    /// entry counts, as `projector_events_applied` does.
+    pub events: usize,
     /// Entries skipped and left pending.
     pub skipped: usize,
     /// Entries read by XREADGROUP (own pending re-reads included).
@@ -263,6 +266,7 @@ impl Projector {
                 }
             };
             total.applied += r.applied;
+            total.events += r.events;
             total.skipped += r.skipped;
             total.claimed += r.claimed;
             total.read += r.read;
@@ -341,6 +345,12 @@ impl Projector {
         }
         report.read += done.read;
         report.applied += done.acks.iter().map(|(_, ids)| ids.len()).sum::<usize>();
+        report.events += done
+            .types
+            .iter()
+            .flatten()
+            .map(|(_, events)| *events as usize)
+            .sum::<usize>();
         report.skipped += done.skipped;
         self.acknowledge(done).await?;
         Ok(report)
@@ -467,16 +477,18 @@ impl Projector {
         }
         // Observed once acknowledged: the lag is XADD to applied and acked.
         let now_ms = local_now_ms() + self.clock_offset_ms;
-        for (events, (_, ids)) in done.types.iter().zip(&done.acks) {
-            for (kind, id) in events.iter().zip(ids) {
+        for (entries, (_, ids)) in done.types.iter().zip(&done.acks) {
+            for ((kind, events), id) in entries.iter().zip(ids) {
                 self.metrics
                     .applied
                     .get_or_create(&EventTypeLabels { r#type: kind })
-                    .inc();
+                    .inc_by(*events);
                 if let Some(ms) = entry_ms(id) {
-                    self.metrics
-                        .lag
-                        .observe((now_ms - ms).max(0) as f64 / 1000.0);
+                    // Once per event: the grants of a batch entry waited alike.
+                    let lag = (now_ms - ms).max(0) as f64 / 1000.0;
+                    for _ in 0..*events {
+                        self.metrics.lag.observe(lag);
+                    }
                 }
             }
         }
@@ -684,9 +696,9 @@ impl Projector {
         for entry in entries {
             match decode_in(id, stream, &entry) {
                 Ok(decoded) => {
-                    types.push(decoded.type_name());
-                    if let Decoded::Event(event) = decoded {
-                        events.push(event);
+                    types.push(decoded.counted());
+                    if let Decoded::Events(decoded) = decoded {
+                        events.extend(decoded);
                     }
                     ack.push(entry.id);
                 }
@@ -743,8 +755,9 @@ struct Applied {
     skipped: usize,
     /// Per stream: the ids of the entries applied.
     acks: Vec<(String, Vec<String>)>,
-    /// Per stream, parallel to `acks`: the event type of each entry.
-    types: Vec<Vec<&'static str>>,
+    /// Per stream, parallel to `acks`: each entry's event type and how many
+    /// events it held.
+    types: Vec<Vec<(&'static str, u64)>>,
 }
 
 #[cfg(test)]

@@ -25,13 +25,14 @@ pub struct RebuildReport {
     /// Streams replayed: one per unsharded promotion, one per shard of a
     /// sharded one.
     pub streams: usize,
-    /// Entries applied, the catch-up after a swap included.
+    /// Events applied (every grant of a batch entry one, a stock move one),
+    /// the catch-up after a swap included.
     pub applied: usize,
     pub skipped: usize,
     /// Built aside and swapped in: readers kept the old read models until
     /// the new ones were complete.
     pub swapped: bool,
-    /// Entries applied after the swap (appended while the rebuild ran).
+    /// Events applied after the swap (appended while the rebuild ran).
     pub caught_up: usize,
 }
 
@@ -451,7 +452,7 @@ async fn apply_page(
     let mut moves = 0;
     for entry in &entries {
         match decode_in(id, stream, entry) {
-            Ok(Decoded::Event(e)) => events.push(e),
+            Ok(Decoded::Events(e)) => events.extend(e),
             Ok(Decoded::StockMove(kind)) => {
                 moves += 1;
                 metrics
@@ -517,7 +518,13 @@ async fn cluster_read_model_keys(
             let Some(last) = entries.last() else { break };
             after = Some(last.id.clone());
             for entry in &entries {
-                if let Ok(Decoded::Event(Event::CouponGrabbed(g))) = decode_in(id, *shard, entry) {
+                let Ok(Decoded::Events(events)) = decode_in(id, *shard, entry) else {
+                    continue;
+                };
+                for event in events {
+                    let Event::CouponGrabbed(g) = event else {
+                        continue;
+                    };
                     if let Ok(c) = protocol::CustomerId::parse(&g.customer_id) {
                         keys.insert(protocol::read_model::customer_coupons(&c));
                         keys.insert(protocol::read_model::legacy_customer_coupons(&c));

@@ -1,17 +1,19 @@
-//! The events of a promotion's stream, in the two entry layouts readers
+//! The events of a promotion's stream, in the entry layouts readers
 //! decode:
 //!
 //! * version 1: one field, [`EVENT_FIELD`], holding a JSON object with
 //!   `type` and `version` (PromotionStarted, PromotionFinished, and the
 //!   CouponGrabbed entries written before version 2);
-//! * CouponGrabbed version 2: plain fields ([`grab_entry`]), no JSON, so the
-//!   grab function writes it without cjson: `type CouponGrabbed version 2
-//!   customerId <id> seq <n> grantedAtMs <epoch ms>`. The promotion is the
+//! * CouponGrabbed version 3 and 2: plain fields ([`grab_entry`]), no JSON,
+//!   so the grab functions write them without cjson. Version 3, what they
+//!   write: `type CouponGrabbed version 3 firstSeq <n> grantedAtMs <epoch
+//!   ms> customerIds <c1 c2 ...>`, every grant of one grab call in one
+//!   entry; version 2, earlier: one grant per entry. The promotion is the
 //!   stream's own, the couponId `<ns/name>#<seq>`, and the discount the
 //!   promotion's (not repeated in every grab).
 //!
 //! The Lua functions write them; these types are the schema every reader
-//! decodes with ([`Event::decode_entry`]).
+//! decodes with ([`Event::decode_entry`]): one entry, one or more events.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
@@ -58,13 +60,13 @@ pub struct CouponGrabbed {
     pub coupon_id: String,
     pub promotion: String,
     pub customer_id: String,
-    /// Carried by version 1 grabs only; a version 2 grab's discount is its
+    /// Carried by version 1 grabs only; a later grab's discount is its
     /// promotion's (PromotionStarted, the read model), joined by readers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discount: Option<f64>,
-    /// Millisecond precision in both versions.
+    /// Millisecond precision in every version.
     pub granted_at: DateTime<Utc>,
-    /// A sharded promotion's grab only (version 2 field
+    /// A sharded promotion's grab only (from the plain field
     /// [`grab_entry::SHARD_GRANTED_FIELD`]): the granting shard's count of
     /// grants after this one. Coupon numbers of a sharded promotion are not
     /// in arrival order, so the read model counts grants per shard from
@@ -297,22 +299,24 @@ impl Event {
     }
 
     /// Decodes one entry of `promotion`'s stream from its fields (name,
-    /// value), in either layout: an [`EVENT_FIELD`] holds a version 1 JSON
+    /// value), in any layout: an [`EVENT_FIELD`] holds a version 1 JSON
     /// event ([`Event::decode`]); otherwise the plain fields of a
-    /// [`grab_entry`] (version 2). Unknown types and versions are reported
-    /// as such, so readers skip and count them.
+    /// [`grab_entry`], version 3 (every grant of a batch, in coupon order)
+    /// or 2 (one grant). Unknown types and versions are reported as such,
+    /// so readers skip and count them (the whole entry).
     pub fn decode_entry<'a>(
         promotion: &PromotionId,
         fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
-    ) -> Result<Self, DecodeError> {
-        let mut plain = Vec::with_capacity(5);
+    ) -> Result<Vec<Self>, DecodeError> {
+        let mut plain = Vec::with_capacity(6);
         for (name, value) in fields {
             if name == EVENT_FIELD.as_bytes() {
-                return Self::decode(value);
+                return Self::decode(value).map(|e| vec![e]);
             }
             plain.push((name, value));
         }
-        grab_entry::decode(promotion, plain).map(Self::CouponGrabbed)
+        grab_entry::decode(promotion, plain)
+            .map(|grants| grants.into_iter().map(Self::CouponGrabbed).collect())
     }
 
     /// Encodes as the scripts do (with `version`); used by tests and tools.
@@ -432,16 +436,49 @@ mod tests {
         assert!(matches!(started, Event::PromotionStarted(s) if s.shards == Some(3)));
     }
 
-    fn decode_fields(fields: &[(&str, &str)]) -> Result<Event, DecodeError> {
+    fn decode_all(fields: &[(&str, &str)]) -> Result<Vec<Event>, DecodeError> {
         Event::decode_entry(
             &promotion(),
             fields.iter().map(|(k, v)| (k.as_bytes(), v.as_bytes())),
         )
     }
 
+    /// The one event of an entry that holds one.
+    fn decode_fields(fields: &[(&str, &str)]) -> Result<Event, DecodeError> {
+        decode_all(fields).map(|mut events| {
+            assert_eq!(events.len(), 1, "{events:?}");
+            events.remove(0)
+        })
+    }
+
+    #[test]
+    fn a_version_3_entry_decodes_to_every_grant_of_its_batch_in_coupon_order() {
+        let fields = grab_entry::fields(&["carol", "dave"], 42, 1_764_583_200_123);
+        let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let grants: Vec<(String, String)> = decode_all(&pairs)
+            .unwrap()
+            .into_iter()
+            .map(|e| match e {
+                Event::CouponGrabbed(g) => {
+                    assert_eq!(g.promotion, "a/b");
+                    assert_eq!(g.granted_at.timestamp_millis(), 1_764_583_200_123);
+                    (g.customer_id, g.coupon_id)
+                }
+                other => panic!("not a grab: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            grants,
+            [
+                ("carol".to_owned(), "a/b#42".to_owned()),
+                ("dave".to_owned(), "a/b#43".to_owned())
+            ]
+        );
+    }
+
     #[test]
     fn a_version_2_grab_decodes_from_plain_fields_with_its_streams_promotion() {
-        let fields = grab_entry::fields("carol", 42, 1_764_583_200_123);
+        let fields = grab_entry::fields_v2("carol", 42, 1_764_583_200_123);
         let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let Event::CouponGrabbed(g) = decode_fields(&pairs).unwrap() else {
             panic!("not a grab");
@@ -480,9 +517,11 @@ mod tests {
             Err(DecodeError::UnknownType(t)) if t == "CouponRefunded"
         ));
         assert!(matches!(
-            grab("3", "1"),
-            Err(DecodeError::UnsupportedVersion { version: 3, .. })
+            grab("4", "1"),
+            Err(DecodeError::UnsupportedVersion { version: 4, .. })
         ));
+        // Version 3 fields are others: a customerId and seq are not enough.
+        assert!(matches!(grab("3", "1"), Err(DecodeError::Malformed { .. })));
         assert!(matches!(
             grab("1", "1"),
             Err(DecodeError::UnsupportedVersion { version: 1, .. })
@@ -510,14 +549,29 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decoding_arbitrary_plain_fields_never_panics(fields in proptest::collection::vec(("(type|version|customerId|seq|grantedAtMs|x)", "\\PC{0,12}"), 0..8)) {
+        fn decoding_arbitrary_plain_fields_never_panics(fields in proptest::collection::vec(("(type|version|customerId|customerIds|firstSeq|seq|grantedAtMs|shardGranted|x)", "\\PC{0,12}"), 0..8)) {
             let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             let _ = decode_fields(&pairs);
         }
 
         #[test]
+        fn every_version_3_entry_decodes_to_what_was_written(customers in proptest::collection::vec("[A-Za-z0-9._:@-]{1,64}", 1..40), first in 1u64..u64::MAX / 2, ms in 0i64..8_000_000_000_000) {
+            let ids: Vec<&str> = customers.iter().map(String::as_str).collect();
+            let fields = grab_entry::fields(&ids, first, ms);
+            let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let events = decode_all(&pairs).unwrap();
+            prop_assert_eq!(events.len(), customers.len());
+            for ((event, customer), seq) in events.into_iter().zip(&customers).zip(first..) {
+                let Event::CouponGrabbed(g) = event else { panic!("not a grab") };
+                prop_assert_eq!(&g.customer_id, customer);
+                prop_assert_eq!(g.coupon_id, format!("a/b#{seq}"));
+                prop_assert_eq!(g.granted_at.timestamp_millis(), ms);
+            }
+        }
+
+        #[test]
         fn every_version_2_grab_decodes_to_what_was_written(customer in "[A-Za-z0-9._:@-]{1,64}", seq in 1u64.., ms in 0i64..8_000_000_000_000) {
-            let fields = grab_entry::fields(&customer, seq, ms);
+            let fields = grab_entry::fields_v2(&customer, seq, ms);
             let pairs: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let Ok(Event::CouponGrabbed(g)) = decode_fields(&pairs) else {
                 panic!("{pairs:?} did not decode");

@@ -1,4 +1,4 @@
-//! The `seckill_v2` Redis Functions library: every Lua function of the
+//! The `seckill_v3` Redis Functions library: every Lua function of the
 //! protocol, assembled at compile time from `functions/*.lua` (one file per
 //! concern) into one library, loaded once per master with
 //! `FUNCTION LOAD REPLACE` instead of a prelude sent and run with every call.
@@ -15,7 +15,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, RedisError, ServerErrorKind};
 
 /// The library's name: the protocol version. Two releases with different
 /// versions can be loaded side by side during a rolling upgrade.
-pub const LIBRARY_NAME: &str = "seckill_v2";
+pub const LIBRARY_NAME: &str = "seckill_v3";
 
 /// The library source: a head of shared helpers, then the functions by concern.
 pub const LIBRARY: &str = concat!(
@@ -41,47 +41,47 @@ impl Function {
 }
 
 /// Registers or updates a promotion, starts it when due.
-pub const SCHEDULE: Function = Function("seckill_v2_schedule");
+pub const SCHEDULE: Function = Function("seckill_v3_schedule");
 /// Expired or Deleted.
-pub const FINISH: Function = Function("seckill_v2_finish");
+pub const FINISH: Function = Function("seckill_v3_finish");
 /// Read-only state and Redis' clock.
-pub const SNAPSHOT: Function = Function("seckill_v2_snapshot");
+pub const SNAPSHOT: Function = Function("seckill_v3_snapshot");
 /// A batch of customers grab one coupon each (the hot path).
-pub const GRAB: Function = Function("seckill_v2_grab");
+pub const GRAB: Function = Function("seckill_v3_grab");
 
 /// A batch of customers of one home shard grab on that shard (S > 1).
-pub const SHARD_GRAB: Function = Function("seckill_v2_shard_grab");
+pub const SHARD_GRAB: Function = Function("seckill_v3_shard_grab");
 /// Records the shard map (salts) of a sharded promotion; the first plan wins.
-pub const SHARD_PLAN: Function = Function("seckill_v2_shard_plan");
+pub const SHARD_PLAN: Function = Function("seckill_v3_shard_plan");
 /// Replaces the shard map of a promotion that has not started (a changed
 /// `spec.shards`).
-pub const SHARD_REPLAN: Function = Function("seckill_v2_shard_replan");
+pub const SHARD_REPLAN: Function = Function("seckill_v3_shard_replan");
 /// Every shard is scheduled: shard 0 may start.
-pub const SHARD_READY: Function = Function("seckill_v2_shard_ready");
+pub const SHARD_READY: Function = Function("seckill_v3_shard_ready");
 /// Registers one shard: spec, index, S and its initial numbers.
-pub const SHARD_SCHEDULE: Function = Function("seckill_v2_shard_schedule");
+pub const SHARD_SCHEDULE: Function = Function("seckill_v3_shard_schedule");
 /// Appends the one PromotionStarted on shard 0.
-pub const SHARD_START: Function = Function("seckill_v2_shard_start");
+pub const SHARD_START: Function = Function("seckill_v3_shard_start");
 /// Opens shard i >= 1 once Started is durable.
-pub const SHARD_OPEN: Function = Function("seckill_v2_shard_open");
+pub const SHARD_OPEN: Function = Function("seckill_v3_shard_open");
 /// Step 1 of a stock move, on the donor.
-pub const MOVE_OUT: Function = Function("seckill_v2_move_out");
+pub const MOVE_OUT: Function = Function("seckill_v3_move_out");
 /// Step 2 of a stock move, on the recipient (idempotent; grants the waiting).
-pub const MOVE_IN: Function = Function("seckill_v2_move_in");
+pub const MOVE_IN: Function = Function("seckill_v3_move_in");
 /// Step 3 of a stock move, on the donor (idempotent).
-pub const MOVE_DONE: Function = Function("seckill_v2_move_done");
+pub const MOVE_DONE: Function = Function("seckill_v3_move_done");
 /// Read-only: the donor's pending moves out.
-pub const MOVES_PENDING: Function = Function("seckill_v2_moves_pending");
+pub const MOVES_PENDING: Function = Function("seckill_v3_moves_pending");
 /// Read-only: one shard's phase, stock, pending moves, epoch and grants.
-pub const SHARD_COLLECT: Function = Function("seckill_v2_shard_collect");
+pub const SHARD_COLLECT: Function = Function("seckill_v3_shard_collect");
 /// The sold-out double collect's second part on shard 0; appends Finished.
-pub const FINISH_SOLDOUT: Function = Function("seckill_v2_finish_soldout");
+pub const FINISH_SOLDOUT: Function = Function("seckill_v3_finish_soldout");
 /// Phase 1 of an Expired/Deleted finish, on shard 0.
-pub const FINISH_BEGIN: Function = Function("seckill_v2_finish_begin");
+pub const FINISH_BEGIN: Function = Function("seckill_v3_finish_begin");
 /// Phase 2: closes shard i >= 1, freezing its count.
-pub const SHARD_CLOSE: Function = Function("seckill_v2_shard_close");
+pub const SHARD_CLOSE: Function = Function("seckill_v3_shard_close");
 /// Phase 3, on shard 0: appends Finished with the total.
-pub const FINISH_COMMIT: Function = Function("seckill_v2_finish_commit");
+pub const FINISH_COMMIT: Function = Function("seckill_v3_finish_commit");
 
 /// Every function the library registers.
 pub const ALL: [Function; 20] = [
@@ -192,6 +192,15 @@ mod tests {
     }
 
     #[test]
+    fn the_grab_keeps_its_count_in_the_state_field_tools_read() {
+        let field = super::super::GRANTED_FIELD;
+        let grab = include_str!("functions/grab.lua");
+        assert!(grab.contains(&format!("redis.call('HSET', key, '{field}', granted)")));
+        let head = include_str!("functions/library_head.lua");
+        assert!(head.contains(&format!("'{field}',")));
+    }
+
+    #[test]
     fn fcall_names_the_function_then_the_key_count() {
         let cmd = command(GRAB, &["s", "c", "e"], ["alice", "bob"]);
         let args: Vec<Vec<u8>> = cmd
@@ -209,7 +218,7 @@ mod tests {
             text,
             [
                 "FCALL",
-                "seckill_v2_grab",
+                "seckill_v3_grab",
                 "3",
                 "s",
                 "c",

@@ -1,5 +1,5 @@
 //! The grab: a batch of customers of one promotion, one `FCALL
-//! seckill_v2_grab` (see `functions/grab.lua`), answered as one string of
+//! seckill_v3_grab` (see `functions/grab.lua`), answered as one string of
 //! lines (or, when the window turns the whole batch away, a short array)
 //! that [`decode_reply`] turns into one [`GrabOutcome`] per customer. No JSON
 //! and no date formatting happen in Lua: `grantedAt` is rendered here, once
@@ -189,7 +189,7 @@ pub(super) fn coupon(
     }
 }
 
-/// Decodes what `seckill_v2_grab` answers (see the head of
+/// Decodes what `seckill_v3_grab` answers (see the head of
 /// `functions/grab.lua`) into one outcome per customer of `customers`: an
 /// array when the window turns the whole batch away, else the batch's
 /// lines in one string.

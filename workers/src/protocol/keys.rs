@@ -11,12 +11,18 @@ pub const PROMOTION_INDEX_KEY: &str = "seckill:promotions";
 /// Consumer group through which projectors share every promotion stream.
 pub const PROJECTOR_GROUP: &str = "seckill-projector";
 
+/// The field of a promotion's state hash ([`PromotionKeys::state`]) that
+/// holds how many coupons it has granted (the Lua functions spell the same
+/// literal, which a test of `functions.rs` checks): what tools read to count
+/// grants now that one stream entry holds a whole batch of them.
+pub const GRANTED_FIELD: &str = "granted";
+
 /// The command-side keys of one promotion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromotionKeys {
     /// Hash: spec, phase, granted, start and finish times.
     pub state: String,
-    /// Hash: customer id -> JSON of the coupon they hold.
+    /// Hash: customer id -> the coupon they hold, `<seq>:<grantedAtMs>`.
     pub customers: String,
     /// Stream: the promotion's events.
     pub events: String,

@@ -43,8 +43,8 @@ pub use events::{
 pub use grab::{decode_reply, grab, grab_batch, holders, Coupon, GrabOutcome};
 pub use ids::{CustomerId, IdError, PromotionId};
 pub use keys::{
-    customer_hash, read_model, shard_map_key, shard_tag, PromotionKeys, ShardKeys, PROJECTOR_GROUP,
-    PROMOTION_INDEX_KEY,
+    customer_hash, read_model, shard_map_key, shard_tag, PromotionKeys, ShardKeys, GRANTED_FIELD,
+    PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
 };
 pub use lifecycle::{
     finish, schedule, snapshot, snapshots, PromotionSpec, ScheduleResult, ScriptError, Snapshot,

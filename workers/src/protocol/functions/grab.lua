@@ -1,16 +1,22 @@
--- seckill_v2_grab: a batch of customers each grab one coupon of one
+-- seckill_v3_grab: a batch of customers each grab one coupon of one
 -- promotion, in one atomic call (the command worker's group commit).
 -- keys: state hash, customers hash, event stream.
 -- args: customer ids in arrival order (the same one may appear twice).
 --
--- Per batch: one HMGET of the state, one TIME. Per customer while stock
--- lasts: HSETNX customers c "<seq>:<grantedAtMs>"; 1 -> XADD CouponGrabbed
--- version 2 (plain fields, no JSON), 0 -> HGET (already granted, also the
--- same customer twice in one batch: the second gets the first's coupon).
--- Past the last coupon, or once the promotion is over, HGET: a holder still
--- gets its coupon (the idempotent retry holds after the sale); others are
--- told it is over. Then one HSET of `granted`. Coupons are numbered in
--- arrival order.
+-- Per batch, whatever its size: one HMGET of the state, one TIME, one
+-- HMGET of the batch's customers in the customers hash; then, if anyone
+-- got a coupon, one HSET of the new holders (c -> "<seq>:<grantedAtMs>"),
+-- one XADD of a CouponGrabbed version 3 holding them all (plain fields, no
+-- JSON; `append_grants`) and one HSET of `granted`. Redis commands cost
+-- per call far more than per field, so this is about half of what a
+-- command per customer (HSETNX + XADD each, version 2) cost Redis per
+-- grant (docs/BENCHMARKS.md).
+-- A holder (also the same customer twice in one batch: the second gets
+-- the first's coupon) is answered its coupon, before the sale, after it
+-- and whatever the stock (the idempotent retry holds after the sale);
+-- while stock lasts a new customer gets the next coupon; past the last
+-- coupon, or once the promotion is over, others are told it is over.
+-- Coupons are numbered in arrival order.
 --
 -- The window is checked on Redis' clock. Grabs open exactly at publish time
 -- even when the operator's start is late: the first grab appends
@@ -21,7 +27,7 @@
 -- Reply, decoded by `workers::protocol::decode_reply`:
 --   { 'unknown_promotion', now }
 --   { 'not_started', now, opens_in_ms, publishTime }
---   { 'sharded', now, S } (a shard of a sharded promotion: seckill_v2_shard_grab)
+--   { 'sharded', now, S } (a shard of a sharded promotion: seckill_v3_shard_grab)
 --   or, for a batch the window lets through, one string of lines joined by
 --   "\n": batch, now, discount, over_reason or '', sold_out_now (0|1), then
 --   one line per customer: g<seq> | a<held value> | x
@@ -31,7 +37,7 @@
 -- items per customer: the worker's Redis client parses each item of a
 -- reply on its own, and that was about 8 % of a grab's instructions in the
 -- worker (callgrind, docs/BENCHMARKS.md).
-redis.register_function('seckill_v2_grab', function(keys, args)
+redis.register_function('seckill_v3_grab', function(keys, args)
   local key, customers, stream = keys[1], keys[2], keys[3]
   local s = state_of(key)
   local now = now_ms()
@@ -54,28 +60,32 @@ redis.register_function('seckill_v2_grab', function(keys, args)
   local granted = s.granted
   local coupons = s.coupons
   local reply = { 'batch', now, s.discount_text, '', 0 }
+  local held = hmget_all(customers, args)
+  local at = ':' .. now
+  local mine = {}    -- customer -> the coupon granted in this batch
+  local writes = {}  -- customer, coupon, customer, coupon, ...
+  local new = {}     -- the customers granted now, in coupon order
   for i = 1, #args do
     local c = args[i]
-    if open and granted < coupons then
-      local seq = granted + 1
-      if redis.call('HSETNX', customers, c, seq .. ':' .. now) == 1 then
-        granted = seq
-        redis.call('XADD', stream, '*', 'type', 'CouponGrabbed', 'version', '2',
-          'customerId', c, 'seq', seq, 'grantedAtMs', now)
-        reply[5 + i] = 'g' .. seq
-      else
-        reply[5 + i] = 'a' .. redis.call('HGET', customers, c)
-      end
+    local h = held[i] or mine[c]
+    if h then
+      reply[5 + i] = 'a' .. h
+    elseif open and granted < coupons then
+      granted = granted + 1
+      local seq = tostring(granted)
+      local coupon = seq .. at
+      mine[c] = coupon
+      writes[#writes + 1] = c
+      writes[#writes + 1] = coupon
+      new[#new + 1] = c
+      reply[5 + i] = 'g' .. seq
     else
-      local held = redis.call('HGET', customers, c)
-      if held then
-        reply[5 + i] = 'a' .. held
-      else
-        reply[5 + i] = 'x'
-      end
+      reply[5 + i] = 'x'
     end
   end
   if granted > s.granted then
+    hset_all(customers, writes)
+    append_grants(stream, s.granted + 1, new, now)
     redis.call('HSET', key, 'granted', granted)
     s.granted = granted
     if open and granted >= coupons then

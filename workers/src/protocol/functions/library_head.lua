@@ -1,10 +1,10 @@
-#!lua name=seckill_v2
--- The seckill Redis Functions library, protocol version 2: every command-side
+#!lua name=seckill_v3
+-- The seckill Redis Functions library, protocol version 3: every command-side
 -- function of the protocol (and the read side's, if any), loaded once per
 -- master with FUNCTION LOAD REPLACE instead of a prelude sent and run with
 -- every call. `workers::protocol::functions` assembles this file and the
 -- ones after it into one library at compile time. Function names carry the
--- version (seckill_v2_*) so that two releases can coexist during a rolling
+-- version (seckill_v3_*) so that two releases can coexist during a rolling
 -- upgrade without FUNCTION LOAD REPLACE flip-flopping one library.
 --
 -- This head holds the helpers shared by every function, defined once.
@@ -45,6 +45,46 @@ end
 local function append_json(stream, event)
   event['version'] = 1
   return redis.call('XADD', stream, '*', 'event', cjson.encode(event))
+end
+
+-- Appends one CouponGrabbed version 3 (`workers::protocol::grab_entry`):
+-- the grants of one grab call that took coupons first_seq, first_seq + 1,
+-- ..., in one entry: one XADD per batch instead of one per grant.
+-- `shard_granted`: a shard's count of grants after the last of them (the
+-- grabs of a sharded promotion only).
+local function append_grants(stream, first_seq, customers, now, shard_granted)
+  if #customers == 0 then return end
+  local ids = table.concat(customers, ' ')
+  if shard_granted then
+    redis.call('XADD', stream, '*', 'type', 'CouponGrabbed', 'version', '3',
+      'firstSeq', first_seq, 'grantedAtMs', now, 'customerIds', ids,
+      'shardGranted', shard_granted)
+  else
+    redis.call('XADD', stream, '*', 'type', 'CouponGrabbed', 'version', '3',
+      'firstSeq', first_seq, 'grantedAtMs', now, 'customerIds', ids)
+  end
+end
+
+-- Lua's unpack stops near 8,000 values; a batch may hold 4,096 customers
+-- (8,192 values to HSET), so the batch's hash reads and writes go in slices.
+local SLICE = 1000
+
+-- HMGET of every field of `fields` (a list) in slices: the values, in order
+-- (false where absent).
+local function hmget_all(key, fields)
+  local out = {}
+  for i = 1, #fields, SLICE do
+    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + SLICE - 1, #fields)))
+    for j = 1, #part do out[i + j - 1] = part[j] end
+  end
+  return out
+end
+
+-- HSET of `pairs` (field, value, field, value, ...) in slices.
+local function hset_all(key, pairs)
+  for i = 1, #pairs, 2 * SLICE do
+    redis.call('HSET', key, unpack(pairs, i, math.min(i + 2 * SLICE - 1, #pairs)))
+  end
 end
 
 -- A promotion's (or shard's) state in one HMGET. `...`: more fields to read

@@ -1,7 +1,7 @@
 -- Lifecycle functions: what the operator (and `seckill up`) call to register,
 -- start, finish and read a promotion. Each answers one JSON snapshot.
 
--- seckill_v2_schedule: registers a promotion and starts it when its publish
+-- seckill_v3_schedule: registers a promotion and starts it when its publish
 -- time has come.
 -- keys: state hash, event stream.
 -- args: promotion id, discount, numberOfCoupons, publish_ms, finish_ms, publishTime, finishTime.
@@ -9,7 +9,7 @@
 -- Before the start the spec may change ("updated"); after it, a different spec
 -- is refused ("locked") and the running promotion is left as it is. A shard
 -- of a sharded promotion is answered "sharded" and left as it is.
-redis.register_function('seckill_v2_schedule', function(keys, args)
+redis.register_function('seckill_v3_schedule', function(keys, args)
   local key, stream = keys[1], keys[2]
   local promotion, discount, coupons = args[1], args[2], args[3]
   local publish_ms, finish_ms = args[4], args[5]
@@ -49,7 +49,7 @@ redis.register_function('seckill_v2_schedule', function(keys, args)
   return snapshot(result, s, now)
 end)
 
--- seckill_v2_finish: ends a promotion, appending PromotionFinished exactly once.
+-- seckill_v3_finish: ends a promotion, appending PromotionFinished exactly once.
 -- keys: state hash, event stream. args: reason, Expired | Deleted.
 -- Expired is refused before the finish time by Redis' clock ("not_due"), so an
 -- operator whose host clock runs ahead closes nothing early. A promotion whose
@@ -57,7 +57,7 @@ end)
 -- always reads Started then Finished. Deleted before the publish time finishes
 -- it without a start. A shard of a sharded promotion is answered `sharded`:
 -- its finish takes the three phases of shards.lua.
-redis.register_function('seckill_v2_finish', function(keys, args)
+redis.register_function('seckill_v3_finish', function(keys, args)
   local key, stream = keys[1], keys[2]
   local reason = args[1]
   local now = now_ms()
@@ -81,10 +81,10 @@ redis.register_function('seckill_v2_finish', function(keys, args)
   return snapshot('finished', s, now)
 end)
 
--- seckill_v2_snapshot: the promotion's command-side state and Redis' clock.
+-- seckill_v3_snapshot: the promotion's command-side state and Redis' clock.
 -- keys: state hash. Read-only.
 redis.register_function{
-  function_name = 'seckill_v2_snapshot',
+  function_name = 'seckill_v3_snapshot',
   callback = function(keys, args)
     return snapshot('snapshot', state_of(keys[1]), now_ms())
   end,

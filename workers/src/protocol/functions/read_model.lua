@@ -1,3 +1,3 @@
--- Read-side functions (seckill_v2_project, ...), owned by the read side.
+-- Read-side functions (seckill_v3_project, ...), owned by the read side.
 -- Empty for now: the projector still sends its `project` script (lua/project.lua)
--- by EVALSHA. Functions registered here join the seckill_v2 library.
+-- by EVALSHA. Functions registered here join the seckill_v3 library.

@@ -23,7 +23,7 @@
 --   total_granted      shard 0, once finished: the promotion's total
 -- Phases: Pending -> Active -> Finished; shard 0 also Active -> Closing.
 --
--- The grab answers one string of lines (like seckill_v2_grab, for the same
+-- The grab answers one string of lines (like seckill_v3_grab, for the same
 -- reason: the worker's client parses one item, not two per customer):
 --   kind (ok | applied | replayed), now, stock, granted, epoch, pending,
 --   phase, discount, then one line per customer:
@@ -142,52 +142,70 @@ local function grab_state(key)
   }
 end
 
--- What a customer who gets no coupon here is told: a holder its coupon,
--- anyone else `line`.
-local function refusal(out, customers, c, line)
-  local held = redis.call('HGET', customers, c)
-  if held then out[#out + 1] = 'a' .. held else out[#out + 1] = line end
-end
-
 -- The batched grab of one shard over args[first..] (customers in arrival
--- order): per customer HSETNX + XADD, then one HSET of the state. `s` was
--- read by the caller; `kind` heads the reply.
+-- order), as the unsharded grab does it (grab.lua): one HMGET of the
+-- batch's customers; a holder (or the same customer twice in the batch) is
+-- answered its coupon, anyone else gets the next number while the shard has
+-- stock; then one HSET of the new holders, one CouponGrabbed version 3 per
+-- run of consecutive numbers (a batch that uses up a range and goes on in
+-- the next has two), and one HSET of the state. `s` was read by the
+-- caller; `kind` heads the reply.
 local function grab_core(keys, args, first, s, now, kind)
   local state, customers, stream = keys[1], keys[2], keys[3]
   local out = { kind, now, 0, 0, s.epoch, s.pending, s.phase, s.discount_text or '' }
+  local batch = {}
+  for i = first, #args do batch[#batch + 1] = args[i] end
+  local held = hmget_all(customers, batch)
+  -- What those who hold nothing are told when this shard grants nothing.
+  local line
   if s.phase == 'Pending' then
-    for i = first, #args do refusal(out, customers, args[i], 'n') end
+    line = 'n'
   elseif s.phase == 'Finished' then
-    local line = s.finish_reason == 'SoldOut' and 's' or 'f' .. (s.finish_reason or '')
-    for i = first, #args do refusal(out, customers, args[i], line) end
+    line = s.finish_reason == 'SoldOut' and 's' or 'f' .. (s.finish_reason or '')
   elseif s.phase == 'Closing' or now >= s.finish_ms then
-    local line = 'c' .. (s.phase == 'Closing' and s.finish_reason or 'Expired')
-    for i = first, #args do refusal(out, customers, args[i], line) end
+    line = 'c' .. (s.phase == 'Closing' and s.finish_reason or 'Expired')
+  end
+  if line then
+    for i = 1, #batch do
+      local h = held[i]
+      if h then out[#out + 1] = 'a' .. h else out[#out + 1] = line end
+    end
   else
     local granted_before = s.granted
     local more_list
-    for i = first, #args do
-      local c = args[i]
-      if s.stock > 0 then
+    local mine = {}    -- customer -> the coupon granted in this batch
+    local writes = {}  -- customer, coupon, ...
+    local run = {}     -- the customers of the current run of numbers
+    local run_first
+    for i = 1, #batch do
+      local c = batch[i]
+      local h = held[i] or mine[c]
+      if h then
+        out[#out + 1] = 'a' .. h
+      elseif s.stock > 0 then
         if s.next > s.upto then -- this range is used up: take the next one
+          append_grants(stream, run_first, run, now, s.granted)
+          run = {}
           more_list = more_list or parse_ranges(redis.call('HGET', state, 'more'))
           local r = table.remove(more_list, 1)
           s.next, s.upto = r[1], r[2]
         end
         local n = s.next
-        if redis.call('HSETNX', customers, c, n .. ':' .. now) == 1 then
-          s.next, s.stock, s.granted = n + 1, s.stock - 1, s.granted + 1
-          redis.call('XADD', stream, '*', 'type', 'CouponGrabbed', 'version', '2',
-            'customerId', c, 'seq', n, 'grantedAtMs', now, 'shardGranted', s.granted)
-          out[#out + 1] = 'g' .. n
-        else
-          out[#out + 1] = 'a' .. redis.call('HGET', customers, c)
-        end
+        if #run == 0 then run_first = n end
+        local coupon = n .. ':' .. now
+        mine[c] = coupon
+        writes[#writes + 1] = c
+        writes[#writes + 1] = coupon
+        run[#run + 1] = c
+        s.next, s.stock, s.granted = n + 1, s.stock - 1, s.granted + 1
+        out[#out + 1] = 'g' .. n
       else
-        refusal(out, customers, c, 'e')
+        out[#out + 1] = 'e'
       end
     end
     if s.granted > granted_before then
+      hset_all(customers, writes)
+      append_grants(stream, run_first, run, now, s.granted)
       if more_list then
         redis.call('HSET', state, 'next', s.next, 'upto', s.upto, 'more',
           format_ranges(more_list), 'stock', s.stock, 'granted', s.granted)
@@ -200,10 +218,10 @@ local function grab_core(keys, args, first, s, now, kind)
   return table.concat(out, '\n')
 end
 
--- seckill_v2_shard_grab: KEYS state, customers, events of one shard.
+-- seckill_v3_shard_grab: KEYS state, customers, events of one shard.
 -- ARGV[1] S as the caller knows it (its home computation used it), ARGV[2..]
 -- customers whose home is this shard, in arrival order.
-redis.register_function('seckill_v2_shard_grab', function(keys, args)
+redis.register_function('seckill_v3_shard_grab', function(keys, args)
   local s = grab_state(keys[1])
   if not s then return { 'unknown' } end
   if s.shards ~= tonumber(args[1]) then return { 'stale_map', s.shards } end
@@ -214,10 +232,10 @@ redis.register_function('seckill_v2_shard_grab', function(keys, args)
   return grab_core(keys, args, 2, s, now, 'ok')
 end)
 
--- seckill_v2_shard_plan: KEYS shard map (shard 0's slot). ARGV S, salts
+-- seckill_v3_shard_plan: KEYS shard map (shard 0's slot). ARGV S, salts
 -- "k1,...,k(S-1)", placement (status only). The first plan wins: answers the
 -- recorded { count, salts, ready }.
-redis.register_function('seckill_v2_shard_plan', function(keys, args)
+redis.register_function('seckill_v3_shard_plan', function(keys, args)
   if redis.call('EXISTS', keys[1]) == 0 then
     redis.call('HSET', keys[1], 'count', args[1], 'salts', args[2], 'ready', '0',
       'placement', args[3] or '')
@@ -225,7 +243,7 @@ redis.register_function('seckill_v2_shard_plan', function(keys, args)
   return redis.call('HMGET', keys[1], 'count', 'salts', 'ready')
 end)
 
--- seckill_v2_shard_replan: KEYS shard map, shard 0's state (one slot). ARGV
+-- seckill_v3_shard_replan: KEYS shard map, shard 0's state (one slot). ARGV
 -- S, salts, placement. Before the start only (the shards open after Started,
 -- so nothing was granted and no stock moved): replaces the plan and sets
 -- ready = 0, so shard 0 cannot start until the caller has scheduled the new
@@ -233,7 +251,7 @@ end)
 -- state: the unsharded schedule registers the promotion afresh. Answers
 -- { 'replanned', old S, old salts } | { 'started' } (refused: the shards are
 -- locked) | { 'unplanned' } (no map: plan instead).
-redis.register_function('seckill_v2_shard_replan', function(keys, args)
+redis.register_function('seckill_v3_shard_replan', function(keys, args)
   local map, state = keys[1], keys[2]
   local old = redis.call('HMGET', map, 'count', 'salts')
   if not old[1] then return { 'unplanned' } end
@@ -248,18 +266,18 @@ redis.register_function('seckill_v2_shard_replan', function(keys, args)
   return { 'replanned', old[1], old[2] or '' }
 end)
 
--- seckill_v2_shard_ready: KEYS shard map. Every shard is scheduled: shard 0
+-- seckill_v3_shard_ready: KEYS shard map. Every shard is scheduled: shard 0
 -- may now append PromotionStarted.
-redis.register_function('seckill_v2_shard_ready', function(keys, _)
+redis.register_function('seckill_v3_shard_ready', function(keys, _)
   redis.call('HSET', keys[1], 'ready', '1')
   return 'ready'
 end)
 
--- seckill_v2_shard_schedule: KEYS state of one shard. ARGV promotion,
+-- seckill_v3_shard_schedule: KEYS state of one shard. ARGV promotion,
 -- discount, coupons, publish_ms, finish_ms, publishTime, finishTime, shard,
 -- S, ranges. Answers scheduled | unchanged | updated (a Pending shard, which
 -- has granted nothing: spec and numbers rewritten) | locked.
-redis.register_function('seckill_v2_shard_schedule', function(keys, args)
+redis.register_function('seckill_v3_shard_schedule', function(keys, args)
   local state = keys[1]
   local s = shard_of(state)
   local result = 'scheduled'
@@ -292,12 +310,12 @@ local function start_now(state, stream, s, now)
   s.started, s.phase, s.started_at = true, 'Active', at
 end
 
--- seckill_v2_shard_start: KEYS state, events, shard map of shard 0. Appends
+-- seckill_v3_shard_start: KEYS state, events, shard map of shard 0. Appends
 -- PromotionStarted once every shard is scheduled (`ready`) and shard 0's
 -- clock has reached the publish time: the start is decided on one clock.
 -- Answers { 'started', startedAt } | { 'not_due', ms_left } | { 'not_ready' }
 -- | { 'finished', reason } | { 'unknown' }.
-redis.register_function('seckill_v2_shard_start', function(keys, _)
+redis.register_function('seckill_v3_shard_start', function(keys, _)
   local state, stream, map = keys[1], keys[2], keys[3]
   local s = shard_of(state)
   if not s then return { 'unknown' } end
@@ -310,10 +328,10 @@ redis.register_function('seckill_v2_shard_start', function(keys, _)
   return { 'started', s.started_at }
 end)
 
--- seckill_v2_shard_open: KEYS state of shard i >= 1. ARGV shard 0's
+-- seckill_v3_shard_open: KEYS state of shard i >= 1. ARGV shard 0's
 -- startedAt. Run only once PromotionStarted is durable in shard 0's stream,
 -- so no grab of any shard precedes the start. Answers the phase after it.
-redis.register_function('seckill_v2_shard_open', function(keys, args)
+redis.register_function('seckill_v3_shard_open', function(keys, args)
   local phase = redis.call('HGET', keys[1], 'phase')
   if phase == 'Pending' then
     redis.call('HSET', keys[1], 'phase', 'Active', 'started', '1', 'started_at', args[1])
@@ -322,14 +340,14 @@ redis.register_function('seckill_v2_shard_open', function(keys, args)
   return phase or 'unknown'
 end)
 
--- seckill_v2_move_out, step 1 of a stock move, on the donor: KEYS state,
+-- seckill_v3_move_out, step 1 of a stock move, on the donor: KEYS state,
 -- moves-out, events. ARGV to, at_least, divisor. Takes k = clamp(max(at_least,
 -- ceil(stock / divisor)), 1, stock) numbers off the top into the pending
 -- record moves-out[<id>] = "<to>|<ranges>|<ms>". Not idempotent: a retry
 -- makes a second move, which is recorded and completes like the first.
 -- Answers { 'moved', id, ranges, k, stock_left, epoch } | { 'empty', epoch }
 -- | { 'closed', phase }.
-redis.register_function('seckill_v2_move_out', function(keys, args)
+redis.register_function('seckill_v3_move_out', function(keys, args)
   local state, moves_out, stream = keys[1], keys[2], keys[3]
   local s = shard_of(state)
   if not s then return { 'closed', 'unknown' } end
@@ -350,12 +368,12 @@ redis.register_function('seckill_v2_move_out', function(keys, args)
   return { 'moved', id, taken, k, s.stock, s.epoch }
 end)
 
--- seckill_v2_move_in, step 2, on the recipient: KEYS state, customers,
+-- seckill_v3_move_in, step 2, on the recipient: KEYS state, customers,
 -- events, moves-in. ARGV move id, from, ranges, S, customers... Adds the
 -- ranges once per move id (HSETNX moves-in: a replay adds nothing), then
 -- grants to the customers given, those who waited for this stock, in the same
 -- atomic call. Answers the grab's lines headed `applied` or `replayed`.
-redis.register_function('seckill_v2_move_in', function(keys, args)
+redis.register_function('seckill_v3_move_in', function(keys, args)
   local state, stream, moves_in = keys[1], keys[3], keys[4]
   local s = grab_state(state)
   if not s then return { 'unknown' } end
@@ -376,10 +394,10 @@ redis.register_function('seckill_v2_move_in', function(keys, args)
   return grab_core(keys, args, 5, s, now_ms(), kind)
 end)
 
--- seckill_v2_move_done, step 3, on the donor: KEYS state, moves-out. ARGV
+-- seckill_v3_move_done, step 3, on the donor: KEYS state, moves-out. ARGV
 -- move id. Run only once the recipient's step 2 is durable. Idempotent.
 -- Answers done | unknown (already done, or never made).
-redis.register_function('seckill_v2_move_done', function(keys, args)
+redis.register_function('seckill_v3_move_done', function(keys, args)
   if redis.call('HDEL', keys[2], args[1]) == 1 then
     redis.call('HINCRBY', keys[1], 'pending', -1)
     redis.call('HINCRBY', keys[1], 'epoch', 1)
@@ -388,18 +406,18 @@ redis.register_function('seckill_v2_move_done', function(keys, args)
   return 'unknown'
 end)
 
--- seckill_v2_moves_pending: KEYS moves-out. { id, "to|ranges|ms", ... }
+-- seckill_v3_moves_pending: KEYS moves-out. { id, "to|ranges|ms", ... }
 redis.register_function{
-  function_name = 'seckill_v2_moves_pending',
+  function_name = 'seckill_v3_moves_pending',
   callback = function(keys, _) return redis.call('HGETALL', keys[1]) end,
   flags = { 'no-writes' },
 }
 
--- seckill_v2_shard_collect: KEYS state. { phase, stock, pending, epoch,
+-- seckill_v3_shard_collect: KEYS state. { phase, stock, pending, epoch,
 -- granted, now, finish_reason, total_granted (-1 until finished) } or
 -- { 'unknown' }.
 redis.register_function{
-  function_name = 'seckill_v2_shard_collect',
+  function_name = 'seckill_v3_shard_collect',
   callback = function(keys, _)
     local s = shard_of(keys[1])
     if not s then return { 'unknown' } end
@@ -424,14 +442,14 @@ local function already_finished(s)
   return { 'already_finished', s.finish_reason, s.total_granted or s.granted }
 end
 
--- seckill_v2_finish_soldout, the second collect's part on shard 0: KEYS
+-- seckill_v3_finish_soldout, the second collect's part on shard 0: KEYS
 -- state, events. ARGV shard 0's epoch in the first collect, the sum of the
 -- other shards' granted in the second. Appends PromotionFinished{SoldOut,
 -- granted = own + sum} when shard 0 is Active with no stock, no pending move
 -- and the same epoch (its second read, atomic with the append). Answers
 -- { 'finished', total } | { 'already_finished', reason, total } |
 -- { 'closing', reason } | { 'retry' }.
-redis.register_function('seckill_v2_finish_soldout', function(keys, args)
+redis.register_function('seckill_v3_finish_soldout', function(keys, args)
   local state, stream = keys[1], keys[2]
   local s = shard_of(state)
   if not s then return { 'retry' } end
@@ -445,13 +463,13 @@ redis.register_function('seckill_v2_finish_soldout', function(keys, args)
   return { 'finished', total }
 end)
 
--- seckill_v2_finish_begin, phase 1 of Expired/Deleted, on shard 0: KEYS
+-- seckill_v3_finish_begin, phase 1 of Expired/Deleted, on shard 0: KEYS
 -- state, events, shard map. ARGV reason. Expired is refused before the
 -- finish time on shard 0's clock. A promotion whose publish time passed
 -- unstarted gets its PromotionStarted first. Shard 0 stops granting and
 -- records the reason (the first finish wins). Answers { 'closing', reason } |
 -- { 'already_finished', reason, total } | { 'not_due', ms_left }.
-redis.register_function('seckill_v2_finish_begin', function(keys, args)
+redis.register_function('seckill_v3_finish_begin', function(keys, args)
   local state, stream, map = keys[1], keys[2], keys[3]
   local s = shard_of(state)
   if not s then return { 'unknown' } end
@@ -466,11 +484,11 @@ redis.register_function('seckill_v2_finish_begin', function(keys, args)
   return { 'closing', args[1] }
 end)
 
--- seckill_v2_shard_close, on shard i >= 1: KEYS state. ARGV reason. After it
+-- seckill_v3_shard_close, on shard i >= 1: KEYS state. ARGV reason. After it
 -- the shard grants nothing; its granted is final. SoldOut is refused while
 -- the shard has stock or a pending move (never so after a correct sold-out).
 -- Answers { 'closed', reason, granted } | { 'refused', stock, pending }.
-redis.register_function('seckill_v2_shard_close', function(keys, args)
+redis.register_function('seckill_v3_shard_close', function(keys, args)
   local s = shard_of(keys[1])
   if not s then return { 'unknown' } end
   if s.phase == 'Finished' then return { 'closed', s.finish_reason, s.granted } end
@@ -482,11 +500,11 @@ redis.register_function('seckill_v2_shard_close', function(keys, args)
   return { 'closed', args[1], s.granted }
 end)
 
--- seckill_v2_finish_commit, phase 3 on shard 0: KEYS state, events. ARGV the
+-- seckill_v3_finish_commit, phase 3 on shard 0: KEYS state, events. ARGV the
 -- sum of the other shards' granted, each read from its close. Appends the one
 -- PromotionFinished of a Closing promotion. Answers { 'finished', total } |
 -- { 'already_finished', reason, total } | { 'not_closing', phase }.
-redis.register_function('seckill_v2_finish_commit', function(keys, args)
+redis.register_function('seckill_v3_finish_commit', function(keys, args)
   local state, stream = keys[1], keys[2]
   local s = shard_of(state)
   if not s then return { 'unknown' } end
