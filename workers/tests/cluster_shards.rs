@@ -21,7 +21,9 @@ use seckill_testkit::shard_audit::{
 };
 use seckill_testkit::shards::{at_home, crowd, planned, set_finish_ms, start_crowd, Answered};
 use seckill_testkit::shuffle::shuffle;
+use seckill_testkit::stream::{entries_at, grants_in};
 use seckill_workers::protocol::placement::{self, key_slot};
+use seckill_workers::protocol::ranges::NumberRanges;
 use seckill_workers::protocol::shards::{
     self, MoveOut, ShardAnswer, ShardError, ShardMap, SoldOutCheck, SoldOutDecision, StockView,
 };
@@ -234,6 +236,82 @@ async fn a_waiting_customer_granted_meanwhile_elsewhere_gets_their_coupon_not_th
     assert_conserved(&reads, 3);
     let (reason, total, _) = audit(&map, &reads).finished.expect("finished");
     assert_eq!((reason, total), (FinishReason::SoldOut, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_uses_up_its_range_and_goes_on_in_a_moved_one_appends_one_entry_per_run() {
+    // 30 coupons on 3 shards: shard 0 holds one range of 10. Numbers of
+    // shard 1 moved to it make a second range; one batch of 12 of shard 0's
+    // customers takes its 10 and 2 of the moved: two CouponGrabbed entries,
+    // one per run of consecutive numbers, each grant with the shard's count.
+    let c = cluster(3, 0);
+    let mut con = c.connect();
+    let map = sharded(&c, &mut con, "runs", 30, 3, 600_000, None).await;
+    let own = NumberRanges::span(
+        field(&read_all(&mut con, &map).await[0].state, "next"),
+        field(&read_all(&mut con, &map).await[0].state, "upto"),
+    );
+    assert_eq!(own.len(), 10, "{own:?}");
+    let mv = move_until(&mut con, &map, 1, 0, &[], 3).await;
+    let moved = mv.ranges.ranges().to_vec();
+    assert_eq!(moved.len(), 1, "{mv:?}");
+    let (lo, hi) = own.ranges()[0];
+    assert!(
+        moved[0].0 > hi + 1 || moved[0].1 + 1 < lo,
+        "the moved numbers {moved:?} do not continue {own:?}"
+    );
+    let batch = homed(&map, 0, "r", 12);
+    let mut view = StockView::new(3);
+    let answers = shards::grab(&mut con, &map, 0, &batch, &mut view, None)
+        .await
+        .unwrap();
+    let numbers: Vec<u64> = answers
+        .iter()
+        .map(|a| match a {
+            ShardAnswer::Granted(coupon) => coupon
+                .coupon_id
+                .rsplit_once('#')
+                .unwrap()
+                .1
+                .parse()
+                .unwrap(),
+            other => panic!("not granted: {other:?}"),
+        })
+        .collect();
+    let entries: Vec<Vec<(String, u64, Option<u64>)>> =
+        entries_at(&mut con, &map.keys(0).unwrap().events)
+            .await
+            .iter()
+            .filter(|(_, f)| f.get("type").map(String::as_str) == Some("CouponGrabbed"))
+            .map(|(_, f)| grants_in(map.id(), f))
+            .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(entries[0].len(), 10, "{entries:?}");
+    assert_eq!(entries[1].len(), 2, "{entries:?}");
+    let in_stream: Vec<(String, u64)> = entries
+        .iter()
+        .flatten()
+        .map(|(c, n, _)| (c.clone(), *n))
+        .collect();
+    let answered: Vec<(String, u64)> = batch
+        .iter()
+        .map(|c| c.as_str().to_owned())
+        .zip(numbers)
+        .collect();
+    assert_eq!(
+        in_stream, answered,
+        "the stream holds the answers, in order"
+    );
+    let counts: Vec<Option<u64>> = entries.iter().flatten().map(|(_, _, k)| *k).collect();
+    assert_eq!(counts, (1..=12).map(Some).collect::<Vec<_>>());
+    let runs: Vec<u64> = entries
+        .iter()
+        .map(|e| e[e.len() - 1].1 - e[0].1 + 1)
+        .collect();
+    assert_eq!(runs, [10, 2], "each entry is a run of consecutive numbers");
+    let reads = read_all(&mut con, &map).await;
+    assert_conserved(&reads, 30);
+    assert_eq!(audit(&map, &reads).grabs, 12);
 }
 
 /// Takes a move of `map` from shard `from` to shard `to` (grants `waiting`

@@ -65,6 +65,10 @@ redis.register_function('seckill_v3_grab', function(keys, args)
   local mine = {}    -- customer -> the coupon granted in this batch
   local writes = {}  -- customer, coupon, customer, coupon, ...
   local new = {}     -- the customers granted now, in coupon order
+  -- Numbers stay numbers in the loop and become text once each (Lua 5.1
+  -- formats a number with sprintf at every concatenation); table sizes are
+  -- counted rather than asked of `#`.
+  local w, n = 0, 0
   for i = 1, #args do
     local c = args[i]
     local h = held[i] or mine[c]
@@ -75,9 +79,9 @@ redis.register_function('seckill_v3_grab', function(keys, args)
       local seq = tostring(granted)
       local coupon = seq .. at
       mine[c] = coupon
-      writes[#writes + 1] = c
-      writes[#writes + 1] = coupon
-      new[#new + 1] = c
+      writes[w + 1], writes[w + 2], w = c, coupon, w + 2
+      n = n + 1
+      new[n] = c
       reply[5 + i] = 'g' .. seq
     else
       reply[5 + i] = 'x'
