@@ -9,6 +9,7 @@ use seckill_workers::protocol::{
     grab_entry, CouponGrabbed, Event, PromotionFinished, PromotionId, PromotionKeys,
     PromotionStarted, EVENT_FIELD, PROJECTOR_GROUP,
 };
+use seckill_workers::read_model::coupon_sequence;
 use seckill_workers::redis_connection::RedisConnection;
 
 /// Every entry of `id`'s stream (XRANGE - +).
@@ -202,11 +203,7 @@ pub fn grants_in(
     .expect("a CouponGrabbed entry decodes")
     .into_iter()
     .map(|g| {
-        let seq = g
-            .coupon_id
-            .rsplit_once('#')
-            .and_then(|(_, n)| n.parse().ok())
-            .expect("couponId ends in its number");
+        let seq = coupon_sequence(&g.coupon_id).expect("couponId ends in its number");
         (g.customer_id, seq, g.shard_granted)
     })
     .collect()

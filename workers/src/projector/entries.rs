@@ -6,7 +6,7 @@
 
 use redis::Value;
 
-use crate::protocol::{self, Event, PromotionId};
+use crate::protocol::{self, grab_entry, Event, PromotionId};
 use crate::read_model::{self, ProjectionError, ShardStream};
 
 /// One stream entry as projectors need it: its id and its fields, name and
@@ -149,7 +149,7 @@ impl Decoded {
     pub(super) fn counted(&self) -> (&'static str, u64) {
         match self {
             Self::Events(events) => (
-                events.first().map_or("CouponGrabbed", Event::type_name),
+                events.first().map_or(grab_entry::TYPE, Event::type_name),
                 events.len() as u64,
             ),
             Self::StockMove(kind) => (kind, 1),
@@ -199,7 +199,7 @@ impl SkipReason {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{grab_entry, EVENT_FIELD};
+    use crate::protocol::EVENT_FIELD;
 
     fn promotion() -> PromotionId {
         PromotionId::parse("a/b").unwrap()
