@@ -28,9 +28,10 @@ use seckill_workers::protocol::shards::{
     self, MoveOut, ShardAnswer, ShardError, ShardMap, SoldOutCheck, SoldOutDecision, StockView,
 };
 use seckill_workers::protocol::{
-    self, shard_map_key, CustomerId, Durability, FinishReason, PromotionId, PromotionKeys,
-    ScheduleResult, ShardKeys, EVENT_FIELD,
+    self, grab_entry, shard_map_key, CustomerId, Durability, FinishReason, PromotionId,
+    PromotionKeys, ScheduleResult, ShardKeys, EVENT_FIELD,
 };
+use seckill_workers::read_model;
 use seckill_workers::redis_connection::RedisConnection;
 
 /// Bounds every wait for something that must happen.
@@ -247,10 +248,8 @@ async fn a_batch_that_uses_up_its_range_and_goes_on_in_a_moved_one_appends_one_e
     let c = cluster(3, 0);
     let mut con = c.connect();
     let map = sharded(&c, &mut con, "runs", 30, 3, 600_000, None).await;
-    let own = NumberRanges::span(
-        field(&read_all(&mut con, &map).await[0].state, "next"),
-        field(&read_all(&mut con, &map).await[0].state, "upto"),
-    );
+    let shard_zero = &read_all(&mut con, &map).await[0].state;
+    let own = NumberRanges::span(field(shard_zero, "next"), field(shard_zero, "upto"));
     assert_eq!(own.len(), 10, "{own:?}");
     let mv = move_until(&mut con, &map, 1, 0, &[], 3).await;
     let moved = mv.ranges.ranges().to_vec();
@@ -268,13 +267,9 @@ async fn a_batch_that_uses_up_its_range_and_goes_on_in_a_moved_one_appends_one_e
     let numbers: Vec<u64> = answers
         .iter()
         .map(|a| match a {
-            ShardAnswer::Granted(coupon) => coupon
-                .coupon_id
-                .rsplit_once('#')
-                .unwrap()
-                .1
-                .parse()
-                .unwrap(),
+            ShardAnswer::Granted(coupon) => {
+                read_model::coupon_sequence(&coupon.coupon_id).expect("a coupon number")
+            }
             other => panic!("not granted: {other:?}"),
         })
         .collect();
@@ -282,7 +277,9 @@ async fn a_batch_that_uses_up_its_range_and_goes_on_in_a_moved_one_appends_one_e
         entries_at(&mut con, &map.keys(0).unwrap().events)
             .await
             .iter()
-            .filter(|(_, f)| f.get("type").map(String::as_str) == Some("CouponGrabbed"))
+            .filter(|(_, f)| {
+                f.get(grab_entry::TYPE_FIELD).map(String::as_str) == Some(grab_entry::TYPE)
+            })
             .map(|(_, f)| grants_in(map.id(), f))
             .collect();
     assert_eq!(entries.len(), 2, "{entries:?}");

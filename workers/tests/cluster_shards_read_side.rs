@@ -18,7 +18,7 @@ use seckill_testkit::redis::scan_keys;
 use seckill_testkit::redis_cluster::{cluster, RedisCluster};
 use seckill_testkit::shards::planned;
 use seckill_testkit::shuffle::shuffle;
-use seckill_testkit::stream::entries_at;
+use seckill_testkit::stream::{entries_at, grants_in};
 use seckill_workers::projector::{self, entries_of, Projector, ProjectorMetrics, ProjectorOptions};
 use seckill_workers::protocol::shards::{self, ShardAnswer, ShardMap};
 use seckill_workers::protocol::Phase;
@@ -139,19 +139,11 @@ async fn read_streams(con: &mut RedisConnection, map: &ShardMap) -> Streams {
                 continue;
             }
             match f.get("type").map(String::as_str) {
-                Some("CouponGrabbed") => {
-                    let fields: Vec<(&[u8], &[u8])> = f
-                        .iter()
-                        .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
-                        .collect();
-                    for event in event_of(map, &fields) {
-                        let Event::CouponGrabbed(g) = event else {
-                            panic!("a CouponGrabbed entry holds {event:?}")
-                        };
-                        let seq = read_model::coupon_sequence(&g.coupon_id).expect("a number");
-                        grabs.push((g.customer_id, seq));
-                    }
-                }
+                Some("CouponGrabbed") => grabs.extend(
+                    grants_in(map.id(), &f)
+                        .into_iter()
+                        .map(|(customer, seq, _)| (customer, seq)),
+                ),
                 Some("StockMovedOut") => out.moves += 1,
                 _ => {}
             }

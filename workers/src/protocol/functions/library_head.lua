@@ -69,13 +69,14 @@ end
 -- (8,192 values to HSET), so the batch's hash reads and writes go in slices.
 local SLICE = 1000
 
--- HMGET of every field of `fields` (a list) in slices: the values, in order
--- (false where absent).
-local function hmget_all(key, fields)
+-- HMGET of every field of `fields` (a list) from index `from` (default 1)
+-- on, in slices: the values, in order, the first at 1 (false where absent).
+local function hmget_all(key, fields, from)
+  from = from or 1
   local out = {}
-  for i = 1, #fields, SLICE do
+  for i = from, #fields, SLICE do
     local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + SLICE - 1, #fields)))
-    for j = 1, #part do out[i + j - 1] = part[j] end
+    for j = 1, #part do out[i - from + j] = part[j] end
   end
   return out
 end

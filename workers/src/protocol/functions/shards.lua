@@ -154,9 +154,9 @@ local function grab_core(keys, args, first, s, now, kind)
   local state, customers, stream = keys[1], keys[2], keys[3]
   -- Eight head items, then the i-th customer's line at 8 + i.
   local out = { kind, now, 0, 0, s.epoch, s.pending, s.phase, s.discount_text or '' }
-  local batch = {}
-  for i = first, #args do batch[#batch + 1] = args[i] end
-  local held = hmget_all(customers, batch)
+  -- The batch is args[first..]; its i-th customer is args[first - 1 + i].
+  local before, count = first - 1, #args - first + 1
+  local held = hmget_all(customers, args, first)
   -- What those who hold nothing are told when this shard grants nothing.
   local line
   if s.phase == 'Pending' then
@@ -167,7 +167,7 @@ local function grab_core(keys, args, first, s, now, kind)
     line = 'c' .. (s.phase == 'Closing' and s.finish_reason or 'Expired')
   end
   if line then
-    for i = 1, #batch do
+    for i = 1, count do
       local h = held[i]
       if h then out[8 + i] = 'a' .. h else out[8 + i] = line end
     end
@@ -184,8 +184,8 @@ local function grab_core(keys, args, first, s, now, kind)
     local run = {}     -- the customers of the current run of numbers
     local run_first
     local w, r_n = 0, 0 -- sizes of writes and run
-    for i = 1, #batch do
-      local c = batch[i]
+    for i = 1, count do
+      local c = args[before + i]
       local h = held[i] or mine[c]
       if h then
         out[8 + i] = 'a' .. h
