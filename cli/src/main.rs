@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand};
 /// mimalloc, as in `seckill-worker` (see its main): the same HTTP stack
 /// serves grabs here.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: seckill_workers::allocator::Mimalloc = seckill_workers::allocator::Mimalloc;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -19,7 +19,9 @@
 //!   runs one; the tests' fixtures wrap it).
 //! - [`telemetry`]: how logs are written (text or JSON lines).
 //! - [`flags`]: clap flag structs as values (their defaults, never retyped).
+//! - [`allocator`]: the binaries' global allocator (mimalloc).
 
+pub mod allocator;
 pub mod command;
 pub mod flags;
 pub mod http;

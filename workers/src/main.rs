@@ -1,14 +1,15 @@
 //! `seckill-worker`: the command, query and projector roles.
 
 use clap::{Parser, Subcommand};
-use seckill_workers::{command, projector, query, telemetry};
+use seckill_workers::{allocator, command, projector, query, telemetry};
 
 /// mimalloc rather than the system allocator: a request makes a few dozen
 /// small allocations (the HTTP stack's headers, extensions and boxed
 /// futures), and glibc's malloc and free were about a sixth of the
-/// instructions of a sold-out answer (docs/BENCHMARKS.md).
+/// instructions of a sold-out answer (docs/BENCHMARKS.md); called through
+/// its plain entry points where it can be ([`allocator`]).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Mimalloc = allocator::Mimalloc;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -590,7 +590,7 @@ pub async fn customer_coupons(
             };
             let promotion = id.to_string();
             coupons.push(CustomerCoupon {
-                coupon_id: format!("{promotion}#{}", coupon.seq),
+                coupon_id: protocol::coupon_id(&promotion, coupon.seq),
                 promotion,
                 discount,
                 granted_at,

@@ -181,7 +181,7 @@ pub(super) fn coupon(
     granted_at: String,
 ) -> Coupon {
     Coupon {
-        coupon_id: format!("{promotion}#{seq}"),
+        coupon_id: super::coupon_id(promotion, seq),
         customer_id: customer.as_str().to_owned(),
         promotion: promotion.to_owned(),
         discount,

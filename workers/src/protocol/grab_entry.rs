@@ -186,7 +186,7 @@ pub fn decode<'a>(
         .into_iter()
         .zip(0u64..)
         .map(|(customer, k)| CouponGrabbed {
-            coupon_id: format!("{promotion}#{}", first_seq + k),
+            coupon_id: super::coupon_id(&promotion, first_seq + k),
             promotion: promotion.clone(),
             customer_id: customer.to_owned(),
             discount: None,

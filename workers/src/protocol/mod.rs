@@ -41,7 +41,7 @@ pub use events::{
     STOCK_MOVE_VERSION,
 };
 pub use grab::{decode_reply, grab, grab_batch, holders, Coupon, GrabOutcome};
-pub use ids::{CustomerId, IdError, PromotionId};
+pub use ids::{coupon_id, CustomerId, IdError, PromotionId};
 pub use keys::{
     customer_hash, read_model, shard_map_key, shard_tag, PromotionKeys, ShardKeys, GRANTED_FIELD,
     PROJECTOR_GROUP, PROMOTION_INDEX_KEY,
