@@ -629,8 +629,9 @@ fn grabbed(coupon: &Coupon, already_granted: bool) -> Response {
 }
 
 /// The body of [`grabbed`], written field by field: the same bytes
-/// serde_json writes for [`GrabbedBody`] (a test holds them equal), without
-/// its escaping pass over every key and value. Ids and times need no
+/// serde_json writes for the API's `Coupon` (docs/openapi.yaml; a test
+/// holds them equal to a serde struct's), without its escaping pass over
+/// every key and value. Ids and times need no
 /// escape (a customer id is `[A-Za-z0-9._:@-]`), and the pass cost more than
 /// the rest of the body (callgrind, docs/BENCHMARKS.md); a value that does
 /// need one is still written by serde_json.

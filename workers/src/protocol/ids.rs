@@ -133,6 +133,7 @@ pub fn coupon_id(promotion: &str, seq: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_coupon_id_is_the_promotion_then_hash_then_the_number() {
@@ -140,7 +141,6 @@ mod tests {
         assert_eq!(coupon_id("a/b", u64::MAX), format!("a/b#{}", u64::MAX));
         assert_eq!(coupon_id("a/b", 0), "a/b#0");
     }
-    use proptest::prelude::*;
 
     #[test]
     fn promotion_id_parses_namespace_and_name() {
