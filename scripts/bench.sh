@@ -115,8 +115,14 @@ pids+=("$UP_PID")
 await_ready "$BASE" "$work/worker.log"
 await_ready "http://127.0.0.1:$DURABLE_PORT" "$work/durable.log"
 await_ready "http://127.0.0.1:$UP_PORT" "$work/up.log"
+# A field of Redis' INFO (e.g. total_forks, aof_current_size).
+redis_info() {
+  local v
+  v=$(redis-cli -p "$REDIS_PORT" INFO | tr -d '\r' | awk -F: -v f="$1" '$1 == f { print $2 }' | head -1)
+  echo "${v:-0}"
+}
 for _ in $(seq 200); do
-  [ "$(redis-cli -p "$REDIS_PORT" INFO replication | tr -d '\r' | awk -F: '/^connected_slaves:/ {print $2}')" = 1 ] && break
+  [ "$(redis_info connected_slaves)" = 1 ] && break
   sleep 0.05
 done
 
@@ -210,13 +216,6 @@ cpu_secs() {
   echo "$total"
 }
 now() { date +%s.%N; }
-# One `INFO commandstats` figure: calls or usec of a command (0 when never called).
-# A field of Redis' INFO (e.g. total_forks, aof_current_size).
-redis_info() {
-  local v
-  v=$(redis-cli -p "$REDIS_PORT" INFO | tr -d '\r' | awk -F: -v f="$1" '$1 == f { print $2 }' | head -1)
-  echo "${v:-0}"
-}
 # Rewrites the AOF (BGREWRITEAOF) once it is past 64 MB, Redis' own
 # threshold, and waits for the rewrite to end: between measures, never
 # during one (automatic rewrites are off, see where Redis starts).
@@ -232,6 +231,7 @@ compact_aof() {
   done
   echo "bench: the AOF rewrite did not end within 120 s; measuring anyway" >&2
 }
+# One `INFO commandstats` figure: calls or usec of a command (0 when never called).
 cmdstat() { # command field
   local v
   v=$(redis-cli -p "$REDIS_PORT" INFO commandstats | tr -d '\r' |
