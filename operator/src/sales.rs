@@ -352,7 +352,7 @@ async fn poll(
 }
 
 /// The promotions to reconcile because Redis moved their numbers: every
-/// `every`, the watched sales are read ([`poll`]) and compared with what
+/// `every`, the watched sales are read (`poll`) and compared with what
 /// their status reports. A sale whose object left `store` is forgotten. Runs
 /// as long as the stream is polled: the controller polls it with its other
 /// triggers and drops it when it stops.

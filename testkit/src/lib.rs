@@ -2,7 +2,7 @@
 //! no mocks. A dev-dependency of the other crates only (`publish = false`).
 //!
 //! Module map:
-//! - [`eventually`]: waiting for a condition, the one poll-until-deadline loop.
+//! - [`eventually`](mod@eventually): waiting for a condition, the one poll-until-deadline loop.
 //! - [`redis`]: a private `redis-server` per test, connections to it, `INFO`.
 //! - [`redis_cluster`]: a private Redis Cluster whose nodes a test kills,
 //!   pauses, restarts and reshards.

@@ -694,7 +694,7 @@ pub async fn projection_lag_ms<C: ConnectionLike>(
 const FOREIGN_KEY_SAMPLE: usize = 16;
 
 /// Looks at a sample of the keys of a database meant for read models only
-/// (one SCAN page and [`FOREIGN_KEY_SAMPLE`] RANDOMKEYs) and fails, naming
+/// (one SCAN page and `FOREIGN_KEY_SAMPLE` RANDOMKEYs) and fails, naming
 /// it, on the first key that is not a read model: FLUSHDB or SWAPDB would
 /// turn that misconfiguration into data loss. A sample cannot prove there is
 /// none; the flags' help says these databases are given to nothing else.

@@ -77,6 +77,9 @@ impl DurableArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct RedisArgs {
     /// Standalone Redis: redis://[user:password@]host:port/[db], or rediss:// for TLS.
+    // The line above is also the flag's --help text, so it keeps the URL's
+    // usual spelling rather than rustdoc's escapes.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, env = "SECKILL_REDIS_URL")]
     pub redis_url: Option<String>,
 

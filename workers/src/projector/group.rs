@@ -5,7 +5,7 @@
 //!
 //! A stream is one shard's of one promotion: an unsharded promotion has one
 //! (shard 0 of 1), a sharded one (issue 14) one per shard, found through its
-//! shard map once the promotion has started ([`super::discovery`]). Each has
+//! shard map once the promotion has started (`super::discovery`). Each has
 //! its own consumer group and cursor; one XREADGROUP per stream, never one
 //! naming several (a cluster refuses keys of different slots in one
 //! command), all sent at once: the cluster client pipelines those of one

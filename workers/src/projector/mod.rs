@@ -24,7 +24,7 @@
 //! second, XAUTOCLAIM every quarter of `--claim-idle-ms`, not every step.
 //!
 //! A sharded promotion (issue 14) has a stream per stock shard; projectors
-//! follow each of them once its shard map is locked (see [`discovery`]),
+//! follow each of them once its shard map is locked (see `discovery`),
 //! with a consumer group per stream as for any stream. Its read model counts
 //! grants per shard (`lua/project.lua`), so it converges however the
 //! shards' batches interleave.
@@ -39,9 +39,9 @@
 //! - [`metrics`]: what projectors report to Prometheus.
 //! - [`entries`]: raw reply decoding (stream entries without a field map)
 //!   and an entry's event, or why it is skipped.
-//! - [`discovery`]: which streams a promotion has (one, or one per shard).
+//! - `discovery`: which streams a promotion has (one, or one per shard).
 //! - [`group`]: the consumer-group loop of one replica ([`Projector`]).
-//! - [`rebuild`]: the replay of every stream into fresh read models.
+//! - [`rebuild`](mod@rebuild): the replay of every stream into fresh read models.
 //! - [`run`] (here): the role, from its flags to a running replica or a
 //!   rebuild, with /healthz, /readyz and /metrics served beside it.
 

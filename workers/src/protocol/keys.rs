@@ -118,18 +118,19 @@ pub fn customer_hash(customer: &CustomerId) -> u32 {
     })
 }
 
-/// Read-model keys, written only by projectors and read only by query workers.
-///
-/// Layout version [`LAYOUT_VERSION`] (issue 15): the customers' coupons are
-/// not a key per customer (a key alone costs about 300 B of Redis memory)
-/// but [`COUPON_BUCKETS`] small hashes, which Redis stores as listpacks:
-/// field `<customerId>|<ns/name>` ([`coupon_field`]), value
-/// `<seq>:<grantedAtMs>` ([`HeldCoupon`]), in the bucket of the customer
-/// ([`customer_coupons`]). Neither id can hold `|` (see [`CustomerId`] and
-/// [`PromotionId`]), so a customer's coupons are the fields matching
-/// [`coupon_field_pattern`]. The discount is the promotion's, joined from
-/// [`promotion`] by readers.
 pub mod read_model {
+    //! Read-model keys, written only by projectors and read only by query workers.
+    //!
+    //! Layout version [`LAYOUT_VERSION`] (issue 15): the customers' coupons are
+    //! not a key per customer (a key alone costs about 300 B of Redis memory)
+    //! but [`COUPON_BUCKETS`] small hashes, which Redis stores as listpacks:
+    //! field `<customerId>|<ns/name>` ([`coupon_field`]), value
+    //! `<seq>:<grantedAtMs>` ([`HeldCoupon`]), in the bucket of the customer
+    //! ([`customer_coupons`]). Neither id can hold `|` (see [`CustomerId`] and
+    //! [`PromotionId`]), so a customer's coupons are the fields matching
+    //! [`coupon_field_pattern`]. The discount is the promotion's, joined from
+    //! [`promotion`] by readers.
+
     use super::{CustomerId, PromotionId};
 
     /// Prefix of every read-model key: what `--rebuild` drops when the read

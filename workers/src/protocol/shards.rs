@@ -101,7 +101,7 @@ pub enum ShardError {
     #[error("shard map of {id}: {detail}")]
     Map { id: PromotionId, detail: String },
     /// A batch's waiting customers found no stock and no verdict within
-    /// [`MAX_REFILL_ROUNDS`]: the caller answers 503 (retry).
+    /// `MAX_REFILL_ROUNDS`: the caller answers 503 (retry).
     #[error("no stock and no sold-out verdict after {0} rounds")]
     NoProgress(usize),
 }
