@@ -8,15 +8,21 @@
 //! listener is dropped, idle keep-alive connections are closed and
 //! in-flight requests get [`ServerLimits::drain_timeout`] to finish.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request};
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::Service;
 
@@ -139,6 +145,7 @@ pub async fn serve(
         tracing::info!(%addr, "serving HTTP");
     }
 
+    let stopping = Arc::new(ShutdownSignal::default());
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -161,22 +168,14 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let http1 = http1.clone();
-        let shutdown = shutdown.clone();
+        let stopping = stopping.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 app.clone().call(request)
             });
             let connection = http1.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                r = connection.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(e) = result {
+            if let Err(e) = stopping.until_shutdown(connection).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);
@@ -184,6 +183,7 @@ pub async fn serve(
     }
 
     drop(listener);
+    stopping.start();
     let drain_timeout = limits.drain_timeout;
     tracing::info!(
         ?drain_timeout,
@@ -198,6 +198,101 @@ pub async fn serve(
         ),
     }
     Ok(())
+}
+
+/// Tells every connection of [`serve`] that the server is shutting down.
+///
+/// A connection checks it each time its task is woken, which for a busy
+/// connection is twice a request or more. A `select!` on the
+/// [`CancellationToken`] took two mutex locks per check (its `is_cancelled`
+/// and its `Notify`), about 2 % of a sold-out answer's instructions
+/// (callgrind, docs/BENCHMARKS.md); here a check is one atomic load, and
+/// the waker is registered with the [`Notify`] once, not at every poll.
+#[derive(Debug, Default)]
+struct ShutdownSignal {
+    started: AtomicBool,
+    notify: Arc<Notify>,
+}
+
+impl ShutdownSignal {
+    /// Every connection, idle or not, is woken and told to finish.
+    fn start(&self) {
+        self.started.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// `connection`, asked to shut down gracefully (idle keep-alive closed
+    /// at once, the request in flight answered first) once [`Self::start`]
+    /// is called, even if that was before this connection was accepted.
+    fn until_shutdown<C: Graceful>(self: &Arc<Self>, connection: C) -> UntilShutdown<C> {
+        UntilShutdown {
+            connection,
+            // Created before the check of `started` in `poll`: a
+            // `notify_waiters` after this line wakes it even unpolled.
+            notified: self.notify.clone().notified_owned(),
+            signal: self.clone(),
+            registered: None,
+            asked: false,
+        }
+    }
+}
+
+/// A connection that can be asked to finish what it is doing and close.
+trait Graceful: Future {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::Connection::graceful_shutdown(self)
+    }
+}
+
+pin_project! {
+    /// A connection served until [`ShutdownSignal::start`], then asked to
+    /// finish gracefully; see [`ShutdownSignal::until_shutdown`].
+    struct UntilShutdown<C> {
+        #[pin]
+        connection: C,
+        #[pin]
+        notified: OwnedNotified,
+        signal: Arc<ShutdownSignal>,
+        // The waker `notified` was last polled with: it wakes that one, so
+        // it is polled again only when the task's waker is another.
+        registered: Option<Waker>,
+        asked: bool,
+    }
+}
+
+impl<C: Graceful> Future for UntilShutdown<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        if !*this.asked {
+            let stale = this
+                .registered
+                .as_ref()
+                .is_none_or(|waker| !waker.will_wake(cx.waker()));
+            let mut notified = false;
+            if stale {
+                notified = this.notified.as_mut().poll(cx).is_ready();
+                *this.registered = Some(cx.waker().clone());
+            }
+            if notified || this.signal.started.load(Ordering::Acquire) {
+                *this.asked = true;
+                this.connection.as_mut().graceful_shutdown();
+            }
+        }
+        this.connection.poll(cx)
+    }
 }
 
 /// Binds `address` (e.g. `0.0.0.0:8080`).
@@ -357,6 +452,100 @@ mod tests {
         assert!(rest.is_empty(), "closed with an answer: {rest}");
         let idle = sent.elapsed();
         assert!(idle >= timeout, "closed after {idle:?}, before {timeout:?}");
+    }
+
+    /// A stand-in connection: pending until asked to shut down.
+    struct StandIn {
+        asked: Arc<AtomicBool>,
+    }
+
+    impl Future for StandIn {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            if self.asked.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    impl Graceful for StandIn {
+        fn graceful_shutdown(self: Pin<&mut Self>) {
+            self.asked.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A waker that counts its wakes.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for Counting {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counting() -> (Arc<Counting>, Waker) {
+        let count = Arc::new(Counting(Default::default()));
+        (count.clone(), futures::task::waker(count))
+    }
+
+    fn stand_in(
+        signal: &Arc<ShutdownSignal>,
+    ) -> (Arc<AtomicBool>, Pin<Box<UntilShutdown<StandIn>>>) {
+        let asked = Arc::new(AtomicBool::new(false));
+        let future = signal.until_shutdown(StandIn {
+            asked: asked.clone(),
+        });
+        (asked, Box::pin(future))
+    }
+
+    #[test]
+    fn a_connection_is_woken_and_asked_to_finish_when_shutdown_starts() {
+        let signal = Arc::new(ShutdownSignal::default());
+        let (asked, mut connection) = stand_in(&signal);
+        let (wakes, waker) = counting();
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..3 {
+            assert!(connection.as_mut().poll(&mut cx).is_pending());
+        }
+        assert!(!asked.load(Ordering::SeqCst));
+        signal.start();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken once");
+        assert!(connection.as_mut().poll(&mut cx).is_ready());
+        assert!(asked.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_connection_accepted_after_shutdown_started_is_asked_at_its_first_poll() {
+        let signal = Arc::new(ShutdownSignal::default());
+        signal.start();
+        let (asked, mut connection) = stand_in(&signal);
+        let (_, waker) = counting();
+        assert!(connection
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready());
+        assert!(asked.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn shutdown_wakes_the_waker_a_connection_was_last_polled_with() {
+        let signal = Arc::new(ShutdownSignal::default());
+        let (_, mut connection) = stand_in(&signal);
+        let (first, first_waker) = counting();
+        let (second, second_waker) = counting();
+        assert!(connection
+            .as_mut()
+            .poll(&mut Context::from_waker(&first_waker))
+            .is_pending());
+        assert!(connection
+            .as_mut()
+            .poll(&mut Context::from_waker(&second_waker))
+            .is_pending());
+        signal.start();
+        assert_eq!(second.0.load(Ordering::SeqCst), 1);
+        assert_eq!(first.0.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
