@@ -484,9 +484,9 @@ async fn verify_stream(
 /// The grants of the stream whose customer was never answered 200: each
 /// must belong to a customer who got an answer that left the outcome open
 /// (a lost connection, or 503 "may have been recorded"). Such a customer's
-/// retry is answered alreadyGranted, unless the worker has seen the
-/// promotion sold out meanwhile: then it answers 410 from memory (by design,
-/// see "Known issues" in docs/RELIABILITY.md). Returns how many there were.
+/// retry is answered alreadyGranted, also once the promotion is sold out
+/// (since issue 15; it used to be 410 from memory, see "Known issues" in
+/// docs/RELIABILITY.md). Returns how many there were.
 fn unanswered_grants(facts: &StreamFacts, sale: &SaleLog) -> usize {
     let answered = sale.granted();
     let logs: HashMap<&str, &CustomerLog> = sale

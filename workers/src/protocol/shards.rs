@@ -1053,8 +1053,8 @@ pub async fn recover<C: ConnectionLike>(
 }
 
 /// [`recover`] of the moves at least `min_age_ms` old on their donor's
-/// clock only: what the operator's reconcile (and a worker whose shard
-/// shows `pending > 0` with no move of its own in flight) runs, so that a
+/// clock only: what the operator's reconcile runs (workers complete pending
+/// moves in the sold-out check, [`recover`]), so that a
 /// mover a few milliseconds between its steps is left to finish its own
 /// move. (Racing it would be safe, both later steps being idempotent; it
 /// would only cost calls.) Shards without pending moves cost one collect.
