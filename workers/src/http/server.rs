@@ -238,6 +238,9 @@ impl ShutdownSignal {
 }
 
 /// A connection that can be asked to finish what it is doing and close.
+/// hyper-util's `GracefulConnection` says the same, but it is sealed (and
+/// behind a feature this crate leaves off): the tests' stand-in connection
+/// could not implement it.
 trait Graceful: Future {
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
