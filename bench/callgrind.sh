@@ -20,6 +20,10 @@
 # long run's callgrind output is copied to DIR/callgrind.out.ROUTE (to read
 # with callgrind_annotate --inclusive=yes).
 #
+# WORKER_BINARY may also be target/release/examples/hyper_floor (the floor
+# of the sold-out path: hyper alone answering the same 410; see
+# workers/examples/hyper_floor.rs).
+#
 # Usage: bash bench/callgrind.sh [sold-out|grant] [WORKER_BINARY]
 # Needs valgrind, redis-server, curl, python3 and the release build of
 # bench_setup (cargo build --release -p seckill-workers --example bench_setup).
@@ -88,7 +92,12 @@ run() {
     "$WORKER" command --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$REDIS_PORT/" \
     --no-query 2>"$work/worker.$requests.log" &
   pid=$!
-  for _ in $(seq 600); do curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+  # (Ready, or the hyper_floor example, which answers 410 to every path.)
+  for _ in $(seq 600); do
+    curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1 && break
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/readyz")" != 410 ] || break
+    sleep 0.1
+  done
   # The first grab learns from Redis that the promotion is sold out (or,
   # for grants, loads what the worker keeps of bench/http).
   curl -s -X POST -H 'content-type: application/json' -d "{\"customerId\":\"first-$requests\"}" \
