@@ -300,6 +300,140 @@ async fn sold_out_and_finished_promotions_answer_410_and_sold_out_needs_no_redis
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sold_out_grab_is_answered_before_routing_never_shed_counted_once_and_slow_bodies_get_408(
+) {
+    let server = redis();
+    let mut con = connect(&server);
+    schedule(&mut con, "small", 1, -1000).await;
+    schedule(&mut con, "other", 5, -1000).await;
+    let worker = Worker::command(
+        &server.url(),
+        &["--max-in-flight", "1", "--header-read-timeout-ms", "500"],
+    )
+    .await;
+    assert_eq!(worker.grab("shop", "small", "a").await.status, 200);
+    let late = worker.grab("shop", "small", "b").await;
+    assert_eq!((late.status, late.error()), (410, "sold_out"), "{late:?}");
+    // From memory once the holders are loaded: answered while Redis stalls.
+    eventually(WITHIN, || async {
+        server.pause();
+        let fast = worker.grab("shop", "small", "c").await;
+        server.resume();
+        match (fast.status, fast.error()) {
+            (410, "sold_out") => Ok(()),
+            _ => Err(format!("{fast:?}")),
+        }
+    })
+    .await;
+    // The eventually above may have taken several tries: count from here.
+    let counted = |text: &str| -> u64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with(r#"seckill_http_requests_total{route="/api/v1/promotions/{namespace}/{name}/grab",status="410",outcome="sold_out"}"#)
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = counted(&get(worker.port, "/metrics").await.unwrap().text);
+    let mut sold_out_answers = 0;
+
+    // The one in-flight permit taken by a grab stuck on a stalled Redis.
+    server.pause();
+    let stuck = {
+        let port = worker.port;
+        tokio::spawn(async move { seckill_testkit::client::grab(port, "shop", "other", "d").await })
+    };
+    // Through the router the same promotion's grab is shed; the lane answers it.
+    let shed = eventually(WITHIN, || async {
+        let routed = call(
+            worker.port,
+            "POST",
+            "/api/v1/promotions/shop/smal%6c/grab",
+            &[("content-type", JSON)],
+            br#"{"customerId":"e"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+        match (routed.status, routed.text.contains("--max-in-flight")) {
+            (503, true) => Ok(routed),
+            _ => Err(format!("not shed yet: {routed:?}")),
+        }
+    })
+    .await;
+    assert_eq!(shed.status, 503);
+    for customer in ["e", "f", "g"] {
+        let fast = worker.grab("shop", "small", customer).await;
+        assert_eq!((fast.status, fast.error()), (410, "sold_out"), "{fast:?}");
+        assert_eq!(fast.json, late.json, "the same 410 as through the router");
+        sold_out_answers += 1;
+    }
+    // A body past the limit is the router's (413), a malformed one the
+    // handler's own answer (400), even with the permit taken.
+    let big = call(
+        worker.port,
+        "POST",
+        &grab_path("shop", "small"),
+        &[("content-type", JSON)],
+        vec![b' '; 8 * 1024],
+    )
+    .await
+    .unwrap();
+    assert_eq!(big.status, 413, "{big:?}");
+    let unread = call(
+        worker.port,
+        "POST",
+        &grab_path("shop", "small"),
+        &[("content-type", JSON)],
+        b"{not json".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (unread.status, unread.error()),
+        (400, "invalid_request"),
+        "{unread:?}"
+    );
+    // A body that does not come within the header read timeout: 408.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", worker.port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nhost: seckill\r\ncontent-type: {JSON}\r\ncontent-length: 30\r\n\r\n{{\"customer",
+        grab_path("shop", "small")
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut slow, head.as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        WITHIN,
+        tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "no answer to a slow body: {answer}");
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("request_timeout"),
+        "{answer}"
+    );
+    server.resume();
+    let stuck = stuck.await.unwrap().unwrap();
+    assert!(matches!(stuck.status, 200 | 503), "{stuck:?}");
+
+    // Each 410 counted once under the grab route, as the router counts it.
+    let after = counted(&get(worker.port, "/metrics").await.unwrap().text);
+    assert_eq!(
+        after - before,
+        sold_out_answers,
+        "counted {before} then {after}"
+    );
+    // A holder's retry goes on to the router with its body, and Redis.
+    let holder = worker.grab("shop", "small", "a").await;
+    assert_eq!(holder.status, 200, "{holder:?}");
+    assert_eq!(holder.json["alreadyGranted"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_promotion_is_remembered_for_one_second_only() {
     let server = redis();
     let mut con = connect(&server);

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::group_commit::{BatchCall, BatchFuture, GrabAnswer, GrabFailure, GroupCommit, Home};
-use super::holders::HolderSetBuilder;
+use super::holders::{HolderSet, HolderSetBuilder};
 use super::memory::{Closed, Known, PromotionMemory};
 use super::request::{grab_customer, parse_grab, GrabRequest};
 use super::shard_maps::{Route, ShardMaps};
@@ -195,6 +195,40 @@ impl CommandApi {
             body,
             header,
         )?)
+    }
+
+    /// Whether a grab read as `headers` and `body` (empty when the
+    /// customer comes from a header) may be from a holder of `closed`, a
+    /// promotion that is over with its `holders` known. The handler and
+    /// the sold-out lane both decide here.
+    pub(crate) fn closed_customer(
+        &self,
+        closed: &Closed,
+        holders: &HolderSet,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> ClosedGrab {
+        let header = self.options.customer_id_header.as_ref();
+        match grab_customer(headers, body, header) {
+            Ok(customer) if !holders.may_hold(&customer) => ClosedGrab::Answered(closed.response()),
+            Ok(customer) => ClosedGrab::MayHold(customer),
+            Err(e) => ClosedGrab::Answered(e.into_response()),
+        }
+    }
+
+    /// Whether grabs take their customer from a header (the body unread).
+    pub(crate) fn customer_from_header(&self) -> bool {
+        self.options.customer_id_header.is_some()
+    }
+
+    /// The promotion `namespace`/`name` if this worker knows it is over
+    /// and has its holders loaded: then a grab of it is answered from
+    /// memory unless it may be from a holder.
+    pub(crate) fn closed_with_holders(&self, namespace: &str, name: &str) -> Option<Closed> {
+        match self.memory.get(namespace, name)? {
+            Known::Finished(closed) if closed.holders().get().is_some() => Some(closed),
+            _ => None,
+        }
     }
 
     /// `grab` past the rate limit by customer (when there is one).
@@ -457,11 +491,9 @@ pub async fn grab(
                 Ok(read) => read,
                 Err(e) => return e.into_response(),
             };
-            let header = api.options.customer_id_header.as_ref();
-            let customer = match grab_customer(&headers, &body, header) {
-                Ok(customer) if !holders.may_hold(&customer) => return closed.response(),
-                Ok(customer) => customer,
-                Err(e) => return e.into_response(),
+            let customer = match api.closed_customer(closed, holders, &headers, &body) {
+                ClosedGrab::MayHold(customer) => customer,
+                ClosedGrab::Answered(answer) => return answer,
             };
             let grab = path.id().and_then(|promotion| {
                 api.admit(GrabRequest {
@@ -496,6 +528,16 @@ pub async fn grab(
         }
     })
     .await
+}
+
+/// A grab of a promotion that is over, its holders known
+/// ([`CommandApi::closed_customer`]).
+pub(crate) enum ClosedGrab {
+    /// Its customer may hold a coupon: Redis answers.
+    MayHold(CustomerId),
+    /// Answered from memory: the 410 for anyone who holds none of its
+    /// coupons, a client error for a customer that cannot be read.
+    Answered(Response),
 }
 
 /// What sends one batch: the group commit's call, bounded by the Redis

@@ -35,6 +35,7 @@ pub mod memory;
 pub mod request;
 pub mod shard_maps;
 pub mod sharded;
+pub mod sold_out_lane;
 
 use std::time::Duration;
 

@@ -284,6 +284,75 @@ impl Layers {
     pub fn router(&self, router: Router) -> Router {
         router.fallback_service(self.around(no_route.into_service()))
     }
+
+    /// How [`Observe`] records the requests of route `template`, for an
+    /// answer given before routing (the sold-out lane).
+    pub fn observed(&self, template: &'static str) -> ObservedRoute {
+        ObservedRoute {
+            route: self.observe.routes.as_ref().map(|routes| {
+                let index = routes
+                    .templates
+                    .iter()
+                    .position(|t| *t == template)
+                    .unwrap_or(routes.metrics.len() - 1);
+                (routes.clone(), index)
+            }),
+        }
+    }
+
+    /// The time a request's body has to arrive ([`BodyDeadline`]).
+    pub fn body_deadline(&self) -> Duration {
+        self.body_deadline
+    }
+}
+
+/// One route's metrics as [`Observe`] records them, for answers given
+/// outside the router: [`ObservedRoute::answered`] is what [`Observe`] does
+/// with an endpoint's answer.
+#[derive(Debug, Clone)]
+pub struct ObservedRoute {
+    route: Option<(Arc<RouteTable>, usize)>,
+}
+
+impl ObservedRoute {
+    /// `response` (given the envelope if it has no [`Outcome`] and is an
+    /// error), recorded with the time since `started`.
+    pub fn answered(&self, response: Response, started: Instant) -> Response {
+        answered(response, started, self.route.as_ref())
+    }
+}
+
+/// What [`Observe`] does with an answer: an error without an [`Outcome`]
+/// gets the envelope of its status, and the request is recorded under its
+/// route (the index in the table) with its status, outcome and latency.
+fn answered<B>(
+    response: Response<B>,
+    started: Instant,
+    route: Option<&(Arc<RouteTable>, usize)>,
+) -> Response
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    let status = response.status();
+    let outcome = response.extensions().get::<Outcome>().copied();
+    let (response, outcome) = match outcome {
+        Some(Outcome(o)) => (response.map(Body::new), o),
+        None if status.is_client_error() || status.is_server_error() => {
+            // Its own body and headers (a text body, its length) go.
+            let error = ApiError::for_status(status);
+            let code = error.code;
+            (error.into_response(), code)
+        }
+        None if status.is_success() => (response.map(Body::new), "ok"),
+        None => (response.map(Body::new), "error"),
+    };
+    if let Some((routes, index)) = route {
+        if let Some(metrics) = routes.metrics.get(*index) {
+            metrics.observe(status.as_u16(), outcome, started.elapsed());
+        }
+    }
+    response
 }
 
 /// The metrics of each route template, looked up by the request's
@@ -404,25 +473,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(response) = ready!(this.inner.poll(cx));
-        let status = response.status();
-        let outcome = response.extensions().get::<Outcome>().copied();
-        let (response, outcome) = match outcome {
-            Some(Outcome(o)) => (response.map(Body::new), o),
-            None if status.is_client_error() || status.is_server_error() => {
-                // Its own body and headers (a text body, its length) go.
-                let error = ApiError::for_status(status);
-                let code = error.code;
-                (error.into_response(), code)
-            }
-            None if status.is_success() => (response.map(Body::new), "ok"),
-            None => (response.map(Body::new), "error"),
-        };
-        if let Some((routes, index)) = this.route.take() {
-            if let Some(metrics) = routes.metrics.get(index) {
-                metrics.observe(status.as_u16(), outcome, this.started.elapsed());
-            }
-        }
-        Poll::Ready(Ok(response))
+        let route = this.route.take();
+        Poll::Ready(Ok(answered(response, *this.started, route.as_ref())))
     }
 }
 

@@ -26,7 +26,7 @@ mod test_server;
 
 pub use error::{json, json_response, ApiError, Outcome, JSON, MAX_BODY_BYTES};
 pub use health::HealthApi;
-pub use routes::Apis;
+pub use routes::{Apis, App};
 pub use server::{
     bind, serve, shutdown_on_signal, termination_signal, HttpError, ServerLimitArgs, ServerLimits,
     MAX_HEADER_BYTES,

@@ -13,11 +13,33 @@ use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
 
+use crate::command::sold_out_lane::SoldOutLane;
 use crate::command::{self, CommandApi};
 use crate::http::health::{self, HealthApi};
 use crate::http::layers::{Admitted, Endpoint, Layered, Layers};
 use crate::http::ServerLimits;
 use crate::query::{self, QueryApi};
+
+/// The grab endpoint's path template (also what the sold-out lane
+/// matches before routing).
+pub const GRAB_ROUTE: &str = "/api/v1/promotions/{namespace}/{name}/grab";
+
+/// What a server serves ([`crate::http::serve`]): its router and, when it
+/// mounts the grab endpoint, the [`SoldOutLane`] in front of it.
+#[derive(Clone)]
+pub struct App {
+    pub router: Router,
+    pub sold_out: Option<Arc<SoldOutLane>>,
+}
+
+impl From<Router> for App {
+    fn from(router: Router) -> Self {
+        Self {
+            router,
+            sold_out: None,
+        }
+    }
+}
 
 /// The APIs one server mounts.
 pub struct Apis {
@@ -90,34 +112,56 @@ impl Apis {
 
     /// Every route these APIs serve: (method, path template).
     pub fn routes(self) -> Vec<(Method, &'static str)> {
-        table(self)
+        let Apis {
+            command,
+            query,
+            health,
+        } = self;
+        table(command.map(Arc::new), query, health)
             .into_iter()
             .map(|r| (r.method, r.template))
             .collect()
     }
 
     /// The router of these APIs, every endpoint in the [`Layers`] of
-    /// `limits`.
-    pub fn router(self, limits: &ServerLimits) -> Router {
-        let table = table(self);
+    /// `limits`, with the sold-out lane in front of it when the grab
+    /// endpoint is mounted.
+    pub fn router(self, limits: &ServerLimits) -> App {
+        let Apis {
+            command,
+            query,
+            health,
+        } = self;
+        let command = command.map(Arc::new);
+        let table = table(command.clone(), query, health);
         let templates: Vec<&'static str> = table.iter().map(|r| r.template).collect();
         let layers = Layers::new(&templates, limits);
         let router = table.into_iter().fold(Router::new(), |router, r| {
             router.route(r.template, (r.endpoint)(&layers))
         });
-        layers.router(router)
+        App {
+            router: layers.router(router),
+            sold_out: command
+                .and_then(|api| SoldOutLane::new(api, &layers))
+                .map(Arc::new),
+        }
     }
 }
 
-/// The table itself: the routes of the APIs `apis` mounts.
-fn table(apis: Apis) -> Vec<Route> {
+/// The table itself: the routes of the APIs a server mounts (the command
+/// API shared with the sold-out lane).
+fn table(
+    command: Option<Arc<CommandApi>>,
+    query: Option<QueryApi>,
+    health: HealthApi,
+) -> Vec<Route> {
     let mut table = Vec::new();
-    if let Some(api) = apis.command {
+    if let Some(api) = command {
         let limit_by_ip = api.ip_rate_limit();
-        let grab = command::grab.with_state(Arc::new(api));
+        let grab = command::grab.with_state(api);
         table.push(Route {
             method: Method::POST,
-            template: "/api/v1/promotions/{namespace}/{name}/grab",
+            template: GRAB_ROUTE,
             endpoint: Box::new(move |layers| match limit_by_ip {
                 // Before anything is parsed; a 405 is not counted against it.
                 // A client past its rate is refused before taking a permit.
@@ -128,7 +172,7 @@ fn table(apis: Apis) -> Vec<Route> {
             }),
         });
     }
-    if let Some(api) = apis.query {
+    if let Some(api) = query {
         let api = Arc::new(api);
         table.extend([
             Route::query("/api/v1/promotions", query::promotions, &api),
@@ -144,7 +188,7 @@ fn table(apis: Apis) -> Vec<Route> {
             ),
         ]);
     }
-    let health = Arc::new(apis.health);
+    let health = Arc::new(health);
     table.extend([
         Route::probe("/healthz", health::healthz, &health),
         Route::probe("/readyz", health::readyz, &health),

@@ -1,4 +1,5 @@
-//! The accept loop: what serving an axum [`Router`] needs beyond axum.
+//! The accept loop: what serving an axum [`Router`](axum::Router) (and the
+//! sold-out lane in front of it, [`App`]) needs beyond axum.
 //! `axum::serve` has no header read timeout, no bound on the request head
 //! and no connection cap, so connections are served here with hyper's
 //! HTTP/1 builder: a client gets [`ServerLimits::header_read_timeout`] to
@@ -8,6 +9,7 @@
 //! listener is dropped, idle keep-alive connections are closed and
 //! in-flight requests get [`ServerLimits::drain_timeout`] to finish.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,16 +18,17 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request};
-use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{Notify, Semaphore};
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
-use tower::Service;
+use tower::{Service, ServiceExt};
 
+use crate::http::App;
 use crate::metrics::HttpMetrics;
 
 /// Largest request head (request line and headers) read; past it hyper
@@ -45,7 +48,8 @@ pub struct ServerLimits {
     pub header_read_timeout: Duration,
     /// API requests (grabs, queries) handled at once; one past it is
     /// answered 503 at once without being attempted. Probes and `/metrics`
-    /// are not counted, so a busy worker still reports itself alive.
+    /// are not counted, so a busy worker still reports itself alive, nor
+    /// are the grabs the sold-out lane answers from memory.
     pub max_in_flight: usize,
     /// After shutdown is asked, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
@@ -68,7 +72,8 @@ pub struct ServerLimitArgs {
 
     /// API requests (grabs and queries) handled at once; one past it is
     /// answered 503 with Retry-After at once, nothing attempted, rather
-    /// than queued behind a slow Redis. Probes and /metrics are not counted.
+    /// than queued behind a slow Redis. Probes, /metrics and the grabs a
+    /// worker answers from memory after a sale are not counted.
     #[arg(long, env = "SECKILL_MAX_IN_FLIGHT", default_value_t = 1024)]
     pub max_in_flight: usize,
 }
@@ -125,10 +130,11 @@ pub enum HttpError {
 /// Handlers find the client's address as `ConnectInfo<SocketAddr>`.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: impl Into<App>,
     limits: &ServerLimits,
     shutdown: CancellationToken,
 ) -> Result<(), HttpError> {
+    let app: App = app.into();
     let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let connections = Arc::new(Semaphore::new(max_connections));
     let mut http1 = hyper::server::conn::http1::Builder::new();
@@ -170,9 +176,27 @@ pub async fn serve(
         let http1 = http1.clone();
         let stopping = stopping.clone();
         tokio::spawn(async move {
+            let App { router, sold_out } = app;
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
-                app.clone().call(request)
+                // A sold-out grab the lane answers before routing, or
+                // the router.
+                match sold_out
+                    .as_ref()
+                    .and_then(|lane| Some((lane.claim(&request)?, lane.clone())))
+                {
+                    Some((claim, lane)) => {
+                        let router = router.clone();
+                        Either::Left(async move {
+                            let to_router = |request| async move {
+                                let Ok(response) = router.oneshot(request).await;
+                                response
+                            };
+                            Ok::<_, Infallible>(lane.answer(claim, request, to_router).await)
+                        })
+                    }
+                    None => Either::Right(router.clone().call(request)),
+                }
             });
             let connection = http1.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = stopping.until_shutdown(connection).await {
