@@ -283,7 +283,9 @@ pct() {
 non2xx() { local n; n=$(awk '/Non-2xx or 3xx responses:/ {print $5}' "$1"); echo "${n:-0}"; }
 total() { awk '/requests in/ {print $1}' "$1"; }
 ratio() { awk -v a="$1" -v b="$2" -v f="$3" 'BEGIN { printf f, (b > 0) ? a / b : 0 }'; }
-# met / NOT met: value $1 at least $2, or at most $2 when $3 is "le".
+# met / NOT met: value $1 at least $2, or at most $2 when $3 is "le". Ratios
+# are given to three decimals so that a value rounded up to the limit (0.798
+# shown as 0.80) is not counted as met.
 verdict() { awk -v v="$1" -v t="$2" -v le="${3:-}" 'BEGIN { if (le == "le") print (v <= t) ? "met" : "NOT met"; else print (v >= t) ? "met" : "NOT met" }'; }
 bench_rate() { tr '\r' '\n' <"$1" | grep -o '[0-9.]* requests per second' | tail -1 | awk '{print $1}'; }
 
@@ -305,8 +307,8 @@ http_run() {
   G_RPS=$(rps "$work/run.txt"); G_P50=$(pct "$work/run.txt" 50); G_P99=$(pct "$work/run.txt" 99)
   G_NON2XX=$(non2xx "$work/run.txt"); G_TOTAL=$(total "$work/run.txt")
   G_GRANTS=$((x1 - x0))
-  G_REDIS_US=$(awk -v u="$((u1 - u0))" -v g="$G_GRANTS" 'BEGIN { printf "%.1f", (g > 0) ? u / g : 0 }')
-  G_SERVER_US=$(awk -v c="$S_CPU_S" -v n="$G_TOTAL" 'BEGIN { printf "%.1f", (n > 0) ? c / n * 1e6 : 0 }')
+  G_REDIS_US=$(awk -v u="$((u1 - u0))" -v g="$G_GRANTS" 'BEGIN { printf "%.2f", (g > 0) ? u / g : 0 }')
+  G_SERVER_US=$(awk -v c="$S_CPU_S" -v n="$G_TOTAL" 'BEGIN { printf "%.2f", (n > 0) ? c / n * 1e6 : 0 }')
   G_BATCH=$(awk -v s="$((bs1 - bs0))" -v c="$((bc1 - bc0))" 'BEGIN { printf "%.1f", (c > 0) ? s / c : 0 }')
   G_SERVER_PCT=$(pct_of "$S_CPU_S"); G_REDIS_PCT=$(pct_of "$R_CPU_S"); G_WRK_PCT=$(pct_of "$L_CPU_S")
   G_WRK_US=$(awk -v c="$L_CPU_S" -v n="$G_TOTAL" 'BEGIN { printf "%.1f", (n > 0) ? c / n * 1e6 : 0 }')
@@ -316,7 +318,7 @@ http_run() {
 # figures of the http_run just done, each with its verdict.
 worker_row() {
   local HTTP_RATIO
-  HTTP_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
+  HTTP_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.3f")
   echo "| $round | $1 | **$G_RPS** | **$HTTP_RATIO** (>= 1.0: $(verdict "$HTTP_RATIO" 1.0)) | **$G_REDIS_US** µs (<= 8: $(verdict "$G_REDIS_US" 8 le)) | **$G_SERVER_US** µs (<= 15: $(verdict "$G_SERVER_US" 15 le)) | $G_P50 / **$G_P99** ms (p99 <= 5: $(verdict "$G_P99" 5 le)) | **$G_BATCH** | $G_NON2XX of $G_TOTAL | worker $G_SERVER_PCT %, wrk $G_WRK_PCT % ($G_WRK_US µs per request), redis $G_REDIS_PCT % |"
 }
 
@@ -406,12 +408,12 @@ for round in $(seq "$ROUNDS"); do
 
   quiet
   http_run "$DURABLE_URL" "$DURABLE_PID" "http://127.0.0.1:$DURABLE_PORT" "$DURABLE_GRANTED" "durable$round"
-  D_RATIO=$(ratio "$G_RPS" "$PLAIN_RPS" "%.2f")
+  D_RATIO=$(ratio "$G_RPS" "$PLAIN_RPS" "%.3f")
   DURABLE_ROWS+="| $round | **$G_RPS** | **$PLAIN_RPS** | **$D_RATIO** (>= 0.8: $(verdict "$D_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_NON2XX of $G_TOTAL |"$'\n'
 
   settle
   http_run "$UP_URL" "$UP_PID" "http://127.0.0.1:$UP_PORT" "$UP_GRANTED" "up$round"
-  U_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.2f")
+  U_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.3f")
   UP_ROWS+="| $round | **$G_RPS** | **$YARD_RPS** | **$U_RATIO** (>= 0.8: $(verdict "$U_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_SERVER_US µs (every role) | $G_NON2XX of $G_TOTAL |"$'\n'
 
   quiet
@@ -430,7 +432,7 @@ for round in $(seq "$ROUNDS"); do
   cat "$work/nginx.txt"
   NGINX_CPU=$(pct_of "$S_CPU_S")
   SOLD_RPS=$(rps "$work/sold-out.txt"); NGINX_RPS=$(rps "$work/nginx.txt")
-  NGINX_RATIO=$(ratio "$SOLD_RPS" "$NGINX_RPS" "%.2f")
+  NGINX_RATIO=$(ratio "$SOLD_RPS" "$NGINX_RPS" "%.3f")
   SOLD_ROWS+="| $round | **$SOLD_RPS** ($(pct "$work/sold-out.txt" 50) / $(pct "$work/sold-out.txt" 99) ms; $(non2xx "$work/sold-out.txt") of $(total "$work/sold-out.txt") answered 410; worker $SOLD_CPU %) | **$NGINX_RPS** ($(pct "$work/nginx.txt" 50) / $(pct "$work/nginx.txt" 99) ms; nginx $NGINX_CPU %) | **$NGINX_RATIO** (>= 0.8: $(verdict "$NGINX_RATIO" 0.8)) | $UNB_RPS/s, $UNB_US µs Redis/call |"$'\n'
 done
 settle
