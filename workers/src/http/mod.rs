@@ -4,7 +4,7 @@
 //!
 //! | module | holds |
 //! |---|---|
-//! | [`routes`] | the one route table, and [`Apis`]: which APIs a server mounts |
+//! | [`routes`] | the one route table, [`Apis`]: which APIs a server mounts, and [`App`]: the router with the sold-out lane in front |
 //! | [`layers`] | the 404/405 fallbacks, the body limit and deadline, metrics |
 //! | [`server`] | the accept loop: header timeout and size, connection cap, drain |
 //! | [`error`] | [`ApiError`], the `{"error","message"}` envelope, as a response |
