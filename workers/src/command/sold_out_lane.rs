@@ -81,22 +81,12 @@ impl SoldOutLane {
         })
     }
 
-    /// The `{namespace}` and `{name}` of `path` if it is the grab route's,
-    /// as the router would match them; `None` for any other path, and for
-    /// one with a `%` (the router then refuses it with 400).
-    fn promotion_of<'p>(&self, path: &'p str) -> Option<(&'p str, &'p str)> {
-        let inner = path.strip_prefix(self.prefix)?.strip_suffix(self.suffix)?;
-        let (namespace, name) = inner.split_once('/')?;
-        let plain = |s: &str| !s.is_empty() && !s.contains(['/', '%']);
-        (plain(namespace) && plain(name)).then_some((namespace, name))
-    }
-
     /// Whether the lane answers `request`: see the module.
     pub fn claim(&self, request: &Request<Incoming>) -> Option<Claim> {
         if request.method() != Method::POST {
             return None;
         }
-        let (namespace, name) = self.promotion_of(request.uri().path())?;
+        let (namespace, name) = promotion_of(self.prefix, self.suffix, request.uri().path())?;
         // A declared length past the limit is the router's 413. The body is
         // read here only when its length is declared (a chunked one is the
         // router's to bound); with the customer in a header it is not read.
@@ -172,6 +162,17 @@ impl SoldOutLane {
     }
 }
 
+/// The `{namespace}` and `{name}` of `path` if it is `prefix`, two
+/// segments and `suffix`, as the router would match the grab route; `None`
+/// for any other path, and for one with a `%` (the router then refuses it
+/// with 400).
+fn promotion_of<'p>(prefix: &str, suffix: &str, path: &'p str) -> Option<(&'p str, &'p str)> {
+    let inner = path.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    let (namespace, name) = inner.split_once('/')?;
+    let plain = |s: &str| !s.is_empty() && !s.contains(['/', '%']);
+    (plain(namespace) && plain(name)).then_some((namespace, name))
+}
+
 /// `template` before `{namespace}` and after `{name}`, when it names a
 /// promotion by those two adjacent segments.
 fn segments_around(template: &'static str) -> Option<(&'static str, &'static str)> {
@@ -192,5 +193,29 @@ mod tests {
             segments_around("/api/v1/customers/{customerId}/coupons"),
             None
         );
+    }
+
+    #[test]
+    fn only_a_plain_two_segment_grab_path_names_a_promotion_for_the_lane() {
+        let (prefix, suffix) = segments_around(GRAB_ROUTE).unwrap();
+        let of = |path| promotion_of(prefix, suffix, path);
+        assert_eq!(
+            of("/api/v1/promotions/shop/sale/grab"),
+            Some(("shop", "sale"))
+        );
+        // Left to the router: encoded, missing, extra or empty segments,
+        // another route, a trailing slash.
+        for path in [
+            "/api/v1/promotions/shop/sa%6ce/grab",
+            "/api/v1/promotions/sale/grab",
+            "/api/v1/promotions/a/shop/sale/grab",
+            "/api/v1/promotions//sale/grab",
+            "/api/v1/promotions/shop//grab",
+            "/api/v1/promotions/shop/sale",
+            "/api/v1/promotions/shop/sale/grab/",
+            "/api/v1/customers/shop/sale/grab",
+        ] {
+            assert_eq!(of(path), None, "{path}");
+        }
     }
 }
