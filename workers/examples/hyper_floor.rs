@@ -1,8 +1,8 @@
 //! The floor of the sold-out path: hyper alone answering every request with
 //! the worker's 410 body, with the worker's HTTP/1 settings
-//! (the header read timeout of [`ServerLimitArgs`], `MAX_HEADER_BYTES`, keep-alive,
-//! no vectored writes), its allocator and, pinned to one CPU, its runtime
-//! (tokio's single-threaded one). No router, no layers, no handler: what a
+//! ([`http1_builder`], with [`ServerLimitArgs`]' defaults), its allocator
+//! and its runtime ([`runtime`]; tokio's single-threaded one when pinned to
+//! one CPU). No router, no layers, no handler: what a
 //! sold-out answer would cost if everything above hyper were free.
 //! `bench/sold-out-builds.sh` measures it beside the builds and nginx
 //! (docs/BENCHMARKS.md, "The sold-out target and the machine").
@@ -22,8 +22,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use seckill_workers::http::{ServerLimitArgs, MAX_HEADER_BYTES};
+use hyper_util::rt::TokioIo;
+use seckill_workers::http::{http1_builder, ServerLimitArgs};
+use seckill_workers::runtime::runtime;
 
 #[global_allocator]
 static ALLOCATOR: seckill_workers::allocator::Mimalloc = seckill_workers::allocator::Mimalloc;
@@ -59,23 +60,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .clone();
     let read_body = std::env::var("HYPER_FLOOR_BODY").as_deref() != Ok("skip");
     let limits = ServerLimitArgs::from_env_or_defaults()?.limits(Duration::ZERO, None);
-    // As the worker's main picks it.
-    let runtime = if std::thread::available_parallelism().is_ok_and(|n| n.get() == 1) {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    }
-    .enable_all()
-    .build()?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&listen).await?;
-        let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .max_header_size(MAX_HEADER_BYTES)
-            .keep_alive(true)
-            .writev(false);
+        let http1 = http1_builder(&limits);
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(accepted) => accepted,

@@ -17,6 +17,7 @@
 //!   cluster, TLS, ACL).
 //! - [`redis_server`]: a private `redis-server` child process (`seckill up`
 //!   runs one; the tests' fixtures wrap it).
+//! - [`runtime`]: the binaries' tokio runtime (single-threaded on one CPU).
 //! - [`telemetry`]: how logs are written (text or JSON lines).
 //! - [`flags`]: clap flag structs as values (their defaults, never retyped).
 //! - [`allocator`]: the binaries' global allocator (mimalloc).
@@ -33,4 +34,5 @@ pub mod rate_limit;
 pub mod read_model;
 pub mod redis_connection;
 pub mod redis_server;
+pub mod runtime;
 pub mod telemetry;

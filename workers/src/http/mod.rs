@@ -28,6 +28,6 @@ pub use error::{json, json_response, ApiError, Outcome, JSON, MAX_BODY_BYTES};
 pub use health::HealthApi;
 pub use routes::{Apis, App};
 pub use server::{
-    bind, serve, shutdown_on_signal, termination_signal, HttpError, ServerLimitArgs, ServerLimits,
-    MAX_HEADER_BYTES,
+    bind, http1_builder, serve, shutdown_on_signal, termination_signal, HttpError, ServerLimitArgs,
+    ServerLimits, MAX_HEADER_BYTES,
 };

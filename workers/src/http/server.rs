@@ -123,6 +123,23 @@ pub enum HttpError {
     Flags(String),
 }
 
+/// How every connection is served: hyper's HTTP/1 with the header read
+/// timeout of `limits`, [`MAX_HEADER_BYTES`], keep-alive, and no vectored
+/// writes. (Also the `hyper_floor` example's, the floor it measures.)
+pub fn http1_builder(limits: &ServerLimits) -> hyper::server::conn::http1::Builder {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true)
+        // Responses are a few hundred bytes: copying the body behind the
+        // head and sending one buffer costs less than a vectored write of
+        // the two (measured on the sold-out path).
+        .writev(false);
+    http1
+}
+
 /// Serves `app` on `listener` until `shutdown` is cancelled; then stops
 /// accepting, lets in-flight requests finish (idle keep-alive connections
 /// are closed at once) for at most `limits.drain_timeout`, and returns.
@@ -137,16 +154,7 @@ pub async fn serve(
     let app: App = app.into();
     let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let connections = Arc::new(Semaphore::new(max_connections));
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(MAX_HEADER_BYTES)
-        .keep_alive(true)
-        // Responses are a few hundred bytes: copying the body behind the
-        // head and sending one buffer costs less than a vectored write of
-        // the two (measured on the sold-out path).
-        .writev(false);
+    let http1 = http1_builder(limits);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving HTTP");
     }
