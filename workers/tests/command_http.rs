@@ -43,17 +43,16 @@ async fn open_sale(worker_args: &[&str]) -> (RedisServer, RedisConnection, Promo
     (server, con, id, worker)
 }
 
+/// `POST` to the grab route of `shop/<name>`, with `headers` and `body`.
+async fn post_grab(worker: &Worker, name: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+    call(worker.port, "POST", &grab_path("shop", name), headers, body)
+        .await
+        .unwrap()
+}
+
 /// `POST` to the grab route of `shop/sale`, with `headers` and `body`.
 async fn post_to_sale(worker: &Worker, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
-    call(
-        worker.port,
-        "POST",
-        &grab_path("shop", "sale"),
-        headers,
-        body,
-    )
-    .await
-    .unwrap()
+    post_grab(worker, "sale", headers, body).await
 }
 
 /// Coupon ids of the CouponGrabbed events in the stream of `id`.
@@ -270,15 +269,13 @@ async fn sold_out_and_finished_promotions_answer_410_and_sold_out_needs_no_redis
     );
     // The customer id is read to tell holders apart: a request that names
     // no one is refused as such.
-    let unread = call(
-        worker.port,
-        "POST",
-        &grab_path("shop", "small"),
+    let unread = post_grab(
+        &worker,
+        "small",
         &[("content-type", JSON)],
         b"{not json".to_vec(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(unread.status, 400, "{unread:?}");
 
     // Answered at all while Redis is still stopped: the timeout, not Redis.
@@ -369,25 +366,21 @@ async fn a_sold_out_grab_is_answered_before_routing_never_shed_counted_once_and_
     }
     // A body past the limit is the router's (413), a malformed one the
     // handler's own answer (400), even with the permit taken.
-    let big = call(
-        worker.port,
-        "POST",
-        &grab_path("shop", "small"),
+    let big = post_grab(
+        &worker,
+        "small",
         &[("content-type", JSON)],
         vec![b' '; 8 * 1024],
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(big.status, 413, "{big:?}");
-    let unread = call(
-        worker.port,
-        "POST",
-        &grab_path("shop", "small"),
+    let unread = post_grab(
+        &worker,
+        "small",
         &[("content-type", JSON)],
         b"{not json".to_vec(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         (unread.status, unread.error()),
         (400, "invalid_request"),
