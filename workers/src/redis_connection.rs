@@ -6,6 +6,7 @@
 //! back, without a restart.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -286,9 +287,7 @@ impl RedisArgs {
                 builder = builder.certs(certs);
             }
             let client = builder.build()?;
-            let conn = client
-                .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new());
-            return Ok(RedisConnection::Cluster(conn));
+            return Ok(RedisConnection::open(Opener::Cluster(client))?);
         }
         let url = self
             .redis_url
@@ -321,22 +320,65 @@ impl RedisArgs {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(RedisConnection::Single(manager))
+        Ok(RedisConnection::open(Opener::Single(client, config))?)
     }
 }
 
 /// A cheap-to-clone handle to Redis, standalone or cluster; commands on
 /// clones are multiplexed over the same connections.
 #[derive(Clone)]
-pub enum RedisConnection {
+pub struct RedisConnection {
+    link: Link,
+    opener: Arc<Opener>,
+}
+
+#[derive(Clone)]
+enum Link {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
 
+/// What builds a [`RedisConnection`]'s links, kept so that
+/// [`RedisConnection::independent`] can build another.
+enum Opener {
+    Single(redis::Client, ConnectionManagerConfig),
+    Cluster(ClusterClient),
+}
+
 impl RedisConnection {
+    fn open(opener: Opener) -> redis::RedisResult<Self> {
+        let opener = Arc::new(opener);
+        Ok(Self {
+            link: Self::link(&opener)?,
+            opener,
+        })
+    }
+
+    fn link(opener: &Opener) -> redis::RedisResult<Link> {
+        Ok(match opener {
+            Opener::Single(client, config) => Link::Single(
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
+            ),
+            Opener::Cluster(client) => Link::Cluster(
+                client
+                    .get_pending_async_connection_with_config(redis::cluster::ClusterConfig::new()),
+            ),
+        })
+    }
+
+    /// A handle with connections of its own to the same Redis, with the same
+    /// settings (lazy, as the first). For blocking commands: Redis serves a
+    /// connection's commands in order, so a `WAIT` on a shared connection
+    /// would hold up every command multiplexed behind it.
+    pub fn independent(&self) -> redis::RedisResult<Self> {
+        Ok(Self {
+            link: Self::link(&self.opener)?,
+            opener: self.opener.clone(),
+        })
+    }
+
     pub fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
+        matches!(self.link, Link::Cluster(_))
     }
 
     /// Whether `other` reaches another logical database of the same
@@ -354,15 +396,15 @@ impl RedisConnection {
         &mut self,
         commands: Vec<Cmd>,
     ) -> redis::RedisResult<Vec<T>> {
-        match self {
-            Self::Single(c) => {
+        match &mut self.link {
+            Link::Single(c) => {
                 let mut pipe = redis::pipe();
                 for cmd in commands {
                     pipe.add_command(cmd);
                 }
                 pipe.query_async(c).await
             }
-            Self::Cluster(c) => {
+            Link::Cluster(c) => {
                 let each = commands.into_iter().map(|cmd| {
                     let mut c = c.clone();
                     async move { cmd.query_async::<T>(&mut c).await }
@@ -375,9 +417,9 @@ impl RedisConnection {
 
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+        match &mut self.link {
+            Link::Single(c) => c.req_packed_command(cmd),
+            Link::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -387,16 +429,16 @@ impl ConnectionLike for RedisConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        match &mut self.link {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+        match &self.link {
+            Link::Single(c) => c.get_db(),
+            Link::Cluster(c) => c.get_db(),
         }
     }
 }

@@ -2,8 +2,9 @@
 //! command` binary, against a real master and replica pair of redis-server
 //! processes: a grant is answered 200 only once the replica holds it; with the
 //! replica stalled the grab answers 503 (maybe recorded, retry), and the retry
-//! after it recovers answers the same coupon. The worker refuses to start when
-//! the replica wait does not fit in the Redis timeout.
+//! after it recovers answers the same coupon, and the wait holds up nobody
+//! else's grab. The worker refuses to start when the replica wait does not
+//! fit in the Redis timeout.
 
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,6 +171,60 @@ async fn a_grant_the_replica_cannot_confirm_is_503_and_its_retry_returns_the_sam
     assert!(
         metrics.contains(&format!(r#"status="503",outcome="not_replicated"}} {n}"#)),
         "{n}: {metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_holds_up_only_the_grants_waiting_for_it() {
+    let (master, replica, mut con) = master_and_replica().await;
+    schedule_sale(&mut con).await;
+    // Another promotion, not open yet, that this worker has never seen: its
+    // first grab has to ask Redis.
+    let later = id("later");
+    protocol::schedule(
+        &mut con,
+        &later,
+        &spec_from_now(0.5, 10, 3_600_000, 3_600_000),
+    )
+    .await
+    .unwrap();
+    let worker = Worker::command(
+        &master.url(),
+        &[
+            "--durable-replicas",
+            "1",
+            "--durable-timeout-ms",
+            "2000",
+            "--redis-timeout-ms",
+            "3000",
+        ],
+    )
+    .await;
+
+    // Bob's grant waits for the stalled replica (up to 2 s, then 503);
+    // meanwhile carol's grab of the other promotion goes to Redis and is
+    // answered at once: nothing of hers queues behind bob's WAIT.
+    replica.pause();
+    let (bob, carol) = tokio::join!(
+        async {
+            let r = worker.grab("shop", "sale", "bob").await;
+            (r, Instant::now())
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let r = worker.grab("shop", "later", "carol").await;
+            (r, Instant::now())
+        },
+    );
+    replica.resume();
+    let ((bob, bob_answered), (carol, carol_answered)) = (bob, carol);
+    assert_eq!(bob.status, 503, "{bob:?}");
+    assert_eq!(carol.status, 409, "{carol:?}");
+    assert_eq!(carol.json["error"], "not_started", "{carol:?}");
+    assert!(
+        carol_answered < bob_answered,
+        "carol was answered {:?} after bob, whose grant waited for the replica",
+        carol_answered - bob_answered
     );
 }
 

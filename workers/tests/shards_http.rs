@@ -610,6 +610,46 @@ async fn durable_workers_on_three_shards_with_replicas_answer_200_only_for_grant
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_workers_on_a_cluster_with_replicas_sell_an_unsharded_promotion_exactly_with_every_200_in_its_stream(
+) {
+    // The unsharded durable path on a cluster: each batch's WAIT goes on a
+    // connection of its own, routed by the probe key to the promotion's
+    // master, while the lane sends its next batch.
+    let c = cluster_with(1);
+    let mut con = c.connect();
+    let coupons = 60;
+    let p = id("durable-one");
+    protocol::schedule(&mut con, &p, &spec_from_now(0.7, coupons, -1000, 600_000))
+        .await
+        .expect("schedule");
+    let durable = ["--durable-replicas", "1", "--durable-timeout-ms", "1000"];
+    let (a, b) = (
+        worker_with(&c, &durable).await,
+        worker_with(&c, &durable).await,
+    );
+    let ports: Ports = Arc::new(Mutex::new(vec![a.port, b.port]));
+    let answered = start_crowd(&ports, "durable-one", arrivals("u", 200, |_, _| true))
+        .answers()
+        .await;
+
+    let grants = plain_stream_grants(&mut con, &p).await;
+    let numbers: BTreeSet<u64> = grants.values().copied().collect();
+    assert_eq!(numbers, (1..=coupons).collect(), "every coupon once");
+    // Every 200 is its customer's grant in the stream; every holder, who
+    // retried until final, was answered 200; everyone else sold_out.
+    check_200s(&answered, &grants);
+    assert_eq!(answered_200(&answered), grants.keys().collect());
+    for a in answered.iter().filter(|a| a.status != 200) {
+        assert_eq!(
+            (a.status, a.error.as_str()),
+            (410, "sold_out"),
+            "{}",
+            a.customer
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_holding_the_map_of_before_a_replan_reads_the_new_one_and_sells_exactly_its_stock()
 {
     let c = cluster();

@@ -19,6 +19,18 @@
 //! Every customer gets its own answer from the batch's reply; when the call
 //! fails or times out, every customer of the batch gets the same failure
 //! (the outcome is unknown, and the grab's idempotence makes a retry safe).
+//!
+//! A call may come back with answers still to confirm ([`Sent::Confirming`]:
+//! durable grabs, whose grants are answered once replicas acknowledge
+//! them). The lane does not wait for that: its next batch is sent while the
+//! confirmation of the one before is pending, so a replica's round trip is
+//! not added to every batch's. It stays at most one batch ahead, though:
+//! the batch after that waits until the first is confirmed (or given up),
+//! so a stalled replica slows the lane instead of letting it grant batch
+//! after batch that nobody can confirm (each answered 503), and grabs that
+//! arrive meanwhile gather into a larger batch. Coupons are still numbered
+//! in arrival order (the calls of a lane still go one at a time), and no
+//! customer is answered before its batch is confirmed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,7 +38,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use foldhash::fast::RandomState;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
 
 use crate::protocol::shards::ShardError;
 use crate::protocol::{CustomerId, DurableGrabError, GrabOutcome, PromotionId, ScriptError};
@@ -53,9 +66,22 @@ pub enum GrabFailure {
 /// One customer's answer.
 pub type GrabAnswer = Result<GrabOutcome, GrabFailure>;
 
-/// What runs one batch: its answers, one per customer in order, or the
-/// failure of the whole batch.
-pub type BatchFuture = Pin<Box<dyn Future<Output = Result<Vec<GrabAnswer>, GrabFailure>> + Send>>;
+/// A batch's answers, one per customer in order, or the failure of the
+/// whole batch.
+pub type AnswersFuture = Pin<Box<dyn Future<Output = Result<Vec<GrabAnswer>, GrabFailure>> + Send>>;
+
+/// What a batch's call came back with.
+pub enum Sent {
+    /// Every customer's answer.
+    Answered(Vec<GrabAnswer>),
+    /// The call is done in Redis; its answers wait for a confirmation that
+    /// does not hold up the lane (replicas acknowledging its writes).
+    Confirming(AnswersFuture),
+}
+
+/// What runs one batch: what it [`Sent`] back, or the failure of the whole
+/// batch.
+pub type BatchFuture = Pin<Box<dyn Future<Output = Result<Sent, GrabFailure>> + Send>>;
 
 /// Sends one batch of one lane (promotion and home shard) to Redis.
 pub type BatchCall = Arc<dyn Fn(PromotionId, Home, Vec<CustomerId>) -> BatchFuture + Send + Sync>;
@@ -92,6 +118,9 @@ struct Waiter {
 struct Lane {
     home: Home,
     waiting: Vec<Waiter>,
+    /// Told of every grab that joins `waiting`: wakes a driver that waits
+    /// for a confirmation with nothing to send.
+    arrived: Arc<Notify>,
 }
 
 /// The lanes of every promotion with a call in flight; a lane without one
@@ -163,11 +192,13 @@ impl GroupCommit {
             let lane = Lane {
                 home,
                 waiting: Vec::new(),
+                arrived: Arc::new(Notify::new()),
             };
             match lanes.get_mut(promotion) {
                 Some(of_promotion) => match of_promotion.iter_mut().find(|l| l.home == home) {
                     Some(lane) => {
                         lane.waiting.push(waiter);
+                        lane.arrived.notify_one();
                         false
                     }
                     None => {
@@ -199,11 +230,26 @@ impl GroupCommit {
     }
 }
 
-/// Sends the lane's waiting grabs, `max` at a time, until none is left; then
-/// removes the lane, so that the next grab starts a new driver.
+/// What a lane's driver does next.
+enum Next {
+    Send(Vec<Waiter>),
+    /// Nothing waiting, a confirmation pending: wait for either to change.
+    Idle(Arc<Notify>),
+}
+
+/// Sends the lane's waiting grabs, `max` at a time, until none is left and
+/// no batch awaits confirmation; then removes the lane, so that the next
+/// grab starts a new driver.
 async fn drive(lanes: Arc<Lanes>, promotion: PromotionId, home: Home) {
+    // The confirmation of the last batch sent, if it has one pending: the
+    // next batch may go meanwhile, and once its call is done this one is
+    // awaited before a third is sent.
+    let mut confirming: Option<JoinHandle<()>> = None;
     loop {
-        let batch: Vec<Waiter> = {
+        if confirming.as_ref().is_some_and(JoinHandle::is_finished) {
+            confirming = None;
+        }
+        let next = {
             let mut by_promotion = lanes.by_promotion.lock().unwrap_or_else(|e| e.into_inner());
             let Some(of_promotion) = by_promotion.get_mut(&promotion) else {
                 return;
@@ -213,40 +259,71 @@ async fn drive(lanes: Arc<Lanes>, promotion: PromotionId, home: Home) {
             };
             let lane = &mut of_promotion[i];
             if lane.waiting.is_empty() {
-                of_promotion.swap_remove(i);
-                if of_promotion.is_empty() {
-                    by_promotion.remove(&promotion);
+                if confirming.is_some() {
+                    Next::Idle(lane.arrived.clone())
+                } else {
+                    of_promotion.swap_remove(i);
+                    if of_promotion.is_empty() {
+                        by_promotion.remove(&promotion);
+                    }
+                    return;
                 }
-                return;
+            } else {
+                let n = lane.waiting.len().min(lanes.max);
+                Next::Send(lane.waiting.drain(..n).collect())
             }
-            let n = lane.waiting.len().min(lanes.max);
-            lane.waiting.drain(..n).collect()
+        };
+        let batch = match next {
+            Next::Send(batch) => batch,
+            Next::Idle(arrived) => {
+                if let Some(pending) = confirming.as_mut() {
+                    tokio::select! {
+                        _ = pending => confirming = None,
+                        _ = arrived.notified() => {}
+                    }
+                }
+                continue;
+            }
         };
         if let Some(observe) = &lanes.on_batch {
             observe(batch.len());
         }
         let customers = batch.iter().map(|w| w.customer.clone()).collect();
         match (lanes.call)(promotion.clone(), home, customers).await {
-            Ok(answers) if answers.len() == batch.len() => {
-                for (waiter, answer) in batch.into_iter().zip(answers) {
-                    let _ = waiter.answer.send(answer);
+            Ok(Sent::Answered(answers)) => answer(batch, Ok(answers)),
+            Ok(Sent::Confirming(answers)) => {
+                let this = tokio::spawn(async move { answer(batch, answers.await) });
+                if let Some(before) = confirming.replace(this) {
+                    let _ = before.await;
                 }
             }
-            Ok(answers) => {
-                let e = ScriptError::BadReply(format!(
-                    "{} answers for a batch of {}",
-                    answers.len(),
-                    batch.len()
-                ));
-                let failure = GrabFailure::Store(Arc::new(e));
-                for waiter in batch {
-                    let _ = waiter.answer.send(Err(failure.clone()));
-                }
+            Err(failure) => answer(batch, Err(failure)),
+        }
+    }
+}
+
+/// Gives each waiter of `batch` its answer, or the batch's failure to all.
+fn answer(batch: Vec<Waiter>, answers: Result<Vec<GrabAnswer>, GrabFailure>) {
+    match answers {
+        Ok(answers) if answers.len() == batch.len() => {
+            for (waiter, answer) in batch.into_iter().zip(answers) {
+                let _ = waiter.answer.send(answer);
             }
-            Err(failure) => {
-                for waiter in batch {
-                    let _ = waiter.answer.send(Err(failure.clone()));
-                }
+        }
+        Ok(answers) => {
+            let e = ScriptError::BadReply(format!(
+                "{} answers for a batch of {}",
+                answers.len(),
+                batch.len()
+            ));
+            let failure = GrabFailure::Store(Arc::new(e));
+            for waiter in batch {
+                let _ = waiter.answer.send(Err(failure.clone()));
+            }
+        }
+        Err(failure) => {
+            for waiter in batch {
+                let _ = waiter.answer.send(Err(failure.clone()));
             }
         }
     }
@@ -266,10 +343,12 @@ mod tests {
     }
 
     /// A fake store: each call of promotion "held" on shard 0 waits for its
-    /// gate; others answer at once. Every batch is recorded.
+    /// gate; a call of "confirming" is done at once but its answers wait for
+    /// its confirmation gate; others answer at once. Every batch is recorded.
     struct Fake {
         batches: Mutex<Vec<(String, Home, Vec<String>)>>,
         gates: Mutex<Vec<oneshot::Sender<()>>>,
+        confirmations: Mutex<Vec<oneshot::Sender<()>>>,
         calls: AtomicUsize,
     }
 
@@ -277,6 +356,7 @@ mod tests {
         let f = Arc::new(Fake {
             batches: Mutex::new(Vec::new()),
             gates: Mutex::new(Vec::new()),
+            confirmations: Mutex::new(Vec::new()),
             calls: AtomicUsize::new(0),
         });
         let g = f.clone();
@@ -297,16 +377,30 @@ mod tests {
                 if p.name() == "broken" {
                     return Err(GrabFailure::Timeout);
                 }
-                Ok(names.iter().map(|_| Ok(GrabOutcome::SoldOut)).collect())
+                let answers = names.iter().map(|_| Ok(GrabOutcome::SoldOut)).collect();
+                if p.name() == "confirming" {
+                    // Done in Redis; answered once its confirmation gate opens.
+                    let (tx, rx) = oneshot::channel();
+                    g.confirmations.lock().unwrap().push(tx);
+                    return Ok(Sent::Confirming(Box::pin(async move {
+                        let _ = rx.await;
+                        Ok(answers)
+                    })));
+                }
+                Ok(Sent::Answered(answers))
             }) as BatchFuture
         });
         (f, call)
     }
 
     async fn until(what: impl Fn() -> bool) {
-        while !what() {
+        for _ in 0..100_000 {
+            if what() {
+                return;
+            }
             tokio::task::yield_now().await;
         }
+        panic!("never came true");
     }
 
     /// Spawns customer 0's grab of "held" and waits until its call waits
@@ -400,6 +494,85 @@ mod tests {
             .grab(&id("fine"), Home::UNSHARDED, customer(9))
             .await
             .is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_lane_sends_its_next_batch_while_the_one_before_awaits_confirmation() {
+        let (f, call) = fake();
+        let gc = GroupCommit::new(64, call);
+        let grab = |n| {
+            let gc = gc.clone();
+            tokio::spawn(async move {
+                gc.grab(&id("confirming"), Home::UNSHARDED, customer(n))
+                    .await
+            })
+        };
+        let first = grab(0);
+        until(|| f.confirmations.lock().unwrap().len() == 1).await;
+        // The first batch is done in Redis, not confirmed: the next grabs
+        // are sent (the lane is free), and nobody is answered yet.
+        let second = grab(1);
+        until(|| f.confirmations.lock().unwrap().len() == 2).await;
+        assert_eq!(f.calls.load(Ordering::SeqCst), 2);
+        tokio::task::yield_now().await;
+        assert!(!first.is_finished() && !second.is_finished());
+        // Each is answered when its own batch is confirmed, in any order.
+        let second_gate = f.confirmations.lock().unwrap().pop().unwrap();
+        second_gate.send(()).unwrap();
+        assert!(second.await.unwrap().is_ok());
+        assert!(!first.is_finished());
+        f.confirmations
+            .lock()
+            .unwrap()
+            .pop()
+            .unwrap()
+            .send(())
+            .unwrap();
+        assert!(first.await.unwrap().is_ok());
+        let batches: Vec<Vec<String>> = f
+            .batches
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, b)| b.clone())
+            .collect();
+        assert_eq!(batches, [vec!["c0"], vec!["c1"]]);
+        // Nothing left to send or confirm: the lane is gone.
+        until(|| gc.lanes.by_promotion.lock().unwrap().is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn a_lane_is_never_more_than_one_batch_ahead_of_its_confirmations() {
+        let (f, call) = fake();
+        let gc = GroupCommit::new(64, call);
+        let grab = |n| {
+            let gc = gc.clone();
+            tokio::spawn(async move {
+                gc.grab(&id("confirming"), Home::UNSHARDED, customer(n))
+                    .await
+            })
+        };
+        let first = grab(0);
+        until(|| f.confirmations.lock().unwrap().len() == 1).await;
+        let second = grab(1);
+        until(|| f.confirmations.lock().unwrap().len() == 2).await;
+        // Two batches unconfirmed: the third waits for the first's
+        // confirmation (a stalled replica slows the lane, it does not let
+        // it grant on unchecked).
+        let third = grab(2);
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(f.calls.load(Ordering::SeqCst), 2);
+        let first_gate = f.confirmations.lock().unwrap().remove(0);
+        first_gate.send(()).unwrap();
+        assert!(first.await.unwrap().is_ok());
+        until(|| f.calls.load(Ordering::SeqCst) == 3).await;
+        for gate in f.confirmations.lock().unwrap().drain(..) {
+            gate.send(()).unwrap();
+        }
+        assert!(second.await.unwrap().is_ok());
+        assert!(third.await.unwrap().is_ok());
     }
 
     #[tokio::test]

@@ -26,9 +26,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::group_commit::{BatchCall, BatchFuture, GrabAnswer, GrabFailure, GroupCommit, Home};
+use super::group_commit::{
+    BatchCall, BatchFuture, GrabAnswer, GrabFailure, GroupCommit, Home, Sent,
+};
 use super::holders::{HolderSet, HolderSetBuilder};
 use super::memory::{Closed, Known, PromotionMemory};
+use super::replica_acks::ReplicaAcks;
 use super::request::{grab_customer, parse_grab, GrabRequest};
 use super::shard_maps::{Route, ShardMaps};
 use super::sharded::{self, Opening};
@@ -49,8 +52,9 @@ pub struct CommandOptions {
     pub customer_id_header: Option<HeaderName>,
     /// Bound on one grab round trip; past it the answer is 503.
     pub redis_timeout: Duration,
-    /// Answer grants 200 only once replicas hold them
-    /// (`protocol::grab_batch_durable`); `None` is the plain grab.
+    /// Answer grants 200 only once replicas hold them ([`ReplicaAcks`] for
+    /// an unsharded promotion, `protocol::grab_batch_durable` per step of a
+    /// sharded one); `None` is the plain grab.
     pub durability: Option<Durability>,
     /// Most customers in one grab call (group commit); 1 = no batching.
     pub batch_max: usize,
@@ -84,6 +88,8 @@ pub struct CommandApi {
     redis: RedisConnection,
     options: CommandOptions,
     group: GroupCommit,
+    /// The replica acknowledgements of unsharded durable grabs.
+    acks: Option<Arc<ReplicaAcks>>,
     memory: PromotionMemory,
     maps: Arc<ShardMaps>,
     rate_limit: Option<GrabRateLimit>,
@@ -94,11 +100,18 @@ pub struct CommandApi {
 impl CommandApi {
     pub fn new(redis: RedisConnection, options: CommandOptions) -> Self {
         let maps = Arc::new(ShardMaps::new(options.finish_skew_wait));
-        let group = GroupCommit::new(options.batch_max, batch_call(&redis, &options, &maps));
+        let acks = options
+            .durability
+            .map(|d| ReplicaAcks::new(redis.clone(), d, options.redis_timeout));
+        let group = GroupCommit::new(
+            options.batch_max,
+            batch_call(&redis, &options, &maps, acks.clone()),
+        );
         Self {
             redis,
             options,
             group,
+            acks,
             memory: PromotionMemory::default(),
             maps,
             rate_limit: None,
@@ -130,7 +143,7 @@ impl CommandApi {
             Arc::new(ShardMaps::new(self.options.finish_skew_wait).observed(command.clone()));
         self.group = GroupCommit::observing(
             self.options.batch_max,
-            batch_call(&self.redis, &self.options, &self.maps),
+            batch_call(&self.redis, &self.options, &self.maps, self.acks.clone()),
             Arc::new(move |n| observed.batch(n)),
         );
         self.redis_metrics = Some(redis);
@@ -541,13 +554,16 @@ pub(crate) enum ClosedGrab {
 }
 
 /// What sends one batch: the group commit's call, bounded by the Redis
-/// timeout, with one `WAIT` per batch for durable grabs. A sharded lane's
-/// batch is [`sharded_batch`], boxed apart so that its larger state never
-/// weighs on the unsharded batch's future.
+/// timeout. An unsharded durable batch is answered once replicas
+/// acknowledge it ([`ReplicaAcks`], a `WAIT` on a connection of its own),
+/// and its lane sends the next batch during that wait. A
+/// sharded lane's batch is [`sharded_batch`], boxed apart so that its
+/// larger state never weighs on the unsharded batch's future.
 fn batch_call(
     redis: &RedisConnection,
     options: &CommandOptions,
     maps: &Arc<ShardMaps>,
+    acks: Option<Arc<ReplicaAcks>>,
 ) -> BatchCall {
     let redis = redis.clone();
     let timeout = options.redis_timeout;
@@ -558,59 +574,83 @@ fn batch_call(
             let (con, maps) = (redis.clone(), maps.clone());
             if home.is_sharded() {
                 let bound = timeout * SHARDED_BATCH_TIMEOUTS;
-                return Box::pin(sharded_batch(
-                    con, maps, promotion, home, customers, durability, bound,
-                ));
+                return Box::pin(async move {
+                    sharded_batch(con, maps, promotion, home, customers, durability, bound)
+                        .await
+                        .map(Sent::Answered)
+                });
             }
             Box::pin(unsharded_batch(
-                con, maps, promotion, customers, durability, timeout,
+                con,
+                maps,
+                promotion,
+                customers,
+                acks.clone(),
+                timeout,
             ))
         },
     )
 }
 
-/// One batch of an unsharded promotion: one `FCALL` (and `WAIT` when
-/// durable), as before shards existed.
+/// One batch of an unsharded promotion: one `FCALL`; when durable, its
+/// grants are answered once replicas acknowledge them, within the same
+/// Redis timeout counted from the call's start.
 async fn unsharded_batch(
     mut con: RedisConnection,
     maps: Arc<ShardMaps>,
     promotion: PromotionId,
     customers: Vec<CustomerId>,
-    durability: Option<Durability>,
+    acks: Option<Arc<ReplicaAcks>>,
     timeout: Duration,
-) -> Result<Vec<GrabAnswer>, GrabFailure> {
-    let call = async {
-        match durability {
-            None => protocol::grab_batch(&mut con, &promotion, &customers)
-                .await
-                .map(|outcomes| outcomes.into_iter().map(Ok).collect::<Vec<GrabAnswer>>()),
-            Some(d) => protocol::grab_batch_durable(&mut con, &promotion, &customers, d)
-                .await
-                .map(|answers| {
-                    answers
-                        .into_iter()
-                        .map(|a| a.map_err(|e| GrabFailure::NotReplicated(Arc::new(e))))
-                        .collect()
-                }),
-        }
-    };
-    match tokio::time::timeout(timeout, call).await {
-        Err(_) => Err(GrabFailure::Timeout),
+) -> Result<Sent, GrabFailure> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let call = protocol::grab_batch(&mut con, &promotion, &customers);
+    let outcomes = match tokio::time::timeout_at(deadline, call).await {
+        Err(_) => return Err(GrabFailure::Timeout),
         Ok(Err(e)) => {
             // Among the nonsense: "this promotion is sharded" (its map was
             // written after this worker read none). Read the map again.
             if matches!(e, ScriptError::BadReply(_)) {
                 maps.forget(&promotion);
             }
-            Err(GrabFailure::Store(Arc::new(e)))
+            return Err(GrabFailure::Store(Arc::new(e)));
         }
-        Ok(Ok(answers)) => {
-            if let Some(Ok(GrabOutcome::UnknownPromotion)) = answers.first() {
-                maps.forget(&promotion);
-            }
-            Ok(answers)
-        }
+        Ok(Ok(outcomes)) => outcomes,
+    };
+    if let Some(GrabOutcome::UnknownPromotion) = outcomes.first() {
+        maps.forget(&promotion);
     }
+    match acks {
+        // Nothing promised (sold out, not started...): nothing to confirm.
+        Some(acks) if outcomes.iter().any(GrabOutcome::promises_coupon) => Ok(Sent::Confirming(
+            Box::pin(confirmed(acks, promotion, outcomes, deadline)),
+        )),
+        _ => Ok(Sent::Answered(outcomes.into_iter().map(Ok).collect())),
+    }
+}
+
+/// A durable batch's answers: its outcomes once the replicas acknowledged
+/// them; a grant that too few did by `deadline`, or whose acknowledgement
+/// failed, is a 503 (maybe recorded, retry), never a 200.
+async fn confirmed(
+    acks: Arc<ReplicaAcks>,
+    promotion: PromotionId,
+    outcomes: Vec<GrabOutcome>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<GrabAnswer>, GrabFailure> {
+    let probe = protocol::replication_probe_key(&promotion);
+    let acked = match tokio::time::timeout_at(deadline, acks.acked(&probe)).await {
+        Ok(Ok(acked)) => acked,
+        Ok(Err(e)) => {
+            tracing::warn!(%promotion, error = %e, "replica acknowledgement failed");
+            0
+        }
+        Err(_) => 0,
+    };
+    Ok(protocol::confirmed(outcomes, acked, acks.durability())
+        .into_iter()
+        .map(|a| a.map_err(|e| GrabFailure::NotReplicated(Arc::new(e))))
+        .collect())
 }
 
 /// One batch of a sharded lane: the customers of `home`'s shard, served

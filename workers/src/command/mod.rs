@@ -32,6 +32,7 @@ pub mod group_commit;
 pub mod handler;
 pub mod holders;
 pub mod memory;
+pub mod replica_acks;
 pub mod request;
 pub mod shard_maps;
 pub mod sharded;

@@ -100,8 +100,6 @@ pub async fn grab_batch_durable<C: ConnectionLike>(
     customers: &[CustomerId],
     durability: Durability,
 ) -> Result<Vec<Result<GrabOutcome, DurableGrabError>>, ScriptError> {
-    let wanted = durability.replicas.max(1);
-    let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
     let (reply, acked) = call_then_wait(
         con,
         batch_command(id, customers),
@@ -110,7 +108,26 @@ pub async fn grab_batch_durable<C: ConnectionLike>(
         durability,
     )
     .await?;
-    Ok(decode_reply(id, customers, reply)?
+    Ok(confirmed(
+        decode_reply(id, customers, reply)?,
+        acked,
+        durability,
+    ))
+}
+
+/// The answers of a batch whose writes `acked` replicas acknowledged:
+/// each outcome that promises a coupon (granted, already granted) as
+/// [`DurableGrabError::NotReplicated`] when fewer than the wanted replicas
+/// did, every other outcome as it is.
+#[allow(clippy::result_large_err)]
+pub fn confirmed(
+    outcomes: Vec<GrabOutcome>,
+    acked: u32,
+    durability: Durability,
+) -> Vec<Result<GrabOutcome, DurableGrabError>> {
+    let wanted = durability.replicas.max(1);
+    let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
+    outcomes
         .into_iter()
         .map(|outcome| {
             if outcome.promises_coupon() && acked < wanted {
@@ -124,7 +141,37 @@ pub async fn grab_batch_durable<C: ConnectionLike>(
                 Ok(outcome)
             }
         })
-        .collect())
+        .collect()
+}
+
+/// How many replicas acknowledged every write that Redis executed before
+/// this call is sent: `SET <probe> 1 PX 1000` and `WAIT n timeout` in one
+/// pipeline over `con`, which must reach the master of the probe's slot
+/// and should be a connection of its own (`WAIT` blocks it; see
+/// `RedisConnection::independent`). The probe's write is what `WAIT`
+/// counts from (a connection's own last write), and it comes after every
+/// call whose reply was received before this one was sent: this is how
+/// the command worker confirms one batch while the next one is in Redis
+/// (`command::replica_acks`).
+pub async fn acknowledged<C: ConnectionLike>(
+    con: &mut C,
+    probe: &str,
+    durability: Durability,
+) -> Result<u32, ScriptError> {
+    let wanted = durability.replicas.max(1);
+    let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
+    let (_, acked): ((), u32) = redis::pipe()
+        .cmd("SET")
+        .arg(probe)
+        .arg(1)
+        .arg("PX")
+        .arg(1000)
+        .cmd("WAIT")
+        .arg(wanted)
+        .arg(timeout_ms)
+        .query_async(con)
+        .await?;
+    Ok(acked)
 }
 
 /// The durability rule's pipeline, for any one-slot call: `call` (an

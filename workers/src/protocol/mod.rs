@@ -33,7 +33,8 @@ pub mod ranges;
 pub mod shards;
 
 pub use durability::{
-    grab_batch_durable, grab_durable, replication_probe_key, Durability, DurableGrabError,
+    acknowledged, confirmed, grab_batch_durable, grab_durable, replication_probe_key, Durability,
+    DurableGrabError,
 };
 pub use events::{
     rfc3339, rfc3339_ms, stock_move_entry, CouponGrabbed, DecodeError, Event, FinishReason,
