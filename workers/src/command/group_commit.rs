@@ -123,9 +123,9 @@ struct Lane {
     arrived: Arc<Notify>,
 }
 
-/// The lanes of every promotion with a call in flight; a lane without one
-/// is removed. A promotion's lanes are few (at most S, and only those with
-/// a call in flight), so they are found by a scan, which costs the
+/// The lanes of every promotion with a call in flight or a batch awaiting
+/// confirmation; a lane with neither is removed. A promotion's lanes are
+/// few (at most S, and only those busy), so they are found by a scan, which costs the
 /// unsharded promotion's one lane nothing. Hashed with foldhash (seeded at
 /// random per process), as the worker's other per-grab maps: SipHash cost
 /// more than the rest of the lookup.

@@ -12,6 +12,12 @@
 //! far, the probe included, hence the grant (written by this call) or the
 //! earlier grant an `already_granted` answer read (written before the probe).
 //!
+//! The command worker sends the `WAIT` apart instead ([`acknowledged`], on a
+//! connection of its own once the batch's `FCALL` returned, then
+//! [`confirmed`]): the probe write still comes after the grant, and neither
+//! the promotion's next batch nor any other command waits behind the `WAIT`
+//! (`command::replica_acks`).
+//!
 //! A granted or already-granted outcome that fewer than `n` replicas
 //! acknowledged is returned as [`DurableGrabError::NotReplicated`]: the grant
 //! exists on the master but may be lost in a failover, so the caller answers
