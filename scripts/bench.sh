@@ -20,8 +20,9 @@
 #      body (2 worker processes, a minimal nginx.conf generated in the temp
 #      dir), same wrk command and connections, same CPU placement.
 # Every ratio compares figures of the same round. Each measurement starts
-# once `seckill up`'s projector has applied every event so far (settle), and
-# `seckill up` is paused while anything but itself is measured (quiet).
+# once `seckill up`'s projector has applied every event so far (settle), with
+# the customers hashes empty (fresh_customers), and `seckill up` is paused
+# while anything but itself is measured (quiet).
 #
 # CPU placement (a 2-core machine; see docs/BENCHMARKS.md): processes are pinned
 # with taskset, identically in every run: the servers measured (worker, durable
@@ -140,6 +141,9 @@ UP_EVENTS_KEY="${SETUP_OUT[3]}"
 HTTP_GRANTED="${SETUP_OUT[4]}"
 DURABLE_GRANTED="${SETUP_OUT[5]}"
 UP_GRANTED="${SETUP_OUT[6]}"
+# The customers hashes of the measured promotions, and the yardstick's.
+read -r -a CUSTOMER_HASHES <<<"${SETUP_OUT[7]}"
+CUSTOMER_HASHES+=('{ref}:cust')
 
 REF_SHA=$(redis-cli -p "$REDIS_PORT" SCRIPT LOAD "$(cat "$REF_GRAB")")
 redis-cli -p "$REDIS_PORT" HSET '{ref}:meta' state active stock 1000000000 >/dev/null
@@ -326,6 +330,25 @@ settle() {
   caught_up || echo "bench: seckill up's projector did not catch up within 120 s; measuring anyway" >&2
   compact_aof
 }
+# Empties the customers hashes (DEL, before a measure, never during one),
+# so that every measure grows its hash from nothing, as a sale does. Left to
+# grow, a hash reached millions of customers by round 3, and Redis' dict
+# doubles (2^19 -> 2^20 ... -> 2^22 buckets, each rehashed during the
+# measure that crossed it) fell in some rounds' measures and not others':
+# the plain worker's Redis µs per grant was highest in round 2 (the 2M ->
+# 4M doubling) and lowest in round 3 (none) in each of three runs, and its
+# round-3 rate the highest. Every measure now crosses the same doublings.
+# The replica frees them too, in its main thread: WAIT until it has, or it
+# would do so during the measure (the durable grabs' p99 was 74-107 ms in
+# the first run that emptied them without waiting).
+# (WAIT counts from its own connection's last write, so DEL and WAIT go on
+# one connection.)
+fresh_customers() {
+  local acked
+  acked=$(printf 'DEL %s\nWAIT 1 30000\n' "${CUSTOMER_HASHES[*]}" | redis-cli -p "$REDIS_PORT" | tail -1 | tr -d '\r')
+  [ "$acked" = 1 ] ||
+    echo "bench: the replica did not apply the DEL within 30 s; measuring anyway" >&2
+}
 # Settles, then pauses `seckill up` (SIGSTOP) for a measure of something
 # else: its projector would otherwise project the measured worker's grabs
 # as they come, on both cores (about 4.7 µs of Redis per event, and its own
@@ -333,6 +356,7 @@ settle() {
 # side's cost at the grab peak is measured by scripts/bench-read-side.sh.
 quiet() {
   settle
+  fresh_customers
   kill -STOP "$UP_PID"
 }
 
@@ -390,6 +414,7 @@ for round in $(seq "$ROUNDS"); do
   ALONE_ROWS+="$(worker_row "**$YARD_RPS**")"$'\n'
 
   settle
+  fresh_customers
   http_run "$UP_URL" "$UP_PID" "http://127.0.0.1:$UP_PORT" "$UP_GRANTED" "up$round"
   U_RATIO=$(ratio "$G_RPS" "$YARD_RPS" "%.3f")
   UP_ROWS+="| $round | **$G_RPS** | **$YARD_RPS** | **$U_RATIO** (>= 0.8: $(verdict "$U_RATIO" 0.8)) | $G_P50 / $G_P99 ms | **$G_BATCH** | $G_REDIS_US µs | $G_SERVER_US µs (every role) | $G_NON2XX of $G_TOTAL |"$'\n'

@@ -13,7 +13,10 @@
 //! - then, one line each, the redis-cli arguments that answer how many
 //!   coupons `bench/http`, `bench/durable` and `bench/up` have granted
 //!   (`HGET <state> granted`: to count their grants around each run, as a
-//!   stream entry holds a whole batch of them).
+//!   stream entry holds a whole batch of them),
+//! - and last, on one line, the customers hashes of `bench/http`,
+//!   `bench/durable`, `bench/up` and `bench/ceiling` (emptied before each
+//!   measure, so that every measure grows them from nothing as a sale does).
 //!
 //! Usage: `cargo run --release -p seckill-workers --example bench_setup -- REDIS_URL COUPONS`
 
@@ -66,5 +69,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             protocol::GRANTED_FIELD
         );
     }
+    let mut customers = Vec::new();
+    for name in ["http", "durable", "up", "ceiling"] {
+        customers.push(PromotionKeys::new(&PromotionId::new("bench", name)?).customers);
+    }
+    println!("{}", customers.join(" "));
     Ok(())
 }
