@@ -49,6 +49,25 @@ pub struct Durability {
     pub timeout: Duration,
 }
 
+impl Durability {
+    /// Replicas `WAIT` asks for: at least one.
+    pub fn wanted(self) -> u32 {
+        self.replicas.max(1)
+    }
+
+    /// `WAIT`'s timeout in ms: at least one (0 would wait forever).
+    fn timeout_ms(self) -> u64 {
+        (self.timeout.as_millis() as u64).max(1)
+    }
+
+    /// Adds the probe write and `WAIT` to `pipe`: `SET <probe> 1 PX 1000`,
+    /// then `WAIT n timeout`, which counts from that write.
+    fn probe_then_wait(self, pipe: &mut redis::Pipeline, probe: &str) {
+        pipe.cmd("SET").arg(probe).arg(1).arg("PX").arg(1000);
+        pipe.cmd("WAIT").arg(self.wanted()).arg(self.timeout_ms());
+    }
+}
+
 /// A durable grab failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DurableGrabError {
@@ -131,8 +150,7 @@ pub fn confirmed(
     acked: u32,
     durability: Durability,
 ) -> Vec<Result<GrabOutcome, DurableGrabError>> {
-    let wanted = durability.replicas.max(1);
-    let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
+    let (wanted, timeout_ms) = (durability.wanted(), durability.timeout_ms());
     outcomes
         .into_iter()
         .map(|outcome| {
@@ -164,19 +182,9 @@ pub async fn acknowledged<C: ConnectionLike>(
     probe: &str,
     durability: Durability,
 ) -> Result<u32, ScriptError> {
-    let wanted = durability.replicas.max(1);
-    let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
-    let (_, acked): ((), u32) = redis::pipe()
-        .cmd("SET")
-        .arg(probe)
-        .arg(1)
-        .arg("PX")
-        .arg(1000)
-        .cmd("WAIT")
-        .arg(wanted)
-        .arg(timeout_ms)
-        .query_async(con)
-        .await?;
+    let mut pipe = redis::pipe();
+    durability.probe_then_wait(&mut pipe, probe);
+    let (_, acked): ((), u32) = pipe.query_async(con).await?;
     Ok(acked)
 }
 
@@ -196,12 +204,9 @@ pub(super) async fn call_then_wait<C: ConnectionLike>(
     refresh: &Cmd,
     durability: Durability,
 ) -> Result<(Value, u32), ScriptError> {
-    let wanted = durability.replicas.max(1);
-    let timeout_ms = (durability.timeout.as_millis() as u64).max(1);
     let mut pipe = redis::pipe();
     pipe.add_command(call);
-    pipe.cmd("SET").arg(probe).arg(1).arg("PX").arg(1000);
-    pipe.cmd("WAIT").arg(wanted).arg(timeout_ms);
+    durability.probe_then_wait(&mut pipe, probe);
     pipe.ignore_errors();
     let mut attempts = 0;
     loop {

@@ -214,7 +214,7 @@ async fn run<C: ConnectionLike>(
             let mut refresh = Cmd::new();
             refresh.arg("EXISTS").arg(&keys.probe);
             let (reply, acked) = call_then_wait(con, cmd, &keys.probe, &refresh, d).await?;
-            Ok((reply, Some((acked, d.replicas.max(1)))))
+            Ok((reply, Some((acked, d.wanted()))))
         }
     }
 }
