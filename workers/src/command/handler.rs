@@ -102,7 +102,7 @@ impl CommandApi {
         let maps = Arc::new(ShardMaps::new(options.finish_skew_wait));
         let acks = options
             .durability
-            .map(|d| ReplicaAcks::new(redis.clone(), d, options.redis_timeout));
+            .map(|d| ReplicaAcks::new(redis.clone(), d));
         let group = GroupCommit::new(
             options.batch_max,
             batch_call(&redis, &options, &maps, acks.clone()),

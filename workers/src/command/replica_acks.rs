@@ -24,7 +24,6 @@
 //! (about one per batch at 64 connections), and the batches smaller.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::protocol::{self, Durability, ScriptError};
 use crate::redis_connection::RedisConnection;
@@ -39,20 +38,17 @@ pub type Acked = Result<u32, Arc<ScriptError>>;
 /// The acknowledgements of one worker's durable grabs.
 pub struct ReplicaAcks {
     durability: Durability,
-    /// Bound on one `WAIT` round trip (the Redis timeout).
-    timeout: Duration,
     /// What the pool's connections are opened from (never used itself).
     redis: RedisConnection,
     idle: Mutex<Vec<RedisConnection>>,
 }
 
 impl ReplicaAcks {
-    /// Acknowledgements as `durability` asks, each `WAIT` round trip bounded
-    /// by `timeout`, on connections opened like `redis`.
-    pub fn new(redis: RedisConnection, durability: Durability, timeout: Duration) -> Arc<Self> {
+    /// Acknowledgements as `durability` asks, on connections opened like
+    /// `redis`.
+    pub fn new(redis: RedisConnection, durability: Durability) -> Arc<Self> {
         Arc::new(Self {
             durability,
-            timeout,
             redis,
             idle: Mutex::new(Vec::new()),
         })
@@ -64,29 +60,20 @@ impl ReplicaAcks {
 
     /// How many replicas hold every write Redis executed before this call
     /// (the caller's batch included): a `WAIT` of its own, sent at once on
-    /// a connection of its own. A connection whose `WAIT` failed or timed
-    /// out is dropped, not pooled: Redis may still be holding it.
+    /// a connection of its own. The caller bounds it (the batch's Redis
+    /// deadline): a connection whose `WAIT` failed, or was given up when
+    /// the caller dropped this future, is dropped, not pooled, as Redis may
+    /// still be holding it.
     pub async fn acked(&self, probe: &str) -> Acked {
         let mut con = match self.take_idle() {
             Some(con) => con,
             None => self.redis.independent().map_err(|e| Arc::new(e.into()))?,
         };
-        let acked = tokio::time::timeout(
-            self.timeout,
-            protocol::acknowledged(&mut con, probe, self.durability),
-        )
-        .await;
-        match acked {
-            Ok(Ok(n)) => {
-                self.keep_idle(con);
-                Ok(n)
-            }
-            Ok(Err(e)) => Err(Arc::new(e)),
-            Err(_) => Err(Arc::new(ScriptError::BadReply(format!(
-                "no answer to WAIT within {} ms",
-                self.timeout.as_millis()
-            )))),
-        }
+        let n = protocol::acknowledged(&mut con, probe, self.durability)
+            .await
+            .map_err(Arc::new)?;
+        self.keep_idle(con);
+        Ok(n)
     }
 
     fn take_idle(&self) -> Option<RedisConnection> {
