@@ -496,23 +496,39 @@ mod tests {
             .is_ok());
     }
 
+    /// Spawns customer `n`'s grab of "confirming".
+    fn confirming_grab(gc: &GroupCommit, n: usize) -> tokio::task::JoinHandle<GrabAnswer> {
+        let gc = gc.clone();
+        tokio::spawn(async move {
+            gc.grab(&id("confirming"), Home::UNSHARDED, customer(n))
+                .await
+        })
+    }
+
+    /// Customers 0 and 1 grab "confirming" one after the other, each once
+    /// the batch before is done in Redis (not confirmed): answers when both
+    /// batches await confirmation.
+    async fn two_batches_awaiting_confirmation(
+        gc: &GroupCommit,
+        f: &Fake,
+    ) -> (
+        tokio::task::JoinHandle<GrabAnswer>,
+        tokio::task::JoinHandle<GrabAnswer>,
+    ) {
+        let first = confirming_grab(gc, 0);
+        until(|| f.confirmations.lock().unwrap().len() == 1).await;
+        let second = confirming_grab(gc, 1);
+        until(|| f.confirmations.lock().unwrap().len() == 2).await;
+        (first, second)
+    }
+
     #[tokio::test]
     async fn a_lane_sends_its_next_batch_while_the_one_before_awaits_confirmation() {
         let (f, call) = fake();
         let gc = GroupCommit::new(64, call);
-        let grab = |n| {
-            let gc = gc.clone();
-            tokio::spawn(async move {
-                gc.grab(&id("confirming"), Home::UNSHARDED, customer(n))
-                    .await
-            })
-        };
-        let first = grab(0);
-        until(|| f.confirmations.lock().unwrap().len() == 1).await;
         // The first batch is done in Redis, not confirmed: the next grabs
         // are sent (the lane is free), and nobody is answered yet.
-        let second = grab(1);
-        until(|| f.confirmations.lock().unwrap().len() == 2).await;
+        let (first, second) = two_batches_awaiting_confirmation(&gc, &f).await;
         assert_eq!(f.calls.load(Ordering::SeqCst), 2);
         tokio::task::yield_now().await;
         assert!(!first.is_finished() && !second.is_finished());
@@ -545,21 +561,11 @@ mod tests {
     async fn a_lane_is_never_more_than_one_batch_ahead_of_its_confirmations() {
         let (f, call) = fake();
         let gc = GroupCommit::new(64, call);
-        let grab = |n| {
-            let gc = gc.clone();
-            tokio::spawn(async move {
-                gc.grab(&id("confirming"), Home::UNSHARDED, customer(n))
-                    .await
-            })
-        };
-        let first = grab(0);
-        until(|| f.confirmations.lock().unwrap().len() == 1).await;
-        let second = grab(1);
-        until(|| f.confirmations.lock().unwrap().len() == 2).await;
+        let (first, second) = two_batches_awaiting_confirmation(&gc, &f).await;
         // Two batches unconfirmed: the third waits for the first's
         // confirmation (a stalled replica slows the lane, it does not let
         // it grant on unchecked).
-        let third = grab(2);
+        let third = confirming_grab(&gc, 2);
         for _ in 0..50 {
             tokio::task::yield_now().await;
         }
